@@ -1,0 +1,44 @@
+# callstream: `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+
+.PHONY: help
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+.PHONY: install
+install: $(STAMP) ## create .venv and install callstream with its dev tools
+
+.PHONY: run
+run: $(STAMP) ## run the whole pipeline (local Kafka, ingress, consumers) on embedded defaults
+	$(BIN)/callstream run
+
+.PHONY: system-deps
+system-deps: ## install the Debian packages the tests use (PostgreSQL, kcat, Prometheus, wrk)
+	scripts/install-system-deps
+
+.PHONY: lint
+lint: $(STAMP) ## ruff and mypy --strict
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+.PHONY: test
+test: system-deps $(STAMP) lint ## everything CI runs: system packages, lint, the whole test suite
+	$(BIN)/pytest
+
+.PHONY: clean
+clean: ## stop the local broker and remove local state (.callstream/)
+	-$(BIN)/callstream kafka stop
+	rm -rf .callstream

@@ -1,0 +1,1 @@
+"""Consumer services: one shared runner, one small file per consumer."""

@@ -1,0 +1,55 @@
+"""What a consumer is: a name, settings from the environment, and an async batch handler.
+
+A consumer never touches Kafka. The runner hands it decoded reports in batches and commits
+their offsets only after `handle` returns. Handlers must be idempotent: after a crash or a
+rebalance the same report can arrive again, and replays send old reports on purpose.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry
+
+from schemas.report import CallReport
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One report and where it came from."""
+
+    report: CallReport
+    topic: str
+    partition: int
+    offset: int
+    value: bytes  # the record exactly as it sits on the topic (Avro, framed)
+
+
+class Consumer(ABC):
+    #: one name everywhere: module, registry key, CLI argument, consumer group, metric label
+    name: str
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Open connections, run migrations. Called once before the first batch."""
+
+    async def stop(self) -> None:  # noqa: B027 - optional hook
+        """Close what `start` opened. Called once after the last commit."""
+
+    @abstractmethod
+    async def handle(self, batch: Sequence[Delivery]) -> None:
+        """Handle a batch; raise RetryableError or PermanentError (consumers.errors)."""
+
+
+# How a service builds its consumer: settings parsed once from the environment, metrics
+# registered on the service's own registry.
+ConsumerFactory = Callable[[Mapping[str, str], CollectorRegistry], Consumer]
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerSpec:
+    build: ConsumerFactory
+    #: where its /metrics and /healthz listen unless CALLSTREAM_METRICS_PORT says otherwise
+    default_metrics_port: int
+    description: str

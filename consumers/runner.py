@@ -1,0 +1,353 @@
+"""The one place consumers meet Kafka.
+
+Poll a batch, decode it, hand the reports to the consumer, commit only after it returned.
+
+* Retryable errors pause every assigned partition and back off (polling on, so the group
+  keeps us), then retry the same batch; nothing is committed meanwhile.
+* Records that cannot be decoded, and records the handler fails on permanently, go to
+  ``<topic>.dlq`` with the reason and their origin in headers; the rest of the batch goes on.
+  A failing batch is split record by record to find the ones to dead-letter.
+* A rebalance waits for the batch in hand (committing it if it finished); a batch still
+  retrying is dropped uncommitted, and the partition's new owner gets it again.
+* Stopping (SIGTERM) finishes the batch, commits, and leaves the group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import CommitFailedError, KafkaError
+
+from callstream.envparse import env_float, env_int, env_str
+from callstream.kafkaconfig import KafkaSettings
+from consumers.contract import Consumer, Delivery
+from consumers.errors import RetryableError
+from consumers.runner_metrics import RunnerMetrics
+from schemas.codec import Decoder
+from schemas.errors import DecodeError, SchemaError
+from schemas.report import CallReport
+from schemas.store import END_OF_CALL_REPORT
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunnerSettings:
+    group_id: str
+    topic: str
+    batch_size: int = 500
+    poll_timeout_seconds: float = 0.5
+    retry_initial_seconds: float = 0.5
+    retry_max_seconds: float = 30.0
+    auto_offset_reset: str = "earliest"
+
+    @classmethod
+    def from_env(
+        cls, env: Mapping[str, str], consumer: str, kafka: KafkaSettings
+    ) -> RunnerSettings:
+        return cls(
+            # A stable group per consumer name: restarts resume, `--scale` shares partitions.
+            group_id=env_str(env, "CALLSTREAM_GROUP_ID", f"callstream-{consumer}"),
+            topic=kafka.topic,
+            batch_size=env_int(env, "CALLSTREAM_BATCH_SIZE", cls.batch_size, minimum=1),
+            retry_initial_seconds=env_float(
+                env, "CALLSTREAM_RETRY_INITIAL_SECONDS", cls.retry_initial_seconds, minimum=0.01
+            ),
+            retry_max_seconds=env_float(
+                env, "CALLSTREAM_RETRY_MAX_SECONDS", cls.retry_max_seconds, minimum=0.01
+            ),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Fetched:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+    headers: tuple[tuple[str, bytes], ...]
+
+
+class _Abandoned(Exception):
+    """The batch in hand must be dropped uncommitted (stop or rebalance while retrying)."""
+
+
+class Runner:
+    def __init__(
+        self,
+        consumer: Consumer,
+        kafka: KafkaSettings,
+        settings: RunnerSettings,
+        metrics: RunnerMetrics,
+        decoder: Decoder,
+    ) -> None:
+        self._consumer = consumer
+        self._kafka = kafka
+        self._settings = settings
+        self._metrics = metrics
+        self._decoder = decoder
+        self._lock = asyncio.Lock()
+        self._revoked = False
+        self._stop = asyncio.Event()
+        self._kc: AIOKafkaConsumer | None = None
+        self._dlq: AIOKafkaProducer | None = None
+        self._committed: dict[TopicPartition, int] = {}
+        self.running = False
+        self.last_batch_at: float | None = None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self._stop = stop
+        kc = AIOKafkaConsumer(
+            **self._kafka.client_kwargs() | {"client_id": f"callstream-{self._consumer.name}"},
+            group_id=self._settings.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset=self._settings.auto_offset_reset,
+            max_poll_records=self._settings.batch_size,
+            # Fetch big chunks: catch-up speed is bounded by round trips, not bytes.
+            fetch_max_bytes=32 * 1024 * 1024,
+            max_partition_fetch_bytes=8 * 1024 * 1024,
+        )
+        dlq = AIOKafkaProducer(
+            **self._kafka.client_kwargs() | {"client_id": f"callstream-{self._consumer.name}-dlq"},
+            acks="all",
+            enable_idempotence=True,
+        )
+        await self._consumer.start()
+        try:
+            await dlq.start()
+            await kc.start()
+            self._kc, self._dlq = kc, dlq
+            kc.subscribe([self._settings.topic], listener=_Listener(self))
+            self.running = True
+            await self._loop(kc)
+        finally:
+            self.running = False
+            # stop() leaves the group at once, so the partitions move without a session timeout.
+            await kc.stop()
+            await dlq.stop()
+            await self._consumer.stop()
+
+    async def _loop(self, kc: AIOKafkaConsumer) -> None:
+        while not self._stop.is_set():
+            batch = await kc.getmany(
+                timeout_ms=int(self._settings.poll_timeout_seconds * 1000),
+                max_records=self._settings.batch_size,
+            )
+            if not batch:
+                self._update_lag(kc)
+                continue
+            async with self._lock:
+                self._revoked = False
+                fetched = [
+                    _Fetched(m.topic, m.partition, m.offset, m.key, m.value, tuple(m.headers or ()))
+                    for records in batch.values()
+                    for m in records
+                ]
+                started = time.perf_counter()
+                try:
+                    await self._process(fetched)
+                except _Abandoned:
+                    log.info("batch of %d dropped uncommitted (stop or rebalance)", len(fetched))
+                    continue
+                offsets = {tp: records[-1].offset + 1 for tp, records in batch.items() if records}
+                await self._commit(kc, offsets)
+                self._metrics.batch_duration.observe(time.perf_counter() - started)
+                self.last_batch_at = time.time()
+            self._update_lag(kc)
+
+    async def _process(self, fetched: Sequence[_Fetched]) -> None:
+        self._metrics.consumed.inc(len(fetched))
+        deliveries: list[Delivery] = []
+        poison: list[tuple[_Fetched, Exception]] = []
+        for record in fetched:
+            try:
+                deliveries.append(await self._decode(record))
+            except DecodeError as undecodable:
+                poison.append((record, undecodable))
+        by_position = {(f.topic, f.partition, f.offset): f for f in fetched}
+        for delivery, failure in await self._handle(deliveries):
+            poison.append(
+                (by_position[(delivery.topic, delivery.partition, delivery.offset)], failure)
+            )
+        for record, exc in poison:
+            await self._dead_letter(record, exc)
+
+    async def _decode(self, record: _Fetched) -> Delivery:
+        attempt = 0
+        while True:
+            try:
+                decoded = await self._decoder.decode(record.value)
+                break
+            except DecodeError:
+                raise
+            except SchemaError as exc:
+                # The registry is unreachable: the record is fine, the world is not.
+                attempt += 1
+                await self._back_off(exc, attempt)
+        if decoded.name != END_OF_CALL_REPORT:
+            raise DecodeError(f"a {decoded.name} record on the end-of-call-report topic")
+        try:
+            report = CallReport.from_record(decoded.record)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DecodeError(f"record does not form a report: {exc}") from exc
+        return Delivery(report, record.topic, record.partition, record.offset, record.value)
+
+    async def _handle(self, deliveries: Sequence[Delivery]) -> list[tuple[Delivery, Exception]]:
+        """Handle with retries; returns the records that failed permanently."""
+        if not deliveries:
+            return []
+        attempt = 0
+        while True:
+            try:
+                await self._consumer.handle(deliveries)
+            except RetryableError as exc:
+                attempt += 1
+                self._metrics.failed.inc()
+                await self._back_off(exc, attempt)
+                continue
+            except Exception as exc:
+                self._metrics.failed.inc()
+                if len(deliveries) == 1:
+                    d = deliveries[0]
+                    log.warning(
+                        "%s failed permanently on %s[%d]@%d: %s",
+                        self._consumer.name,
+                        d.topic,
+                        d.partition,
+                        d.offset,
+                        _describe(exc),
+                    )
+                    return [(d, exc)]
+                # Find the culprits one by one; the handler is idempotent, so the records it
+                # already handled in the failed attempt come to no harm.
+                failures: list[tuple[Delivery, Exception]] = []
+                for delivery in deliveries:
+                    failures += await self._handle([delivery])
+                return failures
+            self._metrics.retrying.set(0)
+            self._metrics.handled.inc(len(deliveries))
+            now = datetime.now(UTC)
+            for delivery in deliveries:
+                delay = (now - delivery.report.event_time).total_seconds()
+                self._metrics.end_to_end_delay.observe(max(delay, 0.0))
+            return []
+
+    async def _back_off(self, exc: Exception, attempt: int) -> None:
+        self._metrics.retrying.set(1)
+        base = min(
+            self._settings.retry_initial_seconds * 2 ** (attempt - 1),
+            self._settings.retry_max_seconds,
+        )
+        delay = base * (0.5 + random.random() / 2)
+        log.warning(
+            "%s: retryable error (attempt %d), retrying in %.2fs: %s",
+            self._consumer.name,
+            attempt,
+            delay,
+            _describe(exc),
+        )
+        await self._idle(delay)
+
+    async def _idle(self, seconds: float) -> None:
+        """Wait while staying in the group: partitions paused, polling on."""
+        kc = self._kc
+        assert kc is not None
+        assigned = kc.assignment()
+        kc.pause(*assigned)
+        try:
+            deadline = time.monotonic() + seconds
+            while (remaining := deadline - time.monotonic()) > 0:
+                if self._stop.is_set() or self._revoked:
+                    raise _Abandoned
+                await kc.getmany(timeout_ms=max(1, int(min(remaining, 0.2) * 1000)))
+        finally:
+            kc.resume(*[tp for tp in assigned if tp in kc.assignment()])
+        if self._stop.is_set() or self._revoked:
+            raise _Abandoned
+
+    async def _dead_letter(self, record: _Fetched, exc: Exception) -> None:
+        dlq = self._dlq
+        assert dlq is not None
+        headers = [
+            *record.headers,
+            ("dlq.error", _describe(exc)[:2000].encode()),
+            ("dlq.error.type", type(exc).__name__.encode()),
+            ("dlq.topic", record.topic.encode()),
+            ("dlq.partition", str(record.partition).encode()),
+            ("dlq.offset", str(record.offset).encode()),
+            ("dlq.consumer", self._consumer.name.encode()),
+        ]
+        attempt = 0
+        while True:
+            try:
+                await dlq.send_and_wait(
+                    self._kafka.dlq_topic, record.value, key=record.key, headers=headers
+                )
+                break
+            except KafkaError as send_exc:
+                attempt += 1
+                await self._back_off(send_exc, attempt)
+        self._metrics.dead_lettered.inc()
+        log.warning(
+            "%s dead-lettered %s[%d]@%d: %s",
+            self._consumer.name,
+            record.topic,
+            record.partition,
+            record.offset,
+            _describe(exc),
+        )
+
+    async def _commit(self, kc: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
+        try:
+            await kc.commit(offsets)
+        except CommitFailedError as exc:
+            # Lost the partitions meanwhile: their new owner re-handles from the last commit,
+            # which idempotent handlers absorb.
+            log.warning("commit failed after a rebalance, records will be re-handled: %s", exc)
+            return
+        self._committed.update(offsets)
+        self._metrics.last_commit.set(time.time())
+
+    def _update_lag(self, kc: AIOKafkaConsumer) -> None:
+        for tp in kc.assignment():
+            highwater = kc.highwater(tp)
+            committed = self._committed.get(tp)
+            if highwater is None or committed is None:
+                continue
+            self._metrics.lag.labels(self._metrics.consumer, str(tp.partition)).set(
+                max(highwater - committed, 0)
+            )
+
+    async def on_revoked(self, revoked: set[TopicPartition]) -> None:
+        self._revoked = True
+        # Waits for the batch in hand: it either commits or is abandoned (see _idle).
+        async with self._lock:
+            for tp in revoked:
+                self._committed.pop(tp, None)
+                with contextlib.suppress(KeyError):
+                    self._metrics.lag.remove(self._metrics.consumer, str(tp.partition))
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, runner: Runner) -> None:
+        self._runner = runner
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self._runner.on_revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self._runner._revoked = False
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -1,0 +1,239 @@
+"""The ingress application: `create_app(settings)` builds it, handlers stay thin.
+
+POST /webhooks/flireo: authenticate -> read -> parse -> normalise -> encode -> publish.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+from prometheus_client.aiohttp import make_aiohttp_handler
+
+from ingress.auth import Authenticator
+from ingress.body import decode_content, read_wire_body
+from ingress.errors import Problem, invalid
+from ingress.metrics import IngressMetrics
+from ingress.publisher import KafkaPublisher, OutgoingRecord, PublishUnavailable
+from ingress.settings import IngressSettings
+from schemas import jsonvalue
+from schemas.codec import Encoder, registry_encoder, single_object_encoder
+from schemas.errors import InvalidReport, SchemaError
+from schemas.normalise import Normalised, normalise
+from schemas.registry import RegistryClient
+from schemas.store import END_OF_CALL_REPORT, FLIREO_EVENT, SchemaStore, default_store
+
+log = logging.getLogger(__name__)
+
+SETTINGS = web.AppKey("settings", IngressSettings)
+PUBLISHER = web.AppKey("publisher", KafkaPublisher)
+METRICS = web.AppKey("metrics", IngressMetrics)
+AUTH = web.AppKey("auth", Authenticator)
+ENCODERS = web.AppKey("encoders", dict[str, Encoder])
+REQUEST_ID = web.RequestKey("request_id", str)
+
+WEBHOOK_PATH = "/webhooks/flireo"
+# aiohttp would otherwise inflate gzip bodies itself, before the signature (which covers
+# the bytes as sent) can be checked and without our decompressed-size limit.
+RUNNER_OPTIONS: dict[str, Any] = {"auto_decompress": False, "access_log": None}
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def create_app(
+    settings: IngressSettings,
+    *,
+    registry: CollectorRegistry | None = None,
+    publisher: KafkaPublisher | None = None,
+    store: SchemaStore | None = None,
+) -> web.Application:
+    registry = registry if registry is not None else CollectorRegistry()
+    # The body limit is enforced by read_wire_body with a clear 413; aiohttp's own limit
+    # must not fire first with a plain-text error.
+    app = web.Application(
+        middlewares=[problem_middleware], client_max_size=settings.max_body_bytes + 1
+    )
+    app[SETTINGS] = settings
+    app[METRICS] = IngressMetrics(registry)
+    app[PUBLISHER] = publisher or KafkaPublisher(settings.kafka)
+    app[AUTH] = Authenticator(
+        settings.webhook_secrets, settings.shared_tokens, settings.signature_tolerance_seconds
+    )
+    app.cleanup_ctx.append(_resources(store or default_store()))
+    app.router.add_post(WEBHOOK_PATH, receive_webhook)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", make_aiohttp_handler(registry))
+    return app
+
+
+def _resources(store: SchemaStore) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def resources(app: web.Application) -> AsyncIterator[None]:
+        settings = app[SETTINGS]
+        if not app[AUTH].enabled:
+            log.warning(
+                "NO WEBHOOK AUTHENTICATION: CALLSTREAM_WEBHOOK_SECRET and CALLSTREAM_SHARED_TOKEN "
+                "are unset, so anyone who can reach %s can post reports",
+                WEBHOOK_PATH,
+            )
+        publisher = app[PUBLISHER]
+        async with aiohttp.ClientSession() as session:
+            app[ENCODERS] = await _encoders(settings, store, session)
+            await publisher.start()
+            try:
+                yield
+            finally:
+                await publisher.stop()
+
+    return resources
+
+
+async def _encoders(
+    settings: IngressSettings, store: SchemaStore, session: aiohttp.ClientSession
+) -> dict[str, Encoder]:
+    topics = {END_OF_CALL_REPORT: settings.kafka.topic, FLIREO_EVENT: settings.kafka.events_topic}
+    url = settings.kafka.schema_registry_url
+    if url is None:
+        return {name: single_object_encoder(store.current(name)) for name in topics}
+    client = RegistryClient(url, session)
+    return {
+        name: await registry_encoder(store.current(name), client, f"{topic}-value")
+        for name, topic in topics.items()
+    }
+
+
+@web.middleware
+async def problem_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Every refusal is problem+json; nothing escapes as a bare 500."""
+    request_id = _request_id(request)
+    request[REQUEST_ID] = request_id
+    started = time.perf_counter()
+    metrics = request.app[METRICS]
+    try:
+        response = await handler(request)
+    except Problem as problem:
+        metrics.outcome(problem.slug)
+        response = problem.response(request_id)
+    except web.HTTPException as exc:
+        slug = {404: "not-found", 405: "method-not-allowed"}.get(exc.status, "invalid-json")
+        metrics.outcome(slug)
+        response = Problem(exc.status, slug, exc.reason, exc.text or exc.reason).response(
+            request_id
+        )
+        if exc.status == 405:
+            response.headers["Allow"] = exc.headers.get("Allow", "")
+    except Exception:
+        log.exception("unexpected error handling request %s", request_id)
+        metrics.outcome("internal-error")
+        response = Problem(500, "internal-error", "Internal error", "see the ingress log").response(
+            request_id
+        )
+    if request.path == WEBHOOK_PATH:
+        metrics.request_duration.observe(time.perf_counter() - started)
+    response.headers["X-Request-Id"] = request_id
+    return response
+
+
+def _request_id(request: web.Request) -> str:
+    supplied = request.headers.get("X-Request-Id", "")
+    return supplied if _REQUEST_ID.match(supplied) else uuid.uuid4().hex
+
+
+async def receive_webhook(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    metrics = request.app[METRICS]
+    wire = await read_wire_body(request, settings.max_body_bytes, settings.body_timeout_seconds)
+    metrics.received_bytes.inc(len(wire))
+    request.app[AUTH].check(request.headers, wire)
+    body = decode_content(wire, request.headers.get("Content-Encoding"), settings.max_body_bytes)
+    try:
+        payload = jsonvalue.parse(body, max_depth=settings.max_json_depth)
+    except InvalidReport as exc:
+        raise invalid(exc.detail, exc.pointer or None, status=400) from exc
+    request_id: str = request[REQUEST_ID]
+    try:
+        event = normalise(payload, received_at_ms=int(time.time() * 1000), request_id=request_id)
+    except InvalidReport as exc:
+        raise invalid(exc.detail, exc.pointer) from exc
+    if event.kind == "request":
+        raise Problem(
+            422,
+            "unsupported-event",
+            "Event needs a reply callstream does not give",
+            f"{event.event_type} expects an answer within seconds (an assistant, tool results); "
+            "point this event's server URL at your assistant server, not at callstream",
+            pointer="/message/type" if event.source_format != "FLAT" else "/eventType",
+        )
+    record = _outgoing(request.app, event, request_id)
+    started = time.perf_counter()
+    try:
+        await request.app[PUBLISHER].publish(record, settings.publish_timeout_seconds)
+    except PublishUnavailable as exc:
+        raise Problem(
+            503,
+            "unavailable",
+            "Not durable yet",
+            f"{exc}; the report was not kept, retry",
+            headers={"Retry-After": "5"},
+        ) from exc
+    metrics.publish_duration.observe(time.perf_counter() - started)
+    metrics.outcome("accepted")
+    metrics.event(event.event_type, event.source_format)
+    return web.Response(
+        status=202,
+        body=orjson.dumps(
+            {
+                "status": "accepted",
+                "eventType": event.event_type,
+                "callId": event.call_id,
+                "requestId": request_id,
+                "topic": record.topic,
+            }
+        ),
+        content_type="application/json",
+    )
+
+
+def _outgoing(app: web.Application, event: Normalised, request_id: str) -> OutgoingRecord:
+    assert event.schema_name is not None
+    assert event.record is not None
+    encoder = app[ENCODERS][event.schema_name]
+    try:
+        value = encoder.encode(event.record)
+    except SchemaError as exc:
+        raise invalid(str(exc)) from exc
+    kafka = app[SETTINGS].kafka
+    topic = kafka.topic if event.schema_name == END_OF_CALL_REPORT else kafka.events_topic
+    return OutgoingRecord(
+        topic=topic,
+        key=event.call_id.encode() if event.call_id is not None else None,
+        value=value,
+        headers=(
+            ("event-type", event.event_type.encode()),
+            ("schema-id", encoder.schema_id.encode()),
+            ("wire-format", encoder.wire_format.encode()),
+            ("source-format", event.source_format.encode()),
+            ("request-id", request_id.encode()),
+        ),
+    )
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    ready = request.app[PUBLISHER].ready()
+    request.app[METRICS].ready.set(1 if ready else 0)
+    return web.json_response(
+        {"ready": ready, "durable": "kafka" if ready else None}, status=200 if ready else 503
+    )

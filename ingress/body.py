@@ -1,0 +1,70 @@
+"""Reading a request body within bounds: size on the wire, size after gzip, and time."""
+
+from __future__ import annotations
+
+import asyncio
+import zlib
+
+from aiohttp import web
+
+from ingress.errors import Problem
+
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+def too_large(limit: int, what: str) -> Problem:
+    return Problem(413, "body-too-large", "Body too large", f"{what} exceeds {limit} bytes")
+
+
+async def read_wire_body(request: web.Request, limit: int, timeout: float) -> bytes:
+    """The bytes as sent, refusing early on Content-Length and while streaming otherwise.
+
+    The whole body must arrive within `timeout`, so a sender trickling bytes cannot hold a
+    connection (and a slot of memory) for ever.
+    """
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large(limit, "Content-Length")
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.content.iter_any():
+                size += len(chunk)
+                if size > limit:
+                    raise too_large(limit, "body")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise Problem(
+            408, "body-timeout", "Body too slow", f"the body did not arrive within {timeout:g} s"
+        ) from None
+    return b"".join(chunks)
+
+
+def decode_content(body: bytes, encoding: str | None, limit: int) -> bytes:
+    """Undo Content-Encoding, never inflating past `limit` bytes (a gzip bomb stops there)."""
+    encoding = (encoding or "identity").strip().lower()
+    if encoding == "identity":
+        return body
+    if encoding not in {"gzip", "x-gzip"}:
+        raise Problem(
+            415,
+            "unsupported-encoding",
+            "Unsupported Content-Encoding",
+            f"Content-Encoding {encoding!r} is not supported (use gzip or none)",
+        )
+    if not body.startswith(GZIP_MAGIC):
+        raise Problem(
+            400, "invalid-gzip", "Body is not gzip", "Content-Encoding is gzip but the body is not"
+        )
+    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    try:
+        out = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise Problem(
+            400, "invalid-gzip", "Body is not gzip", f"gzip body is corrupt: {exc}"
+        ) from exc
+    if len(out) > limit:
+        raise too_large(limit, "decompressed body")
+    if not inflater.eof:
+        raise Problem(400, "invalid-gzip", "Body is not gzip", "gzip body is truncated")
+    return out

@@ -1,0 +1,72 @@
+"""The ingress's Prometheus metrics, built against an injected registry."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Every outcome the handler can reach; children are created up front so the hot path never
+# allocates a labelled child, and so each series exists (at 0) from the first scrape.
+OUTCOMES = (
+    "accepted",
+    "unauthorized",
+    "invalid-json",
+    "invalid-report",
+    "unsupported-event",
+    "unsupported-encoding",
+    "invalid-gzip",
+    "body-too-large",
+    "body-timeout",
+    "unavailable",
+    "not-found",
+    "method-not-allowed",
+    "internal-error",
+)
+KNOWN_EVENT_TYPES = ("end-of-call-report", "status-update", "other")
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class IngressMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "callstream_ingress_requests_total",
+            "Webhook requests by outcome.",
+            ["outcome"],
+            registry=registry,
+        )
+        self.by_outcome = {outcome: self.requests.labels(outcome) for outcome in OUTCOMES}
+        self.events = Counter(
+            "callstream_ingress_events_total",
+            "Accepted events by event type and source format.",
+            ["event_type", "source_format"],
+            registry=registry,
+        )
+        self.request_duration = Histogram(
+            "callstream_ingress_request_duration_seconds",
+            "Time from request start to response, all outcomes.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.publish_duration = Histogram(
+            "callstream_ingress_publish_duration_seconds",
+            "Time until Kafka acknowledged a record (acks=all).",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.received_bytes = Counter(
+            "callstream_ingress_received_bytes_total",
+            "Request body bytes received, as sent on the wire.",
+            registry=registry,
+        )
+        self.ready = Gauge(
+            "callstream_ingress_ready",
+            "1 when the ingress can make a report durable, else 0.",
+            registry=registry,
+        )
+
+    def outcome(self, slug: str) -> None:
+        child = self.by_outcome.get(slug) or self.by_outcome["internal-error"]
+        child.inc()
+
+    def event(self, event_type: str, source_format: str) -> None:
+        bounded = event_type if event_type in KNOWN_EVENT_TYPES else "other"
+        self.events.labels(bounded, source_format).inc()

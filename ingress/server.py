@@ -1,0 +1,39 @@
+"""Run the ingress until SIGTERM/SIGINT, then stop accepting, finish in-flight requests
+and flush the producer."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from aiohttp import web
+
+from ingress.app import RUNNER_OPTIONS, create_app
+from ingress.settings import IngressSettings
+
+log = logging.getLogger(__name__)
+
+# In-flight requests get this long to finish once shutdown starts.
+SHUTDOWN_GRACE_SECONDS = 15.0
+
+
+async def serve(settings: IngressSettings, *, stop: asyncio.Event | None = None) -> None:
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    runner = web.AppRunner(
+        create_app(settings), shutdown_timeout=SHUTDOWN_GRACE_SECONDS, **RUNNER_OPTIONS
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port, backlog=1024)
+    await site.start()
+    log.info("ingress listening on http://%s:%d", settings.host, settings.port)
+    try:
+        await stop.wait()
+        log.info("shutting down: finishing in-flight requests, flushing the producer")
+    finally:
+        await runner.cleanup()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)

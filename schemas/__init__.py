@@ -1,0 +1,1 @@
+"""The Avro contract for Flireo events: schemas, wire codec, normalisers, evolution rules."""

@@ -1,0 +1,113 @@
+"""Strict JSON for webhook bodies: parse, bound, compare, merge.
+
+orjson already refuses NaN/Infinity literals, invalid UTF-8 and lone surrogates, but it
+silently turns an integer literal wider than 64 bits into a float, which would change the
+value a sender meant. Bodies that could hold such a literal (a run of 19+ digits) are
+re-parsed with the standard library, which keeps integers exact so they can be refused.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import orjson
+
+from schemas.errors import InvalidReport
+
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+_LONG_DIGIT_RUN = re.compile(rb"[0-9]{19,}")
+
+
+def parse(body: bytes, *, max_depth: int) -> Any:
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidReport("", f"body is not valid JSON: {exc}") from exc
+    if _LONG_DIGIT_RUN.search(body):
+        value = _parse_exact(body)
+    check_bounds(value, max_depth)
+    return value
+
+
+def _reject_constant(name: str) -> Any:
+    raise InvalidReport("", f"{name} is not a JSON number")
+
+
+def _parse_exact(body: bytes) -> Any:
+    try:
+        return json.loads(body, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidReport("", f"body is not valid JSON: {exc}") from exc
+
+
+def check_bounds(value: Any, max_depth: int) -> None:
+    """Refuse nesting deeper than `max_depth` and integers outside Avro's long."""
+    stack: list[tuple[Any, str, int]] = [(value, "", 0)]
+    while stack:
+        node, pointer, depth = stack.pop()
+        if isinstance(node, dict):
+            if depth >= max_depth:
+                raise InvalidReport(pointer, f"nesting deeper than {max_depth} levels")
+            for key, child in node.items():
+                if isinstance(child, dict | list | int) and not isinstance(child, bool):
+                    stack.append((child, f"{pointer}/{escape(key)}", depth + 1))
+        elif isinstance(node, list):
+            if depth >= max_depth:
+                raise InvalidReport(pointer, f"nesting deeper than {max_depth} levels")
+            for index, child in enumerate(node):
+                if isinstance(child, dict | list | int) and not isinstance(child, bool):
+                    stack.append((child, f"{pointer}/{index}", depth + 1))
+        elif not isinstance(node, bool) and not INT64_MIN <= node <= INT64_MAX:
+            raise InvalidReport(pointer, "integer outside the signed 64-bit range")
+
+
+def escape(key: str) -> str:
+    """One RFC 6901 reference token."""
+    return key.replace("~", "~0").replace("/", "~1")
+
+
+def same(a: Any, b: Any) -> bool:
+    """JSON equality that also tells 1 from 1.0 from true."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
+
+
+def difference(raw: dict[str, Any], rebuilt: dict[str, Any]) -> dict[str, Any]:
+    """What must be laid over `rebuilt` (with `merge`) to get `raw` back exactly.
+
+    Only sound when every key of `rebuilt` is also in `raw`, which the normalisers ensure by
+    emitting a field only where the input had it.
+    """
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in rebuilt:
+            out[key] = value
+            continue
+        other = rebuilt[key]
+        if isinstance(value, dict) and isinstance(other, dict):
+            nested = difference(value, other)
+            if nested:
+                out[key] = nested
+        elif not same(value, other):
+            out[key] = value
+    return out
+
+
+def merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    """Lay `overlay` over `base` (a new dict); objects merge key by key, anything else replaces."""
+    out = dict(base)
+    for key, value in overlay.items():
+        current = out.get(key)
+        if isinstance(value, dict) and isinstance(current, dict):
+            out[key] = merge(current, value)
+        else:
+            out[key] = value
+    return out

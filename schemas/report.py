@@ -1,0 +1,100 @@
+"""`CallReport`: the decoded canonical record as consumers see it (JSON fields parsed)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+
+from schemas.normalise import denormalise
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+JsonObject = dict[str, Any]
+
+
+def _aware(value: datetime | int) -> datetime:
+    if isinstance(value, int):
+        return _EPOCH + timedelta(milliseconds=value)
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def _parse(text: str | None) -> Any:
+    return None if text is None else orjson.loads(text)
+
+
+@dataclass(frozen=True, slots=True)
+class CallReport:
+    call_id: str
+    event_type: str
+    event_time: datetime
+    call_type: str | None
+    call_status: str | None
+    ended_reason: str | None
+    from_number: str | None
+    to_number: str | None
+    assistant_name: str | None
+    duration_seconds: int | float | None
+    transcript: str | None
+    summary: str | None
+    recording_url: str | None
+    analysis_summary: str | None
+    success_evaluation: bool | int | float | str | None
+    structured_data: JsonObject | None
+    user_metadata: JsonObject | None
+    extra: JsonObject | None
+    source_format: str
+    received_at: datetime
+    request_id: str
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> CallReport:
+        source = record["source"]
+        return cls(
+            call_id=record["call_id"],
+            event_type=record["event_type"],
+            event_time=_aware(record["event_time"]),
+            call_type=record.get("call_type"),
+            call_status=record.get("call_status"),
+            ended_reason=record.get("ended_reason"),
+            from_number=record.get("from_number"),
+            to_number=record.get("to_number"),
+            assistant_name=record.get("assistant_name"),
+            duration_seconds=record.get("duration_seconds"),
+            transcript=record.get("transcript"),
+            summary=record.get("summary"),
+            recording_url=record.get("recording_url"),
+            analysis_summary=record.get("analysis_summary"),
+            success_evaluation=record.get("success_evaluation"),
+            structured_data=_parse(record.get("structured_data_json")),
+            user_metadata=_parse(record.get("user_metadata_json")),
+            extra=_parse(record.get("extra_json")),
+            source_format=source["format"],
+            received_at=_aware(source["received_at"]),
+            request_id=source["request_id"],
+        )
+
+    def to_record(self) -> dict[str, Any]:
+        """The Avro-shaped record again (for re-publishing from storage)."""
+        fields = asdict(self)
+        for name in ("structured_data", "user_metadata", "extra"):
+            value = fields.pop(name)
+            fields[f"{name}_json"] = None if value is None else orjson.dumps(value).decode()
+        fields["source"] = {
+            "format": fields.pop("source_format"),
+            "received_at": fields.pop("received_at"),
+            "request_id": fields.pop("request_id"),
+        }
+        return fields
+
+    def source_payload(self) -> JsonObject:
+        """The webhook body exactly as Flireo sent it."""
+        return denormalise(self.to_record())
+
+    def to_json(self) -> JsonObject:
+        """A JSON-ready dict (times as ISO-8601 UTC)."""
+        out = asdict(self)
+        out["event_time"] = self.event_time.isoformat().replace("+00:00", "Z")
+        out["received_at"] = self.received_at.isoformat().replace("+00:00", "Z")
+        return out

@@ -1,0 +1,95 @@
+"""Session-wide real dependencies: a KRaft broker (and a PostgreSQL server, lazily).
+
+A missing dependency fails the run: nothing here skips.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client import CollectorRegistry
+
+from callstream.kafkaconfig import KafkaSettings
+from callstream.secret import Secret
+from ingress.app import RUNNER_OPTIONS, create_app
+from ingress.settings import IngressSettings
+from tests.support.kafka import SessionBroker, session_broker
+from tests.support.pg import PostgresServer
+
+SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "samples" / "end-of-call-report.json"
+TEST_SECRET = "whsec-test-0123456789"
+Client = TestClient[web.Request, web.Application]
+
+
+@pytest.fixture(scope="session")
+def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SessionBroker]:
+    with session_broker(tmp_path_factory.mktemp("kafka")) as broker:
+        yield broker
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(kafka_broker: SessionBroker) -> str:
+    return kafka_broker.bootstrap
+
+
+@pytest.fixture
+def kafka(kafka_bootstrap: str) -> KafkaSettings:
+    """Unique topics per test, so tests never see each other's records."""
+    suffix = uuid.uuid4().hex[:12]
+    return KafkaSettings(
+        bootstrap_servers=kafka_bootstrap,
+        topic=f"test.{suffix}.end-of-call-report",
+        events_topic=f"test.{suffix}.events",
+    )
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+    server = PostgresServer(tmp_path_factory.mktemp("pg"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def sample_bytes() -> bytes:
+    return SAMPLE.read_bytes()
+
+
+@pytest.fixture
+def ingress_settings(kafka: KafkaSettings) -> IngressSettings:
+    return IngressSettings(
+        kafka=kafka,
+        host="127.0.0.1",
+        port=0,
+        webhook_secrets=(Secret(TEST_SECRET),),
+        publish_timeout_seconds=10.0,
+    )
+
+
+async def start_ingress(
+    settings: IngressSettings, registry: CollectorRegistry | None = None
+) -> Client:
+    app = create_app(settings, registry=registry)
+    server = TestServer(app)
+    # TestServer drops constructor options; start_server is where they reach the runner.
+    await server.start_server(**RUNNER_OPTIONS)
+    client: Client = TestClient(server)
+    await client.start_server()
+    return client
+
+
+@pytest.fixture
+async def ingress(ingress_settings: IngressSettings) -> AsyncIterator[Client]:
+    client = await start_ingress(ingress_settings)
+    try:
+        yield client
+    finally:
+        await client.close()
