@@ -44,6 +44,8 @@ async def read_topic(
         group_id=None,
         enable_auto_commit=False,
         auto_offset_reset="earliest" if from_beginning else "latest",
+        # A topic created after we subscribed shows up within a second, not five minutes.
+        metadata_max_age_ms=1000,
     )
     await consumer.start()
     try:

@@ -1,0 +1,219 @@
+"""The shared runner against the real broker: commit after the handler, retries, DLQ."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from prometheus_client import CollectorRegistry
+
+from callstream.kafkaconfig import KafkaSettings
+from consumers.contract import Consumer, Delivery
+from consumers.errors import PermanentError, RetryableError
+from consumers.runner import Runner, RunnerSettings
+from consumers.runner_metrics import RunnerMetrics
+from schemas.codec import Decoder
+from schemas.store import default_store
+from tests.support.produce import produce_raw, produce_reports, sample_report
+from tests.support.topics import read_back
+
+
+class Recorder(Consumer):
+    """Records what it was handed; behaviour per test through the hooks below."""
+
+    name = "recorder"
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+        self.calls = 0
+        self.gate: asyncio.Event | None = None
+        self.retryable_failures = 0
+        self.poison_ids: set[str] = set()
+
+    async def handle(self, batch: Sequence[Delivery]) -> None:
+        self.calls += 1
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.retryable_failures > 0:
+            self.retryable_failures -= 1
+            raise RetryableError("database is down")
+        for delivery in batch:
+            if delivery.report.call_id in self.poison_ids:
+                raise PermanentError(f"refused {delivery.report.call_id}")
+        self.seen += [d.report.call_id for d in batch]
+
+
+@contextlib.asynccontextmanager
+async def running(
+    consumer: Consumer, kafka: KafkaSettings, group: str, registry: CollectorRegistry | None = None
+) -> AsyncIterator[Runner]:
+    settings = RunnerSettings(
+        group_id=group, topic=kafka.topic, retry_initial_seconds=0.05, retry_max_seconds=0.2
+    )
+    runner = Runner(
+        consumer,
+        kafka,
+        settings,
+        RunnerMetrics(registry or CollectorRegistry(), consumer.name),
+        Decoder(default_store()),
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(runner.run(stop))
+    try:
+        yield runner
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+
+async def committed(kafka: KafkaSettings, group: str) -> int:
+    """Sum of the group's committed offsets over the topic's partitions."""
+    probe = AIOKafkaConsumer(
+        bootstrap_servers=kafka.bootstrap_servers, group_id=group, enable_auto_commit=False
+    )
+    await probe.start()
+    try:
+        partitions = probe.partitions_for_topic(kafka.topic) or set()
+        if not partitions:
+            await probe.topics()
+            partitions = probe.partitions_for_topic(kafka.topic) or {0, 1, 2}
+        total = 0
+        for p in partitions:
+            offset = await probe.committed(TopicPartition(kafka.topic, p))
+            total += offset or 0
+        return total
+    finally:
+        await probe.stop()
+
+
+async def eventually(predicate: object, timeout: float = 30.0) -> None:
+    assert callable(predicate)
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
+
+
+async def test_runner_commits_only_after_handler_returns(kafka: KafkaSettings) -> None:
+    ids = await produce_reports(kafka, [sample_report() for _ in range(5)])
+    consumer = Recorder()
+    consumer.gate = asyncio.Event()
+    async with running(consumer, kafka, "g-commit") as runner:
+        await eventually(lambda: consumer.calls >= 1)
+        await asyncio.sleep(1.0)
+        assert await committed(kafka, "g-commit") == 0
+        consumer.gate.set()
+        await eventually(lambda: len(consumer.seen) == 5)
+        await eventually(lambda: runner.last_batch_at is not None)
+    assert sorted(consumer.seen) == sorted(ids)
+    assert await committed(kafka, "g-commit") == 5
+
+
+async def test_retryable_error_backs_off_then_succeeds_without_losing_records(
+    kafka: KafkaSettings,
+) -> None:
+    ids = await produce_reports(kafka, [sample_report() for _ in range(3)])
+    consumer = Recorder()
+    consumer.retryable_failures = 4
+    registry = CollectorRegistry()
+    async with running(consumer, kafka, "g-retry", registry):
+        await eventually(lambda: len(consumer.seen) == 3)
+    assert sorted(consumer.seen) == sorted(ids)
+    assert registry.get_sample_value(
+        "callstream_consumer_records_failed_total", {"consumer": "recorder"}
+    ) == pytest.approx(4)
+    assert await committed(kafka, "g-retry") == 3
+
+
+async def test_retrying_does_not_spin(kafka: KafkaSettings) -> None:
+    await produce_reports(kafka, [sample_report()])
+    consumer = Recorder()
+    consumer.retryable_failures = 10_000
+    async with running(consumer, kafka, "g-spin"):
+        await eventually(lambda: consumer.calls >= 1)
+        await asyncio.sleep(2.0)
+    # Backoff from 50 ms capped at 200 ms: a couple of dozen attempts in 2 s, not thousands.
+    assert consumer.calls < 60
+    assert await committed(kafka, "g-spin") == 0
+
+
+async def test_poison_records_go_to_the_dlq_and_consumption_goes_on(kafka: KafkaSettings) -> None:
+    good = await produce_reports(kafka, [sample_report()])
+    await produce_raw(kafka, [(b"junk-key", b"this is not avro")])
+    refused = sample_report()
+    consumer = Recorder()
+    consumer.poison_ids = {refused["callId"]}
+    more = await produce_reports(kafka, [refused, sample_report()])
+    registry = CollectorRegistry()
+    async with running(consumer, kafka, "g-dlq", registry):
+        await eventually(lambda: len(consumer.seen) == 2)
+        dead = await read_back_raw(kafka, kafka.dlq_topic, expect=2)
+    assert sorted(consumer.seen) == sorted([good[0], more[1]])
+    by_type = {d.header("dlq.error.type"): d for d in dead}
+    assert set(by_type) == {"DecodeError", "PermanentError"}
+    undecodable = by_type["DecodeError"]
+    assert undecodable.value == b"this is not avro"
+    assert undecodable.key == b"junk-key"
+    assert undecodable.header("dlq.topic") == kafka.topic
+    assert undecodable.header("dlq.consumer") == "recorder"
+    assert undecodable.header("dlq.offset") is not None
+    assert undecodable.header("dlq.partition") is not None
+    refused_dead = by_type["PermanentError"]
+    assert refused["callId"] in (refused_dead.header("dlq.error") or "")
+    assert registry.get_sample_value(
+        "callstream_consumer_records_dead_lettered_total", {"consumer": "recorder"}
+    ) == pytest.approx(2)
+    assert await committed(kafka, "g-dlq") == 4
+
+
+async def read_back_raw(kafka: KafkaSettings, topic: str, expect: int) -> list:  # type: ignore[type-arg]
+    from callstream.topicreader import read_topic
+
+    return [r async for r in read_topic(kafka, topic, idle_timeout=10.0, limit=expect)]
+
+
+async def test_two_runners_in_one_group_share_the_work_once(kafka: KafkaSettings) -> None:
+    ids = await produce_reports(kafka, [sample_report() for _ in range(60)])
+    first, second = Recorder(), Recorder()
+    async with running(first, kafka, "g-share"), running(second, kafka, "g-share"):
+        await eventually(lambda: len(first.seen) + len(second.seen) >= 60, timeout=60)
+        await asyncio.sleep(1.0)
+    handled = first.seen + second.seen
+    # Each record once (a rebalance may hand a batch again only if it was not committed).
+    assert sorted(set(handled)) == sorted(ids)
+    assert await committed(kafka, "g-share") == 60
+
+
+async def test_lag_and_commit_metrics(kafka: KafkaSettings) -> None:
+    await produce_reports(kafka, [sample_report() for _ in range(4)])
+    registry = CollectorRegistry()
+    consumer = Recorder()
+    async with running(consumer, kafka, "g-lag", registry):
+        await eventually(lambda: len(consumer.seen) == 4)
+        await asyncio.sleep(1.5)
+        lags = [
+            registry.get_sample_value(
+                "callstream_consumer_lag", {"consumer": "recorder", "partition": str(p)}
+            )
+            for p in range(3)
+        ]
+    assert all(lag == 0 for lag in lags if lag is not None)
+    assert any(lag is not None for lag in lags)
+    assert (
+        registry.get_sample_value(
+            "callstream_consumer_last_commit_timestamp_seconds", {"consumer": "recorder"}
+        )
+        or 0
+    ) > 0
+    assert registry.get_sample_value(
+        "callstream_consumer_records_handled_total", {"consumer": "recorder"}
+    ) == pytest.approx(4)
+
+
+async def test_topic_read_back_helper_sees_what_was_produced(kafka: KafkaSettings) -> None:
+    ids = await produce_reports(kafka, [sample_report()])
+    [landed] = await read_back(kafka, kafka.topic, expect=1)
+    assert landed.raw.key == ids[0].encode()
