@@ -6,19 +6,23 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from callstream.envparse import env_opt, env_str
+from callstream.envparse import env_int, env_opt, env_str
 
 DEFAULT_TOPIC = "flireo.end-of-call-report"
 DEFAULT_EVENTS_TOPIC = "flireo.events"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class KafkaSettings:
     bootstrap_servers: str
     topic: str = DEFAULT_TOPIC
     events_topic: str = DEFAULT_EVENTS_TOPIC
     schema_registry_url: str | None = None
     client_id: str = "callstream"
+    # Partitions cap how many instances of one consumer can share the work.
+    partitions: int = 6
+    replication_factor: int = 1
+    retention_ms: int | None = None  # None: the broker's default (7 days on stock Kafka)
 
     @classmethod
     def from_env(
@@ -33,6 +37,15 @@ class KafkaSettings:
             topic=env_str(env, "CALLSTREAM_TOPIC", DEFAULT_TOPIC),
             events_topic=env_str(env, "CALLSTREAM_EVENTS_TOPIC", DEFAULT_EVENTS_TOPIC),
             schema_registry_url=env_opt(env, "CALLSTREAM_SCHEMA_REGISTRY_URL"),
+            partitions=env_int(env, "CALLSTREAM_TOPIC_PARTITIONS", cls.partitions, minimum=1),
+            replication_factor=env_int(
+                env, "CALLSTREAM_TOPIC_REPLICATION_FACTOR", cls.replication_factor, minimum=1
+            ),
+            retention_ms=(
+                env_int(env, "CALLSTREAM_TOPIC_RETENTION_MS", 0, minimum=-1)
+                if env_opt(env, "CALLSTREAM_TOPIC_RETENTION_MS")
+                else None
+            ),
         )
 
     @property

@@ -28,6 +28,7 @@ from aiokafka.errors import CommitFailedError, KafkaError
 
 from callstream.envparse import env_float, env_int, env_str
 from callstream.kafkaconfig import KafkaSettings
+from callstream.topicadmin import ensure_topics
 from consumers.contract import Consumer, Delivery
 from consumers.errors import RetryableError
 from consumers.runner_metrics import RunnerMetrics
@@ -123,6 +124,7 @@ class Runner:
         )
         await self._consumer.start()
         try:
+            await ensure_topics(self._kafka, [self._settings.topic, self._kafka.dlq_topic])
             await dlq.start()
             await kc.start()
             self._kc, self._dlq = kc, dlq

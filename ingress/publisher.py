@@ -16,6 +16,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from callstream.kafkaconfig import KafkaSettings
+from callstream.topicadmin import ensure_topics
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +78,7 @@ class KafkaPublisher:
             producer = self._new_producer()
             try:
                 await producer.start()
-            except asyncio.CancelledError:
-                await producer.stop()
-                raise
+                await self._create_topics()
             except (KafkaError, OSError) as exc:
                 await producer.stop()
                 log.warning(
@@ -88,10 +87,20 @@ class KafkaPublisher:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
+            except BaseException:
+                await producer.stop()  # cancelled while connecting: leave nothing open
+                raise
             self._producer = producer
             self._connected.set()
             log.info("connected to kafka at %s", self._kafka.bootstrap_servers)
             return
+
+    async def _create_topics(self) -> None:
+        try:
+            await ensure_topics(self._kafka, [self._kafka.topic, self._kafka.events_topic])
+        except KafkaError as exc:
+            # Not fatal: a broker with auto-creation still takes the records.
+            log.warning("could not create topics (%s)", exc)
 
     async def publish(self, record: OutgoingRecord, timeout: float) -> None:
         """Returns once every in-sync replica has the record; raises PublishUnavailable if

@@ -7,7 +7,7 @@ import contextlib
 from collections.abc import AsyncIterator, Sequence
 
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 from prometheus_client import CollectorRegistry
 
 from callstream.kafkaconfig import KafkaSettings
@@ -71,22 +71,13 @@ async def running(
 
 async def committed(kafka: KafkaSettings, group: str) -> int:
     """Sum of the group's committed offsets over the topic's partitions."""
-    probe = AIOKafkaConsumer(
-        bootstrap_servers=kafka.bootstrap_servers, group_id=group, enable_auto_commit=False
-    )
-    await probe.start()
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap_servers)
+    await admin.start()
     try:
-        partitions = probe.partitions_for_topic(kafka.topic) or set()
-        if not partitions:
-            await probe.topics()
-            partitions = probe.partitions_for_topic(kafka.topic) or {0, 1, 2}
-        total = 0
-        for p in partitions:
-            offset = await probe.committed(TopicPartition(kafka.topic, p))
-            total += offset or 0
-        return total
+        offsets = await admin.list_consumer_group_offsets(group)
     finally:
-        await probe.stop()
+        await admin.close()
+    return sum(meta.offset for tp, meta in offsets.items() if tp.topic == kafka.topic)
 
 
 async def eventually(predicate: object, timeout: float = 30.0) -> None:
