@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from consumers import alerting, metrics
+from consumers import alerting, metrics, storage
 from consumers.contract import ConsumerSpec
 
 CONSUMERS: dict[str, ConsumerSpec] = {
+    "storage": ConsumerSpec(storage.build, 9101, "one row per call in SQLite or PostgreSQL"),
     "alerting": ConsumerSpec(alerting.build, 9102, "notifications from YAML rules"),
     "metrics": ConsumerSpec(metrics.build, 9103, "business metrics, counted once per call"),
 }
