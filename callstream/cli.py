@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import orjson
 
 from callstream import logs
+from callstream.envparse import SettingsError
 from callstream.kafkaconfig import KafkaSettings
 from callstream.secret import secrets_from
 
@@ -30,6 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(env.get("CALLSTREAM_LOG_LEVEL", "INFO"), service=f"callstream-{args.command}")
     try:
         return int(args.func(args, env))
+    except SettingsError as exc:
+        # A configuration mistake is the operator's to fix: say what, without a traceback.
+        print(f"callstream {args.command}: configuration error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

@@ -50,6 +50,7 @@ from typing import Any, ClassVar, Final, Literal, TypeAlias
 import yaml
 from yarl import URL
 
+from callstream.envparse import SettingsError
 from callstream.secret import Secret
 from schemas.report import CallReport
 
@@ -603,7 +604,7 @@ class RuleSet:
         return [rule for rule in self.rules if rule.condition.evaluate(view)]
 
 
-class RuleFileError(ValueError):
+class RuleFileError(SettingsError):
     """Everything wrong with a rule file, one `path:line: problem` per entry."""
 
     def __init__(self, problems: Sequence[str]) -> None:

@@ -296,8 +296,13 @@ class AlertingConsumer(Consumer):
                 )
             to_send.append(planned[key])
 
+        # Channels go concurrently, but each channel sends one alert at a time and records it
+        # before the next: a crash can then repeat at most one alert per channel.
+        by_channel: dict[str, list[_Planned]] = {}
+        for item in to_send:
+            by_channel.setdefault(item.key.channel, []).append(item)
         results = await asyncio.gather(
-            *(self._send(item) for item in to_send), return_exceptions=True
+            *(self._send_in_turn(items) for items in by_channel.values()), return_exceptions=True
         )
         state_errors = [r for r in results if isinstance(r, StateUnavailable)]
         others = [r for r in results if isinstance(r, BaseException) and r not in state_errors]
@@ -305,6 +310,10 @@ class AlertingConsumer(Consumer):
             raise others[0]
         if state_errors:
             raise RetryableError(f"alert state unavailable: {state_errors[0]}") from state_errors[0]
+
+    async def _send_in_turn(self, items: list[_Planned]) -> None:
+        for item in items:
+            await self._send(item)
 
     async def _send(self, item: _Planned) -> None:
         key = item.key

@@ -5,6 +5,8 @@ A missing dependency fails the run: nothing here skips.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -49,13 +51,18 @@ def kafka(kafka_bootstrap: str) -> KafkaSettings:
 
 
 @pytest.fixture(scope="session")
-def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
-    server = PostgresServer(tmp_path_factory.mktemp("pg"))
+def postgres() -> Iterator[PostgresServer]:
+    # Not under pytest's basetemp: every new pytest session on the machine resets that tree
+    # to 0700, which would lock the `postgres` user out of a running cluster.
+    base = Path(tempfile.mkdtemp(prefix="callstream-pg-"))
+    base.chmod(0o755)
+    server = PostgresServer(base)
     server.start()
     try:
         yield server
     finally:
         server.stop()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture
