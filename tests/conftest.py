@@ -22,8 +22,9 @@ from ingress.app import RUNNER_OPTIONS, create_app
 from ingress.settings import IngressSettings
 from tests.support.kafka import SessionBroker, session_broker
 from tests.support.pg import PostgresServer
+from tests.support.pipeline import pipeline, receivers  # noqa: F401 - fixtures
+from tests.support.samples import SAMPLE
 
-SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "samples" / "end-of-call-report.json"
 TEST_SECRET = "whsec-test-0123456789"
 Client = TestClient[web.Request, web.Application]
 

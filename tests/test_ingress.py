@@ -14,8 +14,9 @@ import pytest
 from callstream.kafkaconfig import KafkaSettings
 from schemas.report import CallReport
 from schemas.store import default_store
-from tests.conftest import SAMPLE, TEST_SECRET, Client
+from tests.conftest import TEST_SECRET, Client
 from tests.signing import signed
+from tests.support.samples import SAMPLE
 from tests.support.topics import read_back
 
 DATA = Path(__file__).parent / "data"

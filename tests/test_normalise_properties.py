@@ -27,7 +27,7 @@ from schemas.errors import InvalidReport
 from schemas.normalise import FIELDS, Normalised, SourceFormat, denormalise, normalise
 from schemas.report import CallReport
 from schemas.store import END_OF_CALL_REPORT, FLIREO_EVENT, default_store
-from tests.conftest import SAMPLE
+from tests.support.samples import SAMPLE
 
 DATA = Path(__file__).parent / "data"
 FIXTURES: dict[SourceFormat, Any] = {

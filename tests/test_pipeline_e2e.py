@@ -8,191 +8,11 @@ transcript, recording link or secret.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
-import sqlite3
-import subprocess
-import sys
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
-from email.message import Message
-from pathlib import Path
 
 import aiohttp
-import pytest
-from aiohttp import web
-from aiosmtpd.controller import Controller
 
-from callstream.kafkaconfig import KafkaSettings
-from tests.conftest import SAMPLE
-
-SECRET = "e2e-webhook-secret-5f1c"
-REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class _Mailbox:
-    def __init__(self) -> None:
-        self.messages: list[Message] = []
-
-    async def handle_DATA(self, server: object, session: object, envelope: object) -> str:
-        from email import message_from_bytes
-
-        self.messages.append(message_from_bytes(envelope.content))  # type: ignore[attr-defined]
-        return "250 OK"
-
-
-@dataclass
-class Receivers:
-    hooks: list[dict[str, object]]
-    mailbox: _Mailbox
-    hook_url: str
-    smtp_port: int
-
-
-@pytest.fixture
-async def receivers() -> AsyncIterator[Receivers]:
-    hooks: list[dict[str, object]] = []
-
-    async def hook(request: web.Request) -> web.Response:
-        hooks.append(await request.json())
-        return web.Response(status=204)
-
-    app = web.Application()
-    app.router.add_post("/hook", hook)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    mailbox = _Mailbox()
-    smtp = Controller(mailbox, hostname="127.0.0.1", port=free_port())
-    smtp.start()
-    try:
-        yield Receivers(
-            hooks, mailbox, f"http://127.0.0.1:{runner.addresses[0][1]}/hook", smtp.port
-        )
-    finally:
-        smtp.stop()
-        await runner.cleanup()
-
-
-@dataclass
-class Pipeline:
-    process: subprocess.Popen[bytes]
-    env: dict[str, str]
-    ingress_port: int
-    metrics_port: int
-    db: Path
-    log: Path
-
-
-@pytest.fixture
-def pipeline(tmp_path: Path, kafka: KafkaSettings, receivers: Receivers) -> Iterator[Pipeline]:
-    rules = tmp_path / "rules.yaml"
-    rules.write_text(
-        f"""
-channels:
-  hook:
-    type: webhook
-    url: {receivers.hook_url}
-    secret_env: E2E_HOOK_SECRET
-  mail:
-    type: email
-    host: 127.0.0.1
-    port: {receivers.smtp_port}
-    starttls: false
-    from: alerts@callstream.test
-    to: [team@callstream.test]
-rules:
-  - name: happy-caller
-    when: sentiment >= 9 and vervolgactie_nodig
-    channels: [hook, mail]
-"""
-    )
-    ports = {name: free_port() for name in ("ingress", "storage", "alerting", "metrics")}
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("CALLSTREAM_")},
-        "KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
-        "CALLSTREAM_TOPIC": kafka.topic,
-        "CALLSTREAM_EVENTS_TOPIC": kafka.events_topic,
-        "CALLSTREAM_WEBHOOK_SECRET": SECRET,
-        "CALLSTREAM_INGRESS_PORT": str(ports["ingress"]),
-        "CALLSTREAM_INGRESS_HOST": "127.0.0.1",
-        "CALLSTREAM_METRICS_HOST": "127.0.0.1",
-        "CALLSTREAM_STORAGE_PORT": str(ports["storage"]),
-        "CALLSTREAM_ALERTING_PORT": str(ports["alerting"]),
-        "CALLSTREAM_METRICS_PORT": str(ports["metrics"]),
-        "CALLSTREAM_SQLITE_PATH": str(tmp_path / "calls.db"),
-        "CALLSTREAM_ALERT_STATE_PATH": str(tmp_path / "alerting.db"),
-        "CALLSTREAM_METRICS_STATE_PATH": str(tmp_path / "metrics.db"),
-        "CALLSTREAM_SPOOL_DIR": str(tmp_path / "spool"),
-        "CALLSTREAM_ALERT_RULES": str(rules),
-        "CALLSTREAM_ALERT_ALLOWED_NETWORKS": "127.0.0.1/32",
-        "E2E_HOOK_SECRET": "hook-secret-e2e",
-        "CALLSTREAM_HOME": str(tmp_path / "home"),
-    }
-    log = tmp_path / "pipeline.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "callstream", "run"],
-            env=env,
-            cwd=tmp_path,
-            stderr=out,
-            stdout=out,
-        )
-    try:
-        yield Pipeline(process, env, ports["ingress"], ports["metrics"], tmp_path / "calls.db", log)
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-
-async def _until(check: object, timeout: float = 60.0, what: str = "") -> None:
-    assert callable(check)
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        try:
-            if await check():
-                return
-        except (aiohttp.ClientError, sqlite3.Error, OSError):
-            pass
-        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.25)
-
-
-def _rows(db: Path) -> list[tuple[str, str]]:
-    with sqlite3.connect(db) as conn:
-        return conn.execute("select call_id, from_number from call_reports").fetchall()
-
-
-async def _metric(session: aiohttp.ClientSession, port: int, line_prefix: str) -> float | None:
-    async with session.get(f"http://127.0.0.1:{port}/metrics") as resp:
-        for line in (await resp.text()).splitlines():
-            if line.startswith(line_prefix):
-                return float(line.rsplit(" ", 1)[1])
-    return None
-
-
-def _send(pipeline: Pipeline) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "callstream", "send", str(SAMPLE)],
-        env=pipeline.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+from tests.support.pipeline import SECRET, Pipeline, Receivers, metric, rows, send_sample, until
 
 
 async def test_run_pipeline_stores_alerts_and_counts_a_report_once(
@@ -205,48 +25,48 @@ async def test_run_pipeline_stores_alerts_and_counts_a_report_once(
             async with session.get(url) as resp:
                 return resp.status == 200
 
-        await _until(ready, what="ingress ready")
-        sent = await asyncio.to_thread(_send, pipeline)
+        await until(ready, what="ingress ready")
+        sent = await asyncio.to_thread(send_sample, pipeline)
         assert sent.returncode == 0, sent.stdout + sent.stderr
         assert sent.stdout.startswith("202 ")
 
         async def stored() -> bool:
-            return len(await asyncio.to_thread(_rows, pipeline.db)) == 1
+            return len(await asyncio.to_thread(rows, pipeline.db)) == 1
 
-        await _until(stored, what="the row")
+        await until(stored, what="the row")
 
         async def notified() -> bool:
             return len(receivers.hooks) == 1 and len(receivers.mailbox.messages) == 1
 
-        await _until(notified, what="both notifications")
+        await until(notified, what="both notifications")
 
         calls = 'callstream_calls_total{assistant="other",outcome="success"}'
 
         async def counted() -> bool:
-            return await _metric(session, pipeline.metrics_port, calls) == 1.0
+            return await metric(session, pipeline.metrics_port, calls) == 1.0
 
-        await _until(counted, what="the metric")
+        await until(counted, what="the metric")
 
         # The same report again (Flireo retrying after a timeout, say).
-        again = await asyncio.to_thread(_send, pipeline)
+        again = await asyncio.to_thread(send_sample, pipeline)
         assert again.returncode == 0, again.stderr
 
         async def seen_twice() -> bool:
-            value = await _metric(
+            value = await metric(
                 session,
                 pipeline.metrics_port,
                 'callstream_consumer_records_handled_total{consumer="metrics"}',
             )
             return value == 2.0
 
-        await _until(seen_twice, what="the duplicate to be handled")
+        await until(seen_twice, what="the duplicate to be handled")
         await asyncio.sleep(1.0)
-        assert await asyncio.to_thread(_rows, pipeline.db) == [
+        assert await asyncio.to_thread(rows, pipeline.db) == [
             ("cc1abf4a-d005-44a8-825f-702334e8d4c8", "+31623731537")
         ]
         assert len(receivers.hooks) == 1
         assert len(receivers.mailbox.messages) == 1
-        assert await _metric(session, pipeline.metrics_port, calls) == 1.0
+        assert await metric(session, pipeline.metrics_port, calls) == 1.0
 
     pipeline.process.send_signal(signal.SIGTERM)
     assert await asyncio.to_thread(pipeline.process.wait, 40) == 0

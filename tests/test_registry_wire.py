@@ -27,9 +27,10 @@ from schemas.errors import UnknownSchemaError
 from schemas.registry import RegistryClient
 from schemas.report import CallReport
 from schemas.store import END_OF_CALL_REPORT, default_store
-from tests.conftest import SAMPLE, TEST_SECRET, Client, start_ingress
+from tests.conftest import TEST_SECRET, Client, start_ingress
 from tests.signing import signed
 from tests.support.registry import SchemaRegistryServer
+from tests.support.samples import SAMPLE
 
 WEBHOOK = "/webhooks/flireo"
 NESTED_CAMEL = Path(__file__).parent / "data" / "nested-camel.json"

@@ -20,7 +20,7 @@ from schemas.errors import DecodeError, SchemaError, UnknownSchemaError
 from schemas.normalise import normalise
 from schemas.report import CallReport
 from schemas.store import AVRO_DIR, END_OF_CALL_REPORT, SchemaStore, default_store
-from tests.conftest import SAMPLE
+from tests.support.samples import SAMPLE
 
 # What records already on topics name their writer schema by: these must never change.
 PUBLISHED_FINGERPRINTS = {

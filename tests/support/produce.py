@@ -14,7 +14,7 @@ from ingress.publisher import KafkaPublisher, OutgoingRecord
 from schemas.codec import single_object_encoder
 from schemas.normalise import normalise
 from schemas.store import default_store
-from tests.conftest import SAMPLE
+from tests.support.samples import SAMPLE
 
 
 def sample_report(call_id: str | None = None, **changes: Any) -> dict[str, Any]:
