@@ -1,0 +1,153 @@
+"""The `callstream` command as a user types it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import aiohttp
+import orjson
+
+from callstream.kafkaconfig import KafkaSettings
+from tests.signing import signed
+from tests.support.produce import produce_reports, sample_report
+from tests.support.topics import read_back
+
+
+def _env(**extra: str) -> dict[str, str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("CALLSTREAM_", "KAFKA_"))}
+    return base | extra
+
+
+def _cli(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "callstream", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+async def test_tail_prints_decoded_reports_as_json_lines(kafka: KafkaSettings) -> None:
+    [call_id] = await produce_reports(kafka, [sample_report()])
+    env = _env(KAFKA_BOOTSTRAP_SERVERS=kafka.bootstrap_servers, CALLSTREAM_TOPIC=kafka.topic)
+    done = await asyncio.to_thread(_cli, "tail", "--max", "1", env=env)
+    assert done.returncode == 0, done.stderr
+    [line] = done.stdout.splitlines()
+    record = json.loads(line)
+    assert record["key"] == call_id
+    assert record["schema"] == "end_of_call_report"
+    assert record["record"]["call_id"] == call_id
+    assert record["record"]["structured_data"]["sentiment"] == 9
+    assert record["writer_version"] == 2
+
+
+async def test_kafka_start_status_stop(tmp_path: Path) -> None:
+    env = _env(CALLSTREAM_HOME=str(tmp_path / "home"))
+    status = await asyncio.to_thread(_cli, "kafka", "status", env=env)
+    assert status.returncode == 1
+    assert "not running" in status.stdout
+    started = await asyncio.to_thread(_cli, "kafka", "start", env=env)
+    try:
+        assert started.returncode == 0, started.stderr
+        bootstrap = started.stdout.strip().splitlines()[-1]
+        assert bootstrap.startswith("127.0.0.1:")
+        status = await asyncio.to_thread(_cli, "kafka", "status", env=env)
+        assert status.returncode == 0
+        assert f"bootstrap={bootstrap}" in status.stdout
+    finally:
+        stopped = await asyncio.to_thread(_cli, "kafka", "stop", env=env)
+    assert stopped.returncode == 0
+    assert (await asyncio.to_thread(_cli, "kafka", "status", env=env)).returncode == 1
+
+
+async def test_consumer_with_bad_configuration_exits_2_with_a_message(
+    kafka: KafkaSettings, tmp_path: Path
+) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("rules:\n  - name: x\n    when: sentiment <\n    channels: [nowhere]\n")
+    env = _env(
+        KAFKA_BOOTSTRAP_SERVERS=kafka.bootstrap_servers,
+        CALLSTREAM_ALERT_RULES=str(rules),
+        CALLSTREAM_ALERTING_PORT="0",
+    )
+    done = await asyncio.to_thread(_cli, "consumer", "alerting", env=env)
+    assert done.returncode == 2
+    assert "configuration error" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_ingress_sigterm_finishes_in_flight_requests_and_flushes(
+    kafka: KafkaSettings, tmp_path: Path
+) -> None:
+    """Oracle: every request that got a 202 before shutdown is on the topic; exit code 0."""
+    port = _free_port()
+    secret = "shutdown-secret"
+    env = _env(
+        KAFKA_BOOTSTRAP_SERVERS=kafka.bootstrap_servers,
+        CALLSTREAM_TOPIC=kafka.topic,
+        CALLSTREAM_EVENTS_TOPIC=kafka.events_topic,
+        CALLSTREAM_INGRESS_PORT=str(port),
+        CALLSTREAM_INGRESS_HOST="127.0.0.1",
+        CALLSTREAM_WEBHOOK_SECRET=secret,
+        CALLSTREAM_SPOOL_DIR=str(tmp_path / "spool"),
+    )
+    log = (tmp_path / "ingress.log").open("wb")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "callstream", "ingress", env=env, stdout=log, stderr=log
+    )
+    accepted: list[str] = []
+    try:
+        async with aiohttp.ClientSession() as session:
+            url = f"http://127.0.0.1:{port}"
+            deadline = asyncio.get_running_loop().time() + 60
+            while True:
+                try:
+                    async with session.get(f"{url}/readyz") as resp:
+                        if resp.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    pass
+                assert asyncio.get_running_loop().time() < deadline, "ingress never ready"
+                await asyncio.sleep(0.2)
+
+            async def post(call_id: str) -> None:
+                body = orjson.dumps(sample_report(call_id))
+                try:
+                    async with session.post(
+                        f"{url}/webhooks/flireo", data=body, headers=signed(body, secret)
+                    ) as resp:
+                        if resp.status == 202:
+                            accepted.append(call_id)
+                except aiohttp.ClientError:
+                    pass  # refused after shutdown began: never acknowledged, never claimed
+
+            posts = [asyncio.create_task(post(str(uuid.uuid4()))) for _ in range(40)]
+            await asyncio.sleep(0.05)
+            process.send_signal(signal.SIGTERM)
+            await asyncio.gather(*posts)
+        code = await asyncio.wait_for(process.wait(), 60)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        log.close()
+    assert code == 0
+    assert accepted, "no request was in flight when shutdown began"
+    landed = await read_back(kafka, kafka.topic, expect=len(accepted))
+    assert {item.raw.key.decode() for item in landed if item.raw.key} >= set(accepted)
