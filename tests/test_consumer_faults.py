@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import asyncpg
 import pytest
 from aiohttp import web
@@ -230,3 +232,43 @@ rules:
     # (one per channel at most), with the same alert_id so a receiver can drop it.
     assert len(set(alert_ids)) == 400
     assert len(alert_ids) - len(set(alert_ids)) <= 1
+
+
+async def test_two_storage_processes_in_one_group_split_the_work_once(
+    kafka: KafkaSettings, postgres: PostgresServer, tmp_path: Path, services: list[Service]
+) -> None:
+    """Scale-out: two processes, one group; every record handled exactly once between them."""
+    dsn = postgres.create_database(f"scale_{uuid.uuid4().hex[:8]}")
+    group = f"scale-{uuid.uuid4().hex[:8]}"
+    ports = [_free_port(), _free_port()]
+    for index, port in enumerate(ports):
+        env = service_env(kafka, CALLSTREAM_DATABASE_URL=dsn, CALLSTREAM_STORAGE_PORT=str(port)) | {
+            "CALLSTREAM_GROUP_ID": group
+        }
+        service = Service("storage", env, tmp_path / f"storage-{index}.log")
+        services.append(service)
+        service.start()
+    await asyncio.sleep(5.0)  # both join before the records arrive, so both get partitions
+    ids = await produce_reports(kafka, [sample_report() for _ in range(1200)])
+    await wait_rows(dsn, 1200)
+    handled = [await _handled(port) for port in ports]
+    assert await ids_in(dsn) == set(ids)
+    assert all(count > 0 for count in handled), handled
+    assert sum(handled) == 1200
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def _handled(port: int) -> float:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}/metrics") as resp,
+    ):
+        for line in (await resp.text()).splitlines():
+            if line.startswith('callstream_consumer_records_handled_total{consumer="storage"}'):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
