@@ -208,3 +208,37 @@ async def test_topic_read_back_helper_sees_what_was_produced(kafka: KafkaSetting
     ids = await produce_reports(kafka, [sample_report()])
     [landed] = await read_back(kafka, kafka.topic, expect=1)
     assert landed.raw.key == ids[0].encode()
+
+
+async def test_rebalance_waits_for_the_batch_in_hand_and_commits_it(kafka: KafkaSettings) -> None:
+    """A second member joins while the first is inside its handler: the first finishes and
+    commits, so nothing it handled is handled again by the newcomer."""
+    ids = await produce_reports(kafka, [sample_report() for _ in range(30)])
+    first, second = Recorder(), Recorder()
+    first.gate = asyncio.Event()
+    async with running(first, kafka, "g-rebalance-commit"):
+        await eventually(lambda: first.calls >= 1)
+        async with running(second, kafka, "g-rebalance-commit"):
+            await asyncio.sleep(1.0)  # the join is now waiting on the first member's batch
+            first.gate.set()
+            await eventually(lambda: len(set(first.seen + second.seen)) == 30, timeout=60)
+            await asyncio.sleep(1.0)
+    assert sorted(set(first.seen + second.seen)) == sorted(ids)
+    assert len(first.seen) + len(second.seen) == 30  # nothing handled twice
+    assert await committed(kafka, "g-rebalance-commit") == 30
+
+
+async def test_rebalance_drops_a_batch_still_retrying_and_the_new_owner_handles_it(
+    kafka: KafkaSettings,
+) -> None:
+    ids = await produce_reports(kafka, [sample_report() for _ in range(12)])
+    first, second = Recorder(), Recorder()
+    first.retryable_failures = 1_000_000  # the first member's database never comes back
+    async with running(first, kafka, "g-rebalance-drop"):
+        await eventually(lambda: first.calls >= 2)
+        async with running(second, kafka, "g-rebalance-drop"):
+            # Whatever partitions move to the newcomer get handled there; the first member
+            # dropped its batch uncommitted instead of blocking the group.
+            await eventually(lambda: len(second.seen) > 0, timeout=60)
+    assert first.seen == []
+    assert set(second.seen) <= set(ids)
