@@ -37,8 +37,9 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
+
+from callstream.lifecycle import StartStop
 
 __all__ = [
     "KAFKA_VERSION",
@@ -170,7 +171,7 @@ def _download_jars(mvn: str, version: str, dest: Path) -> None:
     (dest / _MARKER).write_text(f"kafka {version}\n" + "".join(f"{j}\n" for j in jars))
 
 
-class LocalKafka:
+class LocalKafka(StartStop):
     """One broker home. Instances are cheap handles: all state lives on disk in `home`."""
 
     node_id = 1
@@ -222,18 +223,6 @@ class LocalKafka:
 
     def __repr__(self) -> str:
         return f"LocalKafka(home={str(self.home)!r})"
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # -- lifecycle -------------------------------------------------------------------------
 

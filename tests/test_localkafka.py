@@ -316,7 +316,7 @@ def test_session_broker_prefers_an_external_cluster(
     with session_broker(tmp_path) as external:
         assert external.bootstrap == "kafka.example:9092"
         assert external.local is None
-        with pytest.raises(pytest.skip.Exception):
+        with pytest.raises(pytest.fail.Exception):
             external.require_local()
     assert not (tmp_path / "home").exists()
     assert not (tmp_path / "kafka-home").exists()

@@ -6,7 +6,7 @@ and starts nothing; otherwise it starts a real single-node KRaft broker
 Either way the conftest gets a :class:`SessionBroker` whose ``bootstrap`` is the string to
 hand to clients. ``local`` is the :class:`LocalKafka` only when this session owns the broker;
 fault-injection tests (pause/kill/restart) call :meth:`SessionBroker.require_local`, which
-skips them against an external cluster that is not ours to break.
+fails them against an external cluster that is not ours to break.
 
 Intended conftest use::
 
@@ -47,7 +47,8 @@ class SessionBroker:
 
     def require_local(self) -> LocalKafka:
         if self.local is None:
-            pytest.skip("needs the session's own broker; KAFKA_BOOTSTRAP_SERVERS points elsewhere")
+            # Never a skip: a test that needs to break the broker fails when it cannot.
+            pytest.fail("needs the session's own broker; KAFKA_BOOTSTRAP_SERVERS points elsewhere")
         return self.local
 
     def stop(self) -> None:

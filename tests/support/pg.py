@@ -36,9 +36,10 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Literal, Self
+from typing import Literal
 from urllib.parse import quote
+
+from callstream.lifecycle import StartStop
 
 __all__ = [
     "PostgresNotFoundError",
@@ -211,7 +212,7 @@ def _stop_leftover_servers() -> None:
                 server.kill()
 
 
-class PostgresServer:
+class PostgresServer(StartStop):
     """A PostgreSQL cluster under ``base_dir``, listening on 127.0.0.1 only.
 
     The port is chosen once (a free one unless given) and kept for restarts, so DSNs
@@ -231,18 +232,6 @@ class PostgresServer:
     def __repr__(self) -> str:
         state = f"pid {self.pid}" if self.running else "stopped"
         return f"PostgresServer({str(self.base_dir)!r}, port={self._port}, {state})"
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # -- addresses -------------------------------------------------------------------
 

@@ -32,8 +32,9 @@ import urllib.error
 import urllib.request
 import weakref
 from pathlib import Path
-from types import TracebackType
 from typing import IO
+
+from callstream.lifecycle import StartStop
 
 APICURIO_VERSION = "3.3.3"
 MAVEN_ARTIFACT = f"io.apicurio:apicurio-registry-app:{APICURIO_VERSION}:tar.gz:all"
@@ -195,7 +196,7 @@ def _stop_leftovers() -> None:
         server.stop()
 
 
-class SchemaRegistryServer:
+class SchemaRegistryServer(StartStop):
     """One Apicurio Registry process, bound to 127.0.0.1 on free ports, with empty storage.
 
     ``start()`` returns the Confluent-compatible base URL (``http://127.0.0.1:PORT/apis/ccompat/v7``);
@@ -321,18 +322,6 @@ class SchemaRegistryServer:
             f"Apicurio Registry {APICURIO_VERSION} {what}; last lines of {self.log_path}:\n"
             + self._log_tail()
         )
-
-    def __enter__(self) -> SchemaRegistryServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 class _PortTaken(Exception):
