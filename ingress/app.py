@@ -18,11 +18,17 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
+from ingress import openapi, ratelimit
 from ingress.auth import Authenticator
 from ingress.body import decode_content, read_wire_body
 from ingress.errors import Problem, invalid
 from ingress.metrics import IngressMetrics
-from ingress.publisher import KafkaPublisher, OutgoingRecord, PublishUnavailable
+from ingress.publisher import (
+    DurablePublisher,
+    OutgoingRecord,
+    PublishUnavailable,
+    RecordTooLarge,
+)
 from ingress.settings import IngressSettings
 from schemas import jsonvalue
 from schemas.codec import Encoder, registry_encoder, single_object_encoder
@@ -34,7 +40,7 @@ from schemas.store import END_OF_CALL_REPORT, FLIREO_EVENT, SchemaStore, default
 log = logging.getLogger(__name__)
 
 SETTINGS = web.AppKey("settings", IngressSettings)
-PUBLISHER = web.AppKey("publisher", KafkaPublisher)
+PUBLISHER = web.AppKey("publisher", DurablePublisher)
 METRICS = web.AppKey("metrics", IngressMetrics)
 AUTH = web.AppKey("auth", Authenticator)
 ENCODERS = web.AppKey("encoders", dict[str, Encoder])
@@ -51,18 +57,19 @@ def create_app(
     settings: IngressSettings,
     *,
     registry: CollectorRegistry | None = None,
-    publisher: KafkaPublisher | None = None,
+    publisher: DurablePublisher | None = None,
     store: SchemaStore | None = None,
 ) -> web.Application:
     registry = registry if registry is not None else CollectorRegistry()
     # The body limit is enforced by read_wire_body with a clear 413; aiohttp's own limit
     # must not fire first with a plain-text error.
     app = web.Application(
-        middlewares=[problem_middleware], client_max_size=settings.max_body_bytes + 1
+        middlewares=[problem_middleware, *ratelimit.middlewares(settings, {WEBHOOK_PATH})],
+        client_max_size=settings.max_body_bytes + 1,
     )
     app[SETTINGS] = settings
     app[METRICS] = IngressMetrics(registry)
-    app[PUBLISHER] = publisher or KafkaPublisher(settings.kafka)
+    app[PUBLISHER] = publisher or DurablePublisher.from_settings(settings, app[METRICS].spool)
     app[AUTH] = Authenticator(
         settings.webhook_secrets, settings.shared_tokens, settings.signature_tolerance_seconds
     )
@@ -71,6 +78,7 @@ def create_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", make_aiohttp_handler(registry))
+    app.router.add_get(openapi.PATH, openapi.handler(settings))
     return app
 
 
@@ -176,14 +184,17 @@ async def receive_webhook(request: web.Request) -> web.Response:
     record = _outgoing(request.app, event, request_id)
     started = time.perf_counter()
     try:
-        await request.app[PUBLISHER].publish(record, settings.publish_timeout_seconds)
+        durable = await request.app[PUBLISHER].publish(record)
+    except RecordTooLarge as exc:
+        # Telling the sender to retry would be a lie: the same report can never fit.
+        raise Problem(413, "body-too-large", "Report too large", str(exc)) from exc
     except PublishUnavailable as exc:
         raise Problem(
             503,
             "unavailable",
             "Not durable yet",
             f"{exc}; the report was not kept, retry",
-            headers={"Retry-After": "5"},
+            headers={"Retry-After": str(exc.retry_after)},
         ) from exc
     metrics.publish_duration.observe(time.perf_counter() - started)
     metrics.outcome("accepted")
@@ -197,6 +208,8 @@ async def receive_webhook(request: web.Request) -> web.Response:
                 "callId": event.call_id,
                 "requestId": request_id,
                 "topic": record.topic,
+                # "spool": on local disk, fsync'd; it reaches the topic once Kafka is back.
+                "durable": durable,
             }
         ),
         content_type="application/json",
@@ -232,8 +245,18 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    ready = request.app[PUBLISHER].ready()
-    request.app[METRICS].ready.set(1 if ready else 0)
+    """200 while a report can be made durable: by Kafka, or else by the local spool."""
+    state = request.app[PUBLISHER].readiness()
+    request.app[METRICS].ready.set(1 if state.ready else 0)
     return web.json_response(
-        {"ready": ready, "durable": "kafka" if ready else None}, status=200 if ready else 503
+        {
+            "ready": state.ready,
+            "durable": state.durable,
+            "spool": {
+                "records": state.spool_records,
+                "bytes": state.spool_bytes,
+                "oldestAgeSeconds": state.spool_oldest_age_seconds,
+            },
+        },
+        status=200 if state.ready else 503,
     )

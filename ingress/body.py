@@ -53,18 +53,28 @@ def decode_content(body: bytes, encoding: str | None, limit: int) -> bytes:
             f"Content-Encoding {encoding!r} is not supported (use gzip or none)",
         )
     if not body.startswith(GZIP_MAGIC):
-        raise Problem(
-            400, "invalid-gzip", "Body is not gzip", "Content-Encoding is gzip but the body is not"
-        )
-    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-    try:
-        out = inflater.decompress(body, limit + 1)
-    except zlib.error as exc:
-        raise Problem(
-            400, "invalid-gzip", "Body is not gzip", f"gzip body is corrupt: {exc}"
-        ) from exc
-    if len(out) > limit:
-        raise too_large(limit, "decompressed body")
-    if not inflater.eof:
-        raise Problem(400, "invalid-gzip", "Body is not gzip", "gzip body is truncated")
-    return out
+        raise _bad_gzip("Content-Encoding is gzip but the body is not")
+    # A gzip stream may hold several members back to back (RFC 1952); each is inflated in
+    # turn, and the running total never passes `limit`.
+    out = bytearray()
+    rest = body
+    while rest:
+        inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+        try:
+            out += inflater.decompress(rest, limit + 1 - len(out))
+        except zlib.error as exc:
+            raise _bad_gzip(f"gzip body is corrupt: {exc}") from exc
+        if len(out) > limit:
+            raise too_large(limit, "decompressed body")
+        if not inflater.eof:
+            if inflater.unconsumed_tail:
+                raise too_large(limit, "decompressed body")
+            raise _bad_gzip("gzip body is truncated")
+        rest = inflater.unused_data
+        if rest and not rest.startswith(GZIP_MAGIC):
+            raise _bad_gzip("bytes after the gzip data are not another gzip member")
+    return bytes(out)
+
+
+def _bad_gzip(detail: str) -> Problem:
+    return Problem(400, "invalid-gzip", "Body is not gzip", detail)

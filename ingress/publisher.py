@@ -1,7 +1,9 @@
 """The one component that makes a report durable before the ingress answers.
 
-Today "durable" means acknowledged by every in-sync replica (acks=all, idempotent
-producer). All aiokafka use of the ingress stays in this module.
+"Durable" means acknowledged by every in-sync replica (acks=all, idempotent producer) or,
+when Kafka does not acknowledge within a short deadline, fsync'd in the local spool, from
+which a drainer publishes it once Kafka is back (see docs/durability.md). All aiokafka use
+of the ingress stays in this module.
 """
 
 from __future__ import annotations
@@ -9,14 +11,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import struct
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from callstream.kafkaconfig import KafkaSettings
 from callstream.topicadmin import ensure_topics
+from ingress.metrics import SpoolMetrics
+from ingress.settings import IngressSettings
+from ingress.spool import CrashPoint, Spool, Spooled, SpoolError, SpoolFull, crash
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +34,7 @@ log = logging.getLogger(__name__)
 LINGER_MS = 5
 MAX_BATCH_BYTES = 256 * 1024
 MAX_REQUEST_BYTES = 1_048_576
+CONNECT_GRACE_SECONDS = 20.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,8 +45,28 @@ class OutgoingRecord:
     headers: tuple[tuple[str, bytes], ...]
 
 
+Durable = Literal["kafka", "spool"]
+
+
 class PublishUnavailable(Exception):
-    """Kafka did not acknowledge in time; the record must not be reported as durable."""
+    """The record was not made durable; the ingress must not answer 2xx."""
+
+    def __init__(self, message: str, *, retry_after: int = 5) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class KafkaNotAcknowledged(PublishUnavailable):
+    """Kafka did not acknowledge in time, or failed in a way a retry may cure."""
+
+
+class KafkaRejected(PublishUnavailable):
+    """Kafka (or the client) refused the record for good: spooling it would only block the
+    spool's head, so it is refused here instead."""
+
+
+class RecordTooLarge(KafkaRejected):
+    """The encoded report is over Kafka's record limit: no retry can ever succeed."""
 
 
 class KafkaPublisher:
@@ -46,6 +76,8 @@ class KafkaPublisher:
         self._producer: AIOKafkaProducer | None = None
         self._connect_task: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
+        self._closing = False
+        self._closed = asyncio.Event()
         self._last_failure: float | None = None
 
     async def start(self) -> None:
@@ -74,7 +106,7 @@ class KafkaPublisher:
 
     async def _connect_forever(self) -> None:
         delay = 0.2
-        while True:
+        while not self._closing:
             producer = self._new_producer()
             try:
                 await producer.start()
@@ -84,7 +116,9 @@ class KafkaPublisher:
                 log.warning(
                     "kafka not reachable at %s (%s); retrying", self._kafka.bootstrap_servers, exc
                 )
-                await asyncio.sleep(delay)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._closed.wait()
                 delay = min(delay * 2, 5.0)
                 continue
             except BaseException:
@@ -102,23 +136,79 @@ class KafkaPublisher:
             # Not fatal: a broker with auto-creation still takes the records.
             log.warning("could not create topics (%s)", exc)
 
+    def check_fits(self, record: OutgoingRecord) -> None:
+        """Raises KafkaRejected for a record the producer would refuse as too large, so such
+        a record is refused up front and never reaches the spool."""
+        size = DefaultRecordBatchBuilder.estimate_size_in_bytes(
+            record.key, record.value, list(record.headers)
+        )
+        if size > MAX_REQUEST_BYTES:
+            raise RecordTooLarge(
+                f"the encoded report is {size} bytes, over Kafka's {MAX_REQUEST_BYTES}-byte limit"
+            )
+
     async def publish(self, record: OutgoingRecord, timeout: float) -> None:
-        """Returns once every in-sync replica has the record; raises PublishUnavailable if
-        that does not happen within `timeout` (connecting included)."""
+        """Returns once every in-sync replica has the record; raises KafkaNotAcknowledged if
+        that does not happen within `timeout` (connecting included), KafkaRejected if Kafka
+        refuses it for good."""
         try:
             async with asyncio.timeout(timeout):
                 await self._connected.wait()
                 assert self._producer is not None
+                # Cancelling send() itself withdraws the record; once it returned, the record
+                # is queued and a timeout only stops our waiting (it may still be delivered).
                 future = await self._producer.send(
                     record.topic, record.value, key=record.key, headers=list(record.headers)
                 )
-                await future
+                await asyncio.shield(future)
         except TimeoutError as exc:
             self._last_failure = time.monotonic()
-            raise PublishUnavailable(f"Kafka did not acknowledge within {timeout:g} s") from exc
+            raise KafkaNotAcknowledged(f"Kafka did not acknowledge within {timeout:g} s") from exc
         except KafkaError as exc:
             self._last_failure = time.monotonic()
-            raise PublishUnavailable(f"Kafka refused the record: {type(exc).__name__}") from exc
+            error = KafkaNotAcknowledged if exc.retriable else KafkaRejected
+            raise error(f"Kafka refused the record: {type(exc).__name__}") from exc
+
+    async def publish_many(self, records: Sequence[OutgoingRecord], timeout: float) -> int:
+        """Publish in order; return how many leading records every in-sync replica has.
+
+        Records after the first unacknowledged one may have landed too; the caller sends
+        them again (a duplicate, never a gap)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        futures: list[asyncio.Future[object]] = []
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self._connected.wait()
+                assert self._producer is not None
+                for record in records:
+                    futures.append(
+                        await self._producer.send(
+                            record.topic,
+                            record.value,
+                            key=record.key,
+                            headers=list(record.headers),
+                        )
+                    )
+        except TimeoutError:
+            pass
+        except KafkaError as exc:
+            log.warning("spool drain: Kafka refused a record (%s)", type(exc).__name__)
+        if futures:
+            await asyncio.wait(futures, timeout=max(0.0, deadline - loop.time()))
+        acked = 0
+        gap = False
+        for future in futures:
+            # Retrieve every outcome, now or later, so none is logged as never retrieved.
+            future.add_done_callback(_retrieve)
+            gap = gap or not _succeeded(future)
+            acked += 0 if gap else 1
+        if acked < len(records):
+            self._last_failure = time.monotonic()
+        return acked
+
+    def connected(self) -> bool:
+        return self._producer is not None
 
     def ready(self) -> bool:
         """Connected, and no failed publish in the last few seconds."""
@@ -128,10 +218,279 @@ class KafkaPublisher:
 
     async def stop(self) -> None:
         """Flush whatever is in flight, then disconnect."""
-        if self._connect_task is not None and not self._connect_task.done():
-            self._connect_task.cancel()
+        self._closing = True
+        self._closed.set()
+        task = self._connect_task
+        if task is not None and not task.done():
+            # Let a connection attempt under way finish: aiokafka leaks the socket of a
+            # connection cancelled half-way. Cancel only if the broker hangs the attempt.
+            await asyncio.wait({task}, timeout=CONNECT_GRACE_SECONDS)
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._connect_task
+                await task
         if self._producer is not None:
             await self._producer.stop()
             self._producer = None
+
+
+def _succeeded(future: asyncio.Future[object]) -> bool:
+    return future.done() and not future.cancelled() and future.exception() is None
+
+
+def _retrieve(future: asyncio.Future[object]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+# -- the spool's payload: an OutgoingRecord, exactly as it would have gone to Kafka ----------
+
+_RECORD_VERSION = 1
+_U8 = struct.Struct(">B")
+_U16 = struct.Struct(">H")
+_I32 = struct.Struct(">i")
+_U32 = struct.Struct(">I")
+
+
+def encode_record(record: OutgoingRecord) -> bytes:
+    """version u8 | topic (u16 len) | key (i32 len, -1 = none) | value (u32 len) |
+    header count u16 | per header: name (u16 len), value (u32 len)"""
+    topic = record.topic.encode()
+    parts = [_U8.pack(_RECORD_VERSION), _U16.pack(len(topic)), topic]
+    if record.key is None:
+        parts.append(_I32.pack(-1))
+    else:
+        parts += [_I32.pack(len(record.key)), record.key]
+    parts += [_U32.pack(len(record.value)), record.value, _U16.pack(len(record.headers))]
+    for name, value in record.headers:
+        raw_name = name.encode()
+        parts += [_U16.pack(len(raw_name)), raw_name, _U32.pack(len(value)), value]
+    return b"".join(parts)
+
+
+def decode_record(data: bytes) -> OutgoingRecord:
+    view = memoryview(data)
+    pos = 0
+
+    def take(size: int) -> bytes:
+        nonlocal pos
+        if pos + size > len(view):
+            raise ValueError("spooled record is truncated")
+        chunk = bytes(view[pos : pos + size])
+        pos += size
+        return chunk
+
+    def unpack(fmt: struct.Struct) -> int:
+        value: int = fmt.unpack(take(fmt.size))[0]
+        return value
+
+    version = unpack(_U8)
+    if version != _RECORD_VERSION:
+        raise ValueError(f"spooled record has unknown version {version}")
+    topic = take(unpack(_U16)).decode()
+    key_length = unpack(_I32)
+    key = None if key_length < 0 else take(key_length)
+    value = take(unpack(_U32))
+    headers = tuple((take(unpack(_U16)).decode(), take(unpack(_U32))) for _ in range(unpack(_U16)))
+    if pos != len(view):
+        raise ValueError("spooled record has trailing bytes")
+    return OutgoingRecord(topic=topic, key=key, value=value, headers=headers)
+
+
+# -- Kafka, or the spool when Kafka does not answer in time ---------------------------------
+
+# One drained batch: big enough to keep Kafka busy, small enough that a crash between
+# publish and commit re-sends little.
+DRAIN_MAX_RECORDS = 500
+DRAIN_MAX_BYTES = 4 * 1024 * 1024
+# Longer than the producer's request timeout, so a batch is given up on only after the
+# producer itself did.
+DRAIN_TIMEOUT_SECONDS = 20.0
+DRAIN_BACKOFF_MAX_SECONDS = 5.0
+# Shutdown lets the drainer finish its batch for this long before cancelling it.
+DRAIN_STOP_GRACE_SECONDS = 5.0
+SPOOL_FULL_RETRY_AFTER = 30
+
+
+@dataclass(frozen=True, slots=True)
+class Readiness:
+    ready: bool
+    durable: Durable | None
+    spool_records: int
+    spool_bytes: int
+    spool_oldest_age_seconds: float
+
+
+class DurablePublisher:
+    """Kafka when it acknowledges within the deadline; otherwise the spool, drained to Kafka
+    in arrival order once it is back.
+
+    While anything is spooled, new records are spooled too (they queue behind the older ones),
+    so a call's reports reach Kafka in the order they arrived."""
+
+    def __init__(
+        self,
+        kafka: KafkaPublisher,
+        spool: Spool,
+        *,
+        ack_deadline_seconds: float,
+        publish_timeout_seconds: float,
+        crash_at: CrashPoint | None = None,
+    ) -> None:
+        self.kafka = kafka
+        self.spool = spool
+        self._ack_deadline = ack_deadline_seconds
+        self._publish_timeout = publish_timeout_seconds
+        self._crash_at = crash_at
+        self._drainer: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+
+    @classmethod
+    def from_settings(
+        cls, settings: IngressSettings, metrics: SpoolMetrics | None = None
+    ) -> DurablePublisher:
+        spool = Spool(
+            settings.spool_dir,
+            max_bytes=settings.spool_max_bytes,
+            max_age_seconds=settings.spool_max_age_seconds,
+            segment_bytes=settings.spool_segment_bytes,
+            metrics=metrics,
+            crash_at=settings.test_crash_at,
+        )
+        return cls(
+            KafkaPublisher(settings.kafka),
+            spool,
+            ack_deadline_seconds=settings.kafka_ack_deadline_seconds,
+            publish_timeout_seconds=settings.publish_timeout_seconds,
+            crash_at=settings.test_crash_at,
+        )
+
+    async def start(self) -> None:
+        """Open the spool (recovering a previous run's records) and start draining it."""
+        await self.spool.open()
+        try:
+            await self.kafka.start()
+        except BaseException:
+            await self.spool.close()
+            raise
+        self._stopping.clear()
+        self._drainer = asyncio.create_task(self._drain_forever(), name="spool-drainer")
+
+    async def stop(self) -> None:
+        if self._drainer is not None:
+            self._stopping.set()
+            # Without a connection there is no batch worth waiting for.
+            grace = DRAIN_STOP_GRACE_SECONDS if self.kafka.connected() else 0.0
+            try:
+                async with asyncio.timeout(grace):
+                    await asyncio.shield(self._drainer)
+            except TimeoutError:
+                # Cancelled mid-batch: what was published but not committed is sent again on
+                # the next start (a duplicate, never a loss).
+                self._drainer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._drainer
+            self._drainer = None
+        await self.kafka.stop()
+        await self.spool.close()
+
+    async def publish(self, record: OutgoingRecord) -> Durable:
+        """Returns where the record is durable; raises PublishUnavailable when it is not."""
+        self.kafka.check_fits(record)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._publish_timeout
+        if self.spool.empty():
+            try:
+                await self.kafka.publish(record, min(self._ack_deadline, self._publish_timeout))
+                return "kafka"
+            except KafkaNotAcknowledged as exc:
+                log.warning("kafka did not acknowledge (%s); spooling the report", exc)
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self.spool.append(encode_record(record))
+        except SpoolFull as exc:
+            raise PublishUnavailable(
+                f"Kafka is unavailable and the local spool is full ({exc})",
+                retry_after=SPOOL_FULL_RETRY_AFTER,
+            ) from exc
+        except SpoolError as exc:
+            raise PublishUnavailable(f"Kafka is unavailable and {exc}") from exc
+        except TimeoutError as exc:
+            raise PublishUnavailable(
+                f"neither Kafka nor the local spool made the report durable within "
+                f"{self._publish_timeout:g} s"
+            ) from exc
+        return "spool"
+
+    def readiness(self) -> Readiness:
+        spool = self.spool
+        spool_usable = spool.has_room() and spool.writable()
+        durable: Durable | None
+        if spool.empty() and self.kafka.ready():
+            durable = "kafka"
+        elif spool_usable:
+            durable = "spool"
+        else:
+            durable = None
+        return Readiness(
+            ready=durable is not None,
+            durable=durable,
+            spool_records=spool.depth(),
+            spool_bytes=spool.pending_bytes(),
+            spool_oldest_age_seconds=round(spool.oldest_age_seconds(), 3),
+        )
+
+    async def _drain_forever(self) -> None:
+        delay = 0.2
+        while not self._stopping.is_set():
+            if not await self._wait_for_work():
+                return
+            batch = await self.spool.read(DRAIN_MAX_RECORDS, DRAIN_MAX_BYTES)
+            acked = await self._publish_batch(batch)
+            if acked:
+                if self._crash_at == "drain-after-publish-before-delete":
+                    crash("drain-after-publish-before-delete")
+                await self.spool.commit(batch[acked - 1])
+            if acked == len(batch):
+                delay = 0.2
+                continue
+            log.warning(
+                "spool drain: Kafka acknowledged %d of %d record(s); %d still spooled, "
+                "retrying in %.1f s",
+                acked,
+                len(batch),
+                self.spool.depth(),
+                delay,
+            )
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._stopping.wait()
+            delay = min(delay * 2, DRAIN_BACKOFF_MAX_SECONDS)
+
+    async def _wait_for_work(self) -> bool:
+        """False once stopping; True when something is spooled."""
+        pending = asyncio.ensure_future(self.spool.wait_pending())
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({pending, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            pending.cancel()
+            stopping.cancel()
+        return not self._stopping.is_set()
+
+    async def _publish_batch(self, batch: list[Spooled]) -> int:
+        """How many leading entries of `batch` are delivered (unreadable ones count as done:
+        their bytes were set aside and there is nothing left to send)."""
+        records: list[OutgoingRecord] = []
+        index: list[int] = []  # batch position of each record
+        for i, spooled in enumerate(batch):
+            if spooled.payload is None:
+                continue
+            try:
+                records.append(decode_record(spooled.payload))
+                index.append(i)
+            except ValueError as exc:
+                log.error("spool: undecodable record at %s skipped (%s)", spooled.position, exc)
+        acked = await self.kafka.publish_many(records, DRAIN_TIMEOUT_SECONDS) if records else 0
+        if acked == len(records):
+            return len(batch)
+        return index[acked]  # entries before the first unacknowledged record

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import io
 import time
@@ -12,9 +13,10 @@ import orjson
 import pytest
 
 from callstream.kafkaconfig import KafkaSettings
+from ingress.settings import IngressSettings
 from schemas.report import CallReport
 from schemas.store import default_store
-from tests.conftest import TEST_SECRET, Client
+from tests.conftest import TEST_SECRET, Client, start_ingress
 from tests.signing import signed
 from tests.support.samples import SAMPLE
 from tests.support.topics import read_back
@@ -314,3 +316,54 @@ async def test_health_ready_and_metrics(ingress: Client, sample_bytes: bytes) ->
     assert "callstream_ingress_request_duration_seconds_count 2.0" in text
     assert "callstream_ingress_publish_duration_seconds_count 1.0" in text
     assert f"callstream_ingress_received_bytes_total {float(len(sample_bytes) + 1)}" in text
+
+
+async def test_gzip_with_several_members_is_inflated_whole(
+    ingress: Client, kafka: KafkaSettings, sample_bytes: bytes
+) -> None:
+    half = len(sample_bytes) // 2
+    wire = gzip.compress(sample_bytes[:half]) + gzip.compress(sample_bytes[half:])
+    headers = signed(wire, TEST_SECRET) | {"Content-Encoding": "gzip"}
+    resp = await ingress.post(WEBHOOK, data=wire, headers=headers)
+    assert resp.status == 202, await resp.text()
+    garbage = gzip.compress(sample_bytes) + b"trailing"
+    headers = signed(garbage, TEST_SECRET) | {"Content-Encoding": "gzip"}
+    resp = await ingress.post(WEBHOOK, data=garbage, headers=headers)
+    assert resp.status == 400
+    assert (await resp.json())["type"] == "urn:callstream:problem:invalid-gzip"
+    assert len(await read_back(kafka, kafka.topic)) == 1
+
+
+async def test_lower_case_rfc3339_timestamp_is_accepted_and_kept_as_sent(
+    ingress: Client, kafka: KafkaSettings
+) -> None:
+    payload = orjson.loads(_load("nested-camel.json"))
+    payload["message"]["timestamp"] = "2025-12-13t12:05:30.250z"
+    body = orjson.dumps(payload)
+    resp = await ingress.post(WEBHOOK, data=body, headers=signed(body, TEST_SECRET))
+    assert resp.status == 202, await resp.text()
+    [landed] = await read_back(kafka, kafka.topic, expect=1)
+    report = CallReport.from_record(landed.decoded.record)
+    assert report.event_time.isoformat() == "2025-12-13T12:05:30.250000+00:00"
+    assert report.source_payload() == payload
+
+
+async def test_report_over_kafkas_record_limit_is_413_not_retry(
+    ingress_settings: IngressSettings, kafka: KafkaSettings
+) -> None:
+    settings = dataclasses.replace(ingress_settings, max_body_bytes=3_000_000)
+    client = await start_ingress(settings)
+    try:
+        body = orjson.dumps(_sample_with(transcriptText="AI: hallo\n" * 200_000))
+        resp = await client.post(WEBHOOK, data=io.BytesIO(body), headers=signed(body, TEST_SECRET))
+        assert resp.status == 413, await resp.text()
+        assert "limit" in (await resp.json())["detail"]
+    finally:
+        await client.close()
+    assert await read_back(kafka, kafka.topic, idle=1.0) == []
+
+
+def _sample_with(**changes: Any) -> dict[str, Any]:
+    payload: dict[str, Any] = orjson.loads(SAMPLE.read_bytes())
+    payload.update(changes)
+    return payload

@@ -1,0 +1,407 @@
+"""The local spool against real files: what `append` acknowledged is read back, in order,
+after any restart, and nothing it refused is ever read back.
+
+Oracle throughout: every payload whose `append` returned is handed back by `read` (in
+arrival order) until it is committed; a payload whose `append` raised is never handed back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from callstream.envparse import SettingsError
+from callstream.kafkaconfig import KafkaSettings
+from ingress import spool as spool_module
+from ingress.publisher import OutgoingRecord, decode_record, encode_record
+from ingress.settings import IngressSettings
+from ingress.spool import (
+    HEADER_BYTES,
+    Spool,
+    SpoolFull,
+    SpoolLocked,
+    SpoolWriteFailed,
+    segment_name,
+)
+
+MiB = 1024 * 1024
+
+
+def _spool(directory: Path, **options: object) -> Spool:
+    settings: dict[str, object] = {"max_bytes": 64 * MiB, "max_age_seconds": 3600.0}
+    return Spool(directory, **(settings | options))  # type: ignore[arg-type]
+
+
+@contextlib.asynccontextmanager
+async def opened(directory: Path, **options: object) -> AsyncIterator[Spool]:
+    spool = _spool(directory, **options)
+    await spool.open()
+    try:
+        yield spool
+    finally:
+        await spool.close()
+
+
+async def drain_all(spool: Spool, batch: int = 1000) -> list[bytes]:
+    out: list[bytes] = []
+    while spool.depth():
+        items = await spool.read(batch, 64 * MiB)
+        out += [item.payload for item in items if item.payload is not None]
+        await spool.commit(items[-1])
+    return out
+
+
+async def append_until_refused(
+    spool: Spool, items: list[bytes]
+) -> tuple[list[bytes], Exception | None]:
+    kept: list[bytes] = []
+    for item in items:
+        try:
+            await spool.append(item)
+        except Exception as exc:
+            return kept, exc
+        kept.append(item)
+    return kept, None
+
+
+def payloads(count: int, size: int = 100) -> list[bytes]:
+    return [f"{i:06d}".encode() + b"x" * (size - 6) for i in range(count)]
+
+
+def segments(directory: Path) -> list[Path]:
+    return sorted(directory.glob("*.seg"))
+
+
+async def test_concurrent_appends_share_fsyncs(tmp_path: Path) -> None:
+    """Oracle: 200 concurrent appends all become durable with far fewer than 200 fsyncs."""
+    syncs = 0
+
+    def slow_sync(fd: int) -> None:
+        nonlocal syncs
+        syncs += 1
+        time.sleep(0.02)  # a slow disk: callers arriving meanwhile join the next batch
+        os.fdatasync(fd)
+
+    async with opened(tmp_path / "spool", sync=slow_sync) as spool:
+        syncs = 0
+        data = payloads(200)
+        await asyncio.gather(*(spool.append(item) for item in data))
+        assert spool.depth() == 200
+        assert 1 <= syncs <= 4, f"{syncs} fsyncs for 200 appends: no group commit"
+        assert sorted(await drain_all(spool)) == sorted(data)
+
+
+async def test_append_returns_only_after_fsync(tmp_path: Path) -> None:
+    """Oracle: while the fsync has not returned, the append has not returned either."""
+    release = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    entered = asyncio.Event()
+
+    def gated_sync(fd: int) -> None:
+        loop.call_soon_threadsafe(entered.set)
+        asyncio.run_coroutine_threadsafe(release.wait(), loop).result(10)
+        os.fdatasync(fd)
+
+    async with opened(tmp_path / "spool") as spool:
+        spool._sync = gated_sync  # after open: the segment header's own fsync is not gated
+        task = asyncio.create_task(spool.append(b"report"))
+        await asyncio.wait_for(entered.wait(), 5)
+        await asyncio.sleep(0.05)
+        assert not task.done()
+        release.set()
+        await asyncio.wait_for(task, 5)
+        assert spool.depth() == 1
+
+
+async def test_torn_tail_is_ignored_after_a_crash(tmp_path: Path) -> None:
+    """Oracle: records before a half-written frame survive, the torn frame is not a record,
+    and new appends go after the survivors."""
+    directory = tmp_path / "spool"
+    data = payloads(5, 300)
+    async with opened(directory) as spool:
+        for item in data:
+            await spool.append(item)
+    [segment] = [path for path in segments(directory) if path.stat().st_size > HEADER_BYTES]
+    size = segment.stat().st_size
+    os.truncate(segment, size - 100)  # the last frame loses its tail: a torn write
+
+    async with opened(directory) as spool:
+        assert spool.depth() == 4
+        await spool.append(b"after restart")
+        assert await drain_all(spool) == [*data[:4], b"after restart"]
+    assert list(directory.glob("*.unreadable")), "the torn bytes were not set aside"
+
+
+async def test_zero_filled_tail_is_dropped_quietly(tmp_path: Path) -> None:
+    """Oracle: a file that grew with zeros (data never reached the disk) costs no record."""
+    directory = tmp_path / "spool"
+    async with opened(directory) as spool:
+        await spool.append(b"kept")
+    [segment] = [path for path in segments(directory) if path.stat().st_size > HEADER_BYTES]
+    with segment.open("ab") as fh:
+        fh.write(b"\0" * 4096)
+    async with opened(directory) as spool:
+        assert await drain_all(spool) == [b"kept"]
+    assert not list(directory.glob("*.unreadable"))
+
+
+async def test_crc_mismatch_is_detected_on_open(tmp_path: Path) -> None:
+    """Oracle: a flipped byte inside a record makes that record (and what follows in its
+    segment, whose framing can no longer be trusted) unreadable, never a wrong payload."""
+    directory = tmp_path / "spool"
+    data = payloads(3, 200)
+    async with opened(directory) as spool:
+        positions = [await spool.append(item) for item in data]
+    second = positions[1]
+    path = directory / segment_name(second.segment)
+    raw = bytearray(path.read_bytes())
+    raw[second.offset + second.size - 1] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+    async with opened(directory) as spool:
+        assert await drain_all(spool) == data[:1]
+    [aside] = directory.glob("*.unreadable")
+    assert aside.read_bytes() == bytes(raw[second.offset :])
+
+
+async def test_crc_mismatch_is_detected_on_read(tmp_path: Path) -> None:
+    """Oracle: a record corrupted on disk after it was written is handed back as unreadable
+    (payload None), and its neighbours are still delivered."""
+    directory = tmp_path / "spool"
+    data = payloads(3, 200)
+    async with opened(directory) as spool:
+        positions = [await spool.append(item) for item in data]
+        second = positions[1]
+        with (directory / segment_name(second.segment)).open("r+b") as fh:
+            fh.seek(second.offset + second.size - 1)
+            fh.write(b"?")
+        items = await spool.read(10, MiB)
+        assert [item.payload for item in items] == [data[0], None, data[2]]
+        await spool.commit(items[-1])
+        assert spool.depth() == 0
+    assert list(directory.glob("*.unreadable"))
+
+
+async def test_order_is_kept_across_segments_and_restarts(tmp_path: Path) -> None:
+    """Oracle: with segments rolling every few records and a restart between partial drains,
+    the payloads come back exactly in append order, and drained segments are deleted."""
+    directory = tmp_path / "spool"
+    data = payloads(120, 500)
+    async with opened(directory, segment_bytes=4096) as spool:
+        for item in data:
+            await spool.append(item)
+        assert len(segments(directory)) > 10
+        got: list[bytes] = []
+        items = await spool.read(37, MiB)
+        got += [item.payload for item in items if item.payload is not None]
+        await spool.commit(items[-1])
+    async with opened(directory, segment_bytes=4096) as spool:
+        assert spool.depth() == len(data) - 37
+        items = await spool.read(20, MiB)
+        got += [item.payload for item in items if item.payload is not None]
+        await spool.commit(items[-1])
+        await spool.append(b"late")
+    async with opened(directory, segment_bytes=4096) as spool:
+        got += await drain_all(spool, batch=9)
+        assert got == [*data, b"late"]
+        await asyncio.sleep(0.1)  # the writer rolls away from the drained segment
+        remaining = segments(directory)
+        assert len(remaining) == 1
+        assert remaining[0].stat().st_size == HEADER_BYTES
+
+
+async def test_failed_batch_is_taken_back_out_even_across_a_roll(tmp_path: Path) -> None:
+    """Oracle: when the fsync of a batch fails after part of it was already fsync'd into an
+    earlier segment, every append of the batch raises and none of it is read back, in this
+    run or after a restart."""
+    directory = tmp_path / "spool"
+    calls = 0
+
+    def failing_third_sync(fd: int) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 3:  # chunk in segment A, header of segment B, then chunk in B fails
+            raise OSError(errno.EIO, "Input/output error (simulated)")
+        os.fdatasync(fd)
+
+    async with opened(directory, segment_bytes=1000) as spool:
+        await spool.append(b"before")
+        spool._sync = failing_third_sync
+        outcomes = await asyncio.gather(
+            *(spool.append(item) for item in payloads(10, 300)), return_exceptions=True
+        )
+        assert all(isinstance(o, SpoolWriteFailed) for o in outcomes), outcomes
+        assert calls == 3
+        assert spool.depth() == 1
+        await spool.append(b"after")
+        assert spool.depth() == 2
+    async with opened(directory) as spool:
+        assert await drain_all(spool) == [b"before", b"after"]
+
+
+async def test_lost_cursor_means_duplicates_not_loss(tmp_path: Path) -> None:
+    """Oracle: with the progress file unreadable, every record still on disk is delivered
+    again: duplicates, never a gap."""
+    directory = tmp_path / "spool"
+    data = payloads(10)
+    async with opened(directory, segment_bytes=1 << 20) as spool:
+        for item in data:
+            await spool.append(item)
+        items = await spool.read(4, MiB)
+        await spool.commit(items[-1])
+    (directory / "cursor").write_bytes(b"garbage garbage garbage!")
+    async with opened(directory) as spool:
+        assert await drain_all(spool) == data
+
+
+async def test_bytes_bound_raises_spool_full_until_drained(tmp_path: Path) -> None:
+    """Oracle: an append past max_bytes raises SpoolFull and is never read back; room made
+    by draining is usable again."""
+    async with opened(tmp_path / "spool", max_bytes=2000) as spool:
+        kept, refusal = await append_until_refused(spool, payloads(100, 300))
+        assert isinstance(refusal, SpoolFull)
+        assert 0 < len(kept) < 100
+        assert not spool.has_room() or spool.pending_bytes() + 316 > 2000
+        assert await drain_all(spool) == kept
+        await spool.append(b"room again")
+        assert await drain_all(spool) == [b"room again"]
+
+
+async def test_age_bound_raises_spool_full(tmp_path: Path) -> None:
+    """Oracle: once the oldest pending record is older than max_age, appends are refused
+    (and readiness says there is no room) until it is drained."""
+    now = [1_000_000.0]
+    async with opened(tmp_path / "spool", max_age_seconds=60.0, clock=lambda: now[0]) as spool:
+        await spool.append(b"old")
+        now[0] += 61
+        assert spool.oldest_age_seconds() == pytest.approx(61, abs=0.01)
+        assert not spool.has_room()
+        with pytest.raises(SpoolFull):
+            await spool.append(b"refused")
+        assert await drain_all(spool) == [b"old"]
+        await spool.append(b"accepted")
+        assert await drain_all(spool) == [b"accepted"]
+
+
+async def test_reopen_sees_what_a_previous_run_left(tmp_path: Path) -> None:
+    """Oracle: a fresh Spool on the same directory hands back exactly the uncommitted
+    records, oldest first, with their original age."""
+    directory = tmp_path / "spool"
+    data = payloads(10)
+    async with opened(directory) as spool:
+        for item in data:
+            await spool.append(item)
+        items = await spool.read(3, MiB)
+        await spool.commit(items[-1])
+    async with opened(directory) as spool:
+        assert spool.depth() == 7
+        assert spool.oldest_age_seconds() >= 0
+        assert await drain_all(spool) == data[3:]
+
+
+async def test_two_owners_of_one_directory_are_refused(tmp_path: Path) -> None:
+    """Oracle: a second Spool on a directory in use fails at open, before touching it."""
+    async with opened(tmp_path / "spool"):
+        with pytest.raises(SpoolLocked):
+            await _spool(tmp_path / "spool").open()
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A 1 MiB filesystem: a real tmpfs where mounting is allowed (root on Linux), otherwise
+    writes in the spool module fail with ENOSPC once the directory holds 1 MiB."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    mounted = (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
+            capture_output=True,
+            check=False,
+        ).returncode
+        == 0
+    )
+    if not mounted:
+        real_write_all = spool_module._write_all
+
+        def limited_write_all(fd: int, data: bytes) -> None:
+            used = sum(path.stat().st_size for path in mount_point.rglob("*") if path.is_file())
+            room = MiB - used
+            real_write_all(fd, data[: max(room, 0)])
+            if room < len(data):
+                raise OSError(errno.ENOSPC, "No space left on device (simulated)")
+
+        monkeypatch.setattr(spool_module, "_write_all", limited_write_all)
+    try:
+        yield mount_point
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(mount_point)], check=True)
+
+
+async def test_disk_full_refuses_and_keeps_what_was_acknowledged(tiny_disk: Path) -> None:
+    """Oracle: on ENOSPC the append raises SpoolWriteFailed (the ingress answers 503), every
+    earlier append is read back after a restart, the refused one never is, and once space
+    is freed by draining the spool accepts again."""
+    directory = tiny_disk / "spool"
+    async with opened(directory, segment_bytes=256 * 1024) as spool:
+        acknowledged, refusal = await append_until_refused(spool, payloads(200, 16 * 1024))
+        assert isinstance(refusal, SpoolWriteFailed)
+        assert "No space left" in str(refusal)
+        assert not spool.writable()
+        assert 10 < len(acknowledged) < 200
+    async with opened(directory, segment_bytes=256 * 1024) as spool:
+        assert spool.depth() == len(acknowledged)
+        assert await drain_all(spool) == acknowledged
+        await asyncio.sleep(0.1)
+        await spool.append(b"space again")
+        assert spool.writable()
+        assert await drain_all(spool) == [b"space again"]
+
+
+def test_spooled_record_round_trips() -> None:
+    """Oracle: the spool's record encoding gives back exactly the OutgoingRecord."""
+    records = [
+        OutgoingRecord("t.a", b"call-1", b"\x00value\xff", (("event-type", b"x"), ("e", b""))),
+        OutgoingRecord("t.b", None, b"", ()),
+    ]
+    for record in records:
+        assert decode_record(encode_record(record)) == record
+    with pytest.raises(ValueError, match="truncated"):
+        decode_record(encode_record(records[0])[:-1])
+
+
+def test_crash_point_setting_is_checked_once_at_start_up() -> None:
+    """Oracle: a known crash point is parsed into settings; an unknown one fails start-up."""
+    kafka = KafkaSettings(bootstrap_servers="127.0.0.1:9")
+    env = {"CALLSTREAM_TEST_CRASH_AT": "drain-after-publish-before-delete"}
+    assert IngressSettings.from_env(env, kafka=kafka).test_crash_at == (
+        "drain-after-publish-before-delete"
+    )
+    defaults = IngressSettings.from_env({}, kafka=kafka)
+    assert defaults.test_crash_at is None
+    assert defaults.spool_dir == Path(".callstream/spool")
+    assert defaults.kafka_ack_deadline_seconds == 2.0
+    with pytest.raises(SettingsError, match="CALLSTREAM_TEST_CRASH_AT"):
+        IngressSettings.from_env({"CALLSTREAM_TEST_CRASH_AT": "nope"}, kafka=kafka)
+
+
+async def test_spool_without_a_directory_is_private_and_removed_at_close() -> None:
+    """Oracle: settings built in code (no spool_dir) get their own temporary spool, which
+    works like any other and is gone after a clean close."""
+    spool = Spool(None, max_bytes=MiB, max_age_seconds=60.0)
+    await spool.open()
+    directory = spool.directory
+    assert directory.is_dir()
+    assert directory != Path()
+    await spool.append(b"x")
+    assert await drain_all(spool) == [b"x"]
+    await spool.close()
+    assert not directory.exists()
