@@ -97,7 +97,8 @@ def _timestamp(value: Any, pointer: str) -> int:
         return _epoch_ms(value, pointer)
     text = _string(value, pointer)
     try:
-        parsed = datetime.fromisoformat(text.replace("Z", "+00:00") if text.endswith("Z") else text)
+        # RFC 3339 allows a lower-case t and z; the original spelling survives in extra_json.
+        parsed = datetime.fromisoformat(text.upper())
     except ValueError:
         raise InvalidReport(pointer, "must be an ISO-8601 timestamp") from None
     if parsed.tzinfo is None:
