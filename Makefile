@@ -38,6 +38,11 @@ lint: $(STAMP) ## ruff and mypy --strict
 test: system-deps $(STAMP) lint ## everything CI runs: system packages, lint, the whole test suite
 	$(BIN)/pytest
 
+.PHONY: bench
+bench: system-deps $(STAMP) ## measure throughput, latency and cost here (docs/performance.md; BENCH_ARGS=...)
+	$(BIN)/pip install -q -e '.[dev,bench]'
+	$(BIN)/callstream bench $(BENCH_ARGS)
+
 .PHONY: clean
 clean: ## stop the local broker and remove local state (.callstream/)
 	-$(BIN)/callstream kafka stop

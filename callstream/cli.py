@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import orjson
 
 from callstream import logs
+from callstream.bench.options import add_arguments as add_bench_arguments
 from callstream.envparse import SettingsError
 from callstream.kafkaconfig import KafkaSettings
 from callstream.secret import secrets_from
@@ -75,6 +76,61 @@ def _parser() -> argparse.ArgumentParser:
     tail.add_argument("--max", type=int, default=None, help="stop after this many records")
     tail.add_argument("--from-end", action="store_true", help="only records arriving from now on")
     tail.set_defaults(func=_cmd_tail)
+
+    consumers = sub.add_parser(
+        "consumers", help="registered consumers: group, state, members and lag"
+    )
+    consumers.add_argument("--json", action="store_true", help="JSON for machines")
+    consumers.set_defaults(func=_cmd_consumers)
+
+    replay = sub.add_parser(
+        "replay",
+        help="re-handle a time range through one consumer, or re-publish it from storage",
+        description="Times are ISO-8601, UTC unless a zone is given. See docs/replay.md.",
+    )
+    source = replay.add_mutually_exclusive_group(required=True)
+    source.add_argument("--consumer", metavar="NAME", help="replay through this consumer's group")
+    source.add_argument(
+        "--from-storage",
+        action="store_true",
+        help="re-publish stored reports (by event time) onto the topic",
+    )
+    replay.add_argument(
+        "--from", dest="since", metavar="TIME", required=True, help="start of the range"
+    )
+    replay.add_argument(
+        "--to",
+        dest="until",
+        metavar="TIME",
+        help="end of the range, exclusive (without it, --consumer only moves the group)",
+    )
+    replay.add_argument("--dry-run", action="store_true", help="show the plan, change nothing")
+    replay.set_defaults(func=_cmd_replay)
+
+    bench = sub.add_parser(
+        "bench",
+        help="measure throughput, latency and cost on this machine (docs/performance.md)",
+    )
+    add_bench_arguments(bench)
+    bench.set_defaults(func=_cmd_bench)
+
+    erase = sub.add_parser(
+        "erase",
+        help="delete a person's reports from storage and record it (docs/privacy.md)",
+        description="Both options: only calls matching both. The Kafka topic keeps its copy "
+        "until its retention passes; see docs/privacy.md.",
+    )
+    erase.add_argument("--phone", metavar="NUMBER", help="the caller's number, as stored (+316...)")
+    erase.add_argument("--call", metavar="ID", help="one call id")
+    erase.set_defaults(func=_cmd_erase)
+
+    purge = sub.add_parser(
+        "purge", help="delete stored reports older than an age, for retention (docs/privacy.md)"
+    )
+    purge.add_argument(
+        "--older-than", metavar="AGE", required=True, help="by event time: 30d, 12h, 90m, 2w"
+    )
+    purge.set_defaults(func=_cmd_purge)
     return parser
 
 
@@ -184,6 +240,97 @@ def _cmd_tail(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             from_beginning=not args.from_end,
             out=sys.stdout,
         )
+    )
+
+
+def _cmd_consumers(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from callstream.consumerstatus import consumers_command
+
+    kafka = kafka_settings(env, start_local=False)
+    return _run_async(consumers_command(kafka, sys.stdout, as_json=args.json))
+
+
+def _cmd_replay(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from callstream.replay import ReplayRequest, replay_command
+
+    request = ReplayRequest(args.consumer, args.since, args.until, args.dry_run, args.from_storage)
+    return _run_async(replay_command(request, env, kafka_settings(env, start_local=False)))
+
+
+def _cmd_bench(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from callstream.bench.options import BenchOptions
+    from callstream.bench.run import run_bench
+
+    return _run_async(run_bench(BenchOptions.from_args(args)))
+
+
+def _cmd_erase(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from callstream.erase import erase, sha256_hex
+    from consumers.errors import PermanentError, RetryableError
+    from consumers.storage import StorageSettings
+
+    try:
+        outcome = _run_async(
+            erase(StorageSettings.from_env(env), phone=args.phone, call_id=args.call)
+        )
+    except ValueError as exc:
+        print(f"callstream erase: {exc}", file=sys.stderr)
+        return 2
+    except (RetryableError, PermanentError) as exc:
+        print(f"callstream erase: nothing erased: {exc}", file=sys.stderr)
+        return 1
+    # The number is not echoed: terminals and CI logs keep scrollback.
+    selectors = [
+        f"{name} sha256 {sha256_hex(value.strip())[:12]}..."
+        for name, value in (("phone", args.phone), ("call", args.call))
+        if value
+    ]
+    print(
+        f"erased {outcome.rows} stored report(s) ({', '.join(selectors)}); erasure #{outcome.entry}"
+    )
+    if outcome.rows == 0 and args.phone:
+        print("no match: numbers are matched exactly as stored, e.g. +31612345678", file=sys.stderr)
+    _warn_about_kafka(env, outcome.compacted)
+    return 0
+
+
+def _cmd_purge(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from callstream.erase import parse_age, purge
+    from consumers.errors import PermanentError, RetryableError
+    from consumers.storage import StorageSettings
+
+    try:
+        age = parse_age(args.older_than)
+    except ValueError as exc:
+        print(f"callstream purge: --older-than: {exc}", file=sys.stderr)
+        return 2
+    try:
+        outcome = _run_async(purge(StorageSettings.from_env(env), age))
+    except (RetryableError, PermanentError) as exc:
+        print(f"callstream purge: nothing purged: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"purged {outcome.rows} stored report(s) older than {args.older_than};"
+        f" erasure #{outcome.entry}"
+    )
+    _warn_about_kafka(env, outcome.compacted)
+    return 0
+
+
+def _warn_about_kafka(env: Mapping[str, str], compacted: bool) -> None:
+    from callstream.kafkaconfig import DEFAULT_TOPIC
+
+    topic = env.get("CALLSTREAM_TOPIC", "").strip() or DEFAULT_TOPIC
+    if not compacted:
+        print(
+            "the database was busy: deleted, but not yet compacted; run again later",
+            file=sys.stderr,
+        )
+    print(
+        f"note: Kafka topics {topic} and {topic}.dlq keep their copies until their retention "
+        "(CALLSTREAM_TOPIC_RETENTION_MS) passes; replaying them into storage before then "
+        "restores what was deleted here (docs/privacy.md)",
+        file=sys.stderr,
     )
 
 

@@ -1,0 +1,150 @@
+"""`callstream bench` options (stdlib only: the CLI builds its parser from this module)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_SAMPLE = REPO_ROOT.parent / "shared" / "samples" / "end-of-call-report.json"
+PHASES = ("baselines", "ingress", "fixed-rate", "catch-up", "spool", "profile")
+DEFAULT_PHASES = PHASES[:-1]
+
+
+@dataclass(frozen=True, slots=True)
+class BenchOptions:
+    out_dir: Path = Path("bench-results")
+    sample: Path = DEFAULT_SAMPLE
+    duration: float = 20.0
+    warmup: float = 2.0
+    connections: int = 128
+    threads: int = 1
+    rate: float = 1000.0
+    rate_duration: float = 20.0
+    long_every: int = 20
+    catchup_records: int = 100_000
+    postgres: bool = True
+    profile_seconds: float = 15.0
+    keep_temp: bool = False
+    phases: tuple[str, ...] = DEFAULT_PHASES
+    # For before/after comparisons: extra environment for every service under test, and
+    # another source tree (a scratch copy with a proposed change) to run them from.
+    env: tuple[tuple[str, str], ...] = ()
+    pythonpath: Path | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> BenchOptions:
+        options = cls(
+            out_dir=args.out_dir,
+            sample=args.sample,
+            duration=args.duration,
+            warmup=args.warmup,
+            connections=args.connections,
+            threads=args.threads,
+            rate=args.rate,
+            rate_duration=args.rate_duration,
+            long_every=args.long_every,
+            catchup_records=args.catchup_records,
+            postgres=not args.no_postgres,
+            profile_seconds=args.profile_seconds,
+            keep_temp=args.keep_temp,
+            phases=_phases(args.phases, profile=args.profile),
+            env=tuple(_pair(item) for item in args.env),
+            pythonpath=args.pythonpath,
+        )
+        return cls.quick(options) if args.quick else options
+
+    @staticmethod
+    def quick(base: BenchOptions) -> BenchOptions:
+        """A smoke run of every phase in under two minutes; its figures are not for quoting."""
+        return replace(
+            base,
+            duration=5.0,
+            warmup=1.0,
+            rate_duration=5.0,
+            catchup_records=20_000,
+            profile_seconds=5.0,
+        )
+
+
+def _phases(text: str | None, *, profile: bool) -> tuple[str, ...]:
+    chosen = DEFAULT_PHASES if not text else tuple(p.strip() for p in text.split(",") if p)
+    unknown = [p for p in chosen if p not in PHASES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown phases {unknown}; known: {', '.join(PHASES)}")
+    if profile and "profile" not in chosen:
+        chosen = (*chosen, "profile")
+    return tuple(p for p in PHASES if p in chosen)
+
+
+def _pair(item: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--env wants KEY=VALUE, not {item!r}")
+    return key, value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = BenchOptions()
+    parser.add_argument("--out-dir", type=Path, default=d.out_dir, help="default: %(default)s")
+    parser.add_argument(
+        "--sample", type=Path, default=d.sample, help="a flat end-of-call report to send"
+    )
+    parser.add_argument(
+        "--duration", type=float, default=d.duration, help="seconds per wrk run (%(default)s)"
+    )
+    parser.add_argument("--warmup", type=float, default=d.warmup, help="seconds (%(default)s)")
+    parser.add_argument(
+        "--connections", type=int, default=d.connections, help="wrk -c (%(default)s)"
+    )
+    parser.add_argument("--threads", type=int, default=d.threads, help="wrk -t (%(default)s)")
+    parser.add_argument(
+        "--rate", type=float, default=d.rate, help="open-loop reports/s (%(default)s)"
+    )
+    parser.add_argument(
+        "--rate-duration", type=float, default=d.rate_duration, help="seconds (%(default)s)"
+    )
+    parser.add_argument(
+        "--long-every",
+        type=int,
+        default=d.long_every,
+        help="open loop: every Nth report has the long transcript; 0 for none (%(default)s)",
+    )
+    parser.add_argument(
+        "--catchup-records",
+        type=int,
+        default=d.catchup_records,
+        help="records pre-filled for the catch-up and replay runs (%(default)s)",
+    )
+    parser.add_argument(
+        "--no-postgres", action="store_true", help="skip the PostgreSQL catch-up and replay"
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile the ingress under wrk load with py-spy (pip install py-spy)",
+    )
+    parser.add_argument("--profile-seconds", type=float, default=d.profile_seconds)
+    parser.add_argument(
+        "--quick", action="store_true", help="short runs to check the bench itself works"
+    )
+    parser.add_argument(
+        "--phases",
+        help=f"comma-separated, in this order: {', '.join(PHASES)} (default: all but profile)",
+    )
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra environment for the services under test, e.g. CALLSTREAM_BATCH_SIZE=2000",
+    )
+    parser.add_argument(
+        "--pythonpath",
+        type=Path,
+        help="run the services from this source tree (a scratch copy with a change to measure)",
+    )
+    parser.add_argument(
+        "--keep-temp", action="store_true", help="keep the temp dir (logs, databases)"
+    )

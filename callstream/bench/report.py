@@ -1,0 +1,375 @@
+"""The bench's results: what was measured, the targets, the JSON file and the printed table."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+# -- figures --------------------------------------------------------------------------------
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile of already sorted values (inf counts as the slowest)."""
+    if not sorted_values:
+        return math.nan
+    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+@dataclass(frozen=True, slots=True)
+class Latency:
+    count: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+
+    @classmethod
+    def of_seconds(cls, values: Iterable[float]) -> Latency:
+        ordered = sorted(values)
+        return cls(
+            count=len(ordered),
+            p50_ms=percentile(ordered, 50) * 1000,
+            p90_ms=percentile(ordered, 90) * 1000,
+            p99_ms=percentile(ordered, 99) * 1000,
+            max_ms=(ordered[-1] * 1000) if ordered else math.nan,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessUsage:
+    name: str
+    cpu_seconds: float
+    cpu_ms_per_report: float | None  # CPU seconds per 1,000 reports, in other words
+    peak_rss_mib: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class WrkRun:
+    """Closed loop: wrk's connections each send the next request as soon as one returns."""
+
+    server: str  # bare | naive | ingress | spool
+    label: str
+    body: str
+    body_bytes: int
+    generator: str
+    duration_s: float
+    requests: int
+    non_2xx: int
+    socket_errors: int
+    reports_per_s: float
+    server_counted: int | None  # accepted, by the server's own counter
+    latency: Latency
+    processes: list[ProcessUsage]
+    series: list[tuple[float, float]]  # (seconds into the run, reports/s in that second)
+
+
+@dataclass(frozen=True, slots=True)
+class SecondStats:
+    t: float
+    sent: int
+    ok: int
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+    e2e_p50_ms: float
+    e2e_p99_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class FixedRateRun:
+    """Open loop: requests go out on a clock; latency counts from the scheduled time."""
+
+    generator: str
+    offered_per_s: float
+    duration_s: float
+    body_mix: str
+    scheduled: int
+    ok: int
+    failed: int
+    achieved_per_s: float
+    latency: Latency  # scheduled send -> response
+    service: Latency  # actual send -> response
+    e2e: Latency | None  # POST sent -> row in storage (stored_at)
+    e2e_matched: int
+    storage_write_mean_ms: float | None
+    processes: list[ProcessUsage]
+    per_second: list[SecondStats]
+    stored_series: list[tuple[float, float]]
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerRun:
+    kind: str  # catch-up | replay
+    backend: str  # sqlite | postgresql
+    records: int
+    handled: int
+    rate_per_s: float  # from first commit to last
+    seconds: float
+    wall_seconds: float  # from process start, start-up and group join included
+    rows: int
+    processes: list[ProcessUsage]
+    series: list[tuple[float, float]]
+    note: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    name: str
+    wanted: str
+    measured: str
+    met: bool | None  # None: not measured
+
+
+@dataclass(slots=True)
+class Results:
+    meta: dict[str, Any]
+    wrk: list[WrkRun] = field(default_factory=list)
+    fixed_rate: FixedRateRun | None = None
+    consumers: list[ConsumerRun] = field(default_factory=list)
+    produce_rate_per_s: float | None = None
+    spool: WrkRun | None = None
+    spool_note: str = ""
+    profile: dict[str, Any] | None = None
+    targets: list[Target] = field(default_factory=list)
+
+    def wrk_run(self, server: str, body_index: int) -> WrkRun | None:
+        runs = [r for r in self.wrk if r.server == server]
+        bodies = sorted({r.body_bytes for r in self.wrk})
+        if body_index >= len(bodies):
+            return None
+        return next((r for r in runs if r.body_bytes == bodies[body_index]), None)
+
+    def consumer_run(self, kind: str, backend: str) -> ConsumerRun | None:
+        return next((c for c in self.consumers if c.kind == kind and c.backend == backend), None)
+
+
+# -- targets --------------------------------------------------------------------------------
+
+
+def evaluate(results: Results) -> list[Target]:
+    targets: list[Target] = []
+    ingress, bare = results.wrk_run("ingress", 0), results.wrk_run("bare", 0)
+    if ingress is not None and bare is not None:
+        ratio = ingress.reports_per_s / bare.reports_per_s
+        targets.append(
+            Target(
+                f"ingress (acks=all) vs bare aiohttp, {ingress.body}",
+                ">= 0.70x",
+                f"{ratio:.2f}x",
+                ratio >= 0.7,
+            )
+        )
+    if ingress is not None:
+        targets.append(
+            Target(
+                f"ingress reports/s, {ingress.body}",
+                ">= 4,000/s",
+                f"{ingress.reports_per_s:,.0f}/s",
+                ingress.reports_per_s >= 4000,
+            )
+        )
+    fixed = results.fixed_rate
+    if fixed is not None:
+        p99 = fixed.latency.p99_ms
+        targets.append(
+            Target(
+                f"p99 at {fixed.offered_per_s:,.0f} reports/s offered (open loop)",
+                "< 50 ms",
+                f"{p99:.1f} ms",
+                p99 < 50 and fixed.failed == 0,
+            )
+        )
+    for kind, backend, wanted in (
+        ("catch-up", "postgresql", 20_000),
+        ("catch-up", "sqlite", 10_000),
+        ("replay", "postgresql", 20_000),
+        ("replay", "sqlite", 20_000),
+    ):
+        run = results.consumer_run(kind, backend)
+        name = f"storage {kind}, {backend}"
+        if run is None:
+            targets.append(Target(name, f">= {wanted:,}/s", "not measured", None))
+            continue
+        ok = run.handled >= run.records and run.rate_per_s >= wanted
+        targets.append(Target(name, f">= {wanted:,}/s", f"{run.rate_per_s:,.0f}/s", ok))
+    if results.spool is None:
+        targets.append(
+            Target(
+                "spool path (Kafka down, fsync)",
+                ">= 2,000/s",
+                results.spool_note or "not measured",
+                None,
+            )
+        )
+    else:
+        rate = results.spool.reports_per_s
+        targets.append(
+            Target("spool path (Kafka down, fsync)", ">= 2,000/s", f"{rate:,.0f}/s", rate >= 2000)
+        )
+    return targets
+
+
+# -- output ---------------------------------------------------------------------------------
+
+
+def write_json(results: Results, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # orjson writes dataclasses as objects, and NaN/inf (a missing figure) as null.
+    path.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
+
+
+def _num(value: float | None, digits: int = 1) -> str:
+    if value is None or math.isnan(value):
+        return "-"
+    if math.isinf(value):
+        return "inf"
+    return f"{value:,.{digits}f}"
+
+
+def _ratio(value: float | None, base: float | None) -> str:
+    if value is None or base is None or base == 0 or math.isnan(base) or math.isnan(value):
+        return "-"
+    return f"{value / base:.2f}x"
+
+
+OTHERS = "other processes"
+
+
+def _cpu(processes: Sequence[ProcessUsage]) -> str:
+    mine = "  ".join(
+        f"{p.name} {_num(p.cpu_ms_per_report, 3)}" for p in processes if p.cpu_ms_per_report
+    )
+    others = next((p.cpu_seconds for p in processes if p.name == OTHERS), None)
+    return mine + (f"  [{OTHERS}: {others:.1f} CPU-s]" if others else "")
+
+
+def _server_cpu(run: WrkRun) -> float | None:
+    return run.processes[0].cpu_ms_per_report if run.processes else None
+
+
+def _mem(processes: Sequence[ProcessUsage]) -> str:
+    return "  ".join(f"{p.name} {_num(p.peak_rss_mib, 0)}" for p in processes if p.peak_rss_mib)
+
+
+def render_table(results: Results) -> str:
+    out: list[str] = []
+    add = out.append
+    meta = results.meta
+    add(
+        f"callstream bench {meta.get('started_at', '')}  "
+        f"{meta.get('cpus', '?')} CPUs  load at start {meta.get('loadavg_start', '?')}"
+    )
+    if results.wrk:
+        first = results.wrk[0]
+        add("")
+        add(f"Closed loop, {first.generator} (latency: wrk, from send; not CO-safe)")
+        add(
+            f"  {'server':<26}{'body':<24}{'reports/s':>10}{'p50 ms':>9}{'p90 ms':>9}"
+            f"{'p99 ms':>9}{'max ms':>9}{'errors':>8}{'vs bare':>9}{'vs naive':>9}"
+        )
+        for run in results.wrk:
+            index = sorted({r.body_bytes for r in results.wrk}).index(run.body_bytes)
+            bare = results.wrk_run("bare", index)
+            naive = results.wrk_run("naive", index)
+            lat = run.latency
+            add(
+                f"  {run.label:<26}{run.body:<24}{run.reports_per_s:>10,.0f}"
+                f"{_num(lat.p50_ms):>9}{_num(lat.p90_ms):>9}{_num(lat.p99_ms):>9}"
+                f"{_num(lat.max_ms):>9}{run.non_2xx + run.socket_errors:>8}"
+                f"{_ratio(run.reports_per_s, bare.reports_per_s if bare else None):>9}"
+                f"{_ratio(run.reports_per_s, naive.reports_per_s if naive else None):>9}"
+            )
+        add("  ingress as a ratio to the baselines (reports/s: higher is better; the rest lower):")
+        for index in range(len({r.body_bytes for r in results.wrk})):
+            ingress = results.wrk_run("ingress", index)
+            if ingress is None:
+                continue
+            for base_name in ("bare", "naive"):
+                base = results.wrk_run(base_name, index)
+                if base is None:
+                    continue
+                add(
+                    f"    vs {base.label:<24}{ingress.body:<24}"
+                    f"reports/s {_ratio(ingress.reports_per_s, base.reports_per_s)}  "
+                    f"p50 {_ratio(ingress.latency.p50_ms, base.latency.p50_ms)}  "
+                    f"p99 {_ratio(ingress.latency.p99_ms, base.latency.p99_ms)}  "
+                    f"server CPU/report "
+                    f"{_ratio(_server_cpu(ingress), _server_cpu(base))}"
+                )
+        add("  CPU ms per report (= CPU s per 1,000) and peak RSS MiB, by process:")
+        for run in results.wrk:
+            add(f"    {run.label:<24}{run.body:<24}{_cpu(run.processes)}")
+            add(f"    {'':<24}{'':<24}{_mem(run.processes)}")
+    fixed = results.fixed_rate
+    if fixed is not None:
+        add("")
+        add(f"Fixed rate, {fixed.generator}: {fixed.body_mix}")
+        add(
+            f"  offered {fixed.offered_per_s:,.0f}/s for {fixed.duration_s:.0f} s: "
+            f"{fixed.ok:,} accepted, {fixed.failed:,} failed, {fixed.achieved_per_s:,.0f}/s"
+        )
+        for name, figures in (
+            ("latency from scheduled send (CO-safe)", fixed.latency),
+            ("service time from actual send", fixed.service),
+            ("end to end: POST -> row in storage", fixed.e2e),
+        ):
+            if figures is None:
+                add(f"  {name:<40} not measured")
+                continue
+            add(
+                f"  {name:<40} p50 {_num(figures.p50_ms)}  p90 {_num(figures.p90_ms)}  "
+                f"p99 {_num(figures.p99_ms)}  max {_num(figures.max_ms)} ms  "
+                f"(n={figures.count:,})"
+            )
+        add(f"  CPU ms per report: {_cpu(fixed.processes)}")
+        add(f"  peak RSS MiB:      {_mem(fixed.processes)}")
+    if results.consumers:
+        add("")
+        produced = results.produce_rate_per_s
+        add(
+            "Storage consumer on a pre-filled topic (fresh consumer group each run"
+            + (f"; topic filled at {produced:,.0f}/s" if produced else "")
+            + ")"
+        )
+        add(
+            f"  {'run':<24}{'records':>9}{'rows':>9}{'records/s':>11}{'seconds':>9}"
+            f"{'wall s':>8}  CPU ms per report"
+        )
+        for consumer in results.consumers:
+            add(
+                f"  {consumer.kind + ' ' + consumer.backend:<24}{consumer.handled:>9,}"
+                f"{consumer.rows:>9,}{consumer.rate_per_s:>11,.0f}{consumer.seconds:>9.1f}"
+                f"{consumer.wall_seconds:>8.1f}  {_cpu(consumer.processes)}"
+                + (f"  ({consumer.note})" if consumer.note else "")
+            )
+    if results.spool is not None or results.spool_note:
+        add("")
+        if results.spool is not None:
+            add(f"Spool path: {results.spool.reports_per_s:,.0f} reports/s")
+        else:
+            add(f"Spool path: {results.spool_note}")
+    if results.profile:
+        add("")
+        add("Profiles (py-spy, share of on-CPU samples by stage)")
+        for name, summary in results.profile.items():
+            if not isinstance(summary, dict):
+                continue
+            stages = summary.get("stages_percent") or []
+            rate = summary.get("reports_per_s_while_profiled") or summary.get(
+                "records_per_s_while_profiled"
+            )
+            add(f"  {name} ({_num(rate, 0)}/s while profiled): {summary.get('note', '')}")
+            add("    " + ", ".join(f"{stage} {pct:.0f}%" for stage, pct in stages[:8]))
+    if results.targets:
+        add("")
+        add("Targets")
+        for target in results.targets:
+            state = {True: "met", False: "MISSED", None: "not measured"}[target.met]
+            add(f"  {state:<13}{target.name:<58}{target.wanted:>12}  measured {target.measured}")
+    return "\n".join(out)

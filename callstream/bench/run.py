@@ -1,0 +1,885 @@
+"""The bench itself: start everything on loopback, drive load, measure, stop everything.
+
+Phases, in order (each server is the same process a deployment runs, started as a child):
+
+1. closed loop: wrk against the bare aiohttp ceiling, the naive implementation and the
+   ingress, once with the sample report and once with a ~60 kB transcript;
+2. fixed rate: the open-loop client at --rate against the ingress while the storage
+   consumer (SQLite) writes every report; end-to-end delay per report;
+3. catch-up and replay: a topic pre-filled with --catchup-records reports, read by the
+   storage consumer with a fresh group into SQLite and into PostgreSQL; replay is the same
+   again with another fresh group, over the rows already there;
+4. the spool path (Kafka unreachable), when ingress/spool.py exists;
+5. with --profile: py-spy on the ingress under wrk, and on the consumer while it catches up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import functools
+import itertools
+import math
+import os
+import platform
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import orjson
+
+from callstream.bench import openloop, pool, profiling
+from callstream.bench.options import REPO_ROOT, BenchOptions
+from callstream.bench.procstat import Watched, loadavg
+from callstream.bench.report import (
+    ConsumerRun,
+    Latency,
+    Results,
+    WrkRun,
+    evaluate,
+    render_table,
+    write_json,
+)
+from callstream.bench.services import (
+    HOST,
+    CpuWindow,
+    Measured,
+    Sampler,
+    Service,
+    free_port,
+    py_spy_record,
+    run_measured,
+    say,
+    spawn,
+)
+from callstream.kafkaconfig import KafkaSettings
+from callstream.localkafka import KAFKA_VERSION, LocalKafka
+
+if TYPE_CHECKING:
+    from tests.support.pg import PostgresServer
+
+# A fresh secret per run: the bench's requests are signed exactly as Flireo signs them.
+SECRET = f"bench-{uuid.uuid4().hex}"
+PARTITIONS = 6
+WRK_TIMEOUT = "10s"
+_STARTUP_TIMEOUT = 60.0
+_HANDLED = 'callstream_consumer_records_handled_total{consumer="storage"}'
+_LAST_COMMIT = 'callstream_consumer_last_commit_timestamp_seconds{consumer="storage"}'
+_ACCEPTED = 'callstream_ingress_requests_total{outcome="accepted"}'
+_SPOOLED = "callstream_ingress_spool_writes_total"
+
+
+@dataclass
+class _Owned:
+    """Everything this run started, stopped in reverse order however the run ends."""
+
+    services: list[Service] = field(default_factory=list)
+    kafka: LocalKafka | None = None
+    postgres: PostgresServer | None = None
+
+
+class Bench:
+    def __init__(
+        self, options: BenchOptions, tmp: Path, http: aiohttp.ClientSession, out_prefix: Path
+    ) -> None:
+        self.o = options
+        self.out_prefix = out_prefix
+        self.tmp = tmp
+        self.http = http
+        self.owned = _Owned()
+        self.bootstrap = ""
+        self._broker: Watched | None = None
+        self.started = time.monotonic()
+        self.results = Results(meta={})
+        self.short, self.long = pool.templates(options.sample)
+
+    def say(self, message: str) -> None:
+        say(f"[{time.monotonic() - self.started:5.0f}s] {message}")
+
+    @property
+    def broker(self) -> Watched:
+        assert self._broker is not None
+        return self._broker
+
+    # -- what runs ----------------------------------------------------------------------------
+
+    async def start_broker(self) -> None:
+        self.say(f"starting a Kafka {KAFKA_VERSION} broker (KRaft) in {self.tmp / 'kafka'}")
+        kafka = LocalKafka(self.tmp / "kafka")
+        self.owned.kafka = kafka
+        self.bootstrap = await asyncio.to_thread(kafka.start, 120.0)
+        status = kafka.status()
+        assert status is not None
+        self._broker = Watched("broker", status.pid)
+
+    async def close(self) -> None:
+        for service in reversed(self.owned.services):
+            await asyncio.to_thread(service.stop)
+        self.owned.services.clear()
+        if self.owned.postgres is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self.owned.postgres.stop)
+            self.owned.postgres = None
+        if self.owned.kafka is not None:
+            await asyncio.to_thread(self.owned.kafka.stop)
+            self.owned.kafka = None
+
+    def _env(self, **extra: str) -> dict[str, str]:
+        # Nothing from the caller's environment may redirect a child to another broker or
+        # database, or change its behaviour (CALLSTREAM_RATE_LIMIT_PER_SECOND, say).
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("CALLSTREAM_", "KAFKA_"))}
+        env |= {
+            "KAFKA_BOOTSTRAP_SERVERS": self.bootstrap,
+            "CALLSTREAM_WEBHOOK_SECRET": SECRET,
+            "CALLSTREAM_LOG_LEVEL": "WARNING",
+            "CALLSTREAM_METRICS_HOST": HOST,
+            "CALLSTREAM_HOME": str(self.tmp / "home"),
+            "CALLSTREAM_TOPIC_PARTITIONS": str(PARTITIONS),
+        }
+        if self.o.pythonpath is not None:
+            env["PYTHONPATH"] = str(self.o.pythonpath.resolve())
+        return env | dict(self.o.env) | extra
+
+    def _spawn(
+        self, name: str, argv: list[str], env: Mapping[str, str], port: int, log: str = ""
+    ) -> Service:
+        service = spawn(name, argv, env, self.tmp / f"{log or name}.log", port)
+        self.owned.services.append(service)
+        return service
+
+    async def _stop(self, service: Service) -> None:
+        await asyncio.to_thread(service.stop)
+        with contextlib.suppress(ValueError):
+            self.owned.services.remove(service)
+
+    async def _wait_http(self, service: Service, path: str) -> None:
+        deadline = time.monotonic() + _STARTUP_TIMEOUT
+        while True:
+            if service.proc.poll() is not None:
+                raise RuntimeError(
+                    f"{service.name} exited with {service.proc.returncode} while starting:\n"
+                    f"{service.log_tail()}"
+                )
+            with contextlib.suppress(aiohttp.ClientError, OSError):
+                async with self.http.get(service.url + path) as resp:
+                    if resp.status == 200:
+                        return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{service.name} did not answer {path}:\n{service.log_tail()}")
+            await asyncio.sleep(0.05)
+
+    async def _metric(self, service: Service, series: str) -> float | None:
+        async with self.http.get(service.url + "/metrics") as resp:
+            text = await resp.text()
+        for line in text.splitlines():
+            if line.startswith(series + " "):
+                return float(line.rsplit(" ", 1)[1])
+        return None
+
+    async def _bench_count(self, service: Service) -> float:
+        async with self.http.get(service.url + "/bench-count") as resp:
+            return float(await resp.text())
+
+    async def _ensure_topic(self, topic: str) -> None:
+        from callstream.topicadmin import ensure_topics
+
+        settings = KafkaSettings(self.bootstrap, topic=topic, partitions=PARTITIONS)
+        await ensure_topics(settings, [topic])
+
+    async def start_ingress(self, topic: str, **env: str) -> Service:
+        port = free_port()
+        name = f"ingress-{topic.removeprefix('bench.')}"
+        service = self._spawn(
+            "ingress",
+            [sys.executable, "-m", "callstream", "ingress"],
+            self._env(
+                CALLSTREAM_INGRESS_HOST=HOST,
+                CALLSTREAM_INGRESS_PORT=str(port),
+                CALLSTREAM_TOPIC=topic,
+                CALLSTREAM_EVENTS_TOPIC=f"{topic}.events",
+                CALLSTREAM_SPOOL_DIR=str(self.tmp / f"spool-{name}"),
+                **env,
+            ),
+            port,
+            log=name,
+        )
+        await self._wait_http(service, "/readyz")
+        return service
+
+    async def start_baseline(self, kind: str) -> Service:
+        port = free_port()
+        argv = [sys.executable, "-m", "callstream.bench.baselines", kind, "--port", str(port)]
+        if kind == "naive":
+            await self._ensure_topic("bench.naive")
+            argv += ["--bootstrap", self.bootstrap, "--topic", "bench.naive"]
+        service = self._spawn(kind, argv, self._env(), port)
+        await self._wait_http(service, "/bench-count")
+        return service
+
+    def _consumer(self, topic: str, group: str, database: Mapping[str, str]) -> Service:
+        port = free_port()
+        return self._spawn(
+            "consumer",
+            [sys.executable, "-m", "callstream", "consumer", "storage"],
+            self._env(
+                CALLSTREAM_TOPIC=topic,
+                CALLSTREAM_GROUP_ID=group,
+                CALLSTREAM_STORAGE_PORT=str(port),
+                **database,
+            ),
+            port,
+        )
+
+    # -- closed loop: wrk ---------------------------------------------------------------------
+
+    def _wrk(self, script: Path, port: int, seconds: float, connections: int) -> list[str]:
+        return [
+            "wrk",
+            f"-t{self.o.threads}",
+            f"-c{connections}",
+            f"-d{max(1, round(seconds))}s",
+            f"--timeout={WRK_TIMEOUT}",
+            "-s",
+            str(script),
+            f"http://{HOST}:{port}{pool.WEBHOOK_PATH}",
+        ]
+
+    def _wrk_script(self, name: str, template: pool.BodyTemplate, port: int) -> Path:
+        # Enough distinct call ids that a run cycles through each a few dozen times at most.
+        size = 4096 if template.size < 10_000 else 256
+        requests = pool.signed_requests(template, size, secret=SECRET, host=f"{HOST}:{port}")
+        return pool.write_wrk_script(self.tmp / f"wrk-{name}-{template.size}.lua", requests)
+
+    async def closed_loop(
+        self,
+        server: str,
+        label: str,
+        service: Service,
+        template: pool.BodyTemplate,
+        count: Callable[[], Awaitable[float | None]],
+        watched: Sequence[Watched],
+    ) -> WrkRun:
+        o = self.o
+        generator = f"wrk -t{o.threads} -c{o.connections} -d{round(o.duration)}s"
+        self.say(f"closed loop: {label}, {template.name}, {generator}")
+        script = self._wrk_script(server, template, service.port)
+        if o.warmup > 0:
+            warm = self._wrk(script, service.port, o.warmup, min(32, o.connections))
+            await asyncio.to_thread(run_measured, warm)
+        started = time.time()
+        window = CpuWindow(watched)
+        async with Sampler(count) as sampler:
+            run = await asyncio.to_thread(
+                run_measured, self._wrk(script, service.port, o.duration, o.connections)
+            )
+        window.close()
+        data = _wrk_summary(run)
+        errors = data["errors"]
+        seconds = data["duration_us"] / 1e6
+        good = data["requests"] - errors["status"]
+        lat = data["latency_us"]
+        counted = sampler.delta()
+        result = WrkRun(
+            server=server,
+            label=label,
+            body=template.name,
+            body_bytes=template.size,
+            generator=generator,
+            duration_s=round(seconds, 2),
+            requests=data["requests"],
+            non_2xx=errors["status"],
+            socket_errors=errors["connect"] + errors["read"] + errors["write"] + errors["timeout"],
+            reports_per_s=round(good / seconds, 1),
+            server_counted=int(counted) if counted is not None else None,
+            latency=Latency(
+                count=data["requests"],
+                p50_ms=lat["p50"] / 1000,
+                p90_ms=lat["p90"] / 1000,
+                p99_ms=lat["p99"] / 1000,
+                max_ms=lat["max"] / 1000,
+            ),
+            processes=window.usage(good, [("wrk", run)]),
+            series=sampler.rates(started),
+        )
+        self.say(
+            f"  {result.reports_per_s:,.0f}/s  p50 {result.latency.p50_ms:.1f} ms  "
+            f"p99 {result.latency.p99_ms:.1f} ms  non-2xx {result.non_2xx}"
+        )
+        return result
+
+    async def phase_baselines(self) -> None:
+        for kind, label in (("bare", "bare aiohttp (ceiling)"), ("naive", "naive aiokafka")):
+            service = await self.start_baseline(kind)
+            watched = [service.watched()] + ([self.broker] if kind == "naive" else [])
+            count = functools.partial(self._bench_count, service)
+            for template in (self.short, self.long):
+                run = await self.closed_loop(kind, label, service, template, count, watched)
+                self.results.wrk.append(run)
+            await self._stop(service)
+
+    async def phase_ingress(self) -> None:
+        ingress = await self.start_ingress("bench.ingress")
+        accepted = functools.partial(self._metric, ingress, _ACCEPTED)
+        for template in (self.short, self.long):
+            run = await self.closed_loop(
+                "ingress",
+                "callstream ingress",
+                ingress,
+                template,
+                accepted,
+                [ingress.watched(), self.broker],
+            )
+            self.results.wrk.append(run)
+        await self._stop(ingress)
+
+    # -- fixed rate: the open-loop client -----------------------------------------------------
+
+    async def _open_loop(
+        self, requests: Sequence[pool.SignedRequest], port: int, name: str
+    ) -> tuple[dict[str, Any], Measured]:
+        pool_path = self.tmp / f"{name}.pool"
+        out_path = self.tmp / f"{name}.json"
+        await asyncio.to_thread(pool.write_pool_file, pool_path, requests)
+        argv = [sys.executable, "-m", "callstream.bench.openloop", str(pool_path), str(out_path)]
+        argv += ["--rate", str(self.o.rate), "--port", str(port)]
+        run = await asyncio.to_thread(run_measured, argv)
+        if run.exit_code != 0:
+            raise RuntimeError(f"the open-loop client failed (exit {run.exit_code}):\n{run.output}")
+        data: dict[str, Any] = orjson.loads(await asyncio.to_thread(out_path.read_bytes))
+        return data, run
+
+    def _mixed(self, count: int, port: int) -> list[pool.SignedRequest]:
+        return pool.mixed_requests(
+            self.short,
+            self.long,
+            count,
+            long_every=self.o.long_every,
+            secret=SECRET,
+            host=f"{HOST}:{port}",
+        )
+
+    async def _wait_handled(self, consumer: Service, target: float, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(aiohttp.ClientError, OSError):
+                if (await self._metric(consumer, _HANDLED) or 0.0) >= target:
+                    return
+            await asyncio.sleep(0.1)
+
+    async def _write_stats(self, consumer: Service) -> tuple[float, float] | None:
+        series = 'callstream_storage_write_duration_seconds_%s{backend="sqlite"}'
+        with contextlib.suppress(aiohttp.ClientError, OSError):
+            total = await self._metric(consumer, series % "sum")
+            count = await self._metric(consumer, series % "count")
+            if total is not None and count is not None:
+                return total, count
+        return None
+
+    async def phase_fixed_rate(self) -> None:
+        topic = "bench.e2e"
+        await self._ensure_topic(topic)
+        db = self.tmp / "e2e.db"
+        consumer = self._consumer(topic, "bench-e2e", {"CALLSTREAM_SQLITE_PATH": str(db)})
+        await self._wait_http(consumer, "/healthz")
+        ingress = await self.start_ingress(topic)
+        o = self.o
+        mix = f"every {o.long_every}th report long" if o.long_every else "sample reports only"
+        self.say(f"fixed rate: {o.rate:,.0f}/s for {o.rate_duration:.0f} s, {mix}")
+        warm = self._mixed(max(1, int(o.rate * max(o.warmup, 1.0))), ingress.port)
+        await self._open_loop(warm, ingress.port, "openloop-warmup")
+        await self._wait_handled(consumer, await self._metric(ingress, _ACCEPTED) or 0.0, 60.0)
+
+        requests = self._mixed(int(o.rate * o.rate_duration), ingress.port)
+        started = time.time()
+        writes_before = await self._write_stats(consumer)
+        window = CpuWindow([ingress.watched(), self.broker, consumer.watched()])
+        async with Sampler(functools.partial(self._metric, consumer, _HANDLED)) as stored:
+            data, run = await self._open_loop(requests, ingress.port, "openloop")
+            accepted = await self._metric(ingress, _ACCEPTED) or 0.0
+            await self._wait_handled(consumer, accepted, 120.0)
+        window.close()
+        writes_after = await self._write_stats(consumer)
+        stored_at = await asyncio.to_thread(_stored_at, db)
+        await self._stop(ingress)
+        await self._stop(consumer)
+
+        fixed = openloop.summarise(
+            data,
+            [r.call_id for r in requests],
+            stored_at,
+            offered=o.rate,
+            duration=o.rate_duration,
+            mix=mix,
+        )
+        write_mean = None
+        if writes_before is not None and writes_after is not None:
+            batches = writes_after[1] - writes_before[1]
+            if batches > 0:
+                write_mean = round((writes_after[0] - writes_before[0]) / batches * 1000, 2)
+        fixed = dataclasses.replace(
+            fixed,
+            storage_write_mean_ms=write_mean,
+            processes=window.usage(fixed.ok, [("openloop", run)]),
+            stored_series=stored.rates(started),
+        )
+        self.results.fixed_rate = fixed
+        lat = fixed.latency
+        self.say(
+            f"  {fixed.ok:,} ok, {fixed.failed} failed; p50 {lat.p50_ms:.1f} ms  "
+            f"p99 {lat.p99_ms:.1f} ms  max {lat.max_ms:.1f} ms"
+        )
+
+    # -- catch-up and replay ------------------------------------------------------------------
+
+    async def fill_topic(self, topic: str, count: int) -> float:
+        """`count` reports on `topic`, encoded as the ingress encodes them, each its own call."""
+        from ingress.publisher import KafkaPublisher, OutgoingRecord
+        from schemas.codec import single_object_encoder
+        from schemas.normalise import normalise
+        from schemas.store import END_OF_CALL_REPORT, default_store
+
+        await self._ensure_topic(topic)
+        payload = orjson.loads(self.short.body)
+        event = normalise(payload, received_at_ms=int(time.time() * 1000), request_id="bench")
+        assert event.record is not None
+        assert event.call_id is not None
+        encoder = single_object_encoder(default_store().current(END_OF_CALL_REPORT))
+        value = encoder.encode(event.record)
+        marker = event.call_id.encode()
+        if value.count(marker) != 1:
+            raise RuntimeError("the call id placeholder is not unique in the encoded record")
+        headers = (
+            ("event-type", b"end-of-call-report"),
+            ("schema-id", encoder.schema_id.encode()),
+            ("wire-format", encoder.wire_format.encode()),
+            ("source-format", b"FLAT"),
+            ("request-id", b"bench"),
+        )
+        self.say(f"filling {topic} with {count:,} reports ({len(value):,} bytes of Avro each)")
+        publisher = KafkaPublisher(
+            KafkaSettings(self.bootstrap, topic=topic, partitions=PARTITIONS),
+            client_id="callstream-bench-fill",
+        )
+        await publisher.start()
+        started = time.perf_counter()
+        try:
+            await publisher.wait_connected(30.0)
+            for first in range(0, count, 5000):
+                records = []
+                for _ in range(min(5000, count - first)):
+                    call_id = str(uuid.uuid4()).encode()
+                    records.append(
+                        OutgoingRecord(topic, call_id, value.replace(marker, call_id), headers)
+                    )
+                await asyncio.gather(*(publisher.publish(r, 60.0) for r in records))
+        finally:
+            await publisher.stop()
+        rate = count / (time.perf_counter() - started)
+        self.say(f"  filled at {rate:,.0f}/s")
+        return rate
+
+    async def consumer_run(
+        self,
+        kind: str,
+        backend: str,
+        topic: str,
+        database: Mapping[str, str],
+        count_rows: Callable[[], Awaitable[int]],
+        extra: Sequence[Watched],
+        *,
+        profile: Path | None = None,
+    ) -> ConsumerRun:
+        expected = self.o.catchup_records
+        group = f"bench-{kind}-{backend}-{uuid.uuid4().hex[:8]}"
+        self.say(f"{kind}: storage consumer into {backend}, fresh group {group}")
+        spawned = time.time()
+        consumer = self._consumer(topic, group, database)
+        await self._wait_http(consumer, "/healthz")
+        spy = None
+        if profile is not None and (py_spy := profiling.find_py_spy()) is not None:
+            spy = py_spy_record(py_spy, consumer.proc.pid, 600, profile)
+        window = CpuWindow([consumer.watched(), self.broker, *extra])
+        points: list[tuple[float, float]] = []
+        first: tuple[float, float] | None = None
+        deadline = time.monotonic() + max(120.0, expected / 1000)
+        handled = 0.0
+        note = ""
+        while True:
+            with contextlib.suppress(aiohttp.ClientError, OSError):
+                handled = await self._metric(consumer, _HANDLED) or 0.0
+                now = time.time()
+                points.append((now, handled))
+                if first is None and handled > 0:
+                    first = (now, handled)
+            if handled >= expected:
+                break
+            if time.monotonic() > deadline:
+                note = f"timed out with {handled:,.0f} of {expected:,} handled"
+                break
+            if consumer.proc.poll() is not None:
+                note = f"consumer exited with {consumer.proc.returncode}"
+                break
+            await asyncio.sleep(0.1)
+        # The last batch's commit lands just after its records count as handled.
+        await asyncio.sleep(0.5)
+        last_commit = await self._metric(consumer, _LAST_COMMIT) or time.time()
+        window.close()
+        if spy is not None:
+            await asyncio.to_thread(_stop_py_spy, spy)
+        rows = await count_rows()
+        await self._stop(consumer)
+        if first is None or last_commit <= first[0]:
+            seconds = rate = math.nan
+        else:
+            seconds = last_commit - first[0]
+            rate = (handled - first[1]) / seconds
+        series = [
+            (round(t1 - spawned, 2), round((v1 - v0) / (t1 - t0), 1))
+            for (t0, v0), (t1, v1) in itertools.pairwise(points)
+            if t1 > t0
+        ]
+        run = ConsumerRun(
+            kind=kind,
+            backend=backend,
+            records=expected,
+            handled=int(handled),
+            rate_per_s=round(rate, 1),
+            seconds=round(seconds, 2),
+            wall_seconds=round(last_commit - spawned, 2),
+            rows=rows,
+            processes=window.usage(int(handled)),
+            series=_smooth(series, 0.5),
+            note=note,
+        )
+        self.say(f"  {run.rate_per_s:,.0f} records/s, {run.rows:,} rows")
+        return run
+
+    async def _filled_topic(self) -> str:
+        topic = "bench.catchup"
+        if self.results.produce_rate_per_s is None:
+            filled = await self.fill_topic(topic, self.o.catchup_records)
+            self.results.produce_rate_per_s = round(filled, 1)
+        return topic
+
+    async def phase_catch_up(self) -> None:
+        topic = await self._filled_topic()
+        db = self.tmp / "catchup.db"
+
+        async def sqlite_rows() -> int:
+            return await asyncio.to_thread(_sqlite_count, db)
+
+        sqlite_env = {"CALLSTREAM_SQLITE_PATH": str(db)}
+        for kind in ("catch-up", "replay"):
+            run = await self.consumer_run(kind, "sqlite", topic, sqlite_env, sqlite_rows, [])
+            self.results.consumers.append(run)
+        if not self.o.postgres:
+            return
+        dsn, postgres = await self.start_postgres("callstream_bench")
+        for kind in ("catch-up", "replay"):
+            run = await self.consumer_run(
+                kind,
+                "postgresql",
+                topic,
+                {"CALLSTREAM_DATABASE_URL": dsn},
+                functools.partial(_postgres_count, dsn),
+                [postgres],
+            )
+            self.results.consumers.append(run)
+
+    async def start_postgres(self, database: str) -> tuple[str, Watched]:
+        """A DSN for a new, empty database on the run's throwaway cluster."""
+        server = self.owned.postgres
+        if server is None:
+            # The test suite's throwaway-cluster helper: it needs the source checkout.
+            if str(REPO_ROOT) not in sys.path:
+                sys.path.insert(0, str(REPO_ROOT))
+            from tests.support.pg import PostgresServer
+
+            self.say("starting a throwaway PostgreSQL cluster")
+            server = PostgresServer(self.tmp / "pg")
+            self.owned.postgres = server
+            await asyncio.to_thread(server.start)
+        dsn = await asyncio.to_thread(server.create_database, database)
+        assert server.pid is not None
+        return dsn, Watched("postgres", server.pid, tree=True)
+
+    # -- spool --------------------------------------------------------------------------------
+
+    async def phase_spool(self) -> None:
+        if not (REPO_ROOT / "ingress" / "spool.py").exists():
+            self.results.spool_note = "not measured (ingress/spool.py does not exist yet)"
+            self.say(f"spool path: {self.results.spool_note}")
+            return
+        # Kafka unreachable (a port nothing listens on): once the first report has waited
+        # out the ack deadline, every report goes straight to the spool, fsync'd.
+        service = await self.start_ingress(
+            "bench.spool", KAFKA_BOOTSTRAP_SERVERS=f"{HOST}:{free_port()}"
+        )
+        try:
+            run = await self.closed_loop(
+                "spool",
+                "ingress, Kafka down",
+                service,
+                self.short,
+                functools.partial(self._metric, service, _SPOOLED),
+                [service.watched()],
+            )
+        finally:
+            await self._stop(service)
+        spooled = run.server_counted or 0
+        good = run.requests - run.non_2xx
+        if good and spooled >= 0.95 * good:
+            self.results.spool = run
+        else:
+            self.results.spool_note = (
+                f"not measured: {good:,} reports accepted with Kafka unreachable but only "
+                f"{spooled:,} counted by {_SPOOLED}"
+            )
+
+    # -- profile ------------------------------------------------------------------------------
+
+    async def phase_profile(self) -> None:
+        py_spy = profiling.find_py_spy()
+        if py_spy is None:
+            self.results.profile = {"note": "py-spy is not installed (pip install py-spy)"}
+            return
+        profiles: dict[str, Any] = {}
+        ingress = await self.start_ingress("bench.profile")
+        seconds = max(1, round(self.o.profile_seconds))
+        self.say(f"profile: py-spy on the ingress for {seconds} s under wrk")
+        script = self._wrk_script("profile", self.short, ingress.port)
+        await asyncio.to_thread(run_measured, self._wrk(script, ingress.port, 2, 32))
+        collapsed = Path(f"{self.out_prefix}-ingress.collapsed")
+        collapsed.parent.mkdir(parents=True, exist_ok=True)
+        spy = py_spy_record(py_spy, ingress.proc.pid, seconds + 1, collapsed)
+        try:
+            run = await asyncio.to_thread(
+                run_measured, self._wrk(script, ingress.port, seconds, self.o.connections)
+            )
+        finally:
+            await asyncio.to_thread(_stop_py_spy, spy, seconds + 30)
+        await self._stop(ingress)
+        profiles["ingress"] = self._profile_summary(collapsed, run)
+
+        topic = await self._filled_topic()
+        db = self.tmp / "profile.db"
+        for backend in ("sqlite", "postgresql"):
+            if backend == "postgresql" and not self.o.postgres:
+                continue
+            collapsed = Path(f"{self.out_prefix}-consumer-{backend}.collapsed")
+            if backend == "sqlite":
+                database = {"CALLSTREAM_SQLITE_PATH": str(db)}
+                rows: Callable[[], Awaitable[int]] = functools.partial(
+                    asyncio.to_thread, _sqlite_count, db
+                )
+                extra: list[Watched] = []
+            else:
+                dsn, postgres = await self.start_postgres("callstream_profile")
+                database = {"CALLSTREAM_DATABASE_URL": dsn}
+                rows, extra = functools.partial(_postgres_count, dsn), [postgres]
+            run_ = await self.consumer_run(
+                "catch-up (profiled)", backend, topic, database, rows, extra, profile=collapsed
+            )
+            summary = self._profile_summary(collapsed, None)
+            summary["records_per_s_while_profiled"] = run_.rate_per_s
+            profiles[f"consumer-{backend}"] = summary
+        self.results.profile = profiles
+
+    def _profile_summary(self, collapsed: Path, run: Measured | None) -> dict[str, Any]:
+        if not collapsed.exists():
+            return {"note": "py-spy wrote nothing (is ptrace allowed?)"}
+        summary = profiling.summarise(collapsed)
+        if run is not None:
+            data = _wrk_summary(run)
+            good = data["requests"] - data["errors"]["status"]
+            summary["reports_per_s_while_profiled"] = round(good / (data["duration_us"] / 1e6), 1)
+        summary["collapsed_stacks"] = str(collapsed)
+        say(f"{collapsed.name}\n{profiling.render(summary)}")
+        return summary
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def _wrk_summary(run: Measured) -> dict[str, Any]:
+    line = next((x for x in run.output.splitlines() if x.startswith("CALLSTREAM_WRK ")), None)
+    if line is None:
+        raise RuntimeError(f"wrk printed no summary (exit {run.exit_code}):\n{run.output}")
+    data: dict[str, Any] = orjson.loads(line.split(" ", 1)[1])
+    return data
+
+
+def _stop_py_spy(spy: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    """py-spy writes its output when it is interrupted (or its duration ends)."""
+    if spy.poll() is None:
+        spy.send_signal(signal.SIGINT)
+    try:
+        spy.wait(timeout)
+    except subprocess.TimeoutExpired:
+        spy.kill()
+        spy.wait()
+    if spy.stderr is not None:
+        spy.stderr.close()
+
+
+def _stored_at(db: Path) -> dict[str, float]:
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        rows = conn.execute("SELECT call_id, stored_at FROM call_reports").fetchall()
+    finally:
+        conn.close()
+    return {call_id: datetime.fromisoformat(stamp).timestamp() for call_id, stamp in rows}
+
+
+def _sqlite_count(db: Path) -> int:
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return int(conn.execute("SELECT count(*) FROM call_reports").fetchone()[0])
+    finally:
+        conn.close()
+
+
+async def _postgres_count(dsn: str) -> int:
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        return int(await conn.fetchval("SELECT count(*) FROM call_reports"))
+    finally:
+        await conn.close()
+
+
+def _smooth(series: list[tuple[float, float]], window: float) -> list[tuple[float, float]]:
+    """Rates averaged over at least `window` seconds: 0.1 s polls are too jumpy to plot."""
+    out: list[tuple[float, float]] = []
+    bucket: list[float] = []
+    start: float | None = None
+    for t, rate in series:
+        start = t if start is None else start
+        bucket.append(rate)
+        if t - start >= window:
+            out.append((round(t, 2), round(sum(bucket) / len(bucket), 1)))
+            bucket, start = [], None
+    return out
+
+
+def _meta(options: BenchOptions, started_at: datetime) -> dict[str, Any]:
+    def version(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "-"
+
+    cpu_model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    revision = "-"
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        revision = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        ).stdout.strip()
+    return {
+        "started_at": started_at.isoformat(timespec="seconds"),
+        "argv": sys.argv,
+        "options": {
+            name: str(getattr(options, name)) for name in BenchOptions.__dataclass_fields__
+        },
+        "cpus": os.cpu_count(),
+        "cpu_model": cpu_model,
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "loadavg_start": loadavg(),
+        "python": platform.python_version(),
+        "kafka": KAFKA_VERSION,
+        "git_revision": revision,
+        "versions": {
+            name: version(name)
+            for name in ("aiohttp", "aiokafka", "uvloop", "fastavro", "orjson", "asyncpg")
+        },
+        "signature_tolerance": "default 300 s: each pool is signed just before its run",
+    }
+
+
+@contextlib.asynccontextmanager
+async def _temp_dir(keep: bool) -> AsyncIterator[Path]:
+    tmp = Path(tempfile.mkdtemp(prefix="callstream-bench-"))
+    try:
+        yield tmp
+    finally:
+        if keep:
+            say(f"kept {tmp}")
+        else:
+            await asyncio.to_thread(shutil.rmtree, tmp, True)
+
+
+async def run_bench(options: BenchOptions) -> int:
+    if shutil.which("wrk") is None:
+        say("wrk is not installed: run scripts/install-system-deps (or apt-get install wrk)")
+        return 2
+    if not options.sample.is_file():
+        say(f"no sample report at {options.sample}: pass --sample FILE")
+        return 2
+    started_at = datetime.now(UTC)
+    out_prefix = options.out_dir / started_at.strftime("%Y%m%dT%H%M%SZ")
+    if (load := loadavg()[0]) > 0.5:
+        say(f"note: load average {load:.2f} at start; other work on the machine skews figures")
+    failure: BaseException | None = None
+    async with (
+        _temp_dir(options.keep_temp) as tmp,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http,
+    ):
+        bench = Bench(options, tmp, http, out_prefix)
+        bench.results.meta = _meta(options, started_at)
+        phases: dict[str, Callable[[], Awaitable[None]]] = {
+            "baselines": bench.phase_baselines,
+            "ingress": bench.phase_ingress,
+            "fixed-rate": bench.phase_fixed_rate,
+            "catch-up": bench.phase_catch_up,
+            "spool": bench.phase_spool,
+            "profile": bench.phase_profile,
+        }
+        try:
+            await bench.start_broker()
+            for phase in options.phases:
+                await phases[phase]()
+        except Exception as exc:
+            failure = exc
+            say(f"bench failed: {type(exc).__name__}: {exc}")
+        finally:
+            await bench.close()
+    results = bench.results
+    results.meta["seconds"] = round(time.monotonic() - bench.started, 1)
+    results.meta["loadavg_end"] = loadavg()
+    results.targets = evaluate(results)
+    json_path = out_prefix.with_suffix(".json")
+    write_json(results, json_path)
+    try:
+        from callstream.bench.chart import write_chart
+
+        chart_note = f", chart {write_chart(results, out_prefix.with_suffix('.png'))}"
+    except ImportError:
+        chart_note = " (no chart: pip install -e '.[bench]' for matplotlib)"
+    print(render_table(results))
+    print(f"\nresults {json_path}{chart_note}  ({results.meta['seconds']:.0f} s)")
+    if failure is not None:
+        raise failure
+    return 0

@@ -1,0 +1,763 @@
+"""`callstream replay`: hand a past stretch of the topic to one consumer again, or put
+reports back on the topic from the storage archive once retention has dropped them.
+
+* ``--consumer NAME --from T``: moves the committed offsets of the consumer's group back to
+  the first record at or after T (a new group: forward, instead of the log start); the next
+  `callstream consumer NAME` handles everything from there.
+* ``--consumer NAME --from T --to U``: handles exactly the records in [T, U) here and now,
+  through the same Runner and the same consumer code, then puts the group's committed
+  offsets back where they were.
+* ``--from-storage --from T [--to U]``: re-publishes the stored records whose event time is
+  in [T, U), byte for byte, onto the topic; every consumer sees them again.
+
+Consumers are idempotent (see consumers.contract), which is what makes any of this safe:
+storage keeps one row per call, alerting does not notify twice, metrics count a call once.
+docs/replay.md says precisely what happens to the group's offsets in each mode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol, TextIO
+
+import aiohttp
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import CommitFailedError, KafkaError
+from prometheus_client import CollectorRegistry
+
+from callstream.consumerstatus import KafkaInspector, TopicMissingError
+from callstream.kafkaconfig import KafkaSettings
+from callstream.topicadmin import ensure_topics
+from consumers.contract import Consumer, Delivery
+from consumers.runner import Runner, RunnerSettings
+from consumers.runner_metrics import RunnerMetrics
+from schemas.codec import CONFLUENT_MAGIC, SINGLE_OBJECT_MAGIC, Decoder
+from schemas.errors import DecodeError, SchemaError
+from schemas.registry import RegistryClient
+from schemas.report import CallReport
+from schemas.store import default_store
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_REFUSED = 2  # like argparse: the command was not run as asked, nothing changed
+
+# A restore right after the Runner left can meet the group between "last member gone" and
+# "Empty"; the broker refuses outside commits until then.
+_RESTORE_ATTEMPTS = 30
+_PUBLISH_WINDOW = 1000  # records in flight before waiting for their acks
+
+
+def parse_time(text: str) -> datetime:
+    """ISO-8601 (`2025-08-20`, `2025-08-20T09:30`, `...Z`, `...+02:00`); UTC unless a zone
+    is given."""
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(f"not an ISO-8601 time: {text!r}") from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+# -- the plan ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionPlan:
+    partition: int
+    beginning: int  # log start offset
+    end: int  # log end offset when planned
+    start: int  # first record at or after --from; `end` if there is none
+    stop: int  # first record at or after --to; `end` without --to or if there is none
+    committed: int | None  # the group's committed offset before the replay
+    # No partition's commit is past its log start: the group has handled nothing that is
+    # still retained (a new consumer, expired offsets, or a bounded replay's restore).
+    fresh_group: bool
+
+    @property
+    def count(self) -> int:
+        return max(self.stop - self.start, 0)
+
+    @property
+    def rewind_to(self) -> int | None:
+        """Where a replay without --to moves the group's offset; None: left alone.
+
+        A group that has consumed moves only backwards: moving it forward to --from would
+        skip records it has not handled yet, and it reaches the range by itself. A fresh
+        group would start at the log start; it starts at --from instead, which is how a new
+        consumer gets "last week" rather than everything retained.
+        """
+        if self.fresh_group:
+            return self.start
+        if self.committed is None or self.committed <= self.start:
+            return None
+        return self.start
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayPlan:
+    consumer: str
+    group_id: str
+    topic: str
+    since: datetime
+    until: datetime | None
+    partitions: tuple[PartitionPlan, ...]
+
+    @property
+    def total(self) -> int:
+        return sum(p.count for p in self.partitions)
+
+    @property
+    def numbers(self) -> list[int]:
+        return [p.partition for p in self.partitions]
+
+    def done(self, committed: Mapping[int, int]) -> int:
+        """Records of the range the group's commits have passed."""
+        return sum(
+            min(max(committed.get(p.partition, p.start) - p.start, 0), p.count)
+            for p in self.partitions
+        )
+
+    def finished(self, committed: Mapping[int, int]) -> bool:
+        return all(
+            p.count == 0 or committed.get(p.partition, p.start) >= p.stop for p in self.partitions
+        )
+
+
+async def plan_replay(
+    inspector: KafkaInspector,
+    consumer: str,
+    group_id: str,
+    topic: str,
+    since: datetime,
+    until: datetime | None,
+) -> ReplayPlan:
+    partitions = await inspector.partitions(topic)
+    beginning, end = await inspector.log_offsets(topic, partitions)
+    starts = await inspector.offsets_for_time(topic, partitions, since)
+    stops = await inspector.offsets_for_time(topic, partitions, until) if until is not None else {}
+    committed = await inspector.committed(group_id, topic, partitions)
+    fresh = all(committed.get(p, beginning[p]) <= beginning[p] for p in partitions)
+    plans = []
+    for p in partitions:
+        start = starts.get(p)
+        stop = stops.get(p)
+        plans.append(
+            PartitionPlan(
+                partition=p,
+                beginning=beginning[p],
+                end=end[p],
+                start=end[p] if start is None else start,
+                stop=end[p] if stop is None else stop,
+                committed=committed.get(p),
+                fresh_group=fresh,
+            )
+        )
+    return ReplayPlan(consumer, group_id, topic, since, until, tuple(plans))
+
+
+def render_plan(plan: ReplayPlan, *, bounded: bool) -> str:
+    window = f"from {plan.since.isoformat()}" + (
+        f" to {plan.until.isoformat()}" if plan.until is not None else " to the end"
+    )
+    lines = [
+        f"consumer {plan.consumer}, group {plan.group_id}, topic {plan.topic}",
+        f"records with Kafka timestamps {window}",
+    ]
+    rows = [("partition", "from-offset", "to-offset", "records", "committed", "after", "note")]
+    for p in plan.partitions:
+        after: int | None
+        if bounded:
+            after = p.committed if p.committed is not None else p.beginning
+        else:
+            after = p.rewind_to if p.rewind_to is not None else p.committed
+        rows.append(
+            (
+                str(p.partition),
+                str(p.start),
+                str(p.stop),
+                str(p.count),
+                "-" if p.committed is None else str(p.committed),
+                "-" if after is None else str(after),
+                _note(p, bounded=bounded),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(6)]
+    for row in rows:
+        cells = [cell.rjust(width) for cell, width in zip(row[:6], widths, strict=True)]
+        lines.append("  ".join([*cells, row[6]]).rstrip())
+    lines.append(f"total: {plan.total} records")
+    return "\n".join(lines) + "\n"
+
+
+def _note(p: PartitionPlan, *, bounded: bool) -> str:
+    notes = []
+    if p.start >= p.end:
+        notes.append("no record after --from: nothing to replay")
+    elif p.count == 0:
+        notes.append("no record between --from and --to")
+    elif p.start == p.beginning and p.beginning > 0:
+        # The first retained record is already inside the range, so older ones that were
+        # inside it too may be gone.
+        notes.append("starts at the log start: retention may have dropped part of the range")
+    if not bounded and p.fresh_group and p.start > p.beginning:
+        notes.append("new group: starts here instead of at the log start")
+    elif not bounded and p.count > 0:
+        if p.committed is None:
+            notes.append("no committed offset: the group reads from the log start anyway")
+        elif p.committed < p.start:
+            notes.append("group has not reached --from yet: left where it is")
+    return "; ".join(notes)
+
+
+# -- progress ------------------------------------------------------------------------------
+
+
+class Progress:
+    """`done/total, rate, time left` on stderr, at most once per `interval`."""
+
+    def __init__(self, label: str, total: int, err: TextIO, interval: float = 1.0) -> None:
+        self._label = label
+        self._total = total
+        self._err = err
+        self._interval = interval
+        self._started = time.monotonic()
+        self._last: float | None = None
+        self._shown: int | None = None
+        self.done = 0
+
+    def update(self, done: int, *, force: bool = False) -> None:
+        """`force`: print now (the final line), unless this very count is already shown."""
+        self.done = done
+        now = time.monotonic()
+        if force:
+            if done == self._shown:
+                return
+        elif self._last is not None and now - self._last < self._interval:
+            return
+        self._last, self._shown = now, done
+        elapsed = max(now - self._started, 1e-9)
+        rate = done / elapsed
+        remaining = max(self._total - done, 0)
+        left = _duration(remaining / rate) if rate > 0 else "?"
+        percent = 100.0 * done / self._total if self._total else 100.0
+        self._err.write(
+            f"{self._label}: {done}/{self._total} records ({percent:.0f}%), "
+            f"{rate:.0f}/s, {left} left\n"
+        )
+        self._err.flush()
+
+
+def _duration(seconds: float) -> str:
+    whole = int(seconds + 0.5)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+# -- replaying through a consumer's group ----------------------------------------------------
+
+
+class _Window(Consumer):
+    """The consumer, handed only the records inside the replay range.
+
+    The Runner reads on past --to (it polls whole batches); those records are not the
+    replay's to handle, and the group's offsets are put back afterwards anyway.
+    """
+
+    def __init__(self, inner: Consumer, topic: str, bounds: Mapping[int, tuple[int, int]]) -> None:
+        self.name = inner.name
+        self._inner = inner
+        self._topic = topic
+        self._bounds = bounds
+        self.handled = 0
+
+    async def start(self) -> None:
+        await self._inner.start()
+
+    async def stop(self) -> None:
+        await self._inner.stop()
+
+    async def handle(self, batch: Sequence[Delivery]) -> None:
+        inside = [d for d in batch if self._inside(d)]
+        if not inside:
+            return
+        await self._inner.handle(inside)
+        self.handled += len(inside)
+
+    def _inside(self, delivery: Delivery) -> bool:
+        bounds = self._bounds.get(delivery.partition)
+        if delivery.topic != self._topic or bounds is None:
+            return False
+        return bounds[0] <= delivery.offset < bounds[1]
+
+
+async def commit_group_offsets(
+    kafka: KafkaSettings, group_id: str, topic: str, offsets: Mapping[int, int]
+) -> None:
+    """Commit `offsets` for `group_id` without joining it (assign, never subscribe).
+
+    The broker accepts such a commit only while the group has no members, so this can
+    never pull offsets from under a running consumer; CommitFailedError says it has some.
+    """
+    if not offsets:
+        return
+    committer = AIOKafkaConsumer(
+        **kafka.client_kwargs() | {"client_id": "callstream-replay"},
+        group_id=group_id,
+        enable_auto_commit=False,
+    )
+    try:
+        await committer.start()
+        positions = {TopicPartition(topic, p): o for p, o in offsets.items()}
+        committer.assign(list(positions))
+        await committer.commit(positions)
+    finally:
+        await committer.stop()
+
+
+async def replay_consumer(
+    kafka: KafkaSettings,
+    consumer: str,
+    since: datetime,
+    until: datetime | None,
+    *,
+    env: Mapping[str, str],
+    settings: RunnerSettings,
+    out: TextIO,
+    err: TextIO,
+    dry_run: bool = False,
+    stop: asyncio.Event | None = None,
+    registry: CollectorRegistry | None = None,
+    progress_interval: float = 1.0,
+) -> int:
+    """Replay [since, until) of `settings.topic` through `consumer` in `settings.group_id`.
+
+    Without `until` only the group's offsets move; with it the range is handled here.
+    Returns an exit code; refuses (EXIT_REFUSED, nothing changed) while the group has members.
+    """
+    from consumers.registry import CONSUMERS
+
+    spec = CONSUMERS.get(consumer)
+    if spec is None:
+        err.write(f"no consumer named {consumer!r}; registered: {', '.join(sorted(CONSUMERS))}\n")
+        return EXIT_REFUSED
+    if until is not None and until <= since:
+        err.write("--to must be later than --from\n")
+        return EXIT_REFUSED
+    group_id, topic = settings.group_id, settings.topic
+    async with KafkaInspector(kafka) as inspector:
+        group = await inspector.group(group_id)
+        if group.active and not dry_run:
+            err.write(_active_message(group_id, group.state, group.members, consumer))
+            return EXIT_REFUSED
+        try:
+            plan = await plan_replay(inspector, consumer, group_id, topic, since, until)
+        except TopicMissingError as exc:
+            err.write(f"{exc}: nothing to replay\n")
+            return EXIT_FAILED
+        out.write(render_plan(plan, bounded=until is not None))
+        if dry_run:
+            if group.active:
+                out.write(
+                    f"note: group {group_id} is {group.state} with {group.members} member(s);"
+                    " a real replay would be refused until it is stopped\n"
+                )
+            out.write("dry run: nothing changed\n")
+            return EXIT_OK
+        if until is None:
+            return await _rewind(kafka, plan, consumer, out, err)
+        if plan.total == 0:
+            out.write("nothing to replay: the group's offsets were not touched\n")
+            return EXIT_OK
+        registry = registry or CollectorRegistry()
+        return await _replay_window(
+            kafka,
+            inspector,
+            plan,
+            spec.build(env, registry),
+            settings,
+            registry,
+            out=out,
+            err=err,
+            stop=stop or asyncio.Event(),
+            interval=progress_interval,
+        )
+
+
+def _active_message(group_id: str, state: str, members: int, consumer: str) -> str:
+    return (
+        f"refusing to replay: group {group_id} is active ({state}, {members} member(s)).\n"
+        f"Stop every `callstream consumer {consumer}` first; moving the offsets of a running"
+        " group would be overwritten by its next commit.\n"
+    )
+
+
+async def _rewind(
+    kafka: KafkaSettings, plan: ReplayPlan, consumer: str, out: TextIO, err: TextIO
+) -> int:
+    moves = {p.partition: r for p in plan.partitions if (r := p.rewind_to) is not None}
+    if not moves:
+        out.write("nothing to move: the group's offsets were not touched\n")
+        return EXIT_OK
+    try:
+        await commit_group_offsets(kafka, plan.group_id, plan.topic, moves)
+    except CommitFailedError:
+        err.write(f"refusing to replay: group {plan.group_id} became active; nothing was changed\n")
+        return EXIT_REFUSED
+    ahead = sum(p.end - p.start for p in plan.partitions if p.partition in moves)
+    out.write(
+        f"moved group {plan.group_id} on {len(moves)} partition(s): the next"
+        f" `callstream consumer {consumer}` handles {ahead} record(s) from --from on,"
+        " then carries on with new ones\n"
+    )
+    return EXIT_OK
+
+
+async def _replay_window(
+    kafka: KafkaSettings,
+    inspector: KafkaInspector,
+    plan: ReplayPlan,
+    consumer: Consumer,
+    settings: RunnerSettings,
+    registry: CollectorRegistry,
+    *,
+    out: TextIO,
+    err: TextIO,
+    stop: asyncio.Event,
+    interval: float,
+) -> int:
+    try:
+        await commit_group_offsets(
+            kafka, plan.group_id, plan.topic, {p.partition: p.start for p in plan.partitions}
+        )
+    except CommitFailedError:
+        err.write(f"refusing to replay: group {plan.group_id} became active; nothing was changed\n")
+        return EXIT_REFUSED
+    window = _Window(
+        consumer, plan.topic, {p.partition: (p.start, p.stop) for p in plan.partitions}
+    )
+    async with aiohttp.ClientSession() as session:
+        runner = Runner(
+            window,
+            kafka,
+            settings,
+            RunnerMetrics(registry, consumer.name),
+            Decoder(default_store(), _registry_client(kafka, session)),
+        )
+        runner_stop = asyncio.Event()
+        task = asyncio.create_task(runner.run(runner_stop), name=f"replay-{consumer.name}")
+        progress = Progress(f"replay {consumer.name}", plan.total, err, interval)
+        outcome = "stopped"
+        try:
+            outcome = await _watch(inspector, plan, task, stop, progress, interval)
+        finally:
+            runner_stop.set()
+            runner_error = await _finish(task)
+            # The Runner commits the batch in hand as it stops: count that one too.
+            committed = await inspector.committed(plan.group_id, plan.topic, plan.numbers)
+            restored = await _restore(kafka, inspector, plan, err)
+    progress.update(plan.done(committed), force=True)
+    if outcome == "stopped" and plan.finished(committed):
+        outcome = "finished"
+    if runner_error is not None:
+        err.write(f"replay failed: {runner_error}\n")
+    summary = {
+        "finished": "replayed",
+        "stopped": "stopped early after",
+        "intruder": "stopped early (another member joined the group) after",
+    }[outcome]
+    out.write(
+        f"{summary} {progress.done} of {plan.total} record(s) through {consumer.name}"
+        f" ({window.handled} handed to the consumer)\n"
+    )
+    if restored:
+        out.write(f"group {plan.group_id}: committed offsets restored to where they were\n")
+    if runner_error is not None or not restored:
+        return EXIT_FAILED
+    return EXIT_OK if outcome == "finished" else EXIT_FAILED
+
+
+async def _watch(
+    inspector: KafkaInspector,
+    plan: ReplayPlan,
+    task: asyncio.Task[None],
+    stop: asyncio.Event,
+    progress: Progress,
+    interval: float,
+) -> str:
+    """Until every partition's commits reached --to ("finished"), the caller asks to stop
+    ("stopped"), or someone else joins the group ("intruder")."""
+    while not task.done() and not stop.is_set():
+        committed = await inspector.committed(plan.group_id, plan.topic, plan.numbers)
+        progress.update(plan.done(committed))
+        if plan.finished(committed):
+            return "finished"
+        group = await inspector.group(plan.group_id)
+        if group.members > 1:
+            # A `callstream consumer` started meanwhile now shares the partitions, so this
+            # replay no longer sees the whole range, and its offsets cannot be put back
+            # while that member holds the group.
+            return "intruder"
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=interval)
+    return "stopped"
+
+
+async def _finish(task: asyncio.Task[None]) -> BaseException | None:
+    try:
+        await task
+    except Exception as exc:
+        log.exception("replay runner failed")
+        return exc
+    return None
+
+
+async def _restore(
+    kafka: KafkaSettings, inspector: KafkaInspector, plan: ReplayPlan, err: TextIO
+) -> bool:
+    beginning, _ = await inspector.log_offsets(plan.topic, plan.numbers)
+    # A partition the group had never committed goes to the log start: where
+    # auto_offset_reset=earliest would have started it.
+    offsets = {
+        p.partition: p.committed if p.committed is not None else beginning[p.partition]
+        for p in plan.partitions
+    }
+    for attempt in range(_RESTORE_ATTEMPTS):
+        group = await inspector.group(plan.group_id)
+        if not group.active:
+            try:
+                await commit_group_offsets(kafka, plan.group_id, plan.topic, offsets)
+            except CommitFailedError:
+                pass
+            else:
+                return True
+        if attempt + 1 < _RESTORE_ATTEMPTS:
+            await asyncio.sleep(0.5)
+    listing = ", ".join(f"{p}:{o}" for p, o in sorted(offsets.items()))
+    err.write(
+        f"could not restore the offsets of group {plan.group_id}: it has members again.\n"
+        f"Put them back by hand once it is stopped (partition:offset on {plan.topic}): "
+        f"{listing}\n"
+    )
+    return False
+
+
+def _registry_client(kafka: KafkaSettings, session: aiohttp.ClientSession) -> RegistryClient | None:
+    return RegistryClient(kafka.schema_registry_url, session) if kafka.schema_registry_url else None
+
+
+# -- re-publishing from the storage archive ------------------------------------------------
+
+
+class StoredRecords(Protocol):
+    """What re-publishing needs from the archive (consumers.storage_db.StorageBackend)."""
+
+    def iter_records(
+        self, since: datetime, until: datetime | None = None
+    ) -> AsyncIterator[tuple[str, bytes]]: ...
+
+
+def record_headers(record: bytes, report: CallReport) -> list[tuple[str, bytes]]:
+    """The headers the ingress gives a record, from the record itself, plus where it came
+    from this time."""
+    if record[:2] == SINGLE_OBJECT_MAGIC:
+        schema_id, wire_format = record[2:10].hex(), "avro-single-object"
+    elif record[:1] == CONFLUENT_MAGIC:
+        schema_id, wire_format = str(int.from_bytes(record[1:5], "big")), "confluent"
+    else:
+        raise SchemaError(f"stored record has unknown framing {record[:2].hex()}")
+    return [
+        ("event-type", report.event_type.encode()),
+        ("schema-id", schema_id.encode()),
+        ("wire-format", wire_format.encode()),
+        ("source-format", report.source_format.encode()),
+        ("request-id", report.request_id.encode()),
+        ("replayed-from", b"storage"),
+    ]
+
+
+async def republish_from_storage(
+    kafka: KafkaSettings,
+    records: StoredRecords,
+    since: datetime,
+    until: datetime | None,
+    *,
+    out: TextIO,
+    err: TextIO,
+    dry_run: bool = False,
+    topic: str | None = None,
+    stop: asyncio.Event | None = None,
+    progress_interval: float = 1.0,
+    decoder: Decoder | None = None,
+) -> int:
+    """Publish the stored reports with event times in [since, until) onto `topic` (default:
+    the reports topic), keyed by call id, acks=all."""
+    if until is not None and until <= since:
+        err.write("--to must be later than --from\n")
+        return EXIT_REFUSED
+    topic = topic or kafka.topic
+    window = f"from {since.isoformat()}" + (
+        f" to {until.isoformat()}" if until is not None else " to the end"
+    )
+    # Counting first costs one more read of the range, and buys a real total and ETA.
+    total = 0
+    async for _ in records.iter_records(since, until):
+        total += 1
+    out.write(f"{total} stored report(s) with event times {window}\n")
+    if dry_run:
+        out.write(f"dry run: nothing published to {topic}\n")
+        return EXIT_OK
+    if total == 0:
+        return EXIT_OK
+    decoder = decoder or Decoder(default_store())
+    stop = stop or asyncio.Event()
+    await ensure_topics(kafka, [topic])
+    producer = AIOKafkaProducer(
+        **kafka.client_kwargs() | {"client_id": "callstream-replay"},
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=5,
+        compression_type="lz4",
+        request_timeout_ms=30_000,
+    )
+    progress = Progress("re-publish", total, err, progress_interval)
+    published = 0
+    rows = records.iter_records(since, until)
+    try:
+        await producer.start()
+        pending: list[asyncio.Future[Any]] = []
+        async for call_id, record in rows:
+            if stop.is_set():
+                break
+            try:
+                report = CallReport.from_record((await decoder.decode(record)).record)
+            except (DecodeError, SchemaError) as exc:
+                err.write(f"cannot read the stored record of call {call_id}: {exc}\n")
+                break
+            # The key comes from the record, not from the row: the archive's column copy of
+            # the id may have been sanitised, the record never is.
+            pending.append(
+                await producer.send(
+                    topic,
+                    record,
+                    key=report.call_id.encode(),
+                    headers=record_headers(record, report),
+                )
+            )
+            if len(pending) >= _PUBLISH_WINDOW:
+                published += await _acked(pending)
+                progress.update(published)
+        published += await _acked(pending)
+    except KafkaError as exc:
+        err.write(f"publishing to {topic} failed after {published} record(s): {exc}\n")
+        return EXIT_FAILED
+    finally:
+        # A generator left mid-way is otherwise only finalised by the garbage collector.
+        close = getattr(rows, "aclose", None)
+        if close is not None:
+            await close()
+        await producer.stop()
+    progress.update(published, force=True)
+    out.write(f"re-published {published} of {total} report(s) onto {topic}\n")
+    return EXIT_OK if published == total else EXIT_FAILED
+
+
+async def _acked(pending: list[asyncio.Future[Any]]) -> int:
+    """Wait for every send in flight; raises the first failure."""
+    count = len(pending)
+    await asyncio.gather(*pending)
+    pending.clear()
+    return count
+
+
+# -- the command ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayRequest:
+    consumer: str | None
+    since: str
+    until: str | None
+    dry_run: bool
+    from_storage: bool
+
+
+async def replay_command(
+    request: ReplayRequest,
+    env: Mapping[str, str],
+    kafka: KafkaSettings,
+    out: TextIO = sys.stdout,
+    err: TextIO = sys.stderr,
+) -> int:
+    try:
+        since = parse_time(request.since)
+        until = parse_time(request.until) if request.until is not None else None
+    except ValueError as exc:
+        err.write(f"callstream replay: {exc}\n")
+        return EXIT_REFUSED
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    # Ctrl-C and SIGTERM stop the replay between batches, and the offsets still go back.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        if request.from_storage:
+            return await _from_storage(env, kafka, since, until, request.dry_run, out, err, stop)
+        assert request.consumer is not None
+        return await replay_consumer(
+            kafka,
+            request.consumer,
+            since,
+            until,
+            env=env,
+            settings=RunnerSettings.from_env(env, request.consumer, kafka),
+            out=out,
+            err=err,
+            dry_run=request.dry_run,
+            stop=stop,
+        )
+    except KafkaError as exc:
+        err.write(f"callstream replay: Kafka at {kafka.bootstrap_servers}: {exc}\n")
+        return EXIT_FAILED
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+async def _from_storage(
+    env: Mapping[str, str],
+    kafka: KafkaSettings,
+    since: datetime,
+    until: datetime | None,
+    dry_run: bool,
+    out: TextIO,
+    err: TextIO,
+    stop: asyncio.Event,
+) -> int:
+    from consumers.storage import StorageSettings, open_backend
+
+    async with open_backend(StorageSettings.from_env(env)) as backend, aiohttp.ClientSession() as s:
+        return await republish_from_storage(
+            kafka,
+            backend,
+            since,
+            until,
+            out=out,
+            err=err,
+            dry_run=dry_run,
+            stop=stop,
+            decoder=Decoder(default_store(), _registry_client(kafka, s)),
+        )

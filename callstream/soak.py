@@ -1,0 +1,679 @@
+"""A soak run: steady load through the real processes while faults are injected, then an
+account of every report. Not a test: run it by hand, it takes as long as you ask.
+
+    python -m callstream.soak --minutes 10 [--rate 200] [--seed 7] [--keep]
+
+It starts its own broker (LocalKafka in a temporary home), then the ingress and the storage
+consumer (SQLite) as `python -m callstream ...` processes, exactly as they run in
+production, and posts signed reports at a steady rate, each with a new call id. On a
+schedule, one fault at a time: SIGKILL the broker and restart it 10-30 s later; SIGSTOP it
+and SIGCONT it later; SIGKILL and restart the storage consumer; SIGKILL and restart the
+ingress. When the load stops it lets the pipeline settle (the spool drained, storage caught
+up) and reports:
+
+    sent          reports posted
+    acknowledged  answered 2xx: the ingress promised it was durable
+    stored        rows in storage (and which of them were never acknowledged)
+    duplicates    acknowledged call ids on the topic more than once; storage's duplicates
+    lost          acknowledged but not stored: must be 0, and the exit status says so
+    peak memory   VmHWM of each process (the highest of its incarnations)
+
+When ingress/spool.py is present the ingress spools to a directory in the run's home
+(CALLSTREAM_SPOOL_DIR), so a broker outage becomes acknowledged-and-spooled, not 503s.
+Traffic goes only to 127.0.0.1, and every loop is bounded by --minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib.util
+import json
+import os
+import random
+import secrets
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+
+from callstream.kafkaconfig import KafkaSettings
+from callstream.localkafka import LocalKafka
+from callstream.topicreader import read_topic
+from ingress.auth import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
+
+SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "samples" / "end-of-call-report.json"
+WEBHOOK = "/webhooks/flireo"
+# More than this many unanswered requests means the ingress is not answering at all; the
+# driver then counts the tick as skipped instead of piling up sockets without bound.
+MAX_IN_FLIGHT = 2000
+REQUEST_TIMEOUT = 30.0
+# After the load: how long the pipeline may take to drain its spool and catch up, and how
+# long without any progress counts as stuck.
+SETTLE_MAX_SECONDS = 300.0
+SETTLE_STUCK_SECONDS = 90.0
+SAMPLE_EVERY = 1.0
+
+
+@dataclass(frozen=True)
+class Options:
+    minutes: float
+    rate: float
+    seed: int
+    keep: bool
+    first_fault_after: float
+    gap: tuple[float, float]
+
+
+def parse_args(argv: list[str] | None = None) -> Options:
+    parser = argparse.ArgumentParser(
+        prog="python -m callstream.soak", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--minutes", type=float, default=10.0, help="load duration (default 10)")
+    parser.add_argument("--rate", type=float, default=200.0, help="reports per second (200)")
+    parser.add_argument("--seed", type=int, default=None, help="fault schedule seed (random)")
+    parser.add_argument("--keep", action="store_true", help="keep the run's directory and logs")
+    parser.add_argument(
+        "--first-fault-after", type=float, default=10.0, help="seconds before the first fault"
+    )
+    parser.add_argument(
+        "--gap", type=float, nargs=2, default=(10.0, 20.0), metavar=("MIN", "MAX"),
+        help="seconds between one fault's recovery and the next fault (10 20)",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    if args.minutes <= 0 or args.rate <= 0:
+        parser.error("--minutes and --rate must be positive")
+    return Options(
+        minutes=args.minutes,
+        rate=args.rate,
+        seed=args.seed if args.seed is not None else secrets.randbelow(2**31),
+        keep=args.keep,
+        first_fault_after=args.first_fault_after,
+        gap=(min(args.gap), max(args.gap)),
+    )
+
+
+# -- processes --------------------------------------------------------------------------------
+
+
+def vm_hwm_kib(pid: int | None) -> int:
+    """Peak resident set size of a live process, in KiB (0 when it is gone)."""
+    if pid is None:
+        return 0
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Service:
+    """One `python -m callstream ...` child, restartable. Remembers its peak memory over
+    every incarnation, and exits it did not ask for (which it restarts, like a supervisor
+    with Restart=always would, and reports)."""
+
+    role: str
+    args: list[str]
+    env: dict[str, str]
+    log_dir: Path
+    port: int
+    process: subprocess.Popen[bytes] | None = None
+    incarnation: int = 0
+    peak_kib: int = 0
+    unexpected_exits: list[int] = field(default_factory=list)
+    deliberately_down: bool = False
+
+    def start(self) -> None:
+        self.incarnation += 1
+        log = self.log_dir / f"{self.role}.{self.incarnation}.log"
+        with log.open("wb") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "callstream", *self.args],
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        self.deliberately_down = False
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.process is None else self.process.pid
+
+    def sample(self) -> None:
+        self.peak_kib = max(self.peak_kib, vm_hwm_kib(self.pid))
+
+    def kill(self) -> None:
+        self.sample()
+        self.deliberately_down = True
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait()
+
+    def check(self) -> None:
+        """Restart after an exit nobody asked for."""
+        if self.process is None or self.deliberately_down:
+            return
+        code = self.process.poll()
+        if code is not None:
+            self.unexpected_exits.append(code)
+            print(f"  !! {self.role} exited by itself ({code}); restarting", flush=True)
+            self.start()
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.sample()
+        self.deliberately_down = True
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+class Broker:
+    """The run's own LocalKafka; blocking calls go to a thread so the load never stalls."""
+
+    def __init__(self, home: Path) -> None:
+        self.kafka = LocalKafka(home)
+        self.peak_kib = 0
+        self.incarnation = 0
+        self.paused = False
+
+    def pid(self) -> int | None:
+        status = self.kafka.status()
+        return status.pid if status is not None and status.running else None
+
+    def sample(self) -> None:
+        self.peak_kib = max(self.peak_kib, vm_hwm_kib(self.pid()))
+
+    async def start(self) -> str:
+        bootstrap = await asyncio.to_thread(self.kafka.start)
+        self.incarnation += 1
+        return bootstrap
+
+    async def kill(self) -> None:
+        self.sample()
+        await asyncio.to_thread(self.kafka.kill, signal.SIGKILL)
+
+    async def pause(self) -> None:
+        self.sample()
+        await asyncio.to_thread(self.kafka.pause)
+        self.paused = True
+
+    async def resume(self) -> None:
+        await asyncio.to_thread(self.kafka.resume)
+        self.paused = False
+
+    def stop(self) -> None:
+        if self.paused:
+            with contextlib.suppress(Exception):
+                self.kafka.resume()
+        self.sample()
+        self.kafka.stop()
+
+
+# -- load -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Tally:
+    sent: set[str] = field(default_factory=set)
+    acked: set[str] = field(default_factory=set)
+    statuses: Counter[int] = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)
+    skipped: int = 0
+    durable: Counter[str] = field(default_factory=Counter)
+
+
+class Driver:
+    """Posts signed reports at a steady rate (open loop: a slow answer does not slow the
+    sending), one new call id each."""
+
+    def __init__(self, url: str, secret: str, tally: Tally) -> None:
+        self.url = url
+        self.secret = secret
+        self.tally = tally
+        self.template: dict[str, Any] = orjson.loads(SAMPLE.read_bytes())
+
+    def body(self, call_id: str) -> bytes:
+        payload = dict(self.template)
+        payload["callId"] = call_id
+        payload["eventTimestamp"] = int(time.time() * 1000)
+        return orjson.dumps(payload)
+
+    async def run(self, rate: float, until: float) -> None:
+        loop = asyncio.get_running_loop()
+        connector = aiohttp.TCPConnector(limit=MAX_IN_FLIGHT)
+        timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
+        tasks: set[asyncio.Task[None]] = set()
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+            next_at = loop.time()
+            while loop.time() < until:
+                while next_at <= loop.time():
+                    next_at += 1.0 / rate
+                    if len(tasks) >= MAX_IN_FLIGHT:
+                        self.tally.skipped += 1
+                        continue
+                    task = asyncio.create_task(self.send(session))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                await asyncio.sleep(max(0.0, next_at - loop.time()))
+            if tasks:
+                await asyncio.wait(tasks)
+
+    async def send(self, session: aiohttp.ClientSession) -> None:
+        call_id = str(uuid.uuid4())
+        body = self.body(call_id)
+        stamp = str(int(time.time()))
+        headers = {
+            "Content-Type": "application/json",
+            TIMESTAMP_HEADER: stamp,
+            SIGNATURE_HEADER: sign(self.secret, stamp, body),
+        }
+        self.tally.sent.add(call_id)
+        try:
+            async with session.post(self.url, data=body, headers=headers) as resp:
+                answer = await resp.read()
+                status = resp.status
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            self.tally.errors[type(exc).__name__] += 1
+            return
+        self.tally.statuses[status] += 1
+        if 200 <= status < 300:
+            self.tally.acked.add(call_id)
+            with contextlib.suppress(ValueError, AttributeError):
+                self.tally.durable[str(orjson.loads(answer).get("durable", "kafka"))] += 1
+
+
+# -- faults -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Pipeline:
+    broker: Broker
+    ingress: Service
+    storage: Service
+    started: float
+    faults: list[str] = field(default_factory=list)
+
+    def note(self, text: str) -> None:
+        line = f"t+{time.monotonic() - self.started:6.1f}s  {text}"
+        self.faults.append(line)
+        print("  " + line, flush=True)
+
+
+async def kill_broker(p: Pipeline, rng: random.Random) -> None:
+    down = rng.uniform(10, 30)
+    await p.broker.kill()
+    p.note(f"broker SIGKILL; down {down:.0f} s")
+    await asyncio.sleep(down)
+    began = time.monotonic()
+    await p.broker.start()
+    p.note(f"broker restarted (ready after {time.monotonic() - began:.1f} s)")
+
+
+async def pause_broker(p: Pipeline, rng: random.Random) -> None:
+    frozen = rng.uniform(5, 15)
+    await p.broker.pause()
+    p.note(f"broker SIGSTOP; frozen {frozen:.0f} s")
+    await asyncio.sleep(frozen)
+    await p.broker.resume()
+    p.note("broker SIGCONT")
+
+
+async def kill_storage(p: Pipeline, rng: random.Random) -> None:
+    down = rng.uniform(2, 5)
+    p.storage.kill()
+    p.note(f"storage consumer SIGKILL; down {down:.1f} s")
+    await asyncio.sleep(down)
+    p.storage.start()
+    p.note("storage consumer restarted")
+
+
+async def kill_ingress(p: Pipeline, rng: random.Random) -> None:
+    down = rng.uniform(1, 3)
+    p.ingress.kill()
+    p.note(f"ingress SIGKILL; down {down:.1f} s")
+    await asyncio.sleep(down)
+    p.ingress.start()
+    p.note("ingress restarted")
+
+
+Fault = Callable[[Pipeline, random.Random], Awaitable[None]]
+# The first round covers every fault once, the cheap ones first, so even a two-minute run
+# sees all four; later rounds are shuffled.
+FAULTS: list[Fault] = [kill_ingress, pause_broker, kill_storage, kill_broker]
+
+
+async def inject_faults(p: Pipeline, opts: Options, until: float) -> None:
+    rng = random.Random(opts.seed)
+    loop = asyncio.get_running_loop()
+    await asyncio.sleep(opts.first_fault_after)
+    schedule = list(FAULTS)
+    while loop.time() < until:
+        if not schedule:
+            schedule = rng.sample(FAULTS, len(FAULTS))
+        await schedule.pop(0)(p, rng)
+        gap = rng.uniform(*opts.gap)
+        if loop.time() + gap >= until:
+            return
+        await asyncio.sleep(gap)
+
+
+async def watch(p: Pipeline, stop: asyncio.Event) -> None:
+    """Memory samples and restarts of unexpected exits, once a second."""
+    while not stop.is_set():
+        for service in (p.ingress, p.storage):
+            service.check()
+            service.sample()
+        if not p.broker.paused:
+            p.broker.sample()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), SAMPLE_EVERY)
+
+
+# -- the account ----------------------------------------------------------------------------
+
+
+class Scraper:
+    """A counter from a service's /metrics, summed over its incarnations (each restart
+    starts the counter again from zero)."""
+
+    def __init__(self, service: Service, line_prefix: str) -> None:
+        self.service = service
+        self.prefix = line_prefix
+        self.last: dict[int, float] = {}
+
+    async def scrape(self, session: aiohttp.ClientSession) -> None:
+        url = f"http://127.0.0.1:{self.service.port}/metrics"
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError, ValueError):
+            async with session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as resp:
+                for line in (await resp.text()).splitlines():
+                    if line.startswith(self.prefix):
+                        self.last[self.service.incarnation] = float(line.rsplit(" ", 1)[1])
+
+    @property
+    def total(self) -> int:
+        return int(sum(self.last.values()))
+
+
+async def scrape_forever(scrapers: list[Scraper], stop: asyncio.Event) -> None:
+    async with aiohttp.ClientSession() as session:
+        while not stop.is_set():
+            for scraper in scrapers:
+                await scraper.scrape(session)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 2.0)
+        for scraper in scrapers:
+            await scraper.scrape(session)
+
+
+def stored_ids(db: Path) -> set[str]:
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+            return {row[0] for row in conn.execute("SELECT call_id FROM call_reports")}
+    except sqlite3.Error:
+        return set()
+
+
+async def spool_depth(url: str) -> int | None:
+    """Records still in the ingress's spool (None: no spool, or no answer)."""
+    with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError, ValueError):
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as resp,
+        ):
+            spool = (await resp.json()).get("spool")
+            return int(spool["records"]) if isinstance(spool, dict) else 0
+    return None
+
+
+async def settle(p: Pipeline, tally: Tally, db: Path, readyz: str) -> float:
+    """Wait until every acknowledged report is stored and the spool is empty, or until
+    nothing moves for a while; seconds it took."""
+    began = time.monotonic()
+    best = -1
+    progress_at = began
+    while time.monotonic() - began < SETTLE_MAX_SECONDS:
+        stored = len(tally.acked & await asyncio.to_thread(stored_ids, db))
+        depth = await spool_depth(readyz)
+        if stored == len(tally.acked) and depth == 0:
+            break
+        if stored > best:
+            best, progress_at = stored, time.monotonic()
+        elif time.monotonic() - progress_at > SETTLE_STUCK_SECONDS:
+            break
+        await asyncio.sleep(2.0)
+    return time.monotonic() - began
+
+
+async def topic_copies(bootstrap: str, topic: str) -> Counter[str]:
+    kafka = KafkaSettings(bootstrap_servers=bootstrap, topic=topic)
+    copies: Counter[str] = Counter()
+    async for record in read_topic(kafka, topic, idle_timeout=10.0):
+        if record.key is not None:
+            copies[record.key.decode()] += 1
+    return copies
+
+
+def mib(kib: int) -> str:
+    return f"{kib / 1024:.0f} MiB"
+
+
+async def soak(opts: Options) -> int:
+    if not SAMPLE.is_file():
+        raise SystemExit(f"the sample report is missing: {SAMPLE}")
+    home = Path(tempfile.mkdtemp(prefix="callstream-soak-"))
+    logs = home / "logs"
+    logs.mkdir()
+    run_id = uuid.uuid4().hex[:8]
+    topic = f"soak.{run_id}.end-of-call-report"
+    secret = secrets.token_hex(16)
+    db = home / "storage.db"
+    spooling = importlib.util.find_spec("ingress.spool") is not None
+    print(
+        f"callstream soak: {opts.minutes:g} min at {opts.rate:g}/s, seed {opts.seed}, "
+        f"spool {'on' if spooling else 'absent'}, home {home}",
+        flush=True,
+    )
+    broker = Broker(home / "kafka")
+    bootstrap = await broker.start()
+    ingress_port, storage_port = free_port(), free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("CALLSTREAM_")},
+        "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+        "CALLSTREAM_TOPIC": topic,
+        "CALLSTREAM_EVENTS_TOPIC": f"soak.{run_id}.events",
+        "CALLSTREAM_WEBHOOK_SECRET": secret,
+        "CALLSTREAM_INGRESS_HOST": "127.0.0.1",
+        "CALLSTREAM_INGRESS_PORT": str(ingress_port),
+        "CALLSTREAM_METRICS_HOST": "127.0.0.1",
+        "CALLSTREAM_STORAGE_PORT": str(storage_port),
+        "CALLSTREAM_SQLITE_PATH": str(db),
+        "CALLSTREAM_HOME": str(home),
+    } | ({"CALLSTREAM_SPOOL_DIR": str(home / "spool")} if spooling else {})
+    ingress = Service("ingress", ["ingress"], env, logs, ingress_port)
+    storage = Service("storage", ["consumer", "storage"], env, logs, storage_port)
+    p = Pipeline(broker, ingress, storage, time.monotonic())
+    tally = Tally()
+    stop_watching = asyncio.Event()
+    scrapers = [
+        Scraper(storage, "callstream_storage_duplicates_total"),
+        Scraper(ingress, "callstream_ingress_spool_writes_total "),
+    ]
+    readyz = f"http://127.0.0.1:{ingress_port}/readyz"
+    background: list[asyncio.Task[None]] = []
+    try:
+        ingress.start()
+        storage.start()
+        await _until_ready(readyz)
+        background = [
+            asyncio.create_task(watch(p, stop_watching)),
+            asyncio.create_task(scrape_forever(scrapers, stop_watching)),
+        ]
+        loop = asyncio.get_running_loop()
+        until = loop.time() + opts.minutes * 60
+        p.started = time.monotonic()
+        driver = Driver(f"http://127.0.0.1:{ingress_port}{WEBHOOK}", secret, tally)
+        faults = asyncio.create_task(inject_faults(p, opts, until))
+        await driver.run(opts.rate, until)
+        await faults  # a fault under way finishes its recovery
+        print(f"  load stopped after {len(tally.sent)} reports; settling", flush=True)
+        settled = await settle(p, tally, db, readyz)
+        stop_watching.set()
+        await asyncio.gather(*background)
+        copies = await topic_copies(bootstrap, topic)
+    finally:
+        stop_watching.set()
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+        ingress.stop()
+        storage.stop()
+        broker.stop()
+    return _account(opts, p, tally, db, copies, scrapers, settled, home, own_peak=_own_peak())
+
+
+def _own_peak() -> int:
+    return vm_hwm_kib(os.getpid())
+
+
+async def _until_ready(readyz: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            with contextlib.suppress(aiohttp.ClientError, OSError):
+                async with session.get(readyz) as resp:
+                    if resp.status == 200:
+                        return
+            await asyncio.sleep(0.5)
+    raise SystemExit(f"the ingress never became ready ({readyz})")
+
+
+def _account(
+    opts: Options,
+    p: Pipeline,
+    tally: Tally,
+    db: Path,
+    copies: Counter[str],
+    scrapers: list[Scraper],
+    settled: float,
+    home: Path,
+    *,
+    own_peak: int,
+) -> int:
+    stored = stored_ids(db) & tally.sent
+    lost = tally.acked - stored
+    duplicated = {key: n for key, n in copies.items() if key in tally.acked and n > 1}
+    refused = {str(status): n for status, n in sorted(tally.statuses.items()) if status >= 300}
+    summary: dict[str, Any] = {
+        "minutes": opts.minutes,
+        "rate": opts.rate,
+        "seed": opts.seed,
+        "faults": p.faults,
+        "sent": len(tally.sent),
+        "acknowledged": len(tally.acked),
+        "acknowledged_by": dict(tally.durable),
+        "refused": refused,
+        "no_answer": dict(tally.errors),
+        "skipped_client_saturated": tally.skipped,
+        "stored": len(stored),
+        "stored_without_acknowledgement": len(stored - tally.acked),
+        "duplicates_on_topic_call_ids": len(duplicated),
+        "duplicates_on_topic_extra_copies": sum(n - 1 for n in duplicated.values()),
+        "duplicates_absorbed_by_storage": scrapers[0].total,
+        "spool_writes": scrapers[1].total,
+        "lost": len(lost),
+        "lost_call_ids": sorted(lost)[:20],
+        "settle_seconds": round(settled, 1),
+        "unexpected_exits": {s.role: s.unexpected_exits for s in (p.ingress, p.storage)},
+        "peak_memory_kib": {
+            "broker": p.broker.peak_kib,
+            "ingress": p.ingress.peak_kib,
+            "storage": p.storage.peak_kib,
+            "driver": own_peak,
+        },
+        "incarnations": {
+            "broker": p.broker.incarnation,
+            "ingress": p.ingress.incarnation,
+            "storage": p.storage.incarnation,
+        },
+    }
+    rows = [
+        ("reports sent", f"{len(tally.sent)}"),
+        (
+            "acknowledged (2xx)",
+            f"{len(tally.acked)}  ({', '.join(f'{k}: {v}' for k, v in tally.durable.items())})",
+        ),
+        ("refused", ", ".join(f"{k}: {v}" for k, v in refused.items()) or "none"),
+        ("no answer", ", ".join(f"{k}: {v}" for k, v in tally.errors.items()) or "none"),
+        ("stored", f"{len(stored)}  ({len(stored - tally.acked)} of them never acknowledged)"),
+        (
+            "duplicates absorbed",
+            f"{len(duplicated)} acknowledged call ids on the topic more than once "
+            f"({summary['duplicates_on_topic_extra_copies']} extra copies); "
+            f"storage counted {scrapers[0].total} duplicates",
+        ),
+        ("spooled by the ingress", f"{scrapers[1].total}"),
+        ("LOST (acked, not stored)", f"{len(lost)}"),
+        (
+            "peak memory (VmHWM)",
+            f"broker {mib(p.broker.peak_kib)}, ingress {mib(p.ingress.peak_kib)}, "
+            f"storage {mib(p.storage.peak_kib)}, driver {mib(own_peak)}",
+        ),
+        ("settled in", f"{settled:.0f} s"),
+    ]
+    print("\nfaults:")
+    for line in p.faults:
+        print(f"  {line}")
+    print()
+    for name, value in rows:
+        print(f"{name:<26} {value}")
+    for service in (p.ingress, p.storage):
+        if service.unexpected_exits:
+            print(f"{service.role} exited by itself with {service.unexpected_exits}")
+    (home / "soak-summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if opts.keep:
+        print(f"\nkept: {home} (logs/, storage.db, soak-summary.json)")
+    else:
+        shutil.rmtree(home, ignore_errors=True)
+    if lost:
+        print(
+            f"\nFAILED: {len(lost)} acknowledged report(s) were not stored, e.g. {sorted(lost)[:5]}"
+        )
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parse_args(argv)
+    return asyncio.run(soak(opts))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

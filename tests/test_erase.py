@@ -1,0 +1,305 @@
+"""`callstream erase` and `callstream purge` against real SQLite and a real PostgreSQL.
+
+Reports are stored the way the storage consumer stores them (the real sample, normalised,
+Avro-encoded, through the backend's `write`); the erasure log is read back from the same
+database; the CLI runs as a real process.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import orjson
+import pytest
+
+from callstream.erase import (
+    erase,
+    erasure_log,
+    parse_age,
+    purge,
+    sha256_hex,
+)
+from callstream.secret import Secret
+from consumers.contract import Delivery
+from consumers.storage import StorageBackend, StorageSettings, open_backend
+from schemas.codec import Decoder, single_object_encoder
+from schemas.normalise import normalise
+from schemas.report import CallReport
+from schemas.store import END_OF_CALL_REPORT, default_store
+from tests.support.pg import PostgresServer
+from tests.support.samples import SAMPLE
+
+REPO = Path(__file__).resolve().parents[1]
+ALICE = "+31600000101"
+BOB = "+31600000202"
+ENCODER = single_object_encoder(default_store().current(END_OF_CALL_REPORT))
+DECODER = Decoder(default_store())
+_OFFSETS = itertools.count()
+
+
+def report(caller: str, *, age: timedelta = timedelta(hours=1), marker: str = "") -> Delivery:
+    payload: dict[str, Any] = copy.deepcopy(orjson.loads(SAMPLE.read_bytes()))
+    event_ms = int((datetime.now(UTC) - age).timestamp() * 1000)
+    payload |= {"callId": str(uuid.uuid4()), "fromCaller": caller, "eventTimestamp": event_ms}
+    payload["transcriptText"] += marker
+    normalised = normalise(payload, received_at_ms=event_ms + 500, request_id=uuid.uuid4().hex)
+    assert normalised.record is not None
+    value = ENCODER.encode(normalised.record)
+    decoded = CallReport.from_record(DECODER.decode_local(value).record)
+    return Delivery(decoded, "flireo.end-of-call-report", 0, next(_OFFSETS), value)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def settings(request: pytest.FixtureRequest, tmp_path: Path) -> StorageSettings:
+    if request.param == "sqlite":
+        return StorageSettings(sqlite_path=tmp_path / "state" / "callstream.db")
+    server: PostgresServer = request.getfixturevalue("postgres")
+    dsn = server.create_database(f"erase_{uuid.uuid4().hex[:16]}")
+    return StorageSettings(database_url=Secret(dsn))
+
+
+@pytest.fixture
+async def backend(settings: StorageSettings) -> AsyncIterator[StorageBackend]:
+    """The storage consumer's own backend, left open (and idle) while erasures run."""
+    async with open_backend(settings) as opened:
+        yield opened
+
+
+async def store(backend: StorageBackend, *deliveries: Delivery) -> list[str]:
+    await backend.write(deliveries, stored_at=datetime.now(UTC))
+    return [d.report.call_id for d in deliveries]
+
+
+async def erasure_rows(settings: StorageSettings) -> list[tuple[Any, ...]]:
+    """Every column of the erasure log, raw."""
+    if settings.database_url is None:
+        import sqlite3
+
+        with sqlite3.connect(settings.sqlite_path) as db:
+            return db.execute("SELECT * FROM erasures").fetchall()
+    pg = await asyncpg.connect(settings.database_url.reveal())
+    try:
+        return [tuple(row) for row in await pg.fetch("SELECT * FROM erasures")]
+    finally:
+        await pg.close()
+
+
+# -- erase ------------------------------------------------------------------------------------
+
+
+async def test_erase_by_phone_deletes_that_callers_reports_and_logs_only_a_hash(
+    settings: StorageSettings, backend: StorageBackend
+) -> None:
+    alice = await store(backend, report(ALICE), report(ALICE))
+    [bob] = await store(backend, report(BOB))
+
+    outcome = await erase(settings, phone=ALICE)
+
+    assert outcome.rows == 2
+    assert [await backend.fetch(call_id) for call_id in alice] == [None, None]
+    assert await backend.fetch(bob) is not None
+    [entry] = await erasure_log(settings).entries()
+    assert entry.id == outcome.entry
+    assert entry.kind == "phone"
+    assert entry.phone_sha256 == hashlib.sha256(ALICE.encode()).hexdigest()
+    assert entry.call_id_sha256 is None
+    assert entry.rows_deleted == 2
+    assert entry.completed_at is not None
+    assert entry.requested_at <= entry.completed_at
+    # The number itself appears nowhere in the log, in any column.
+    for row in await erasure_rows(settings):
+        assert ALICE not in repr(row)
+        assert ALICE.lstrip("+") not in repr(row)
+
+
+async def test_erase_by_call_id_deletes_that_call_only(
+    settings: StorageSettings, backend: StorageBackend
+) -> None:
+    gone, kept = await store(backend, report(ALICE), report(ALICE))
+
+    outcome = await erase(settings, call_id=gone)
+
+    assert outcome.rows == 1
+    assert await backend.fetch(gone) is None
+    assert await backend.fetch(kept) is not None
+    [entry] = await erasure_log(settings).entries()
+    assert (entry.kind, entry.call_id_sha256, entry.phone_sha256) == (
+        "call",
+        sha256_hex(gone),
+        None,
+    )
+
+
+async def test_erase_by_phone_and_call_needs_both_to_match(
+    settings: StorageSettings, backend: StorageBackend
+) -> None:
+    [call] = await store(backend, report(ALICE))
+    assert (await erase(settings, phone=BOB, call_id=call)).rows == 0
+    assert (await erase(settings, phone=ALICE, call_id=call)).rows == 1
+    entries = await erasure_log(settings).entries()
+    assert [(e.kind, e.rows_deleted) for e in entries] == [("phone+call", 0), ("phone+call", 1)]
+
+
+async def test_an_erasure_that_matches_nothing_is_recorded_too(
+    settings: StorageSettings, backend: StorageBackend
+) -> None:
+    await store(backend, report(BOB))
+    outcome = await erase(settings, phone=f"  {ALICE} ")
+    assert outcome.rows == 0
+    [entry] = await erasure_log(settings).entries()
+    # Surrounding blanks (a paste from a spreadsheet) are not part of the number.
+    assert entry.phone_sha256 == sha256_hex(ALICE)
+    assert entry.rows_deleted == 0
+
+
+@pytest.mark.parametrize(("phone", "call_id"), [(None, None), ("", None), (None, "  "), ("", "")])
+async def test_erase_needs_a_selector(
+    settings: StorageSettings, phone: str | None, call_id: str | None
+) -> None:
+    with pytest.raises(ValueError, match=r"--phone|--call"):
+        await erase(settings, phone=phone, call_id=call_id)
+
+
+async def test_storage_keeps_working_and_its_migrations_are_untouched(
+    settings: StorageSettings, backend: StorageBackend
+) -> None:
+    before = await backend.applied_migrations()
+    await store(backend, report(ALICE))
+    await erase(settings, phone=ALICE)
+    await erase(settings, phone=ALICE)  # the log table already exists: fine
+    [call] = await store(backend, report(BOB))
+    assert await backend.fetch(call) is not None
+    assert await backend.applied_migrations() == before
+    assert len(await erasure_log(settings).entries()) == 2
+
+
+async def test_sqlite_erasure_leaves_no_trace_of_the_report_in_the_files(tmp_path: Path) -> None:
+    """Deleted rows stay in SQLite's free pages and in the WAL until overwritten; the
+    erasure compacts both, so the bytes are gone and not merely unlinked."""
+    settings = StorageSettings(sqlite_path=tmp_path / "callstream.db")
+    marker = f"ERASE-ME-{uuid.uuid4().hex}"
+    async with open_backend(settings) as backend:
+        await store(backend, report(ALICE, marker=marker), *[report(BOB) for _ in range(20)])
+
+        def files() -> bytes:
+            return b"".join(path.read_bytes() for path in tmp_path.iterdir() if path.is_file())
+
+        assert marker.encode() in files()
+        assert ALICE.encode() in files()
+        outcome = await erase(settings, phone=ALICE)
+        assert outcome.rows == 1
+        assert outcome.compacted
+        assert marker.encode() not in files()
+        assert ALICE.encode() not in files()
+        assert BOB.encode() in files()
+
+
+# -- purge ------------------------------------------------------------------------------------
+
+
+async def test_purge_deletes_reports_older_than_the_age_and_logs_it(
+    settings: StorageSettings, backend: StorageBackend
+) -> None:
+    old = await store(
+        backend, report(ALICE, age=timedelta(days=40)), report(BOB, age=timedelta(days=31))
+    )
+    [recent] = await store(backend, report(ALICE, age=timedelta(days=29)))
+
+    outcome = await purge(settings, timedelta(days=30))
+
+    assert outcome.rows == 2
+    assert [await backend.fetch(call_id) for call_id in old] == [None, None]
+    assert await backend.fetch(recent) is not None
+    [entry] = await erasure_log(settings).entries()
+    assert (entry.kind, entry.older_than_seconds, entry.rows_deleted) == (
+        "retention",
+        30 * 86400,
+        2,
+    )
+    assert (entry.phone_sha256, entry.call_id_sha256) == (None, None)
+
+
+@pytest.mark.parametrize(
+    ("text", "age"),
+    [
+        ("30d", timedelta(days=30)),
+        ("12h", timedelta(hours=12)),
+        ("90m", timedelta(minutes=90)),
+        ("3600s", timedelta(hours=1)),
+        ("2w", timedelta(weeks=2)),
+        (" 7 d ", timedelta(days=7)),
+    ],
+)
+def test_ages(text: str, age: timedelta) -> None:
+    assert parse_age(text) == age
+
+
+@pytest.mark.parametrize("text", ["0d", "30", "d", "-1d", "1.5d", "30 days", "1y", ""])
+def test_bad_ages_are_refused(text: str) -> None:
+    with pytest.raises(ValueError, match="age"):
+        parse_age(text)
+
+
+# -- the command line -----------------------------------------------------------------------
+
+
+def cli(settings: StorageSettings, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CALLSTREAM_")}
+    if settings.database_url is not None:
+        env["CALLSTREAM_DATABASE_URL"] = settings.database_url.reveal()
+    else:
+        env["CALLSTREAM_SQLITE_PATH"] = str(settings.sqlite_path)
+    env["CALLSTREAM_TOPIC"] = "flireo.test-erase"
+    return subprocess.run(
+        [sys.executable, "-m", "callstream", *args],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+async def test_erase_and_purge_commands(settings: StorageSettings, backend: StorageBackend) -> None:
+    [alice] = await store(backend, report(ALICE))
+    [old] = await store(backend, report(BOB, age=timedelta(days=400)))
+
+    erased = cli(settings, "erase", "--phone", ALICE)
+    assert erased.returncode == 0, erased.stderr
+    assert erased.stdout.startswith("erased 1 stored report(s) (phone sha256 ")
+    assert "flireo.test-erase and flireo.test-erase.dlq" in erased.stderr
+    assert "retention" in erased.stderr
+    # Neither the output nor the (JSON, masked) log repeats the number.
+    assert ALICE not in erased.stdout + erased.stderr
+    assert await backend.fetch(alice) is None
+
+    purged = cli(settings, "purge", "--older-than", "365d")
+    assert purged.returncode == 0, purged.stderr
+    assert purged.stdout.startswith("purged 1 stored report(s) older than 365d")
+    assert await backend.fetch(old) is None
+    kinds = [entry.kind for entry in await erasure_log(settings).entries()]
+    assert kinds == ["phone", "retention"]
+
+
+@pytest.mark.parametrize(
+    "args", [("erase",), ("erase", "--phone", " "), ("purge", "--older-than", "0d")]
+)
+def test_commands_refuse_to_guess(tmp_path: Path, args: tuple[str, ...]) -> None:
+    settings = StorageSettings(sqlite_path=tmp_path / "callstream.db")
+    result = cli(settings, *args)
+    assert result.returncode == 2, result.stderr
+    assert f"\ncallstream {args[0]}: " in result.stderr
+    # Refused before touching the database.
+    assert not settings.sqlite_path.exists()
