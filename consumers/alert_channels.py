@@ -140,6 +140,9 @@ class NetworkPolicy:
             if candidate is not None and any(candidate in net for net in self.allowed):
                 return None
         target = mapped or address
+        if isinstance(target, ipaddress.IPv6Address) and (target.sixtofour or target.teredo):
+            # 6to4 and Teredo tunnel to an embedded IPv4 address the checks below never see.
+            return f"{address} tunnels to an IPv4 address"
         for attribute in (
             "is_loopback",
             "is_link_local",

@@ -39,6 +39,8 @@ from schemas.store import END_OF_CALL_REPORT
 
 log = logging.getLogger(__name__)
 
+MAX_POLL_INTERVAL_MS = 15 * 60 * 1000
+
 
 @dataclass(frozen=True)
 class RunnerSettings:
@@ -116,6 +118,9 @@ class Runner:
             # Fetch big chunks: catch-up speed is bounded by round trips, not bytes.
             fetch_max_bytes=32 * 1024 * 1024,
             max_partition_fetch_bytes=8 * 1024 * 1024,
+            # A batch may legitimately take minutes (alert channels backing off, a database
+            # coming back); the group must not evict us for it.
+            max_poll_interval_ms=MAX_POLL_INTERVAL_MS,
         )
         dlq = AIOKafkaProducer(
             **self._kafka.client_kwargs() | {"client_id": f"callstream-{self._consumer.name}-dlq"},
@@ -296,6 +301,10 @@ class Runner:
                 )
                 break
             except KafkaError as send_exc:
+                if not send_exc.retriable:
+                    # Retrying cannot help (record too large, not authorised): stop loudly
+                    # rather than stall the partition behind "retryable" log lines.
+                    raise
                 attempt += 1
                 await self._back_off(send_exc, attempt)
         self._metrics.dead_lettered.inc()

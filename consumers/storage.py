@@ -81,13 +81,13 @@ class StorageMetrics:
     def __init__(self, registry: CollectorRegistry, backend: BackendName) -> None:
         labels = ("backend",)
         self.rows_written = Counter(
-            "callstream_storage_rows_written",
+            "callstream_storage_rows_written_total",
             "Reports inserted or updated in storage.",
             labels,
             registry=registry,
         ).labels(backend)
         self.duplicates = Counter(
-            "callstream_storage_duplicates",
+            "callstream_storage_duplicates_total",
             "Reports that changed nothing: already stored, or older than the stored version.",
             labels,
             registry=registry,

@@ -70,6 +70,9 @@ def create_app(
     app[SETTINGS] = settings
     app[METRICS] = IngressMetrics(registry)
     app[PUBLISHER] = publisher or DurablePublisher.from_settings(settings, app[METRICS].spool)
+    durable = app[PUBLISHER]
+    # Computed at scrape time, so the gauge is true even when nothing probes /readyz.
+    app[METRICS].ready.set_function(lambda: 1.0 if durable.readiness().ready else 0.0)
     app[AUTH] = Authenticator(
         settings.webhook_secrets, settings.shared_tokens, settings.signature_tolerance_seconds
     )
@@ -132,7 +135,9 @@ async def problem_middleware(
         metrics.outcome(problem.slug)
         response = problem.response(request_id)
     except web.HTTPException as exc:
-        slug = {404: "not-found", 405: "method-not-allowed"}.get(exc.status, "invalid-json")
+        slug = {404: "not-found", 405: "method-not-allowed", 413: "body-too-large"}.get(
+            exc.status, "invalid-request"
+        )
         metrics.outcome(slug)
         response = Problem(exc.status, slug, exc.reason, exc.text or exc.reason).response(
             request_id
@@ -247,7 +252,6 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     """200 while a report can be made durable: by Kafka, or else by the local spool."""
     state = request.app[PUBLISHER].readiness()
-    request.app[METRICS].ready.set(1 if state.ready else 0)
     return web.json_response(
         {
             "ready": state.ready,

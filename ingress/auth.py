@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import time
 from collections.abc import Mapping
 
@@ -25,6 +26,8 @@ def sign(secret: str, timestamp: str, body: bytes) -> str:
 
 def _timestamp_seconds(raw: str) -> float:
     value = float(raw)
+    if not math.isfinite(value):
+        raise ValueError(raw)
     # The docs don't state the unit; a value this large can only be milliseconds.
     return value / 1000 if value > 1e11 else value
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import zlib
 
+import aiohttp
+import aiohttp.http_exceptions
 from aiohttp import web
 
 from ingress.errors import Problem
@@ -36,6 +38,15 @@ async def read_wire_body(request: web.Request, limit: int, timeout: float) -> by
     except TimeoutError:
         raise Problem(
             408, "body-timeout", "Body too slow", f"the body did not arrive within {timeout:g} s"
+        ) from None
+    except (
+        ConnectionResetError,
+        aiohttp.ClientPayloadError,
+        aiohttp.http_exceptions.HttpProcessingError,
+    ) as exc:
+        # The sender went away (or broke the framing) mid-body: its problem, not a 500.
+        raise Problem(
+            400, "body-incomplete", "Body incomplete", f"the body ended early: {type(exc).__name__}"
         ) from None
     return b"".join(chunks)
 

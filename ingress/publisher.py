@@ -390,8 +390,10 @@ class DurablePublisher:
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._drainer
             self._drainer = None
-        await self.kafka.stop()
-        await self.spool.close()
+        try:
+            await self.kafka.stop()
+        finally:
+            await self.spool.close()
 
     async def publish(self, record: OutgoingRecord) -> Durable:
         """Returns where the record is durable; raises PublishUnavailable when it is not."""
@@ -444,23 +446,30 @@ class DurablePublisher:
         while not self._stopping.is_set():
             if not await self._wait_for_work():
                 return
-            batch = await self.spool.read(DRAIN_MAX_RECORDS, DRAIN_MAX_BYTES)
-            acked = await self._publish_batch(batch)
-            if acked:
-                if self._crash_at == "drain-after-publish-before-delete":
-                    crash("drain-after-publish-before-delete")
-                await self.spool.commit(batch[acked - 1])
-            if acked == len(batch):
-                delay = 0.2
-                continue
-            log.warning(
-                "spool drain: Kafka acknowledged %d of %d record(s); %d still spooled, "
-                "retrying in %.1f s",
-                acked,
-                len(batch),
-                self.spool.depth(),
-                delay,
-            )
+            try:
+                batch = await self.spool.read(DRAIN_MAX_RECORDS, DRAIN_MAX_BYTES)
+                acked = await self._publish_batch(batch)
+                if acked:
+                    if self._crash_at == "drain-after-publish-before-delete":
+                        crash("drain-after-publish-before-delete")
+                    await self.spool.commit(batch[acked - 1])
+            except Exception:
+                # The drainer must outlive any one failure (a read error, a bug): a dead
+                # drainer would leave acknowledged reports on disk while /readyz said ready.
+                log.exception("spool drain failed; retrying in %.1f s", delay)
+                acked, batch = 0, []
+            else:
+                if acked == len(batch):
+                    delay = 0.2
+                    continue
+                log.warning(
+                    "spool drain: Kafka acknowledged %d of %d record(s); %d still spooled, "
+                    "retrying in %.1f s",
+                    acked,
+                    len(batch),
+                    self.spool.depth(),
+                    delay,
+                )
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
                     await self._stopping.wait()

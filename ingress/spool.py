@@ -179,6 +179,7 @@ class Spool:
         self._lock_fd: int | None = None
         self._cursor_fd: int | None = None
         self._active_id = 0
+        self._writing_from: int | None = None
         self._active_fd: int | None = None
         self._active_size = 0
         # After a failed write the active segment's tail is suspect: the next batch goes to a
@@ -469,6 +470,9 @@ class Spool:
                 continue
             batch, size = self._take_batch()
             self._writing, self._writing_bytes = len(batch), size
+            # The worker thread may roll to new segments mid-batch; everything from here on
+            # holds frames about to be acknowledged and must outlive any collection.
+            self._writing_from = self._active_id
             try:
                 positions = await asyncio.to_thread(self._write_batch, [p.frame for p in batch])
             except Exception as exc:
@@ -483,6 +487,7 @@ class Spool:
                 continue
             finally:
                 self._writing, self._writing_bytes = 0, 0
+                self._writing_from = None
             if self._crash_at == "spool-after-fsync-before-response":
                 crash("spool-after-fsync-before-response")
             self._last_failure = None
@@ -641,10 +646,11 @@ class Spool:
     async def _collect(self) -> None:
         async with self._collect_lock:
             first_needed = self._pending[0].position.segment if self._pending else self._active_id
+            floor = min(first_needed, self._active_id)
+            if self._writing_from is not None:
+                floor = min(floor, self._writing_from)
             doomed = [
-                segment
-                for segment in await asyncio.to_thread(self._segment_ids)
-                if segment < min(first_needed, self._active_id)
+                segment for segment in await asyncio.to_thread(self._segment_ids) if segment < floor
             ]
             if doomed:
                 try:

@@ -141,6 +141,8 @@ class Decoder:
         return resolution
 
     def _resolution_for(self, writer: Any, version: SchemaVersion | None) -> _Resolution:
+        if not isinstance(writer, dict) or "name" not in writer:
+            raise DecodeError("the writer schema is not a named record")
         full_name = writer["name"]
         current = next(
             (

@@ -31,7 +31,10 @@ class RegistryClient:
                     )
         except aiohttp.ClientError as exc:
             raise SchemaError(f"schema registry unreachable at {self._base}: {exc}") from exc
-        return int(orjson.loads(payload)["id"])
+        try:
+            return int(orjson.loads(payload)["id"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SchemaError(f"schema registry answered without an id: {payload[:200]!r}") from exc
 
     async def schema_by_id(self, schema_id: int) -> str:
         url = f"{self._base}/schemas/ids/{schema_id}"
@@ -44,4 +47,9 @@ class RegistryClient:
                     raise SchemaError(f"schema registry: HTTP {resp.status} for id {schema_id}")
         except aiohttp.ClientError as exc:
             raise SchemaError(f"schema registry unreachable at {self._base}: {exc}") from exc
-        return str(orjson.loads(payload)["schema"])
+        try:
+            return str(orjson.loads(payload)["schema"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SchemaError(
+                f"schema registry answered without a schema for id {schema_id}"
+            ) from exc

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import gzip
 import io
@@ -9,10 +10,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
+from aiohttp import web
 
 from callstream.kafkaconfig import KafkaSettings
+from ingress.app import RUNNER_OPTIONS, create_app
 from ingress.settings import IngressSettings
 from schemas.report import CallReport
 from schemas.store import default_store
@@ -367,3 +371,35 @@ def _sample_with(**changes: Any) -> dict[str, Any]:
     payload: dict[str, Any] = orjson.loads(SAMPLE.read_bytes())
     payload.update(changes)
     return payload
+
+
+async def test_sender_hanging_up_mid_body_is_not_an_internal_error(
+    ingress_settings: IngressSettings,
+) -> None:
+    # The production runner (no handler cancellation), not the test client's.
+    runner = web.AppRunner(create_app(ingress_settings), **RUNNER_OPTIONS)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"POST /webhooks/flireo HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 500\r\n\r\n" + b'{"eventType": "end-of-call'
+        )
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+        text = ""
+        async with aiohttp.ClientSession() as session:
+            for _ in range(50):
+                async with session.get(f"http://127.0.0.1:{port}/metrics") as resp:
+                    text = await resp.text()
+                if 'outcome="body-incomplete"} 1.0' in text:
+                    break
+                await asyncio.sleep(0.1)
+    finally:
+        await runner.cleanup()
+    assert 'callstream_ingress_requests_total{outcome="body-incomplete"} 1.0' in text
+    assert 'callstream_ingress_requests_total{outcome="internal-error"} 0.0' in text
