@@ -785,10 +785,9 @@ def _metadata_lists_broker(
         (bid,) = struct.unpack_from(">i", resp, pos)
         pos += 4
         read_str()  # host
-        (bport,) = struct.unpack_from(">i", resp, pos)
-        pos += 4
+        pos += 4  # port: not compared, advertised.listeners may name a proxy in front of us
         read_str()  # rack
-        found = found or (bid == node_id and bport == port)
+        found = found or bid == node_id
     return found and read_str() == cluster_id
 
 
