@@ -28,7 +28,12 @@ def parse(body: bytes, *, max_depth: int) -> Any:
         raise InvalidReport("", f"body is not valid JSON: {exc}") from exc
     if _LONG_DIGIT_RUN.search(body):
         value = _parse_exact(body)
-    check_bounds(value, max_depth)
+        check_bounds(value, max_depth)
+    elif body.count(b"{") + body.count(b"[") > max_depth:
+        # Without a run of 19+ digits every integer fits in 64 bits, and with no more
+        # brackets than max_depth the nesting cannot be deeper: the walk (the costliest part
+        # of parsing an ordinary report) is only needed past these two byte-level checks.
+        check_bounds(value, max_depth)
     return value
 
 
