@@ -2,7 +2,7 @@
 
 orjson already refuses NaN/Infinity literals, invalid UTF-8 and lone surrogates, but it
 silently turns an integer literal wider than 64 bits into a float, which would change the
-value a sender meant. Bodies that could hold such a literal (a run of 19+ digits) are
+value a sender meant. Bodies where orjson produced a float that large (|x| >= 2**63) are
 re-parsed with the standard library, which keeps integers exact so they can be refused.
 """
 
@@ -18,6 +18,9 @@ from schemas.errors import InvalidReport
 
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
+# orjson reads an integer literal outside [-2**63, 2**64) as a float at least this large.
+_INTEGER_SIZED_FLOAT = float(2**63)
+_OK, _HUGE_FLOAT, _OUT_OF_BOUNDS = 0, 1, 2
 _LONG_DIGIT_RUN = re.compile(rb"[0-9]{19,}")
 
 
@@ -26,15 +29,51 @@ def parse(body: bytes, *, max_depth: int) -> Any:
         value = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise InvalidReport("", f"body is not valid JSON: {exc}") from exc
-    if _LONG_DIGIT_RUN.search(body):
+    verdict = _scan(value, max_depth)
+    if verdict == _OK:
+        return value
+    if verdict == _HUGE_FLOAT:
+        # It may have been an integer literal wider than 64 bits: read it exactly.
         value = _parse_exact(body)
-        check_bounds(value, max_depth)
-    elif body.count(b"{") + body.count(b"[") > max_depth:
-        # Without a run of 19+ digits every integer fits in 64 bits, and with no more
-        # brackets than max_depth the nesting cannot be deeper: the walk (the costliest part
-        # of parsing an ordinary report) is only needed past these two byte-level checks.
-        check_bounds(value, max_depth)
+        if _scan(value, max_depth) != _OUT_OF_BOUNDS:
+            return value
+    elif _LONG_DIGIT_RUN.search(body):
+        # Refused either way; read exactly so the error names the same place as ever.
+        value = _parse_exact(body)
+    check_bounds(value, max_depth)  # raises, naming where
     return value
+
+
+def _scan(value: Any, max_depth: int) -> int:
+    """check_bounds without building a pointer per node (it only matters for the error),
+    also saying whether a float large enough to have been a wide integer was seen."""
+    huge = False
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        kind = type(node)
+        if kind is dict:
+            children: Any = node.values()
+        elif kind is list:
+            children = node
+        else:
+            if kind is int and not INT64_MIN <= node <= INT64_MAX:
+                return _OUT_OF_BOUNDS
+            if kind is float and not -_INTEGER_SIZED_FLOAT < node < _INTEGER_SIZED_FLOAT:
+                huge = True
+            continue
+        if depth >= max_depth:
+            return _OUT_OF_BOUNDS
+        for child in children:
+            kind = type(child)
+            if kind is dict or kind is list:
+                stack.append((child, depth + 1))
+            elif kind is int:
+                if not INT64_MIN <= child <= INT64_MAX:
+                    return _OUT_OF_BOUNDS
+            elif kind is float and not -_INTEGER_SIZED_FLOAT < child < _INTEGER_SIZED_FLOAT:
+                huge = True
+    return _HUGE_FLOAT if huge else _OK
 
 
 def _reject_constant(name: str) -> Any:
@@ -81,6 +120,8 @@ def escape(key: str) -> str:
 
 def same(a: Any, b: Any) -> bool:
     """JSON equality that also tells 1 from 1.0 from true."""
+    if a is b:
+        return True  # the normalisers pass strings through as they are
     if type(a) is not type(b):
         return False
     if isinstance(a, dict):

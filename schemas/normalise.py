@@ -141,6 +141,10 @@ def _from_json(text: Any) -> Any:
     return orjson.loads(text)
 
 
+def _pointer(path: tuple[str, ...]) -> str:
+    return "".join("/" + jsonvalue.escape(part) for part in path)
+
+
 @dataclass(frozen=True, slots=True)
 class _Field:
     path: tuple[str, ...]
@@ -148,10 +152,11 @@ class _Field:
     convert: Converter
     render: Renderer = _same
     required: bool = False
+    pointer: str = ""  # the JSON pointer of `path`, built once
 
 
 def _fields(*spec: tuple[tuple[str, ...], str, Converter, Renderer, bool]) -> tuple[_Field, ...]:
-    return tuple(_Field(*row) for row in spec)
+    return tuple(_Field(*row, pointer=_pointer(row[0])) for row in spec)
 
 
 _FLAT = _fields(
@@ -239,10 +244,6 @@ def detect_format(payload: Any) -> SourceFormat:
     return "NESTED_SNAKE" if snake > camel else "NESTED_CAMEL"
 
 
-def _pointer(path: tuple[str, ...]) -> str:
-    return "".join("/" + jsonvalue.escape(part) for part in path)
-
-
 _MISSING = object()
 
 
@@ -265,7 +266,7 @@ def normalise(payload: Any, *, received_at_ms: int, request_id: str) -> Normalis
     """Validate one webhook payload and build the record to publish (or say why not)."""
     source_format = detect_format(payload)
     fields = FIELDS[source_format]
-    event_type = _event_type(_required(payload, fields[0]), _pointer(fields[0].path))
+    event_type = _event_type(_required(payload, fields[0]), fields[0].pointer)
     provenance = {"format": source_format, "received_at": received_at_ms, "request_id": request_id}
 
     if event_type in REQUEST_RESPONSE_TYPES:
@@ -278,10 +279,10 @@ def normalise(payload: Any, *, received_at_ms: int, request_id: str) -> Normalis
         raw = _lookup(payload, field.path)
         if raw is _MISSING or raw is None:
             if field.required:
-                raise InvalidReport(_pointer(field.path), "is required")
+                raise InvalidReport(field.pointer, "is required")
             record[field.name] = None
             continue
-        record[field.name] = field.convert(raw, _pointer(field.path))
+        record[field.name] = field.convert(raw, field.pointer)
     record.setdefault("assistant_name", None)
     record.setdefault("ended_reason", None)
     record.setdefault("call_type", None)
@@ -297,7 +298,7 @@ def normalise(payload: Any, *, received_at_ms: int, request_id: str) -> Normalis
 def _required(payload: dict[str, Any], field: _Field) -> Any:
     value = _lookup(payload, field.path)
     if value is _MISSING or value is None:
-        raise InvalidReport(_pointer(field.path), "is required")
+        raise InvalidReport(field.pointer, "is required")
     return value
 
 

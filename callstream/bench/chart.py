@@ -15,6 +15,9 @@ def write_chart(results: Results, path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    plain = FuncFormatter(lambda value, _: f"{value:,.0f}" if value >= 1 else f"{value:g}")
 
     fig, axes = plt.subplots(2, 2, figsize=(15, 11), layout="constrained")
     (closed, rate), (latency, consumers) = axes
@@ -43,6 +46,7 @@ def write_chart(results: Results, path: Path) -> Path:
     closed.set_xlabel("seconds into the run")
     closed.set_ylabel("reports/s (log scale)")
     closed.set_yscale("log")
+    closed.yaxis.set_major_formatter(plain)
     closed.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
     closed.grid(alpha=0.3)
 
@@ -75,6 +79,8 @@ def write_chart(results: Results, path: Path) -> Path:
             latency.plot(ts, values, label=label, color=colour, linestyle=style)
         latency.axhline(50, color="green", linewidth=0.8, linestyle=":", label="p99 target 50 ms")
         latency.set_yscale("log")
+        latency.yaxis.set_major_formatter(plain)
+        latency.yaxis.set_minor_formatter(plain)
         latency.set_title(
             "Fixed rate: latency per second, from the scheduled send (coordinated-omission safe)"
         )

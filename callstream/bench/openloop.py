@@ -237,13 +237,15 @@ GENERATOR = "callstream.bench.openloop (asyncio + uvloop, open loop)"
 def summarise(
     data: Mapping[str, Any],
     call_ids: Sequence[str],
+    bodies: Sequence[str],
     stored: Mapping[str, float],
     *,
     offered: float,
     duration: float,
     mix: str,
 ) -> FixedRateRun:
-    """Figures from the client's output; `stored` maps call id to its row's stored_at."""
+    """Figures from the client's output. `bodies` names each request's body; `stored` maps
+    call id to its row's stored_at."""
     t0 = float(data["t0_epoch"])
     scheduled: list[float] = data["scheduled"]
     sent: list[float | None] = data["sent"]
@@ -281,6 +283,9 @@ def summarise(
                 e2e_p99_ms=percentile(ends, 99) * 1000 if ends else math.nan,
             )
         )
+    by_body: dict[str, list[float]] = {}
+    for body, latency in zip(bodies, latencies, strict=True):
+        by_body.setdefault(body, []).append(latency)
     ok = len(service)
     matched = [v for v in e2e if v is not None]
     last_done = max((d for d in done if d is not None), default=duration)
@@ -294,6 +299,11 @@ def summarise(
         failed=len(call_ids) - ok,
         achieved_per_s=round(ok / max(last_done, 1e-9), 1),
         latency=Latency.of_seconds(latencies),
+        latency_by_body={
+            f"of which {body}": Latency.of_seconds(values) for body, values in by_body.items()
+        }
+        if len(by_body) > 1
+        else {},
         service=Latency.of_seconds(service),
         e2e=Latency.of_seconds(matched) if matched else None,
         e2e_matched=len(matched),

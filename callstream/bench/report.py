@@ -94,6 +94,7 @@ class FixedRateRun:
     failed: int
     achieved_per_s: float
     latency: Latency  # scheduled send -> response
+    latency_by_body: dict[str, Latency]
     service: Latency  # actual send -> response
     e2e: Latency | None  # POST sent -> row in storage (stored_at)
     e2e_matched: int
@@ -101,6 +102,8 @@ class FixedRateRun:
     processes: list[ProcessUsage]
     per_second: list[SecondStats]
     stored_series: list[tuple[float, float]]
+    # From the ingress's own histograms over the same window: bucket bounds, so "at most".
+    server_side: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,6 +330,19 @@ def render_table(results: Results) -> str:
                 f"p99 {_num(figures.p99_ms)}  max {_num(figures.max_ms)} ms  "
                 f"(n={figures.count:,})"
             )
+        for body, figures in fixed.latency_by_body.items():
+            add(
+                f"    {body:<38} p50 {_num(figures.p50_ms)}  p99 {_num(figures.p99_ms)}  "
+                f"max {_num(figures.max_ms)} ms  (n={figures.count:,})"
+            )
+        for name, bounds in fixed.server_side.items():
+            add(
+                f"  {name:<40} "
+                + "  ".join(f"{k.split('_')[0]} <= {_num(v, 1)}" for k, v in bounds.items())
+                + " ms (histogram buckets)"
+            )
+        if fixed.storage_write_mean_ms is not None:
+            add(f"  {'storage batch write + commit (mean)':<40} {fixed.storage_write_mean_ms} ms")
         add(f"  CPU ms per report: {_cpu(fixed.processes)}")
         add(f"  peak RSS MiB:      {_mem(fixed.processes)}")
     if results.consumers:

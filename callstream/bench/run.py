@@ -80,6 +80,8 @@ _HANDLED = 'callstream_consumer_records_handled_total{consumer="storage"}'
 _LAST_COMMIT = 'callstream_consumer_last_commit_timestamp_seconds{consumer="storage"}'
 _ACCEPTED = 'callstream_ingress_requests_total{outcome="accepted"}'
 _SPOOLED = "callstream_ingress_spool_writes_total"
+_REQUEST_SECONDS = "callstream_ingress_request_duration_seconds"
+_PUBLISH_SECONDS = "callstream_ingress_publish_duration_seconds"
 
 
 @dataclass
@@ -188,6 +190,17 @@ class Bench:
             if line.startswith(series + " "):
                 return float(line.rsplit(" ", 1)[1])
         return None
+
+    async def _histogram(self, service: Service, name: str) -> dict[float, float]:
+        """A Prometheus histogram's cumulative bucket counts, by upper bound in seconds."""
+        async with self.http.get(service.url + "/metrics") as resp:
+            text = await resp.text()
+        buckets: dict[float, float] = {}
+        for line in text.splitlines():
+            if line.startswith(name + "_bucket{"):
+                bound = line.split('le="', 1)[1].split('"', 1)[0]
+                buckets[float(bound)] = float(line.rsplit(" ", 1)[1])
+        return buckets
 
     async def _bench_count(self, service: Service) -> float:
         async with self.http.get(service.url + "/bench-count") as resp:
@@ -405,12 +418,15 @@ class Bench:
         requests = self._mixed(int(o.rate * o.rate_duration), ingress.port)
         started = time.time()
         writes_before = await self._write_stats(consumer)
+        histograms = (_REQUEST_SECONDS, _PUBLISH_SECONDS)
+        server_before = [await self._histogram(ingress, name) for name in histograms]
         window = CpuWindow([ingress.watched(), self.broker, consumer.watched()])
         async with Sampler(functools.partial(self._metric, consumer, _HANDLED)) as stored:
             data, run = await self._open_loop(requests, ingress.port, "openloop")
             accepted = await self._metric(ingress, _ACCEPTED) or 0.0
             await self._wait_handled(consumer, accepted, 120.0)
         window.close()
+        server_after = [await self._histogram(ingress, name) for name in histograms]
         writes_after = await self._write_stats(consumer)
         stored_at = await asyncio.to_thread(_stored_at, db)
         await self._stop(ingress)
@@ -419,6 +435,7 @@ class Bench:
         fixed = openloop.summarise(
             data,
             [r.call_id for r in requests],
+            [self.long.name if len(r.raw) > self.long.size else self.short.name for r in requests],
             stored_at,
             offered=o.rate,
             duration=o.rate_duration,
@@ -434,6 +451,15 @@ class Bench:
             storage_write_mean_ms=write_mean,
             processes=window.usage(fixed.ok, [("openloop", run)]),
             stored_series=stored.rates(started),
+            server_side={
+                label: _bucket_quantiles(before, after)
+                for label, before, after in zip(
+                    ("ingress request (server side)", "Kafka acknowledgement (publish)"),
+                    server_before,
+                    server_after,
+                    strict=True,
+                )
+            },
         )
         self.results.fixed_rate = fixed
         lat = fixed.latency
@@ -623,10 +649,13 @@ class Bench:
             self.results.spool_note = "not measured (ingress/spool.py does not exist yet)"
             self.say(f"spool path: {self.results.spool_note}")
             return
-        # Kafka unreachable (a port nothing listens on): once the first report has waited
-        # out the ack deadline, every report goes straight to the spool, fsync'd.
+        # Kafka unreachable (a port nothing listens on): once the first reports have waited
+        # out the ack deadline (shortened, so the warm-up covers it), every report goes
+        # straight to the spool, fsync'd.
         service = await self.start_ingress(
-            "bench.spool", KAFKA_BOOTSTRAP_SERVERS=f"{HOST}:{free_port()}"
+            "bench.spool",
+            KAFKA_BOOTSTRAP_SERVERS=f"{HOST}:{free_port()}",
+            CALLSTREAM_KAFKA_ACK_DEADLINE_SECONDS="0.1",
         )
         try:
             run = await self.closed_loop(
@@ -760,6 +789,21 @@ async def _postgres_count(dsn: str) -> int:
         return int(await conn.fetchval("SELECT count(*) FROM call_reports"))
     finally:
         await conn.close()
+
+
+def _bucket_quantiles(
+    before: Mapping[float, float], after: Mapping[float, float]
+) -> dict[str, float]:
+    """Upper bounds (ms) of the buckets holding p50, p90 and p99 of what a histogram
+    observed between two scrapes."""
+    bounds = sorted(after)
+    counts = [after[b] - before.get(b, 0.0) for b in bounds]
+    total = counts[-1] if counts else 0.0
+    out: dict[str, float] = {}
+    for q in (50, 90, 99):
+        bound = next((b for b, c in zip(bounds, counts, strict=True) if c >= total * q / 100), None)
+        out[f"p{q}_at_most_ms"] = math.nan if bound is None or not total else bound * 1000
+    return out
 
 
 def _smooth(series: list[tuple[float, float]], window: float) -> list[tuple[float, float]]:

@@ -121,12 +121,15 @@ class CpuWindow:
         self._bench = cpu_seconds(os.getpid())
         self._started = time.monotonic()
         self._after: dict[str, float] = {}
+        self._peak_rss: dict[str, int | None] = {}
         self._busy_delta = 0.0
         self._bench_delta = 0.0
         self.seconds = 0.0
 
     def close(self) -> None:
+        """End the window; call it while the watched processes still run."""
         self._after = {w.name: w.cpu() for w in self._watched}
+        self._peak_rss = {w.name: w.peak_rss_kib() for w in self._watched}
         self._busy_delta = machine_busy_seconds() - self._busy
         self._bench_delta = cpu_seconds(os.getpid()) - self._bench
         self.seconds = time.monotonic() - self._started
@@ -139,8 +142,7 @@ class CpuWindow:
         for w in self._watched:
             cpu = self._after[w.name] - self._before[w.name]
             ours += cpu
-            rss = w.peak_rss_kib()
-            out.append(_usage(w.name, cpu, reports, rss))
+            out.append(_usage(w.name, cpu, reports, self._peak_rss[w.name]))
         for name, run in generators:
             ours += run.cpu_seconds
             out.append(_usage(name, run.cpu_seconds, reports, run.peak_rss_kib))
@@ -196,7 +198,8 @@ class Sampler:
         return [
             (round(t1 - origin, 2), round((v1 - v0) / (t1 - t0), 1))
             for (t0, v0), (t1, v1) in itertools.pairwise(self.points)
-            if t1 > t0
+            # The last interval, cut short when the block ends, would only add noise.
+            if t1 - t0 >= self._interval / 2
         ]
 
     def delta(self) -> float | None:
