@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import hashlib
-import hmac
 import ipaddress
 import logging
 import math
@@ -41,6 +39,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from yarl import URL
 
+from callstream.signature import hmac_hex
 from consumers.alert_rules import (
     CHANNEL_TYPES,
     ChannelConfig,
@@ -442,8 +441,7 @@ class SlackSender:
 
 def sign(secret: bytes, timestamp: str, body: bytes) -> str:
     """`sha256=<hex>` of HMAC-SHA256 over `timestamp.body` (as Flireo signs its own)."""
-    digest = hmac.new(secret, timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
-    return f"sha256={digest}"
+    return f"sha256={hmac_hex(secret, timestamp, body)}"
 
 
 class WebhookSender:

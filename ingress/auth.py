@@ -5,13 +5,13 @@ The signature is checked over the raw request bytes, before anything parses them
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import math
 import time
 from collections.abc import Mapping
 
 from callstream.secret import Secret
+from callstream.signature import hmac_hex
 from ingress.errors import unauthorized
 
 SIGNATURE_HEADER = "X-Webhook-Signature"
@@ -21,7 +21,7 @@ TOKEN_HEADER = "X-Callstream-Token"  # noqa: S105 - a header name, not a secret
 
 def sign(secret: str, timestamp: str, body: bytes) -> str:
     """Flireo's scheme: hex HMAC-SHA256(secret, timestamp + "." + body)."""
-    return hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+    return hmac_hex(secret.encode(), timestamp, body)
 
 
 def _timestamp_seconds(raw: str) -> float:
@@ -86,11 +86,8 @@ class Authenticator:
         if presented.startswith("sha256="):
             presented = presented[len("sha256=") :]
         presented_bytes = presented.lower().encode()
-        message = timestamp.encode() + b"." + body
         matched = [
-            hmac.compare_digest(
-                presented_bytes, hmac.new(s, message, hashlib.sha256).hexdigest().encode()
-            )
+            hmac.compare_digest(presented_bytes, hmac_hex(s, timestamp, body).encode())
             for s in self._secrets
         ]
         if not any(matched):

@@ -282,11 +282,7 @@ class Spool:
         cursor_existed = cursor_path.exists()
         self._cursor_fd = os.open(cursor_path, os.O_RDWR | os.O_CREAT, 0o600)
         cursor = self._read_cursor()
-        segments = sorted(
-            int(path.name.removesuffix(".seg"))
-            for path in directory.glob("*.seg")
-            if path.name.removesuffix(".seg").isdigit()
-        )
+        segments = self._segment_ids()
         pending: list[_Entry] = []
         for segment in segments:
             entries = self._recover_segment(segment)

@@ -40,7 +40,7 @@ _EVENT_TYPE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 MAX_CALL_ID_LENGTH = 256
 # Sanity window for event times: 2000-01-01 .. 2100-01-01 in epoch milliseconds.
 _MIN_MS, _MAX_MS = 946_684_800_000, 4_102_444_800_000
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,7 +336,7 @@ def _rebuild(record: dict[str, Any], fields: tuple[_Field, ...]) -> dict[str, An
         if value is None:
             continue
         if isinstance(value, datetime):
-            value = (value - _EPOCH) // timedelta(milliseconds=1)
+            value = (value - EPOCH) // timedelta(milliseconds=1)
         node = out
         for part in field.path[:-1]:
             node = node.setdefault(part, {})

@@ -8,15 +8,14 @@ from typing import Any
 
 import orjson
 
-from schemas.normalise import denormalise
+from schemas.normalise import EPOCH, denormalise
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 JsonObject = dict[str, Any]
 
 
 def _aware(value: datetime | int) -> datetime:
     if isinstance(value, int):
-        return _EPOCH + timedelta(milliseconds=value)
+        return EPOCH + timedelta(milliseconds=value)
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 

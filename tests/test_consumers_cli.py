@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import os
-import sys
 import time
 import uuid
 from collections.abc import Sequence
@@ -30,6 +28,7 @@ from consumers.runner import Runner, RunnerSettings
 from consumers.runner_metrics import RunnerMetrics
 from schemas.codec import Decoder
 from schemas.store import default_store
+from tests.support.cli import callstream
 from tests.support.produce import produce_reports, sample_report
 
 REPO = Path(__file__).resolve().parents[1]
@@ -138,24 +137,8 @@ def test_lag_counts_from_the_log_start_when_retention_passed_the_commit() -> Non
 
 
 async def test_command_line_lists_the_registered_consumers(kafka: KafkaSettings) -> None:
-    env = os.environ | {
-        "KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
-        "CALLSTREAM_TOPIC": kafka.topic,
-        "CALLSTREAM_LOG_LEVEL": "WARNING",
-    }
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "callstream",
-        "consumers",
-        "--json",
-        env=env,
-        cwd=REPO,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    stdout, stderr = await asyncio.wait_for(process.communicate(), 120)
-    assert process.returncode == 0, stderr.decode()
+    code, stdout, stderr = await callstream(kafka, "consumers", "--json")
+    assert code == 0, stderr
     listed = orjson.loads(stdout)
     assert [c["name"] for c in listed] == list(CONSUMERS)
     assert [c["group_id"] for c in listed] == [f"callstream-{name}" for name in CONSUMERS]

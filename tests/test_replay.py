@@ -12,9 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import io
-import os
 import re
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -47,6 +45,7 @@ from schemas.codec import Decoder
 from schemas.store import default_store
 from tests.conftest import TEST_SECRET, Client
 from tests.signing import signed
+from tests.support.cli import callstream
 from tests.support.produce import encode, sample_report
 
 REPO = Path(__file__).resolve().parents[1]
@@ -494,27 +493,6 @@ async def test_from_storage_dry_run_publishes_nothing(kafka: KafkaSettings, tmp_
 
 
 # -- the command line ----------------------------------------------------------------------
-
-
-async def callstream(kafka: KafkaSettings, *args: str) -> tuple[int, str, str]:
-    env = os.environ | {
-        "KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
-        "CALLSTREAM_TOPIC": kafka.topic,
-        "CALLSTREAM_LOG_LEVEL": "WARNING",
-    }
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "callstream",
-        *args,
-        env=env,
-        cwd=REPO,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    stdout, stderr = await asyncio.wait_for(process.communicate(), 120)
-    assert process.returncode is not None
-    return process.returncode, stdout.decode(), stderr.decode()
 
 
 async def test_replay_command_line_dry_run(kafka: KafkaSettings) -> None:

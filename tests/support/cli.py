@@ -1,0 +1,34 @@
+"""Running the `callstream` command against a test's topics, as a user would."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+from callstream.kafkaconfig import KafkaSettings
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+async def callstream(kafka: KafkaSettings, *args: str) -> tuple[int, str, str]:
+    """Exit code, stdout and stderr of `callstream ARGS` pointed at `kafka`."""
+    env = os.environ | {
+        "KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
+        "CALLSTREAM_TOPIC": kafka.topic,
+        "CALLSTREAM_LOG_LEVEL": "WARNING",
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "callstream",
+        *args,
+        env=env,
+        cwd=REPO,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 120)
+    assert process.returncode is not None
+    return process.returncode, stdout.decode(), stderr.decode()
