@@ -1,13 +1,15 @@
 """Reading a topic without a consumer group (no offsets committed): `callstream tail`,
-replay's dry run, and tests that look at what the ingress published."""
+replay's dry run, the dead-letter commands, and tests that look at what the ingress
+published."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from callstream.kafkaconfig import KafkaSettings
 
@@ -62,20 +64,24 @@ async def read_topic(
                 continue
             for records in batch.values():
                 for msg in records:
-                    yield RawRecord(
-                        msg.topic,
-                        msg.partition,
-                        msg.offset,
-                        msg.timestamp,
-                        msg.key,
-                        msg.value,
-                        tuple(msg.headers or ()),
-                    )
+                    yield _raw(msg)
                     seen += 1
                     if limit is not None and seen >= limit:
                         return
     finally:
         await consumer.stop()
+
+
+def _raw(msg: Any) -> RawRecord:
+    return RawRecord(
+        msg.topic,
+        msg.partition,
+        msg.offset,
+        msg.timestamp,
+        msg.key,
+        msg.value,
+        tuple(msg.headers or ()),
+    )
 
 
 async def _wait_for_assignment(consumer: AIOKafkaConsumer, timeout: float | None) -> bool:
@@ -86,3 +92,40 @@ async def _wait_for_assignment(consumer: AIOKafkaConsumer, timeout: float | None
             return False
         await asyncio.sleep(0.05)
     return True
+
+
+async def read_range(
+    kafka: KafkaSettings, topic: str, start: Mapping[int, int], end: Mapping[int, int]
+) -> AsyncIterator[RawRecord]:
+    """Yield every record with start[p] <= offset < end[p], partition by partition in offset
+    order; a bounded read, so it ends even while producers keep writing."""
+    wanted = {p: (start.get(p, 0), stop) for p, stop in end.items() if start.get(p, 0) < stop}
+    if not wanted:
+        return
+    consumer = AIOKafkaConsumer(
+        **kafka.client_kwargs() | {"client_id": "callstream-reader"},
+        group_id=None,
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    try:
+        tps = {p: TopicPartition(topic, p) for p in wanted}
+        consumer.assign(list(tps.values()))
+        for p, (first, _) in wanted.items():
+            consumer.seek(tps[p], first)
+        remaining = set(wanted)
+        while remaining:
+            batch = await consumer.getmany(*(tps[p] for p in remaining), timeout_ms=1000)
+            for tp, records in batch.items():
+                stop = wanted[tp.partition][1]
+                for msg in records:
+                    if msg.offset >= stop:
+                        break
+                    yield _raw(msg)
+            # Positions, not the last offset seen: transaction markers and compaction leave
+            # offsets that are never delivered.
+            for p in list(remaining):
+                if await consumer.position(tps[p]) >= wanted[p][1]:
+                    remaining.discard(p)
+    finally:
+        await consumer.stop()

@@ -5,11 +5,14 @@ A missing dependency fails the run: nothing here skips.
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -92,6 +95,18 @@ async def start_ingress(
     client: Client = TestClient(server)
     await client.start_server()
     return client
+
+
+async def wait_drained(client: Client, timeout: float = 90.0) -> dict[str, Any]:
+    """Wait until every acknowledged report is on Kafka: a 202 may also mean "in the
+    spool" (Kafka slow to acknowledge, or not connected yet)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        state: dict[str, Any] = await (await client.get("/readyz")).json()
+        if state["spool"]["records"] == 0 and state["durable"] == "kafka":
+            return state
+        assert time.monotonic() < deadline, f"spool never drained: {state}"
+        await asyncio.sleep(0.2)
 
 
 @pytest.fixture

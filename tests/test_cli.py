@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import uuid
@@ -17,6 +16,7 @@ import orjson
 
 from callstream.kafkaconfig import KafkaSettings
 from tests.signing import signed
+from tests.support.ports import free_port
 from tests.support.produce import produce_reports, sample_report
 from tests.support.topics import read_back
 
@@ -40,7 +40,7 @@ def _cli(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.Co
 async def test_tail_prints_decoded_reports_as_json_lines(kafka: KafkaSettings) -> None:
     [call_id] = await produce_reports(kafka, [sample_report()])
     env = _env(KAFKA_BOOTSTRAP_SERVERS=kafka.bootstrap_servers, CALLSTREAM_TOPIC=kafka.topic)
-    done = await asyncio.to_thread(_cli, "tail", "--max", "1", env=env)
+    done = await asyncio.to_thread(_cli, "tail", "--follow", "--max", "1", env=env)
     assert done.returncode == 0, done.stderr
     [line] = done.stdout.splitlines()
     record = json.loads(line)
@@ -86,17 +86,11 @@ async def test_consumer_with_bad_configuration_exits_2_with_a_message(
     assert "Traceback" not in done.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def test_ingress_sigterm_finishes_in_flight_requests_and_flushes(
     kafka: KafkaSettings, tmp_path: Path
 ) -> None:
     """Oracle: every request that got a 202 before shutdown is on the topic; exit code 0."""
-    port = _free_port()
+    port = free_port()
     secret = "shutdown-secret"
     env = _env(
         KAFKA_BOOTSTRAP_SERVERS=kafka.bootstrap_servers,
@@ -117,9 +111,10 @@ async def test_ingress_sigterm_finishes_in_flight_requests_and_flushes(
             url = f"http://127.0.0.1:{port}"
             deadline = asyncio.get_running_loop().time() + 60
             while True:
+                # Ready on Kafka, not just on the spool: the oracle reads the topic.
                 try:
                     async with session.get(f"{url}/readyz") as resp:
-                        if resp.status == 200:
+                        if resp.status == 200 and (await resp.json())["durable"] == "kafka":
                             break
                 except aiohttp.ClientError:
                     pass
@@ -134,11 +129,14 @@ async def test_ingress_sigterm_finishes_in_flight_requests_and_flushes(
                     ) as resp:
                         if resp.status == 202:
                             accepted.append(call_id)
+                            first_accepted.set()
                 except aiohttp.ClientError:
                     pass  # refused after shutdown began: never acknowledged, never claimed
 
+            first_accepted = asyncio.Event()
             posts = [asyncio.create_task(post(str(uuid.uuid4()))) for _ in range(40)]
-            await asyncio.sleep(0.05)
+            # Shut down with requests in flight: after the first answer, before the last.
+            await asyncio.wait_for(first_accepted.wait(), 30)
             process.send_signal(signal.SIGTERM)
             await asyncio.gather(*posts)
         code = await asyncio.wait_for(process.wait(), 60)

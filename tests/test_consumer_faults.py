@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import uuid
@@ -21,8 +20,10 @@ import asyncpg
 import pytest
 from aiohttp import web
 
+from callstream.consumerstatus import KafkaInspector
 from callstream.kafkaconfig import KafkaSettings
 from tests.support.pg import PostgresServer
+from tests.support.ports import free_ports
 from tests.support.produce import produce_reports, sample_report
 
 
@@ -240,7 +241,7 @@ async def test_two_storage_processes_in_one_group_split_the_work_once(
     """Scale-out: two processes, one group; every record handled exactly once between them."""
     dsn = postgres.create_database(f"scale_{uuid.uuid4().hex[:8]}")
     group = f"scale-{uuid.uuid4().hex[:8]}"
-    ports = [_free_port(), _free_port()]
+    ports = free_ports(2)
     for index, port in enumerate(ports):
         env = service_env(kafka, CALLSTREAM_DATABASE_URL=dsn, CALLSTREAM_STORAGE_PORT=str(port)) | {
             "CALLSTREAM_GROUP_ID": group
@@ -248,19 +249,17 @@ async def test_two_storage_processes_in_one_group_split_the_work_once(
         service = Service("storage", env, tmp_path / f"storage-{index}.log")
         services.append(service)
         service.start()
-    await asyncio.sleep(5.0)  # both join before the records arrive, so both get partitions
+    # Both join before the records arrive, so both get partitions.
+    deadline = asyncio.get_running_loop().time() + 90
+    while not await _group_has(kafka, group, members=2):
+        assert asyncio.get_running_loop().time() < deadline, "the two never formed one group"
+        await asyncio.sleep(0.2)
     ids = await produce_reports(kafka, [sample_report() for _ in range(1200)])
     await wait_rows(dsn, 1200)
     handled = [await _handled(port) for port in ports]
     assert await ids_in(dsn) == set(ids)
     assert all(count > 0 for count in handled), handled
     assert sum(handled) == 1200
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def _handled(port: int) -> float:
@@ -272,3 +271,9 @@ async def _handled(port: int) -> float:
             if line.startswith('callstream_consumer_records_handled_total{consumer="storage"}'):
                 return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+async def _group_has(kafka: KafkaSettings, group: str, *, members: int) -> bool:
+    async with KafkaInspector(kafka) as look:
+        state = await look.group(group)
+    return state.state == "Stable" and state.members == members

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import io
-import time
 import uuid
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import orjson
 from prometheus_client import CollectorRegistry
@@ -22,7 +19,6 @@ from callstream.consumerstatus import (
     render_table,
 )
 from callstream.kafkaconfig import KafkaSettings
-from consumers.contract import Consumer, Delivery
 from consumers.registry import CONSUMERS
 from consumers.runner import Runner, RunnerSettings
 from consumers.runner_metrics import RunnerMetrics
@@ -30,25 +26,9 @@ from schemas.codec import Decoder
 from schemas.store import default_store
 from tests.support.cli import callstream
 from tests.support.produce import produce_reports, sample_report
+from tests.support.runner import Recorder, eventually
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-class Recorder(Consumer):
-    name = "recorder"
-
-    def __init__(self) -> None:
-        self.seen: list[str] = []
-
-    async def handle(self, batch: Sequence[Delivery]) -> None:
-        self.seen += [d.report.call_id for d in batch]
-
-
-async def eventually(predicate: Any, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.1)
 
 
 def groups(**names: str) -> dict[str, tuple[str, str]]:

@@ -371,6 +371,8 @@ async def test_slow_sender_gets_408_and_others_are_served_meanwhile(hostile: Cli
             await writer.drain()
             await asyncio.sleep(0.5)
 
+    # The first request also waits for the ingress's first Kafka connection: not measured.
+    await assert_still_serving(hostile)
     started = time.monotonic()
     sending = asyncio.create_task(trickle())
     try:

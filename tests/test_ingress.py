@@ -20,10 +20,10 @@ from ingress.app import RUNNER_OPTIONS, create_app
 from ingress.settings import IngressSettings
 from schemas.report import CallReport
 from schemas.store import default_store
-from tests.conftest import TEST_SECRET, Client, start_ingress
+from tests.conftest import TEST_SECRET, Client, start_ingress, wait_drained
 from tests.signing import signed
 from tests.support.samples import SAMPLE
-from tests.support.topics import read_back
+from tests.support.topics import read_all, read_back
 
 DATA = Path(__file__).parent / "data"
 WEBHOOK = "/webhooks/flireo"
@@ -292,7 +292,8 @@ async def test_bad_inputs_get_problem_json_and_nothing_is_published(
     # The service still serves, and the only record on the topic is this sentinel.
     resp = await ingress.post(WEBHOOK, data=sample_bytes, headers=signed(sample_bytes, TEST_SECRET))
     assert resp.status == 202
-    landed = await read_back(kafka, kafka.topic)
+    await wait_drained(ingress)
+    landed = await read_all(kafka, kafka.topic)
     assert [item.raw.key for item in landed] == [b"cc1abf4a-d005-44a8-825f-702334e8d4c8"]
     assert await read_back(kafka, kafka.events_topic, idle=1.0) == []
 
@@ -335,7 +336,8 @@ async def test_gzip_with_several_members_is_inflated_whole(
     resp = await ingress.post(WEBHOOK, data=garbage, headers=headers)
     assert resp.status == 400
     assert (await resp.json())["type"] == "urn:callstream:problem:invalid-gzip"
-    assert len(await read_back(kafka, kafka.topic)) == 1
+    await wait_drained(ingress)
+    assert len(await read_all(kafka, kafka.topic)) == 1
 
 
 async def test_lower_case_rfc3339_timestamp_is_accepted_and_kept_as_sent(

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,11 +31,12 @@ from callstream.localkafka import LocalKafka
 from callstream.secret import Secret
 from ingress.settings import IngressSettings
 from ingress.spool import CRASH_EXIT_CODE
-from tests.conftest import TEST_SECRET, Client, start_ingress
+from tests.conftest import TEST_SECRET, Client, start_ingress, wait_drained
 from tests.signing import signed
 from tests.support.faultproxy import FaultProxy
+from tests.support.ports import free_port, free_ports
 from tests.support.produce import sample_report
-from tests.support.topics import read_back
+from tests.support.topics import read_all
 
 pytestmark = pytest.mark.slow
 
@@ -54,12 +54,6 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafka]:
         yield local
     finally:
         local.stop()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def topics(bootstrap: str) -> KafkaSettings:
@@ -119,16 +113,6 @@ async def post_series(
     return [await post(http, url, calls[i % len(calls)], f"{prefix}-{i:04d}") for i in range(count)]
 
 
-async def wait_drained(client: Client, timeout: float = 90.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        state: dict[str, Any] = await (await client.get("/readyz")).json()
-        if state["spool"]["records"] == 0 and state["durable"] == "kafka":
-            return state
-        assert time.monotonic() < deadline, f"spool never drained: {state}"
-        await asyncio.sleep(0.2)
-
-
 async def wait_durable(client: Client, durable: str, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while (await (await client.get("/readyz")).json())["durable"] != durable:
@@ -143,7 +127,7 @@ class Landed:
 
 
 async def landed(kafka: KafkaSettings) -> Landed:
-    records = await read_back(kafka, kafka.topic, idle=3.0)
+    records = await read_all(kafka, kafka.topic)
     by_call: dict[str, list[str]] = {}
     ids = []
     for item in records:
@@ -267,7 +251,7 @@ async def test_black_holed_broker_spools_then_drains_when_the_route_returns(
     """Oracle: with the broker's port black-holed (connections open, no byte through) every
     POST still gets 202 "spool"; once bytes flow again every acknowledged report is on the
     topic in per-call order."""
-    broker_port, proxy_port = free_port(), free_port()
+    broker_port, proxy_port = free_ports(2)
     # The broker advertises the proxy, so every client connection (not only the bootstrap)
     # goes through it.
     local = LocalKafka(

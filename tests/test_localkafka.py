@@ -26,7 +26,8 @@ from callstream.localkafka import (
 )
 from tests.support.kafka import session_broker
 
-START_TIMEOUT = 60.0
+# Includes formatting the storage in its own JVM, on a cold machine.
+START_TIMEOUT = 120.0
 
 BrokerFactory = Callable[..., LocalKafka]
 
@@ -104,7 +105,7 @@ async def _produce(bootstrap: str, topic: str, *values: bytes) -> set[int]:
 
 
 async def _consume(
-    bootstrap: str, topic: str, want: int, group_id: str | None = None, timeout: float = 20.0
+    bootstrap: str, topic: str, want: int, group_id: str | None = None, timeout: float = 60.0
 ) -> list[bytes]:
     consumer = AIOKafkaConsumer(
         topic,

@@ -315,7 +315,7 @@ def test_whatever_normalise_accepts_fits_the_schema_and_round_trips(payload: Any
         assert _canonical(orjson.loads(decoded["body_json"])) == before
 
 
-@settings(max_examples=120, deadline=None)
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.sampled_from(list(FIXTURES)).flatmap(lambda fmt: valid_reports(fmt).map(lambda p: (fmt, p)))
 )

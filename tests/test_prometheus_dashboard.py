@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,16 +16,11 @@ import pytest
 import yaml
 
 from tests.support.pipeline import Pipeline, Receivers, send_sample, until
+from tests.support.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "callstream.json"
 SCRAPE_CONFIG = REPO / "deploy" / "prometheus" / "prometheus.yml"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def dashboard_queries() -> list[tuple[str, str]]:
@@ -52,7 +46,7 @@ def prometheus(tmp_path: Path, pipeline: Pipeline) -> Iterator[str]:
         "alerting": pipeline.env["CALLSTREAM_ALERTING_PORT"],
         "metrics": pipeline.env["CALLSTREAM_METRICS_PORT"],
     }
-    port = _free_port()
+    port = free_port()
     ports["prometheus"] = str(port)
     for job in config["scrape_configs"]:
         # The repo's own config, with the ports this test's pipeline got.
@@ -108,11 +102,16 @@ async def test_every_dashboard_query_returns_data(
 
         await until(all_targets_up, what="every scrape target up")
         empty: list[str] = []
-        for _ in range(40):  # rates need two scrapes after the report; allow a few seconds
+
+        async def every_panel_has_data() -> bool:
+            # Rates need two scrapes after the report.
+            nonlocal empty
             empty = [
                 f"{title}: {expr}" for title, expr in dashboard_queries() if not await query(expr)
             ]
-            if not empty:
-                break
-            await asyncio.sleep(0.5)
-        assert empty == [], "panels without data:\n" + "\n".join(empty)
+            return not empty
+
+        try:
+            await until(every_panel_has_data, what="data in every panel")
+        except AssertionError:
+            raise AssertionError("panels without data:\n" + "\n".join(empty)) from None

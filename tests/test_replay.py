@@ -8,14 +8,11 @@ are computed from what is read back off the topic, not from the code under test.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import dataclasses
 import io
 import re
-import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -37,16 +34,14 @@ from callstream.replay import (
 from callstream.topicadmin import ensure_topics
 from callstream.topicreader import RawRecord, read_topic
 from consumers import metrics, storage
-from consumers.contract import Consumer, Delivery
-from consumers.runner import Runner, RunnerSettings
-from consumers.runner_metrics import RunnerMetrics
+from consumers.contract import Consumer
+from consumers.runner import RunnerSettings
 from consumers.storage_db import SqliteBackend
-from schemas.codec import Decoder
-from schemas.store import default_store
-from tests.conftest import TEST_SECRET, Client
+from tests.conftest import TEST_SECRET, Client, wait_drained
 from tests.signing import signed
 from tests.support.cli import callstream
 from tests.support.produce import encode, sample_report
+from tests.support.runner import Recorder, eventually, running
 
 REPO = Path(__file__).resolve().parents[1]
 NOW = datetime.now(UTC).replace(microsecond=0)
@@ -109,43 +104,8 @@ async def end_offsets(kafka: KafkaSettings) -> dict[int, int]:
         return end
 
 
-async def eventually(predicate: Any, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.1)
-
-
-class Recorder(Consumer):
-    name = "recorder"
-
-    def __init__(self) -> None:
-        self.seen: list[str] = []
-
-    async def handle(self, batch: Sequence[Delivery]) -> None:
-        self.seen += [d.report.call_id for d in batch]
-
-
 def runner_settings(kafka: KafkaSettings, group: str) -> RunnerSettings:
     return RunnerSettings(group_id=group, topic=kafka.topic, poll_timeout_seconds=0.2)
-
-
-@contextlib.asynccontextmanager
-async def running(consumer: Consumer, kafka: KafkaSettings, group: str) -> AsyncIterator[Runner]:
-    runner = Runner(
-        consumer,
-        kafka,
-        runner_settings(kafka, group),
-        RunnerMetrics(CollectorRegistry(), consumer.name),
-        Decoder(default_store()),
-    )
-    stop = asyncio.Event()
-    task = asyncio.create_task(runner.run(stop))
-    try:
-        yield runner
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
 
 
 async def consume_all(consumer: Consumer, kafka: KafkaSettings, group: str) -> None:
@@ -156,8 +116,16 @@ async def consume_all(consumer: Consumer, kafka: KafkaSettings, group: str) -> N
         done = await committed(kafka, group)
         return all(done.get(p, 0) >= o for p, o in end.items())
 
-    async with running(consumer, kafka, group):
+    async with running(consumer, kafka, group, poll_timeout_seconds=0.2):
         await eventually(caught_up, timeout=60)
+
+    async def left() -> bool:
+        # The last member's leave takes the group through a rebalance to Empty; replay
+        # refuses to touch a group until it is there.
+        async with KafkaInspector(kafka) as inspector:
+            return not (await inspector.group(group)).active
+
+    await eventually(left)
 
 
 def table_rows(text: str) -> dict[int, tuple[int, int, int, str]]:
@@ -240,15 +208,17 @@ async def test_replay_refuses_while_the_group_is_active(kafka: KafkaSettings) ->
     await produce_at(kafka, ordered_reports(4, NOW - 2 * HOUR))
     group = f"g-busy-{uuid.uuid4().hex[:8]}"
     consumer = Recorder()
-    async with running(consumer, kafka, group):
+    async with running(consumer, kafka, group, poll_timeout_seconds=0.2):
 
         async def stable() -> bool:
             async with KafkaInspector(kafka) as inspector:
                 state = await inspector.group(group)
-            return state.state == "Stable" and len(consumer.seen) == 4
+            if state.state != "Stable" or len(consumer.seen) != 4:
+                return False
+            # Handled is not yet committed: wait for the commit too.
+            return sum((await committed(kafka, group)).values()) == 4
 
         await eventually(stable)
-        await asyncio.sleep(0.5)  # the batch's commit
         before = await committed(kafka, group)
         out, err = io.StringIO(), io.StringIO()
         code = await replay_consumer(
@@ -455,6 +425,8 @@ async def test_from_storage_puts_the_original_bytes_back(
         body = orjson.dumps(payload)
         resp = await ingress.post("/webhooks/flireo", data=body, headers=signed(body, TEST_SECRET))
         assert resp.status == 202, await resp.text()
+    # consume_all reads the topic's end once, so everything must be there by then.
+    await wait_drained(ingress)
     env = {"CALLSTREAM_SQLITE_PATH": str(tmp_path / "callstream.db")}
     await consume_all(storage.build(env, CollectorRegistry()), kafka, f"g-{uuid.uuid4().hex}")
     originals = {r.key: r for r in await topic_records(kafka, kafka.topic, expect=5)}

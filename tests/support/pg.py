@@ -30,7 +30,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import time
@@ -40,6 +39,7 @@ from typing import Literal
 from urllib.parse import quote
 
 from callstream.lifecycle import StartStop
+from tests.support.ports import free_port
 
 __all__ = [
     "PostgresNotFoundError",
@@ -166,13 +166,6 @@ class _ServerUser:
             os.chown(path, self.uid, self.gid)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def _process_cwd(pid: int) -> str | None:
     try:
         return os.readlink(f"/proc/{pid}/cwd")
@@ -225,7 +218,7 @@ class PostgresServer(StartStop):
         self.socket_dir = self.base_dir / "socket"
         self.log_path = self.base_dir / "postgres.log"
         self._port_given = port is not None
-        self._port = port if port is not None else _free_port()
+        self._port = port if port is not None else free_port()
         self._proc: subprocess.Popen[bytes] | None = None
         self._has_started = False
 
@@ -290,7 +283,7 @@ class PostgresServer(StartStop):
                 # handed out DSNs with the old one.
                 if last or self._port_given or self._has_started:
                     raise
-                self._port = _free_port()
+                self._port = free_port()
             except _AccessLostError:
                 # See _make_traversable: the next round re-grants search permission.
                 if last:

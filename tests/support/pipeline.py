@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -21,16 +20,11 @@ from aiohttp import web
 from aiosmtpd.controller import Controller
 
 from callstream.kafkaconfig import KafkaSettings
+from tests.support.ports import free_port, free_ports
 from tests.support.samples import SAMPLE
 
 SECRET = "e2e-webhook-secret-5f1c"
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class _Mailbox:
@@ -111,7 +105,7 @@ rules:
     channels: [hook, mail]
 """
     )
-    ports = {name: free_port() for name in ("ingress", "storage", "alerting", "metrics")}
+    ports = dict(zip(("ingress", "storage", "alerting", "metrics"), free_ports(4), strict=True))
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("CALLSTREAM_")},
         "KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers,

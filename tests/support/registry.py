@@ -23,7 +23,6 @@ import functools
 import os
 import re
 import shutil
-import socket
 import subprocess
 import tarfile
 import tempfile
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import IO
 
 from callstream.lifecycle import StartStop
+from tests.support.ports import free_ports
 
 APICURIO_VERSION = "3.3.3"
 MAVEN_ARTIFACT = f"io.apicurio:apicurio-registry-app:{APICURIO_VERSION}:tar.gz:all"
@@ -175,17 +175,6 @@ def find_java() -> str:
     )
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [int(sock.getsockname()[1]) for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
 _RUNNING: weakref.WeakSet[SchemaRegistryServer] = weakref.WeakSet()
 
 
@@ -224,7 +213,7 @@ class SchemaRegistryServer(StartStop):
         self.work_dir.mkdir(parents=True, exist_ok=True)
         deadline = time.monotonic() + timeout
         for attempt in range(3):
-            http_port, management_port = _free_ports(2)
+            http_port, management_port = free_ports(2)
             self._spawn(java, dist, http_port, management_port)
             try:
                 self._wait_ready(http_port, deadline)
