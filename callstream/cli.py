@@ -107,6 +107,27 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("--dry-run", action="store_true", help="show the plan, change nothing")
     replay.set_defaults(func=_cmd_replay)
 
+    dlq = sub.add_parser(
+        "dlq",
+        help="the dead-letter topic: list it, re-drive a consumer's records (docs/operations.md)",
+    )
+    dlq_actions = dlq.add_subparsers(dest="action", required=True)
+    dlq_list = dlq_actions.add_parser(
+        "list", help="dead letters per consumer and error type, and how many wait for a re-drive"
+    )
+    dlq_list.add_argument("--consumer", metavar="NAME", help="only this consumer's")
+    dlq_list.add_argument(
+        "--json", action="store_true", help="one JSON line per dead letter, with its error"
+    )
+    dlq_list.set_defaults(func=_cmd_dlq_list)
+    redrive = dlq_actions.add_parser(
+        "redrive",
+        help="put a consumer's dead letters back on their topic, for that consumer only",
+    )
+    redrive.add_argument("--consumer", metavar="NAME", required=True)
+    redrive.add_argument("--dry-run", action="store_true", help="count them, send nothing")
+    redrive.set_defaults(func=_cmd_dlq_redrive)
+
     bench = sub.add_parser(
         "bench",
         help="measure throughput, latency and cost on this machine (docs/performance.md)",
@@ -255,6 +276,22 @@ def _cmd_replay(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
     request = ReplayRequest(args.consumer, args.since, args.until, args.dry_run, args.from_storage)
     return _run_async(replay_command(request, env, kafka_settings(env, start_local=False)))
+
+
+def _cmd_dlq_list(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from callstream.dlq import list_command
+
+    kafka = kafka_settings(env, start_local=False)
+    return _run_async(list_command(kafka, sys.stdout, consumer=args.consumer, as_json=args.json))
+
+
+def _cmd_dlq_redrive(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from callstream.dlq import redrive_command
+
+    kafka = kafka_settings(env, start_local=False)
+    return _run_async(
+        redrive_command(kafka, args.consumer, sys.stdout, sys.stderr, dry_run=args.dry_run)
+    )
 
 
 def _cmd_bench(args: argparse.Namespace, env: Mapping[str, str]) -> int:

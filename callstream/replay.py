@@ -29,12 +29,13 @@ from datetime import UTC, datetime
 from typing import Any, Protocol, TextIO
 
 import aiohttp
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 from prometheus_client import CollectorRegistry
 
 from callstream.consumerstatus import KafkaInspector, TopicMissingError
 from callstream.kafkaconfig import KafkaSettings
+from callstream.producer import durable_producer
 from callstream.topicadmin import ensure_topics
 from consumers.contract import Consumer, Delivery
 from consumers.runner import Runner, RunnerSettings
@@ -625,10 +626,9 @@ async def republish_from_storage(
     decoder = decoder or Decoder(default_store())
     stop = stop or asyncio.Event()
     await ensure_topics(kafka, [topic])
-    producer = AIOKafkaProducer(
-        **kafka.client_kwargs() | {"client_id": "callstream-replay"},
-        acks="all",
-        enable_idempotence=True,
+    producer = durable_producer(
+        kafka,
+        "callstream-replay",
         linger_ms=5,
         compression_type="lz4",
         request_timeout_ms=30_000,

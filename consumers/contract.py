@@ -15,6 +15,10 @@ from prometheus_client import CollectorRegistry
 
 from schemas.report import CallReport
 
+#: A record carrying this header was put back on the topic by `callstream dlq redrive` for
+#: the one consumer it names; every other consumer passes over it (it already handled it).
+REDRIVE_HEADER = "redrive-for"
+
 
 @dataclass(frozen=True, slots=True)
 class Delivery:

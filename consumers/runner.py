@@ -10,6 +10,8 @@ Poll a batch, decode it, hand the reports to the consumer, commit only after it 
 * A rebalance waits for the batch in hand (committing it if it finished); a batch still
   retrying is dropped uncommitted, and the partition's new owner gets it again.
 * Stopping (SIGTERM) finishes the batch, commits, and leaves the group.
+* A record re-driven from the dead-letter topic for another consumer (``redrive-for``
+  header) is passed over and committed with the rest.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ from aiokafka.errors import CommitFailedError, KafkaError
 
 from callstream.envparse import env_float, env_int, env_str
 from callstream.kafkaconfig import KafkaSettings
+from callstream.producer import durable_producer
 from callstream.topicadmin import ensure_topics
-from consumers.contract import Consumer, Delivery
+from consumers.contract import REDRIVE_HEADER, Consumer, Delivery
 from consumers.errors import RetryableError
 from consumers.runner_metrics import RunnerMetrics
 from schemas.codec import Decoder
@@ -104,6 +107,7 @@ class Runner:
         self._kc: AIOKafkaConsumer | None = None
         self._dlq: AIOKafkaProducer | None = None
         self._committed: dict[TopicPartition, int] = {}
+        self._name_bytes = consumer.name.encode()
         self.running = False
         self.last_batch_at: float | None = None
 
@@ -122,11 +126,7 @@ class Runner:
             # coming back); the group must not evict us for it.
             max_poll_interval_ms=MAX_POLL_INTERVAL_MS,
         )
-        dlq = AIOKafkaProducer(
-            **self._kafka.client_kwargs() | {"client_id": f"callstream-{self._consumer.name}-dlq"},
-            acks="all",
-            enable_idempotence=True,
-        )
+        dlq = durable_producer(self._kafka, f"callstream-{self._consumer.name}-dlq")
         await self._consumer.start()
         try:
             await ensure_topics(self._kafka, [self._settings.topic, self._kafka.dlq_topic])
@@ -176,6 +176,9 @@ class Runner:
         deliveries: list[Delivery] = []
         poison: list[tuple[_Fetched, Exception]] = []
         for record in fetched:
+            if not self._meant_for_us(record):
+                self._metrics.skipped.inc()
+                continue
             try:
                 deliveries.append(await self._decode(record))
             except DecodeError as undecodable:
@@ -187,6 +190,12 @@ class Runner:
             )
         for record, exc in poison:
             await self._dead_letter(record, exc)
+
+    def _meant_for_us(self, record: _Fetched) -> bool:
+        for name, value in record.headers:
+            if name == REDRIVE_HEADER:
+                return value == self._name_bytes
+        return True
 
     async def _decode(self, record: _Fetched) -> Delivery:
         attempt = 0

@@ -35,6 +35,10 @@ class RunnerMetrics:
         self.handled = counter(
             "callstream_consumer_records_handled_total", "Records the handler completed."
         ).labels(consumer)
+        self.skipped = counter(
+            "callstream_consumer_records_skipped_total",
+            "Records re-driven from the dead-letter topic for another consumer, passed over.",
+        ).labels(consumer)
         self.failed = counter(
             "callstream_consumer_records_failed_total",
             "Handler attempts that failed (each retry counts).",

@@ -22,6 +22,7 @@ from aiokafka.errors import KafkaError
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from callstream.kafkaconfig import KafkaSettings
+from callstream.producer import durable_producer
 from callstream.topicadmin import ensure_topics
 from ingress.metrics import SpoolMetrics
 from ingress.settings import IngressSettings
@@ -87,10 +88,9 @@ class KafkaPublisher:
         self._connect_task = asyncio.create_task(self._connect_forever(), name="kafka-connect")
 
     def _new_producer(self) -> AIOKafkaProducer:
-        return AIOKafkaProducer(
-            **self._kafka.client_kwargs() | {"client_id": self._client_id},
-            acks="all",
-            enable_idempotence=True,
+        return durable_producer(
+            self._kafka,
+            self._client_id,
             linger_ms=LINGER_MS,
             max_batch_size=MAX_BATCH_BYTES,
             max_request_size=MAX_REQUEST_BYTES,
