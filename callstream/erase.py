@@ -19,12 +19,12 @@ topic, backups, and copies already sent out by alerting.
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import contextlib
 import logging
 import re
 import sqlite3
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -33,52 +33,26 @@ from typing import Final, Literal
 import asyncpg
 
 from callstream.logs import mask_phone
+from consumers.erasures import (
+    DDL_LOCK_KEY,
+    POSTGRES_DDL,
+    SQLITE_DDL,
+    WRITE_FENCE_KEY,
+    sha256_hex,
+)
 from consumers.storage import StorageSettings, open_backend
 
 log = logging.getLogger(__name__)
 
 Kind = Literal["phone", "call", "phone+call", "retention"]
 
-_SQLITE_LOG: Final = """
-CREATE TABLE IF NOT EXISTS erasures (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    requested_at TEXT NOT NULL,
-    completed_at TEXT,
-    kind TEXT NOT NULL CHECK (kind IN ('phone', 'call', 'phone+call', 'retention')),
-    phone_sha256 TEXT,
-    call_id_sha256 TEXT,
-    older_than_seconds INTEGER,
-    rows_deleted INTEGER
-)
-"""
-_POSTGRES_LOG: Final = """
-CREATE TABLE IF NOT EXISTS erasures (
-    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    requested_at timestamptz NOT NULL,
-    completed_at timestamptz,
-    kind text NOT NULL CHECK (kind IN ('phone', 'call', 'phone+call', 'retention')),
-    phone_sha256 text,
-    call_id_sha256 text,
-    older_than_seconds bigint,
-    rows_deleted bigint
-)
-"""
 _SELECT_LOG: Final = (
     "SELECT id, requested_at, completed_at, kind, phone_sha256, call_id_sha256,"
     " older_than_seconds, rows_deleted FROM erasures ORDER BY id"
 )
-# Not the storage migrations' key: an erasure must not wait for a migration, nor block one.
-_LOG_LOCK_KEY: Final = 0x6572617375726573  # ASCII "erasures"
 _SQLITE_BUSY_TIMEOUT: Final = 30.0
 _AGE = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
 _UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-
-
-def sha256_hex(value: str) -> str:
-    """The selector as the log keeps it: enough to answer "was this number erased?" for
-    whoever holds the number. It is pseudonymous, not anonymous: phone numbers are few
-    enough to hash them all, so the log deserves the same care as the reports."""
-    return hashlib.sha256(value.encode()).hexdigest()
 
 
 def parse_age(text: str) -> timedelta:
@@ -134,6 +108,11 @@ class ErasureLog(ABC):
     @abstractmethod
     async def complete(self, entry: int, rows: int) -> None: ...
 
+    def fenced(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """Held from before the log entry until the rows are deleted, so that no storage
+        write can slip a covered report in between (see consumers.erasures)."""
+        return contextlib.nullcontext()
+
     @abstractmethod
     async def entries(self) -> list[Erasure]: ...
 
@@ -149,7 +128,7 @@ class SqliteErasureLog(ErasureLog):
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, timeout=_SQLITE_BUSY_TIMEOUT)
-        conn.execute(_SQLITE_LOG)
+        conn.execute(SQLITE_DDL)
         return conn
 
     def _run(self, sql: str, params: tuple[object, ...]) -> int:
@@ -213,14 +192,28 @@ class PostgresErasureLog(ErasureLog):
     def __init__(self, dsn: str) -> None:
         self._dsn = dsn
 
+    @contextlib.asynccontextmanager
+    async def fenced(self) -> AsyncIterator[None]:
+        # A session lock on a connection of its own: the entry and the DELETE commit on
+        # other connections while it is held.
+        conn = await self._connect()
+        try:
+            await conn.execute("SELECT pg_advisory_lock($1)", WRITE_FENCE_KEY)
+            try:
+                yield
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock($1)", WRITE_FENCE_KEY)
+        finally:
+            await conn.close()
+
     async def _connect(self) -> asyncpg.Connection[asyncpg.Record]:
         conn: asyncpg.Connection[asyncpg.Record] = await asyncpg.connect(self._dsn, timeout=10)
         try:
             async with conn.transaction():
                 # Two erasures starting at once would otherwise race on CREATE TABLE IF NOT
                 # EXISTS (a unique violation in pg_type).
-                await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOG_LOCK_KEY)
-                await conn.execute(_POSTGRES_LOG)
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", DDL_LOCK_KEY)
+                await conn.execute(POSTGRES_DDL)
         except BaseException:
             await conn.close()
             raise
@@ -332,12 +325,13 @@ async def erase(
     backend = open_backend(settings)
     async with backend:
         erasures = erasure_log(settings)
-        entry = await erasures.begin(
-            kind,
-            phone_sha256=None if phone is None else sha256_hex(phone),
-            call_id_sha256=None if call_id is None else sha256_hex(call_id),
-        )
-        rows = await backend.erase(phone, call_id)
+        async with erasures.fenced():
+            entry = await erasures.begin(
+                kind,
+                phone_sha256=None if phone is None else sha256_hex(phone),
+                call_id_sha256=None if call_id is None else sha256_hex(call_id),
+            )
+            rows = await backend.erase(phone, call_id)
         await erasures.complete(entry, rows)
         compacted = await erasures.compact()
     log.info(

@@ -92,6 +92,12 @@ class StorageMetrics:
             labels,
             registry=registry,
         ).labels(backend)
+        self.erased = Counter(
+            "callstream_storage_erased_skipped_total",
+            "Reports not stored because an erasure covers them (a replay or a late copy).",
+            labels,
+            registry=registry,
+        ).labels(backend)
         self.write_duration = Histogram(
             "callstream_storage_write_duration_seconds",
             "Time to write one batch, transaction included (successful writes only).",
@@ -129,9 +135,10 @@ class StorageConsumer(Consumer):
         started = time.perf_counter()
         written = await self.backend.write(batch, stored_at=datetime.now(UTC))
         self._metrics.write_duration.observe(time.perf_counter() - started)
-        self._metrics.rows_written.inc(written)
+        self._metrics.rows_written.inc(written.rows)
+        self._metrics.erased.inc(written.erased)
         # Superseded versions within the batch count here too: they changed nothing.
-        self._metrics.duplicates.inc(len(batch) - written)
+        self._metrics.duplicates.inc(len(batch) - written.rows - written.erased)
 
 
 def build(env: Mapping[str, str], registry: CollectorRegistry) -> StorageConsumer:

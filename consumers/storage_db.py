@@ -26,6 +26,7 @@ from typing import Any, Final, Literal, Self, TypeVar
 import asyncpg
 import orjson
 
+from consumers import erasures
 from consumers.contract import Delivery
 from consumers.errors import PermanentError, RetryableError
 from schemas.report import CallReport
@@ -421,6 +422,14 @@ def _erase_statement(
     raise ValueError("erase needs a phone number, a call id, or both")
 
 
+@dataclass(frozen=True, slots=True)
+class Written:
+    """What one `write` did with its batch."""
+
+    rows: int  # inserted or changed
+    erased: int  # not stored: an erasure covers them (consumers.erasures)
+
+
 # -- the interface ------------------------------------------------------------------------
 
 
@@ -438,9 +447,10 @@ class StorageBackend(ABC):
     async def close(self) -> None: ...
 
     @abstractmethod
-    async def write(self, batch: Sequence[Delivery], stored_at: datetime) -> int:
-        """Upsert the newest version of each call in one transaction; rows inserted or
-        changed (reports that were already stored, or older, change nothing)."""
+    async def write(self, batch: Sequence[Delivery], stored_at: datetime) -> Written:
+        """Upsert the newest version of each call in one transaction, leaving out the
+        calls an erasure covers. Reports that were already stored, or older than the
+        stored version, change nothing and count in neither figure."""
 
     @abstractmethod
     async def fetch(self, call_id: str) -> StoredReport | None: ...
@@ -546,6 +556,7 @@ class SqliteBackend(StorageBackend):
         self._busy_timeout = busy_timeout.total_seconds()
         self._executor: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None
+        self._erased = erasures.Erased()
 
     async def _run(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
         if self._executor is None:
@@ -613,15 +624,21 @@ class SqliteBackend(StorageBackend):
         if conn is not None:
             conn.close()
 
-    async def write(self, batch: Sequence[Delivery], stored_at: datetime) -> int:
+    async def write(self, batch: Sequence[Delivery], stored_at: datetime) -> Written:
         stamp = _iso_utc(stored_at)
-        rows = [(*row, stamp) for row in _rows(batch, _iso_utc, _keep, sanitise=False)]
-        if not rows:
-            return 0
+        if not batch:
+            return Written(0, 0)
 
-        def upsert(conn: sqlite3.Connection) -> int:
+        def upsert(conn: sqlite3.Connection) -> Written:
+            # The log is read under the write lock BEGIN IMMEDIATE holds: an erasure
+            # cannot commit between this check and the upsert.
             with _sqlite_transaction(conn):
-                return conn.executemany(_SQLITE_UPSERT, rows).rowcount
+                since = (self._erased.last_id,)
+                self._erased.add(conn.execute(erasures.SQLITE_SINCE, since).fetchall())
+                kept = [d for d in batch if not self._erased.covers(d.report)]
+                rows = [(*row, stamp) for row in _rows(kept, _iso_utc, _keep, sanitise=False)]
+                written = conn.executemany(_SQLITE_UPSERT, rows).rowcount if rows else 0
+                return Written(written, len(batch) - len(kept))
 
         try:
             return await self._run(upsert)
@@ -718,6 +735,8 @@ def _migrate_sqlite(conn: sqlite3.Connection) -> None:
                 (migration.version, migration.description, _iso_utc(datetime.now(UTC))),
             )
             log.info("applied sqlite migration %d: %s", migration.version, migration.description)
+        # Not a migration: `callstream erase` creates the same table when it runs first.
+        conn.execute(erasures.SQLITE_DDL)
     _warn_about_unknown(applied, SQLITE_MIGRATIONS)
 
 
@@ -862,6 +881,7 @@ class PostgresBackend(StorageBackend):
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
         self._migrated = False
         self._opening = asyncio.Lock()
+        self._erased = erasures.Erased()
 
     async def open(self) -> None:
         await self._ready()
@@ -904,15 +924,28 @@ class PostgresBackend(StorageBackend):
             # A server that stopped answering cannot be told goodbye; drop the sockets.
             pool.terminate()
 
-    async def write(self, batch: Sequence[Delivery], stored_at: datetime) -> int:
-        rows = _rows(batch, _same_time, _without_nul, sanitise=True)
-        if not rows:
-            return 0
-        columns = [list(column) for column in zip(*rows, strict=True)]
+    async def write(self, batch: Sequence[Delivery], stored_at: datetime) -> Written:
+        if not batch:
+            return Written(0, 0)
         pool = await self._ready()
         try:
-            async with pool.acquire() as conn:
-                return _status_count(await conn.execute(_PG_UPSERT, *columns, stored_at))
+            async with pool.acquire() as conn, conn.transaction():
+                # Shared with every other write, exclusive for an erasure in progress: the
+                # log read below cannot miss an erasure whose DELETE misses these rows.
+                await conn.execute(
+                    "SELECT pg_advisory_xact_lock_shared($1)", erasures.WRITE_FENCE_KEY
+                )
+                self._erased.add(
+                    tuple(row)
+                    for row in await conn.fetch(erasures.POSTGRES_SINCE, self._erased.last_id)
+                )
+                kept = [d for d in batch if not self._erased.covers(d.report)]
+                rows = _rows(kept, _same_time, _without_nul, sanitise=True)
+                written = 0
+                if rows:
+                    columns = [list(column) for column in zip(*rows, strict=True)]
+                    written = _status_count(await conn.execute(_PG_UPSERT, *columns, stored_at))
+                return Written(written, len(batch) - len(kept))
         except _PG_ERRORS as exc:
             raise classify_postgres(exc) from exc
 
@@ -982,6 +1015,9 @@ async def _migrate_postgres(conn: asyncpg.pool.PoolConnectionProxy[asyncpg.Recor
         # would otherwise race on CREATE TABLE IF NOT EXISTS (a unique violation in
         # pg_type) and on applying the same migration twice. Released at commit.
         await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK_KEY)
+        # `callstream erase` creates the same table when it runs first (not a migration).
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", erasures.DDL_LOCK_KEY)
+        await conn.execute(erasures.POSTGRES_DDL)
         await conn.execute(
             "CREATE TABLE IF NOT EXISTS callstream_schema_migrations ("
             " version integer PRIMARY KEY,"

@@ -7,6 +7,7 @@ database; the CLI runs as a real process.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import hashlib
 import itertools
@@ -22,17 +23,13 @@ from typing import Any
 import asyncpg
 import orjson
 import pytest
+from prometheus_client import CollectorRegistry
 
-from callstream.erase import (
-    erase,
-    erasure_log,
-    parse_age,
-    purge,
-    sha256_hex,
-)
+from callstream.erase import erase, erasure_log, parse_age, purge
 from callstream.secret import Secret
 from consumers.contract import Delivery
-from consumers.storage import StorageBackend, StorageSettings, open_backend
+from consumers.erasures import sha256_hex
+from consumers.storage import StorageBackend, StorageConsumer, StorageSettings, open_backend
 from schemas.codec import Decoder, single_object_encoder
 from schemas.normalise import normalise
 from schemas.report import CallReport
@@ -203,6 +200,87 @@ async def test_sqlite_erasure_leaves_no_trace_of_the_report_in_the_files(tmp_pat
         assert marker.encode() not in files()
         assert ALICE.encode() not in files()
         assert BOB.encode() in files()
+
+
+# -- erasures outlive the copies on Kafka -------------------------------------------------------
+
+
+async def test_an_erased_callers_reports_are_not_stored_again(
+    settings: StorageSettings, backend: StorageBackend
+) -> None:
+    """A replay (or a late copy) of an erased caller's reports after the erasure: the
+    storage consumer leaves them out and counts them, and keeps storing everyone else's."""
+    first, second, bobs = report(ALICE), report(ALICE), report(BOB)
+    await store(backend, first, second, bobs)
+    assert (await erase(settings, phone=ALICE)).rows == 2
+
+    registry = CollectorRegistry()
+    consumer = StorageConsumer(backend, registry)
+    later, bobs_next = report(ALICE), report(BOB)
+    await consumer.handle([first, second, bobs, later, bobs_next])
+
+    for delivery in (first, second, later):
+        assert await backend.fetch(delivery.report.call_id) is None
+    assert await backend.fetch(bobs_next.report.call_id) is not None
+    labels: dict[str, str] = {"backend": backend.name}
+    sample = registry.get_sample_value
+    assert sample("callstream_storage_erased_skipped_total", labels) == 3
+    assert sample("callstream_storage_rows_written_total", labels) == 1
+    assert sample("callstream_storage_duplicates_total", labels) == 1  # Bob's first, again
+
+
+async def test_an_erased_call_and_an_erased_call_of_a_caller_stay_erased(
+    settings: StorageSettings, backend: StorageBackend
+) -> None:
+    by_call, by_both, alices_other, bobs = report(ALICE), report(ALICE), report(ALICE), report(BOB)
+    await store(backend, by_call, by_both, alices_other, bobs)
+    assert (await erase(settings, call_id=by_call.report.call_id)).rows == 1
+    assert (await erase(settings, phone=ALICE, call_id=by_both.report.call_id)).rows == 1
+    # Bob claiming the second call's id does not match "Alice's call with that id".
+    assert (await erase(settings, phone=BOB, call_id=alices_other.report.call_id)).rows == 0
+
+    written = await backend.write([by_call, by_both, alices_other, bobs], datetime.now(UTC))
+
+    assert written.erased == 2
+    assert await backend.fetch(by_call.report.call_id) is None
+    assert await backend.fetch(by_both.report.call_id) is None
+    assert await backend.fetch(alices_other.report.call_id) is not None
+    assert await backend.fetch(bobs.report.call_id) is not None
+
+
+async def test_a_retention_purge_does_not_refuse_old_reports_that_come_back(
+    settings: StorageSettings, backend: StorageBackend
+) -> None:
+    # Retention is rolling: the next scheduled purge removes them (docs/privacy.md).
+    old = report(ALICE, age=timedelta(days=40))
+    await store(backend, old)
+    assert (await purge(settings, timedelta(days=30))).rows == 1
+    assert (await backend.write([old], datetime.now(UTC))).erased == 0
+    assert await backend.fetch(old.report.call_id) is not None
+
+
+async def test_a_postgres_write_waits_for_an_erasure_in_progress(
+    postgres: PostgresServer,
+) -> None:
+    """The race the fence closes: a write that read the log before the erasure's entry
+    must not commit after the erasure's DELETE ran."""
+    settings = StorageSettings(
+        database_url=Secret(postgres.create_database(f"fence_{uuid.uuid4().hex[:16]}"))
+    )
+    late_copy = report(ALICE)
+    async with open_backend(settings) as writer, open_backend(settings) as eraser:
+        await writer.write([late_copy], datetime.now(UTC))
+        log = erasure_log(settings)
+        async with log.fenced():
+            writing = asyncio.create_task(writer.write([late_copy], datetime.now(UTC)))
+            await asyncio.sleep(1.0)
+            assert not writing.done(), "the write did not wait for the erasure"
+            entry = await log.begin("phone", phone_sha256=sha256_hex(ALICE))
+            assert await eraser.erase(ALICE, None) == 1
+        written = await asyncio.wait_for(writing, 30)
+        await log.complete(entry, 1)
+        assert written.erased == 1
+        assert await writer.fetch(late_copy.report.call_id) is None
 
 
 # -- purge ------------------------------------------------------------------------------------

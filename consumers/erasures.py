@@ -1,0 +1,107 @@
+"""The erasure log's schema, and the rule that an erasure outlives the copies still on Kafka.
+
+`callstream erase` deletes a person's reports from storage and records the erasure in an
+`erasures` table in the same database, with its selectors as SHA-256. Copies of those
+reports can still arrive afterwards: a replay of the topic, a late redelivery, a dead-letter
+re-drive. The storage consumer therefore checks every batch against the log inside its
+write transaction and does not store a report an erasure covers.
+
+The check cannot miss an erasure that runs at the same moment as a write:
+
+* SQLite: the write transaction is BEGIN IMMEDIATE, so it reads the log while holding the
+  write lock. An erasure's log entry is either committed before it (the write sees it) or
+  waits for it (and the erasure's DELETE, which comes after its entry, removes the row).
+* PostgreSQL: each write holds a shared advisory lock (``WRITE_FENCE_KEY``) for its
+  transaction; an erasure holds the exclusive one from before its log entry until its
+  DELETE committed. A write either finishes before the erasure starts (and the DELETE
+  removes its rows) or starts after it (and sees the entry).
+
+Retention purges (`callstream purge`) are not applied to arriving reports: retention is
+rolling, and the next scheduled purge removes an old report that came back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Final
+
+from schemas.report import CallReport
+
+SQLITE_DDL: Final = """
+CREATE TABLE IF NOT EXISTS erasures (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    requested_at TEXT NOT NULL,
+    completed_at TEXT,
+    kind TEXT NOT NULL CHECK (kind IN ('phone', 'call', 'phone+call', 'retention')),
+    phone_sha256 TEXT,
+    call_id_sha256 TEXT,
+    older_than_seconds INTEGER,
+    rows_deleted INTEGER
+)
+"""
+POSTGRES_DDL: Final = """
+CREATE TABLE IF NOT EXISTS erasures (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    requested_at timestamptz NOT NULL,
+    completed_at timestamptz,
+    kind text NOT NULL CHECK (kind IN ('phone', 'call', 'phone+call', 'retention')),
+    phone_sha256 text,
+    call_id_sha256 text,
+    older_than_seconds bigint,
+    rows_deleted bigint
+)
+"""
+# Serialises CREATE TABLE IF NOT EXISTS between the storage consumer and `callstream erase`
+# (two at once race on pg_type); not the migrations' key, so neither waits for the other.
+DDL_LOCK_KEY: Final = 0x6572617375726573  # ASCII "erasures"
+# Shared by every storage write, exclusive for an erasure in progress (see above).
+WRITE_FENCE_KEY: Final = 0x6572617365666E63  # ASCII "erasefnc"
+
+# Entries this process has not seen yet, in order. Retention entries select no call.
+SQLITE_SINCE: Final = (
+    "SELECT id, kind, phone_sha256, call_id_sha256 FROM erasures"
+    " WHERE id > ? AND kind <> 'retention' ORDER BY id"
+)
+POSTGRES_SINCE: Final = SQLITE_SINCE.replace("?", "$1")
+
+
+def sha256_hex(value: str) -> str:
+    """A selector as the log keeps it: enough to answer "was this number erased?" for
+    whoever holds the number. It is pseudonymous, not anonymous: phone numbers are few
+    enough to hash them all, so the log deserves the same care as the reports."""
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
+@dataclass(slots=True)
+class Erased:
+    """What the erasure log selects, loaded incrementally: erasures are only ever added."""
+
+    last_id: int = 0
+    phones: set[str] = field(default_factory=set)
+    calls: set[str] = field(default_factory=set)
+    pairs: set[tuple[str, str]] = field(default_factory=set)
+
+    def add(self, entries: Iterable[tuple[object, ...]]) -> None:
+        for entry_id, kind, phone, call in entries:
+            if kind == "phone" and phone is not None:
+                self.phones.add(str(phone))
+            elif kind == "call" and call is not None:
+                self.calls.add(str(call))
+            elif kind == "phone+call" and phone is not None and call is not None:
+                self.pairs.add((str(phone), str(call)))
+            self.last_id = max(self.last_id, int(str(entry_id)))
+
+    def covers(self, report: CallReport) -> bool:
+        if not (self.phones or self.calls or self.pairs):
+            return False  # the usual case: nothing erased, nothing to hash
+        call = sha256_hex(report.call_id)
+        if call in self.calls:
+            return True
+        if report.from_number is None:
+            return False
+        # Erasing by phone matches the caller's number (from_number) exactly as stored;
+        # see StorageBackend.erase.
+        phone = sha256_hex(report.from_number.strip())
+        return phone in self.phones or (phone, call) in self.pairs
