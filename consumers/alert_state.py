@@ -13,20 +13,21 @@ lost alert. Alerting prefers a rare duplicate to silence; generic webhooks carry
 `alert_id` (and e-mails a stable Message-ID) so receivers can drop the duplicate. Keys
 already `sent` or `dead_lettered` answer `done` and are not sent again.
 
-SQLite runs in WAL mode with synchronous=FULL so a commit is on disk before it returns.
-Every call goes through `asyncio.to_thread`; one lock serialises use of the connection.
+The file is opened and used as consumers.sqlite_file describes: a commit is on disk before
+it returns, and one thread owns the connection.
 """
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
-import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Final, Literal, NamedTuple, TypeAlias, TypeVar
+from typing import Final, Literal, NamedTuple, TypeAlias
+
+from consumers import sqlite_file
+from consumers.sqlite_file import SqliteThread
 
 ClaimStatus: TypeAlias = Literal["new", "resend", "done"]
 SCHEMA_VERSION: Final = 1
@@ -56,8 +57,6 @@ CREATE TABLE IF NOT EXISTS alert_dead_letters (
 );
 CREATE INDEX IF NOT EXISTS alert_dead_letters_call ON alert_dead_letters (call_id);
 """
-
-T = TypeVar("T")
 
 
 class StateUnavailable(Exception):
@@ -90,74 +89,37 @@ class AlertState:
     def __init__(self, path: Path, *, busy_timeout: float = 5.0) -> None:
         self._path = path
         self._busy_timeout = busy_timeout
-        self._conn: sqlite3.Connection | None = None
-        self._lock = threading.Lock()
+        self._db = SqliteThread("callstream-alert-state", self._connect, self._unavailable)
 
     @property
     def path(self) -> Path:
         return self._path
 
     async def open(self) -> None:
-        await self._run(self._open)
+        await self._db.run(lambda conn: None)
 
     async def close(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            await asyncio.to_thread(self._close, conn)
+        await self._db.close()
 
-    def _close(self, conn: sqlite3.Connection) -> None:
-        with self._lock:
-            conn.close()
-
-    def _open(self) -> None:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(
-            self._path,
-            timeout=self._busy_timeout,
-            isolation_level=None,  # explicit BEGIN/COMMIT below
-            check_same_thread=False,  # to_thread uses a pool; the lock serialises use
-        )
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite_file.connect(self._path, busy_timeout=self._busy_timeout)
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise StateUnavailable(
-                    f"{self._path} was written by a newer callstream (schema {version})"
-                )
-            conn.executescript(_SCHEMA)
-            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            sqlite_file.ensure_layout(conn, SCHEMA_VERSION, _SCHEMA, f"alert state {self._path}")
         except BaseException:
             conn.close()
             raise
-        self._conn = conn
+        return conn
 
-    async def _run(self, work: Callable[[], T]) -> T:
-        def locked() -> T:
-            with self._lock:
-                return work()
-
-        try:
-            return await asyncio.to_thread(locked)
-        except StateUnavailable:
-            raise
-        except (sqlite3.Error, OSError) as exc:
-            raise StateUnavailable(f"alert state {self._path}: {exc}") from exc
-
-    def _connection(self) -> sqlite3.Connection:
-        if self._conn is None:
-            raise StateUnavailable(f"alert state {self._path} is not open")
-        return self._conn
+    def _unavailable(self, exc: Exception) -> Exception:
+        return StateUnavailable(f"alert state {self._path}: {exc}")
 
     async def claim(self, keys: Sequence[AlertKey]) -> dict[AlertKey, ClaimStatus]:
         """Mark each key `sending` unless it is already finished; one transaction, fsynced."""
 
-        def work() -> dict[AlertKey, ClaimStatus]:
-            conn = self._connection()
+        def work(conn: sqlite3.Connection) -> dict[AlertKey, ClaimStatus]:
             now = _now()
             out: dict[AlertKey, ClaimStatus] = {}
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with sqlite_file.transaction(conn):
                 for key in keys:
                     row = conn.execute(
                         "SELECT status FROM alert_notifications"
@@ -181,32 +143,26 @@ class AlertState:
                         out[key] = "resend"
                     else:
                         out[key] = "done"
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.rollback()
-                raise
             return out
 
-        return await self._run(work)
+        return await self._db.run(work)
 
     async def mark_sent(self, key: AlertKey, attempts: int) -> None:
-        def work() -> None:
-            self._connection().execute(
+        def work(conn: sqlite3.Connection) -> None:
+            conn.execute(
                 "UPDATE alert_notifications SET status = 'sent', attempts = ?, updated_at = ?"
                 " WHERE rule = ? AND call_id = ? AND channel = ?",
                 (attempts, _now(), *key),
             )
 
-        await self._run(work)
+        await self._db.run(work)
 
     async def mark_dead_lettered(
         self, key: AlertKey, *, channel_type: str, reason: str, detail: str, attempts: int
     ) -> None:
-        def work() -> None:
-            conn = self._connection()
+        def work(conn: sqlite3.Connection) -> None:
             now = _now()
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with sqlite_file.transaction(conn):
                 conn.execute(
                     "UPDATE alert_notifications SET status = 'dead_lettered', attempts = ?,"
                     " updated_at = ? WHERE rule = ? AND call_id = ? AND channel = ?",
@@ -217,38 +173,26 @@ class AlertState:
                     " reason, detail, attempts, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (*key, channel_type, reason, detail, attempts, now),
                 )
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.rollback()
-                raise
 
-        await self._run(work)
+        await self._db.run(work)
 
     async def status(self, key: AlertKey) -> str | None:
-        def work() -> str | None:
-            row = (
-                self._connection()
-                .execute(
-                    "SELECT status FROM alert_notifications"
-                    " WHERE rule = ? AND call_id = ? AND channel = ?",
-                    key,
-                )
-                .fetchone()
-            )
+        def work(conn: sqlite3.Connection) -> str | None:
+            row = conn.execute(
+                "SELECT status FROM alert_notifications"
+                " WHERE rule = ? AND call_id = ? AND channel = ?",
+                key,
+            ).fetchone()
             return None if row is None else str(row[0])
 
-        return await self._run(work)
+        return await self._db.run(work)
 
     async def dead_letters(self) -> list[DeadLetter]:
-        def work() -> list[DeadLetter]:
-            rows = (
-                self._connection()
-                .execute(
-                    "SELECT rule, call_id, channel, channel_type, reason, detail, attempts,"
-                    " created_at FROM alert_dead_letters ORDER BY id"
-                )
-                .fetchall()
-            )
+        def work(conn: sqlite3.Connection) -> list[DeadLetter]:
+            rows = conn.execute(
+                "SELECT rule, call_id, channel, channel_type, reason, detail, attempts,"
+                " created_at FROM alert_dead_letters ORDER BY id"
+            ).fetchall()
             return [DeadLetter(*row) for row in rows]
 
-        return await self._run(work)
+        return await self._db.run(work)

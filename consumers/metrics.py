@@ -44,18 +44,18 @@ replica with another ledger is counted again there.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import re
 import sqlite3
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Final, Literal
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from consumers import sqlite_file
 from consumers.contract import Consumer, Delivery
 from consumers.errors import RetryableError
 from consumers.metrics_config import (
@@ -65,10 +65,10 @@ from consumers.metrics_config import (
     MetricsSettings,
     normalise_number,
 )
+from consumers.sqlite_file import SqliteThread
 from schemas.report import CallReport
 
 log = logging.getLogger("callstream.consumers.metrics")
-_T = TypeVar("_T")
 
 Outcome = Literal["success", "failure", "unknown"]
 OUTCOMES: tuple[Outcome, ...] = ("success", "failure", "unknown")
@@ -135,74 +135,59 @@ def evaluation_result(evaluation: bool | float | str) -> str:
 # -- the ledger ----------------------------------------------------------------------------
 
 
+_LEDGER_DDL: Final = """
+CREATE TABLE IF NOT EXISTS counted (
+    call_id TEXT PRIMARY KEY,
+    event_time_ms INTEGER NOT NULL,  -- the two times let a later clean-up prune by age
+    counted_at_ms INTEGER NOT NULL   -- without reading the topic again
+) WITHOUT ROWID;
+"""
+
+
 class Ledger:
-    """Call ids already counted. Blocking: every method runs in a worker thread."""
+    """Call ids already counted, in a file of its own (consumers.sqlite_file): a committed
+    claim survives power loss, so a replay after it is never counted a second time."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._db: sqlite3.Connection | None = None
+        self._db = SqliteThread("callstream-metrics-ledger", self._connect, self._unavailable)
 
-    def open(self) -> None:
-        if self._db is not None:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # check_same_thread=False: asyncio.to_thread may pick a different worker each call;
-        # the consumer's lock keeps it to one at a time.
-        db = sqlite3.connect(self.path, timeout=5.0, isolation_level=None, check_same_thread=False)
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite_file.connect(self.path, busy_timeout=5.0)
         try:
-            db.execute("PRAGMA journal_mode=WAL")
-            # FULL: a committed claim survives power loss, so a replay after it is never
-            # counted a second time.
-            db.execute("PRAGMA synchronous=FULL")
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version > LEDGER_VERSION:
-                raise sqlite3.DatabaseError(
-                    f"ledger layout v{version} is newer than this code (v{LEDGER_VERSION})"
-                )
-            # The two times let a later clean-up prune by age without reading the topic again.
-            db.execute(
-                "CREATE TABLE IF NOT EXISTS counted ("
-                " call_id TEXT PRIMARY KEY,"
-                " event_time_ms INTEGER NOT NULL,"
-                " counted_at_ms INTEGER NOT NULL"
-                ") WITHOUT ROWID"
-            )
-            db.execute(f"PRAGMA user_version={LEDGER_VERSION}")
+            sqlite_file.ensure_layout(conn, LEDGER_VERSION, _LEDGER_DDL, f"ledger {self.path}")
         except BaseException:
-            db.close()
+            conn.close()
             raise
-        self._db = db
+        return conn
 
-    def claim(self, reports: Sequence[CallReport]) -> set[str]:
+    def _unavailable(self, exc: Exception) -> Exception:
+        return RetryableError(f"metrics ledger {self.path} unavailable: {exc}")
+
+    async def open(self) -> None:
+        await self._db.run(lambda conn: None)
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    async def claim(self, reports: Sequence[CallReport]) -> set[str]:
         """Record the calls not counted before, in one transaction; return their ids."""
-        self.open()
-        assert self._db is not None
-        db = self._db
         now_ms = time.time_ns() // 1_000_000
-        claimed: set[str] = set()
-        try:
-            # IMMEDIATE takes the write lock up front, so a busy file waits out the timeout
-            # here instead of failing halfway through the batch.
-            db.execute("BEGIN IMMEDIATE")
-            for report in reports:
-                cursor = db.execute(
-                    "INSERT INTO counted (call_id, event_time_ms, counted_at_ms) VALUES (?, ?, ?)"
-                    " ON CONFLICT (call_id) DO NOTHING",
-                    (report.call_id, int(report.event_time.timestamp() * 1000), now_ms),
-                )
-                if cursor.rowcount == 1:
-                    claimed.add(report.call_id)
-            db.execute("COMMIT")
-        except BaseException:
-            # The connection may be unusable after an I/O error: drop it, reopen on retry.
-            self.close()
-            raise
-        return claimed
 
-    def close(self) -> None:
-        db, self._db = self._db, None
-        if db is not None:
-            db.close()  # an open transaction is rolled back
+        def insert(conn: sqlite3.Connection) -> set[str]:
+            claimed: set[str] = set()
+            with sqlite_file.transaction(conn):
+                for report in reports:
+                    cursor = conn.execute(
+                        "INSERT INTO counted (call_id, event_time_ms, counted_at_ms)"
+                        " VALUES (?, ?, ?) ON CONFLICT (call_id) DO NOTHING",
+                        (report.call_id, int(report.event_time.timestamp() * 1000), now_ms),
+                    )
+                    if cursor.rowcount == 1:
+                        claimed.add(report.call_id)
+            return claimed
+
+        return await self._db.run(insert)
 
 
 # -- the consumer --------------------------------------------------------------------------
@@ -216,7 +201,6 @@ class MetricsConsumer(Consumer):
     def __init__(self, settings: MetricsSettings, registry: CollectorRegistry) -> None:
         self.settings = settings
         self._ledger = Ledger(settings.state_path)
-        self._lock = asyncio.Lock()
         self._assistants = dict(settings.assistants)
         labels = sorted({*self._assistants.values(), OTHER_ASSISTANT})
 
@@ -289,14 +273,14 @@ class MetricsConsumer(Consumer):
         self._invalid = {key: self.invalid.labels(key) for key in keys}
 
     async def start(self) -> None:
-        await self._in_ledger(self._ledger.open)
+        await self._ledger.open()
         log.info(
             "metrics ledger open",
             extra={"path": str(self._ledger.path), "custom_fields": len(self.fields)},
         )
 
     async def stop(self) -> None:
-        await self._in_ledger(self._ledger.close)
+        await self._ledger.close()
 
     async def handle(self, batch: Sequence[Delivery]) -> None:
         first_seen: dict[str, CallReport] = {}
@@ -305,7 +289,7 @@ class MetricsConsumer(Consumer):
         if not first_seen:
             return
         reports = list(first_seen.values())
-        claimed = await self._in_ledger(lambda: self._ledger.claim(reports))
+        claimed = await self._ledger.claim(reports)
         # Observed only after the ledger committed. A crash between the two loses these
         # observations (the ledger says counted, the metrics never saw them); the other order
         # would count them twice on redelivery. Losing a few is the lesser harm for metrics
@@ -316,21 +300,6 @@ class MetricsConsumer(Consumer):
         ignored = len(batch) - len(claimed)
         if ignored:
             self.duplicates.inc(ignored)
-
-    async def _in_ledger(self, call: Callable[[], _T]) -> _T:
-        async with self._lock:
-            work = asyncio.ensure_future(asyncio.to_thread(call))
-            try:
-                return await asyncio.shield(work)
-            except asyncio.CancelledError:
-                # A worker thread cannot be interrupted: keep the lock until it is done so
-                # that no other call shares the connection with it meanwhile.
-                await asyncio.wait([work])
-                raise
-            except (sqlite3.Error, OSError) as exc:
-                raise RetryableError(
-                    f"metrics ledger {self._ledger.path} unavailable: {exc}"
-                ) from exc
 
     def _observe(self, report: CallReport) -> None:
         settings = self.settings

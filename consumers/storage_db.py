@@ -14,9 +14,7 @@ import asyncio
 import logging
 import sqlite3
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -26,9 +24,10 @@ from typing import Any, Final, Literal, Self, TypeVar
 import asyncpg
 import orjson
 
-from consumers import erasures
+from consumers import erasures, sqlite_file
 from consumers.contract import Delivery
 from consumers.errors import PermanentError, RetryableError
+from consumers.sqlite_file import SqliteThread
 from schemas.report import CallReport
 
 log = logging.getLogger(__name__)
@@ -542,60 +541,22 @@ _SQLITE_NEXT_PAGE: Final = _SQLITE_FIRST_PAGE.replace(">=", ">")
 
 
 class SqliteBackend(StorageBackend):
-    """One file, WAL journal, fsync on every commit (synchronous=FULL).
-
-    All work on the connection runs on one dedicated thread: the connection stays on
-    the thread that made it, and calls queue in order, so a cancelled caller can never
-    leave a half-run transaction for the next one to trip over.
-    """
+    """One file, opened and used the way consumers.sqlite_file describes."""
 
     name: BackendName = "sqlite"
 
     def __init__(self, path: Path, *, busy_timeout: timedelta = timedelta(seconds=5)) -> None:
         self.path = Path(path)
         self._busy_timeout = busy_timeout.total_seconds()
-        self._executor: ThreadPoolExecutor | None = None
-        self._conn: sqlite3.Connection | None = None
+        self._db = SqliteThread("callstream-sqlite", self._connect, classify_sqlite)
         self._erased = erasures.Erased()
 
     async def _run(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix="callstream-sqlite")
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self._executor, self._with_connection, fn)
-        except (sqlite3.Error, OSError) as exc:
-            raise classify_sqlite(exc) from exc
-
-    def _with_connection(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
-        if self._conn is None:
-            self._conn = self._connect()
-        conn = self._conn
-        try:
-            return fn(conn)
-        except BaseException:
-            # Whatever failed (a statement, or COMMIT itself on a full disk), the next
-            # call must not find itself inside this transaction; a connection that
-            # cannot even roll back is replaced.
-            if conn.in_transaction:
-                try:
-                    conn.execute("ROLLBACK")
-                except sqlite3.Error:
-                    self._conn = None
-                    conn.close()
-            raise
+        return await self._db.run(fn)
 
     def _connect(self) -> sqlite3.Connection:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # isolation_level=None: transactions are begun and ended here, explicitly.
-        conn = sqlite3.connect(self.path, isolation_level=None, timeout=self._busy_timeout)
+        conn = sqlite_file.connect(self.path, busy_timeout=self._busy_timeout)
         try:
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise sqlite3.OperationalError(f"cannot use WAL on {self.path}: got {mode}")
-            # WAL with NORMAL can lose the last commits on power loss; the runner commits
-            # Kafka offsets right after `write` returns, so a commit must be on disk.
-            conn.execute("PRAGMA synchronous = FULL")
             # Checkpoint the WAL into the database every 32 MB instead of every 4 MB: a
             # batch of 500 reports writes ~2 MB, so the default checkpointed (and fsync'd
             # the database file) inside every second COMMIT.
@@ -610,19 +571,7 @@ class SqliteBackend(StorageBackend):
         await self._run(lambda conn: None)
 
     async def close(self) -> None:
-        executor, self._executor = self._executor, None
-        if executor is None:
-            return
-        loop = asyncio.get_running_loop()
-        try:
-            await loop.run_in_executor(executor, self._close_connection)
-        finally:
-            executor.shutdown(wait=False)
-
-    def _close_connection(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.close()
+        await self._db.close()
 
     async def write(self, batch: Sequence[Delivery], stored_at: datetime) -> Written:
         stamp = _iso_utc(stored_at)
@@ -632,7 +581,7 @@ class SqliteBackend(StorageBackend):
         def upsert(conn: sqlite3.Connection) -> Written:
             # The log is read under the write lock BEGIN IMMEDIATE holds: an erasure
             # cannot commit between this check and the upsert.
-            with _sqlite_transaction(conn):
+            with sqlite_file.transaction(conn):
                 since = (self._erased.last_id,)
                 self._erased.add(conn.execute(erasures.SQLITE_SINCE, since).fetchall())
                 kept = [d for d in batch if not self._erased.covers(d.report)]
@@ -667,7 +616,7 @@ class SqliteBackend(StorageBackend):
 
     async def _delete(self, sql: str, params: Sequence[Any]) -> int:
         def delete(conn: sqlite3.Connection) -> int:
-            with _sqlite_transaction(conn):
+            with sqlite_file.transaction(conn):
                 return conn.execute(sql, params).rowcount
 
         return await self._run(delete)
@@ -701,20 +650,8 @@ class SqliteBackend(StorageBackend):
         return await self._run(versions)
 
 
-@contextmanager
-def _sqlite_transaction(conn: sqlite3.Connection) -> Iterator[None]:
-    """BEGIN IMMEDIATE ... COMMIT; the caller's connection handling rolls back on error.
-
-    IMMEDIATE takes the write lock up front, so a second writer waits out the busy
-    timeout instead of failing midway with SQLITE_BUSY when its read lock cannot upgrade.
-    """
-    conn.execute("BEGIN IMMEDIATE")
-    yield
-    conn.execute("COMMIT")
-
-
 def _migrate_sqlite(conn: sqlite3.Connection) -> None:
-    with _sqlite_transaction(conn):
+    with sqlite_file.transaction(conn):
         conn.execute(
             "CREATE TABLE IF NOT EXISTS callstream_schema_migrations ("
             " version INTEGER NOT NULL PRIMARY KEY,"
