@@ -366,8 +366,8 @@ def _warn_about_kafka(env: Mapping[str, str], compacted: bool) -> None:
         )
     print(
         f"note: Kafka topics {topic} and {topic}.dlq keep their copies until their retention "
-        "(CALLSTREAM_TOPIC_RETENTION_MS) passes; replaying them into storage before then "
-        "restores what was deleted here (docs/privacy.md)",
+        "(CALLSTREAM_TOPIC_RETENTION_MS) passes; storage will not take erased calls back, "
+        "but other consumers of the topic see them again on a replay (docs/privacy.md)",
         file=sys.stderr,
     )
 

@@ -93,7 +93,7 @@ class DeadLetter:
 
 
 @dataclass(frozen=True, slots=True)
-class _Snapshot:
+class Snapshot:
     """The dead-letter topic's partitions as the command found them."""
 
     beginning: dict[int, int]
@@ -101,17 +101,24 @@ class _Snapshot:
 
     def after(self, committed: Mapping[int, int]) -> dict[int, int]:
         """Where a re-drive group resumes: its commit, or the log start (retention may
-        have dropped what it had not reached yet)."""
-        return {p: max(committed.get(p, b), b) for p, b in self.beginning.items()}
+        have dropped what it had not reached yet). A commit past the end means the topic
+        was deleted and created again: it counts as none."""
+        return {
+            p: b if self.stale(committed, p) else max(committed.get(p, b), b)
+            for p, b in self.beginning.items()
+        }
+
+    def stale(self, committed: Mapping[int, int], partition: int) -> bool:
+        return committed.get(partition, 0) > self.end[partition]
 
 
-async def _snapshot(look: KafkaInspector, topic: str) -> _Snapshot | None:
+async def _snapshot(look: KafkaInspector, topic: str) -> Snapshot | None:
     try:
         partitions = await look.partitions(topic)
     except TopicMissingError:
         return None
     beginning, end = await look.log_offsets(topic, partitions)
-    return _Snapshot(beginning, end)
+    return Snapshot(beginning, end)
 
 
 async def list_command(
@@ -176,19 +183,67 @@ async def redrive_command(
         if snapshot is None:
             out.write(f"nothing to re-drive: {topic} does not exist yet\n")
             return EXIT_OK
-        start = snapshot.after(await look.committed(group, topic, snapshot.beginning))
-    found, sent = 0, Counter[str]()
-    producer = None if dry_run else durable_producer(kafka, "callstream-dlq-redrive", linger_ms=5)
-    try:
-        if producer is not None:
-            await producer.start()
-        pending: list[asyncio.Future[Any]] = []
+        committed = await look.committed(group, topic, snapshot.beginning)
+        for p in sorted(p for p in committed if snapshot.stale(committed, p)):
+            err.write(
+                f"{group} is past the end of {topic}[{p}] (was the topic created again?):"
+                " reading that partition from its start\n"
+            )
+        start = snapshot.after(committed)
+        # Counted first, so that a dead letter whose topic is gone stops the run before
+        # anything is sent (with auto-creation on, sending would make a topic nobody reads).
+        origins = Counter[str]()
         async for record in read_range(kafka, topic, start, snapshot.end):
             letter = DeadLetter.of(record, kafka.topic)
+            if letter.consumer == consumer:
+                origins[letter.origin_topic] += 1
+        missing = [t for t in sorted(origins) if not await _exists(look, t)]
+    found = sum(origins.values())
+    out.write(f"{found} dead letter(s) of {consumer} not yet re-driven\n")
+    if missing:
+        err.write(
+            f"nothing re-driven: {', '.join(missing)} no longer exist(s); create the topic,"
+            " or move its dead letters on by hand\n"
+        )
+        return EXIT_FAILED
+    if dry_run:
+        for origin, n in sorted(origins.items()):
+            out.write(f"would re-drive {n} onto {origin}\n")
+        out.write("dry run: nothing re-driven\n")
+        return EXIT_OK
+    try:
+        sent = await _send_back(kafka, consumer, start, snapshot.end) if found else Counter()
+        await commit_group_offsets(kafka, group, topic, snapshot.end)
+    except KafkaError as exc:
+        # Nothing marked as re-driven: the next run sends this run's records again, and
+        # the consumer absorbs the repeats.
+        err.write(f"re-drive failed, nothing marked as re-driven: {exc}\n")
+        return EXIT_FAILED
+    for origin, n in sorted(sent.items()):
+        out.write(f"re-drove {n} onto {origin}; `callstream consumer {consumer}` handles them\n")
+    return EXIT_OK
+
+
+async def _exists(look: KafkaInspector, topic: str) -> bool:
+    try:
+        await look.partitions(topic)
+    except TopicMissingError:
+        return False
+    return True
+
+
+async def _send_back(
+    kafka: KafkaSettings, consumer: str, start: Mapping[int, int], end: Mapping[int, int]
+) -> Counter[str]:
+    """Every dead letter of `consumer` in [start, end) onto its topic; all acknowledged."""
+    sent = Counter[str]()
+    producer = durable_producer(kafka, "callstream-dlq-redrive", linger_ms=5)
+    await producer.start()
+    try:
+        pending: list[asyncio.Future[Any]] = []
+        async for record in read_range(kafka, kafka.dlq_topic, start, end):
+            letter = DeadLetter.of(record, kafka.topic)
             if letter.consumer != consumer:
-                continue
-            found += 1
-            if producer is None:
                 continue
             pending.append(
                 await producer.send(
@@ -203,21 +258,9 @@ async def redrive_command(
                 await asyncio.gather(*pending)
                 pending.clear()
         await asyncio.gather(*pending)
-    except KafkaError as exc:
-        # Nothing committed: the next run sends this run's records again.
-        err.write(f"re-drive failed, nothing marked as re-driven: {exc}\n")
-        return EXIT_FAILED
     finally:
-        if producer is not None:
-            await producer.stop()
-    out.write(f"{found} dead letter(s) of {consumer} not yet re-driven\n")
-    if dry_run:
-        out.write("dry run: nothing re-driven\n")
-        return EXIT_OK
-    await commit_group_offsets(kafka, group, topic, snapshot.end)
-    for origin, n in sorted(sent.items()):
-        out.write(f"re-drove {n} onto {origin}; `callstream consumer {consumer}` handles them\n")
-    return EXIT_OK
+        await producer.stop()
+    return sent
 
 
 def _iso(timestamp_ms: int) -> str:

@@ -195,19 +195,28 @@ class PostgresErasureLog(ErasureLog):
     @contextlib.asynccontextmanager
     async def fenced(self) -> AsyncIterator[None]:
         # A session lock on a connection of its own: the entry and the DELETE commit on
-        # other connections while it is held.
-        conn = await self._connect()
+        # other connections while it is held, and closing the connection releases it.
+        # Keepalives: if this host vanishes, the server drops the lock (and the storage
+        # writes waiting on it go on) within half a minute, not after hours.
+        conn = await self._connect(
+            server_settings={
+                "tcp_keepalives_idle": "10",
+                "tcp_keepalives_interval": "5",
+                "tcp_keepalives_count": "3",
+            }
+        )
         try:
             await conn.execute("SELECT pg_advisory_lock($1)", WRITE_FENCE_KEY)
-            try:
-                yield
-            finally:
-                await conn.execute("SELECT pg_advisory_unlock($1)", WRITE_FENCE_KEY)
+            yield
         finally:
             await conn.close()
 
-    async def _connect(self) -> asyncpg.Connection[asyncpg.Record]:
-        conn: asyncpg.Connection[asyncpg.Record] = await asyncpg.connect(self._dsn, timeout=10)
+    async def _connect(
+        self, server_settings: dict[str, str] | None = None
+    ) -> asyncpg.Connection[asyncpg.Record]:
+        conn: asyncpg.Connection[asyncpg.Record] = await asyncpg.connect(
+            self._dsn, timeout=10, server_settings=server_settings
+        )
         try:
             async with conn.transaction():
                 # Two erasures starting at once would otherwise race on CREATE TABLE IF NOT

@@ -27,7 +27,8 @@ class RawRecord:
     def header(self, name: str) -> str | None:
         for key, value in self.headers:
             if key == name:
-                return value.decode(errors="replace")
+                # Kafka allows a header without a value.
+                return None if value is None else value.decode(errors="replace")
         return None
 
 
@@ -106,6 +107,9 @@ async def read_range(
         **kafka.client_kwargs() | {"client_id": "callstream-reader"},
         group_id=None,
         enable_auto_commit=False,
+        # A start that retention deleted meanwhile resets to what is left, never past it
+        # to the end (which would end the read with records unread).
+        auto_offset_reset="earliest",
     )
     await consumer.start()
     try:

@@ -96,7 +96,7 @@ class AlertState:
         return self._path
 
     async def open(self) -> None:
-        await self._db.run(lambda conn: None)
+        await self._db.open()
 
     async def close(self) -> None:
         await self._db.close()

@@ -54,7 +54,8 @@ CREATE TABLE IF NOT EXISTS erasures (
 )
 """
 # Serialises CREATE TABLE IF NOT EXISTS between the storage consumer and `callstream erase`
-# (two at once race on pg_type); not the migrations' key, so neither waits for the other.
+# (two at once race on pg_type); not the migrations' key, and the storage consumer takes it
+# outside its migration transaction, so an erasure never waits for a migration.
 DDL_LOCK_KEY: Final = 0x6572617375726573  # ASCII "erasures"
 # Shared by every storage write, exclusive for an erasure in progress (see above).
 WRITE_FENCE_KEY: Final = 0x6572617365666E63  # ASCII "erasefnc"
@@ -96,12 +97,14 @@ class Erased:
     def covers(self, report: CallReport) -> bool:
         if not (self.phones or self.calls or self.pairs):
             return False  # the usual case: nothing erased, nothing to hash
-        call = sha256_hex(report.call_id)
+        # As stored: PostgreSQL keeps text without NUL characters, and a selector from the
+        # command line cannot hold one.
+        call = sha256_hex(report.call_id.replace("\x00", ""))
         if call in self.calls:
             return True
         if report.from_number is None:
             return False
         # Erasing by phone matches the caller's number (from_number) exactly as stored;
         # see StorageBackend.erase.
-        phone = sha256_hex(report.from_number.strip())
+        phone = sha256_hex(report.from_number.replace("\x00", "").strip())
         return phone in self.phones or (phone, call) in self.pairs

@@ -165,7 +165,7 @@ class Ledger:
         return RetryableError(f"metrics ledger {self.path} unavailable: {exc}")
 
     async def open(self) -> None:
-        await self._db.run(lambda conn: None)
+        await self._db.open()
 
     async def close(self) -> None:
         await self._db.close()

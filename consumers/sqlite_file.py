@@ -63,7 +63,8 @@ def ensure_layout(conn: sqlite3.Connection, version: int, ddl: str, what: str) -
 
 
 class SqliteThread:
-    """One connection, opened on first use by `opener`, used only from one thread.
+    """One connection, opened by `opener` on first use (or `open`), used only from one
+    thread, until `close`.
 
     `failure` turns what SQLite or the file system raised into the caller's own error
     (RetryableError for a consumer, and so on); anything else passes through unchanged.
@@ -80,8 +81,18 @@ class SqliteThread:
         self._failure = failure
         self._executor: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None
+        self._closed = False
+
+    async def open(self) -> None:
+        """Connect now rather than on first use (again after `close`)."""
+        self._closed = False
+        await self.run(lambda conn: None)
 
     async def run(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        if self._closed:
+            # A call racing a shutdown: the owner's retryable error, never a new connection
+            # that nothing would close.
+            raise self._failure(ConnectionError(f"{self._name}: closed"))
         if self._executor is None:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix=self._name)
         loop = asyncio.get_running_loop()
@@ -109,6 +120,7 @@ class SqliteThread:
             raise
 
     async def close(self) -> None:
+        self._closed = True
         executor, self._executor = self._executor, None
         if executor is None:
             return

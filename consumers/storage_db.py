@@ -568,7 +568,7 @@ class SqliteBackend(StorageBackend):
         return conn
 
     async def open(self) -> None:
-        await self._run(lambda conn: None)
+        await self._db.open()
 
     async def close(self) -> None:
         await self._db.close()
@@ -866,7 +866,9 @@ class PostgresBackend(StorageBackend):
             return Written(0, 0)
         pool = await self._ready()
         try:
-            async with pool.acquire() as conn, conn.transaction():
+            # READ COMMITTED whatever the server's default: the log read must see an
+            # erasure committed while this write waited for the fence.
+            async with pool.acquire() as conn, conn.transaction(isolation="read_committed"):
                 # Shared with every other write, exclusive for an erasure in progress: the
                 # log read below cannot miss an erasure whose DELETE misses these rows.
                 await conn.execute(
@@ -952,9 +954,6 @@ async def _migrate_postgres(conn: asyncpg.pool.PoolConnectionProxy[asyncpg.Recor
         # would otherwise race on CREATE TABLE IF NOT EXISTS (a unique violation in
         # pg_type) and on applying the same migration twice. Released at commit.
         await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK_KEY)
-        # `callstream erase` creates the same table when it runs first (not a migration).
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", erasures.DDL_LOCK_KEY)
-        await conn.execute(erasures.POSTGRES_DDL)
         await conn.execute(
             "CREATE TABLE IF NOT EXISTS callstream_schema_migrations ("
             " version integer PRIMARY KEY,"
@@ -979,3 +978,8 @@ async def _migrate_postgres(conn: asyncpg.pool.PoolConnectionProxy[asyncpg.Recor
                 "applied postgresql migration %d: %s", migration.version, migration.description
             )
     _warn_about_unknown(applied, POSTGRES_MIGRATIONS)
+    # Not a migration (`callstream erase` creates the same table when it runs first), and in
+    # a transaction of its own: an erasure must never wait for a long migration.
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", erasures.DDL_LOCK_KEY)
+        await conn.execute(erasures.POSTGRES_DDL)

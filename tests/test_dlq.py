@@ -9,11 +9,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import orjson
+import pytest
 from prometheus_client import CollectorRegistry
 
-from callstream.consumerstatus import KafkaInspector
-from callstream.dlq import DeadLetter, list_command
+from callstream.consumerstatus import KafkaInspector, TopicMissingError
+from callstream.dlq import DeadLetter, Snapshot, list_command
 from callstream.kafkaconfig import KafkaSettings
+from callstream.producer import durable_producer
+from callstream.topicadmin import ensure_topics
 from callstream.topicreader import RawRecord
 from consumers.contract import Consumer, Delivery
 from consumers.errors import PermanentError
@@ -218,3 +221,45 @@ def test_a_dead_letter_without_callstream_headers_is_still_listed() -> None:
         "partition": None,
         "offset": None,
     }
+
+
+async def test_redrive_stops_before_sending_when_a_dead_letters_topic_is_gone(
+    kafka: KafkaSettings,
+) -> None:
+    gone = f"{kafka.topic}.renamed-away"
+    producer = durable_producer(kafka, "test-dlq-writer")
+    await producer.start()
+    try:
+        await ensure_topics(kafka, [kafka.dlq_topic])
+        await producer.send_and_wait(
+            kafka.dlq_topic,
+            b"avro",
+            key=b"call-1",
+            headers=[("dlq.consumer", b"fussy"), ("dlq.topic", gone.encode())],
+        )
+    finally:
+        await producer.stop()
+
+    code, out, err = await callstream(kafka, "dlq", "redrive", "--consumer", "fussy")
+
+    assert code == 1
+    assert "1 dead letter(s) of fussy not yet re-driven" in out
+    assert f"nothing re-driven: {gone} no longer exist(s)" in err
+    async with KafkaInspector(kafka) as look:
+        with pytest.raises(TopicMissingError):
+            await look.partitions(gone)  # not auto-created by a send
+    [letter] = await dead_letters(kafka)
+    assert letter["redriven"] is False
+
+
+def test_a_header_without_a_value_reads_as_missing() -> None:
+    record = RawRecord("t.dlq", 0, 0, 0, None, b"x", (("dlq.consumer", None),))  # type: ignore[arg-type]
+    assert DeadLetter.of(record, default_topic="t").consumer == "unknown"
+
+
+def test_a_redrive_position_past_the_end_counts_as_none() -> None:
+    # The dead-letter topic was deleted and created again: its offsets start over.
+    snapshot = Snapshot(beginning={0: 0, 1: 3}, end={0: 5, 1: 8})
+    assert snapshot.after({0: 9, 1: 4}) == {0: 0, 1: 4}
+    assert snapshot.after({}) == {0: 0, 1: 3}
+    assert snapshot.after({1: 1}) == {0: 0, 1: 3}  # retention passed it
