@@ -21,7 +21,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -139,8 +139,8 @@ class Runner:
         finally:
             self.running = False
             # stop() leaves the group at once, so the partitions move without a session timeout.
-            await kc.stop()
-            await dlq.stop()
+            await _close(kc.stop, "the Kafka consumer")
+            await _close(dlq.stop, "the dead-letter producer")
             await self._consumer.stop()
 
     async def _loop(self, kc: AIOKafkaConsumer) -> None:
@@ -355,6 +355,22 @@ class Runner:
                 self._committed.pop(tp, None)
                 with contextlib.suppress(KeyError):
                     self._metrics.lag.remove(self._metrics.consumer, str(tp.partition))
+
+
+async def _close(stop: Callable[[], Awaitable[None]], what: str) -> None:
+    """Close a Kafka client on the way out, whatever state the broker is in: one that fails
+    to close must not keep the others (and the consumer's own stop) from closing."""
+    try:
+        await stop()
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise  # we are being cancelled ourselves
+        # aiokafka 0.14's fetcher re-raises the cancellation of a fetch it was retrying
+        # when the broker is away; the process is stopping anyway.
+        log.warning("closing %s was cut short (is the broker away?)", what)
+    except KafkaError as exc:
+        log.warning("closing %s failed: %s", what, exc)
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]

@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 LINGER_MS = 5
 MAX_BATCH_BYTES = 256 * 1024
 MAX_REQUEST_BYTES = 1_048_576
+# Stopping: how long the producer may take to flush what is in flight.
+FLUSH_GRACE_SECONDS = 10.0
 CONNECT_GRACE_SECONDS = 20.0
 
 
@@ -228,9 +230,22 @@ class KafkaPublisher:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if self._producer is not None:
-            await self._producer.stop()
-            self._producer = None
+        producer, self._producer = self._producer, None
+        if producer is None:
+            return
+        try:
+            async with asyncio.timeout(FLUSH_GRACE_SECONDS):
+                await producer.stop()
+        except TimeoutError:
+            # aiokafka retries an unacknowledged batch for as long as it is let, and with the
+            # broker gone that is for ever. Nothing is lost by giving up: every report still
+            # in flight here was answered "spooled" (the spool sends it on the next start) or
+            # was refused, never acknowledged as being on Kafka.
+            log.warning(
+                "kafka took no acknowledgements for %.0f s while stopping; records still in"
+                " flight were spooled or refused, and are not lost",
+                FLUSH_GRACE_SECONDS,
+            )
 
 
 def _succeeded(future: asyncio.Future[object]) -> bool:

@@ -7,8 +7,10 @@ all of them present), and no alert is lost or sent twice under a different ident
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import uuid
@@ -22,6 +24,8 @@ from aiohttp import web
 
 from callstream.consumerstatus import KafkaInspector
 from callstream.kafkaconfig import KafkaSettings
+from callstream.localkafka import LocalKafka
+from tests.support.kafka import private_broker
 from tests.support.pg import PostgresServer
 from tests.support.ports import free_ports
 from tests.support.produce import produce_reports, sample_report
@@ -277,3 +281,53 @@ async def _group_has(kafka: KafkaSettings, group: str, *, members: int) -> bool:
     async with KafkaInspector(kafka) as look:
         state = await look.group(group)
     return state.state == "Stable" and state.members == members
+
+
+@pytest.fixture(scope="module")
+def own_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafka]:
+    with private_broker(tmp_path_factory.mktemp("consumer-fault-kafka") / "home") as local:
+        yield local
+
+
+async def test_a_consumer_stops_cleanly_while_the_broker_is_gone(
+    own_broker: LocalKafka, tmp_path: Path, services: list[Service]
+) -> None:
+    """`callstream kafka stop` before Ctrl-C: the consumer still closes everything it
+    opened and exits 0, without a traceback."""
+    status = own_broker.status()
+    assert status is not None
+    assert status.bootstrap is not None
+    suffix = uuid.uuid4().hex[:12]
+    kafka = KafkaSettings(
+        bootstrap_servers=status.bootstrap,
+        topic=f"gone.{suffix}.end-of-call-report",
+        events_topic=f"gone.{suffix}.events",
+    )
+    await produce_reports(kafka, [sample_report() for _ in range(5)])
+    db = tmp_path / "callstream.db"
+    storage = Service(
+        "storage", service_env(kafka, CALLSTREAM_SQLITE_PATH=str(db)), tmp_path / "storage.log"
+    )
+    services.append(storage)
+    storage.start()
+    await wait_sqlite_rows(db, 5)
+    own_broker.kill(signal.SIGKILL)
+    try:
+        await asyncio.sleep(3.0)  # the consumer's fetches now fail and back off
+        assert storage.signal(signal.SIGTERM) == 0
+    finally:
+        own_broker.start(timeout=120)
+    log = storage.log.read_text()
+    assert "Traceback" not in log, log[-3000:]
+    assert "Unclosed" not in log, log[-3000:]
+    assert "consumer storage stopped cleanly" in log
+
+
+async def wait_sqlite_rows(db: Path, at_least: int, timeout: float = 90.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    rows = 0
+    while rows < at_least:
+        assert asyncio.get_running_loop().time() < deadline, f"only {rows} rows"
+        await asyncio.sleep(0.2)
+        with contextlib.suppress(sqlite3.Error), contextlib.closing(sqlite3.connect(db)) as conn:
+            rows = int(conn.execute("select count(*) from call_reports").fetchone()[0])

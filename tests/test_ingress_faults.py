@@ -34,6 +34,7 @@ from ingress.spool import CRASH_EXIT_CODE
 from tests.conftest import TEST_SECRET, Client, start_ingress, wait_drained
 from tests.signing import signed
 from tests.support.faultproxy import FaultProxy
+from tests.support.kafka import private_broker
 from tests.support.ports import free_port, free_ports
 from tests.support.produce import sample_report
 from tests.support.topics import read_all
@@ -48,12 +49,8 @@ ACK_DEADLINE = 1.0
 
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafka]:
-    local = LocalKafka(tmp_path_factory.mktemp("fault-kafka") / "home")
-    local.start(timeout=120)
-    try:
+    with private_broker(tmp_path_factory.mktemp("fault-kafka") / "home") as local:
         yield local
-    finally:
-        local.stop()
 
 
 def topics(bootstrap: str) -> KafkaSettings:
@@ -410,6 +407,18 @@ async def drained_state(http: aiohttp.ClientSession, ingress: IngressProcess) ->
         await asyncio.sleep(0.2)
 
 
+async def run_until_drained(
+    http: aiohttp.ClientSession, bootstrap: str, kafka: KafkaSettings, spool_dir: Path, log: Path
+) -> None:
+    """A fresh ingress process on `spool_dir`, until it has sent its spool to Kafka."""
+    ingress = spawn_ingress(bootstrap, kafka, spool_dir, log, None)
+    try:
+        await wait_ready(http, ingress)
+        await drained_state(http, ingress)
+    finally:
+        await stop_ingress(ingress)
+
+
 @pytest.mark.parametrize(
     "crash_at", ["spool-after-write-before-fsync", "spool-after-fsync-before-response"]
 )
@@ -446,12 +455,7 @@ async def test_ingress_crash_while_spooling_loses_no_acknowledged_report(
         finally:
             await stop_ingress(crashing, expect=CRASH_EXIT_CODE)
 
-        last = spawn_ingress(broker.bootstrap, kafka, spool_dir, log, None)
-        try:
-            await wait_ready(http, last)
-            await drained_state(http, last)
-        finally:
-            await stop_ingress(last)
+        await run_until_drained(http, broker.bootstrap, kafka, spool_dir, log)
     got = await landed(kafka)
     duplicates = assert_all_acknowledged_landed(sent, got)
     unanswered = sum(i.startswith("crash-") for i in set(got.request_ids))
@@ -483,12 +487,41 @@ async def test_ingress_crash_while_draining_duplicates_but_loses_nothing(
         # Nothing to post: the drainer starts with the app and crashes on its first batch.
         await stop_ingress(crashing, expect=CRASH_EXIT_CODE)
 
-        last = spawn_ingress(broker.bootstrap, kafka, spool_dir, log, None)
-        try:
-            await wait_ready(http, last)
-            await drained_state(http, last)
-        finally:
-            await stop_ingress(last)
+        await run_until_drained(http, broker.bootstrap, kafka, spool_dir, log)
     duplicates = assert_all_acknowledged_landed(sent, await landed(kafka))
     assert duplicates == 9, "the crashed run's batch should have been published twice"
     assert not list(spool_dir.glob("*.unreadable"))
+
+
+async def test_ingress_stops_promptly_and_loses_nothing_when_the_broker_is_gone(
+    broker: LocalKafka, tmp_path: Path
+) -> None:
+    """SIGTERM with Kafka gone and a report still unacknowledged by it: the ingress exits 0
+    (aiokafka alone would retry that batch for ever), and the next run, with Kafka back,
+    publishes every report that got a 202."""
+    kafka = topics(broker.bootstrap)
+    spool_dir, log = tmp_path / "spool", tmp_path / "ingress.log"
+    calls = [str(uuid.uuid4()) for _ in range(2)]
+    async with aiohttp.ClientSession() as http:
+        first = spawn_ingress(broker.bootstrap, kafka, spool_dir, log, None)
+        try:
+            await wait_ready(http, first)
+            sent = await post_series(http, f"{first.url}{WEBHOOK}", "before", 2, calls)
+            assert {(s.status, s.durable) for s in sent} == {(202, "kafka")}
+            broker.kill(signal.SIGKILL)
+            try:
+                during = await post_series(http, f"{first.url}{WEBHOOK}", "during", 2, calls)
+                assert {(s.status, s.durable) for s in during} == {(202, "spool")}
+                sent += during
+                # Bounded: the drainer's grace, then the producer's flush grace.
+                await stop_ingress(first)
+            finally:
+                await asyncio.to_thread(broker.start, 120)
+        finally:
+            await stop_ingress(first, expect=None)
+        text = log.read_text()
+        assert "Traceback" not in text, text[-3000:]
+        assert "took no acknowledgements" in text
+
+        await run_until_drained(http, broker.bootstrap, kafka, spool_dir, log)
+    assert_all_acknowledged_landed(sent, await landed(kafka))

@@ -25,7 +25,9 @@ The jars come from the shared cache (``$CALLSTREAM_CACHE_DIR``, default
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -74,3 +76,14 @@ def session_broker(tmp_root: Path) -> SessionBroker:
         return SessionBroker(bootstrap=external, local=None)
     broker = LocalKafka(tmp_root / "kafka-home")
     return SessionBroker(bootstrap=broker.start(timeout=SESSION_START_TIMEOUT), local=broker)
+
+
+@contextlib.contextmanager
+def private_broker(home: Path) -> Iterator[LocalKafka]:
+    """A broker of its own, for tests that kill or pause it (the session's is shared)."""
+    local = LocalKafka(home)
+    local.start(timeout=SESSION_START_TIMEOUT)
+    try:
+        yield local
+    finally:
+        local.stop()
