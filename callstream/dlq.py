@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TextIO
@@ -155,7 +155,7 @@ async def list_command(
     return EXIT_OK
 
 
-def _table(letters: list[DeadLetter], redriven: Any) -> str:
+def _table(letters: list[DeadLetter], redriven: Callable[[DeadLetter], bool]) -> str:
     counts = Counter((d.consumer, d.error_type) for d in letters)
     waiting = Counter((d.consumer, d.error_type) for d in letters if not redriven(d))
     newest: dict[tuple[str, str], int] = {}

@@ -33,6 +33,7 @@ from typing import Final, Literal
 import asyncpg
 
 from callstream.logs import mask_phone
+from consumers import sqlite_file
 from consumers.erasures import (
     DDL_LOCK_KEY,
     POSTGRES_DDL,
@@ -127,8 +128,12 @@ class SqliteErasureLog(ErasureLog):
         self.path = path
 
     def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, isolation_level=None, timeout=_SQLITE_BUSY_TIMEOUT)
-        conn.execute(SQLITE_DDL)
+        conn = sqlite_file.connect(self.path, busy_timeout=_SQLITE_BUSY_TIMEOUT)
+        try:
+            conn.execute(SQLITE_DDL)
+        except BaseException:
+            conn.close()
+            raise
         return conn
 
     def _run(self, sql: str, params: tuple[object, ...]) -> int:

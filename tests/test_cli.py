@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
 import sys
 import uuid
 from pathlib import Path
@@ -16,6 +15,7 @@ import orjson
 
 from callstream.kafkaconfig import KafkaSettings
 from tests.signing import signed
+from tests.support.cli import run_cli
 from tests.support.ports import free_port
 from tests.support.produce import produce_reports, sample_report
 from tests.support.topics import read_back
@@ -26,21 +26,10 @@ def _env(**extra: str) -> dict[str, str]:
     return base | extra
 
 
-def _cli(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "callstream", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-
-
 async def test_tail_prints_decoded_reports_as_json_lines(kafka: KafkaSettings) -> None:
     [call_id] = await produce_reports(kafka, [sample_report()])
     env = _env(KAFKA_BOOTSTRAP_SERVERS=kafka.bootstrap_servers, CALLSTREAM_TOPIC=kafka.topic)
-    done = await asyncio.to_thread(_cli, "tail", "--follow", "--max", "1", env=env)
+    done = await asyncio.to_thread(run_cli, "tail", "--follow", "--max", "1", env=env)
     assert done.returncode == 0, done.stderr
     [line] = done.stdout.splitlines()
     record = json.loads(line)
@@ -53,21 +42,21 @@ async def test_tail_prints_decoded_reports_as_json_lines(kafka: KafkaSettings) -
 
 async def test_kafka_start_status_stop(tmp_path: Path) -> None:
     env = _env(CALLSTREAM_HOME=str(tmp_path / "home"))
-    status = await asyncio.to_thread(_cli, "kafka", "status", env=env)
+    status = await asyncio.to_thread(run_cli, "kafka", "status", env=env)
     assert status.returncode == 1
     assert "not running" in status.stdout
-    started = await asyncio.to_thread(_cli, "kafka", "start", env=env)
+    started = await asyncio.to_thread(run_cli, "kafka", "start", env=env)
     try:
         assert started.returncode == 0, started.stderr
         bootstrap = started.stdout.strip().splitlines()[-1]
         assert bootstrap.startswith("127.0.0.1:")
-        status = await asyncio.to_thread(_cli, "kafka", "status", env=env)
+        status = await asyncio.to_thread(run_cli, "kafka", "status", env=env)
         assert status.returncode == 0
         assert f"bootstrap={bootstrap}" in status.stdout
     finally:
-        stopped = await asyncio.to_thread(_cli, "kafka", "stop", env=env)
+        stopped = await asyncio.to_thread(run_cli, "kafka", "stop", env=env)
     assert stopped.returncode == 0
-    assert (await asyncio.to_thread(_cli, "kafka", "status", env=env)).returncode == 1
+    assert (await asyncio.to_thread(run_cli, "kafka", "status", env=env)).returncode == 1
 
 
 async def test_consumer_with_bad_configuration_exits_2_with_a_message(
@@ -80,7 +69,7 @@ async def test_consumer_with_bad_configuration_exits_2_with_a_message(
         CALLSTREAM_ALERT_RULES=str(rules),
         CALLSTREAM_ALERTING_PORT="0",
     )
-    done = await asyncio.to_thread(_cli, "consumer", "alerting", env=env)
+    done = await asyncio.to_thread(run_cli, "consumer", "alerting", env=env)
     assert done.returncode == 2
     assert "configuration error" in done.stderr
     assert "Traceback" not in done.stderr

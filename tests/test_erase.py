@@ -13,7 +13,6 @@ import hashlib
 import itertools
 import os
 import subprocess
-import sys
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -34,10 +33,10 @@ from schemas.codec import Decoder, single_object_encoder
 from schemas.normalise import normalise
 from schemas.report import CallReport
 from schemas.store import END_OF_CALL_REPORT, default_store
+from tests.support.cli import run_cli
 from tests.support.pg import PostgresServer
 from tests.support.samples import SAMPLE
 
-REPO = Path(__file__).resolve().parents[1]
 ALICE = "+31600000101"
 BOB = "+31600000202"
 ENCODER = single_object_encoder(default_store().current(END_OF_CALL_REPORT))
@@ -339,15 +338,7 @@ def cli(settings: StorageSettings, *args: str) -> subprocess.CompletedProcess[st
     else:
         env["CALLSTREAM_SQLITE_PATH"] = str(settings.sqlite_path)
     env["CALLSTREAM_TOPIC"] = "flireo.test-erase"
-    return subprocess.run(
-        [sys.executable, "-m", "callstream", *args],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    return run_cli(*args, env=env)
 
 
 async def test_erase_and_purge_commands(settings: StorageSettings, backend: StorageBackend) -> None:

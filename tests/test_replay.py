@@ -108,6 +108,32 @@ def runner_settings(kafka: KafkaSettings, group: str) -> RunnerSettings:
     return RunnerSettings(group_id=group, topic=kafka.topic, poll_timeout_seconds=0.2)
 
 
+async def replay(
+    kafka: KafkaSettings,
+    group: str,
+    since: datetime,
+    until: datetime | None = None,
+    *,
+    consumer: str = "storage",
+    env: dict[str, str] | None = None,
+    **options: Any,
+) -> tuple[int, str, str]:
+    """`replay_consumer` for `group` on the test's topic: exit code, stdout, stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    code = await replay_consumer(
+        kafka,
+        consumer,
+        since,
+        until,
+        env=env or {},
+        settings=runner_settings(kafka, group),
+        out=out,
+        err=err,
+        **options,
+    )
+    return code, out.getvalue(), err.getvalue()
+
+
 async def consume_all(consumer: Consumer, kafka: KafkaSettings, group: str) -> None:
     """Run `consumer` in `group` until the group has committed everything on the topic."""
     end = await end_offsets(kafka)
@@ -171,21 +197,10 @@ async def test_dry_run_prints_per_partition_counts_and_changes_nothing(
     records = await topic_records(kafka, kafka.topic, expect=24)
     since, until = NOW - 2.5 * HOUR, NOW - 1.5 * HOUR
 
-    out, err = io.StringIO(), io.StringIO()
-    code = await replay_consumer(
-        kafka,
-        "storage",
-        since,
-        until,
-        env={},
-        settings=runner_settings(kafka, group),
-        out=out,
-        err=err,
-        dry_run=True,
-    )
+    code, out, err = await replay(kafka, group, since, until, dry_run=True)
 
-    assert code == EXIT_OK, err.getvalue()
-    rows = table_rows(out.getvalue())
+    assert code == EXIT_OK, err
+    rows = table_rows(out)
     expected = counts_between(records, since, until)
     assert sum(expected.values()) == 8
     assert set(rows) == set(range(kafka.partitions))
@@ -199,8 +214,8 @@ async def test_dry_run_prints_per_partition_counts_and_changes_nothing(
         if in_range:
             assert (start, stop) == (min(in_range), max(in_range) + 1)
         assert stop - start == count
-    assert "total: 8 records" in out.getvalue()
-    assert "dry run: nothing changed" in out.getvalue()
+    assert "total: 8 records" in out
+    assert "dry run: nothing changed" in out
     assert await committed(kafka, group) == before
 
 
@@ -220,20 +235,10 @@ async def test_replay_refuses_while_the_group_is_active(kafka: KafkaSettings) ->
 
         await eventually(stable)
         before = await committed(kafka, group)
-        out, err = io.StringIO(), io.StringIO()
-        code = await replay_consumer(
-            kafka,
-            "storage",
-            NOW - 3 * HOUR,
-            None,
-            env={},
-            settings=runner_settings(kafka, group),
-            out=out,
-            err=err,
-        )
+        code, _, err = await replay(kafka, group, NOW - 3 * HOUR)
         assert code == EXIT_REFUSED
-        assert "refusing to replay" in err.getvalue()
-        assert "active (Stable, 1 member(s))" in err.getvalue()
+        assert "refusing to replay" in err
+        assert "active (Stable, 1 member(s))" in err
         assert await committed(kafka, group) == before
 
 
@@ -246,20 +251,10 @@ async def test_partitions_with_no_record_after_from_are_left_alone(kafka: KafkaS
     records = await topic_records(kafka, kafka.topic, expect=len(old) + 1)
     [late_record] = [r for r in records if r.key == late.encode()]
 
-    out, err = io.StringIO(), io.StringIO()
-    code = await replay_consumer(
-        kafka,
-        "storage",
-        NOW - 2 * HOUR,
-        None,
-        env={},
-        settings=runner_settings(kafka, group),
-        out=out,
-        err=err,
-    )
+    code, out, err = await replay(kafka, group, NOW - 2 * HOUR)
 
-    assert code == EXIT_OK, err.getvalue()
-    rows = table_rows(out.getvalue())
+    assert code == EXIT_OK, err
+    rows = table_rows(out)
     for p, (start, _, count, note) in rows.items():
         if p == late_record.partition:
             assert (start, count) == (late_record.offset, 1)
@@ -268,7 +263,7 @@ async def test_partitions_with_no_record_after_from_are_left_alone(kafka: KafkaS
             assert note == "no record after --from: nothing to replay"
     after = await committed(kafka, group)
     assert after == before | {late_record.partition: late_record.offset}
-    assert "handles 1 record(s) from --from on" in out.getvalue()
+    assert "handles 1 record(s) from --from on" in out
 
 
 async def test_rewind_never_moves_a_group_forward(kafka: KafkaSettings) -> None:
@@ -277,22 +272,10 @@ async def test_rewind_never_moves_a_group_forward(kafka: KafkaSettings) -> None:
     group = f"g-behind-{uuid.uuid4().hex[:8]}"
     # The group has handled two records, and --from selects the second half.
     await commit_group_offsets(single, group, single.topic, {0: 2})
-    out, err = io.StringIO(), io.StringIO()
-    code = await replay_consumer(
-        single,
-        "storage",
-        NOW - 2 * HOUR + timedelta(milliseconds=6),
-        None,
-        env={},
-        settings=runner_settings(single, group),
-        out=out,
-        err=err,
-    )
-    assert code == EXIT_OK, err.getvalue()
-    assert table_rows(out.getvalue()) == {
-        0: (6, 12, 6, "group has not reached --from yet: left where it is")
-    }
-    assert "nothing to move" in out.getvalue()
+    code, out, err = await replay(single, group, NOW - 2 * HOUR + timedelta(milliseconds=6))
+    assert code == EXIT_OK, err
+    assert table_rows(out) == {0: (6, 12, 6, "group has not reached --from yet: left where it is")}
+    assert "nothing to move" in out
     assert await committed(single, group) == {0: 2}
 
 
@@ -303,39 +286,26 @@ async def test_a_fresh_group_starts_at_from_instead_of_the_log_start(
     records = await topic_records(kafka, kafka.topic, expect=18)
     group = f"g-fresh-{uuid.uuid4().hex[:8]}"
     # A bounded replay first: it leaves the group at the log start, still new.
-    code = await replay_consumer(
+    code, _, _ = await replay(
         kafka,
-        "storage",
+        group,
         NOW - 4 * HOUR,
         NOW - 2 * HOUR,
         env={"CALLSTREAM_SQLITE_PATH": str(tmp_path / "callstream.db")},
-        settings=runner_settings(kafka, group),
-        out=io.StringIO(),
-        err=io.StringIO(),
         progress_interval=0.2,
     )
     assert code == EXIT_OK
     assert await committed(kafka, group) == dict.fromkeys(range(kafka.partitions), 0)
 
-    out, err = io.StringIO(), io.StringIO()
-    code = await replay_consumer(
-        kafka,
-        "storage",
-        NOW - 2 * HOUR,
-        None,
-        env={},
-        settings=runner_settings(kafka, group),
-        out=out,
-        err=err,
-    )
-    assert code == EXIT_OK, err.getvalue()
+    code, out, err = await replay(kafka, group, NOW - 2 * HOUR)
+    assert code == EXIT_OK, err
     expected = {}
     for p in range(kafka.partitions):
         mine = [r for r in records if r.partition == p]
         recent = [r.offset for r in mine if r.timestamp_ms >= ms(NOW - 2 * HOUR)]
         expected[p] = min(recent) if recent else len(mine)
     assert await committed(kafka, group) == expected
-    assert "handles 9 record(s) from --from on" in out.getvalue()
+    assert "handles 9 record(s) from --from on" in out
 
 
 async def bounded_replay_of(
@@ -352,22 +322,19 @@ async def bounded_replay_of(
     build = {"storage": storage.build, "metrics": metrics.build}[name]
     await consume_all(build(env, CollectorRegistry()), kafka, group)
     before = await committed(kafka, group)
-    out, err = io.StringIO(), io.StringIO()
-    code = await replay_consumer(
+    code, out, err = await replay(
         kafka,
-        name,
+        group,
         NOW - 3 * HOUR,
         NOW - HOUR,
-        env=env,
-        settings=runner_settings(kafka, group),
-        out=out,
-        err=err,
         registry=registry,
         progress_interval=0.2,
+        consumer=name,
+        env=env,
     )
-    assert code == EXIT_OK, err.getvalue()
-    assert re.search(r"replay \w+: 6/6 records \(100%\), \d+/s, 0s left", err.getvalue())
-    return code, out.getvalue(), before, await committed(kafka, group)
+    assert code == EXIT_OK, err
+    assert re.search(r"replay \w+: 6/6 records \(100%\), \d+/s, 0s left", err)
+    return code, out, before, await committed(kafka, group)
 
 
 def restored(before: dict[int, int]) -> dict[int, int]:
