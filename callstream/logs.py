@@ -49,3 +49,23 @@ def mask_phone(number: str | None) -> str | None:
         return "*" * len(number)
     prefix = "+" if number.startswith("+") else ""
     return f"{prefix}{''.join(digits[:2])}{'*' * (len(digits) - 4)}{''.join(digits[-2:])}"
+
+
+class Throttled:
+    """A warning that can fire on every request under load, logged at most once per
+    `interval` seconds with a count of the ones held back, so a fault stays visible
+    without flooding the log."""
+
+    def __init__(self, logger: logging.Logger, interval: float = 5.0) -> None:
+        self._logger = logger
+        self._interval = interval
+        self._next = 0.0
+        self._held = 0
+
+    def warning(self, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._held += 1
+            return
+        held, self._held, self._next = self._held, 0, now + self._interval
+        self._logger.warning(msg, *args, extra={"held_back": held} if held else None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import struct
 import time
@@ -18,10 +19,17 @@ from dataclasses import dataclass
 from typing import Literal
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import (
+    InvalidProducerEpoch,
+    KafkaError,
+    OutOfOrderSequenceNumber,
+    ProducerFenced,
+    UnknownProducerId,
+)
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from callstream.kafkaconfig import KafkaSettings
+from callstream.logs import Throttled
 from callstream.producer import durable_producer
 from callstream.topicadmin import ensure_topics
 from ingress.metrics import SpoolMetrics
@@ -39,6 +47,18 @@ MAX_REQUEST_BYTES = 1_048_576
 FLUSH_GRACE_SECONDS = 10.0
 CONNECT_GRACE_SECONDS = 20.0
 
+# Errors after which this producer id can never deliver again, so only a new producer
+# recovers (Kafka's own client resets its producer id here, KIP-360; aiokafka does not).
+# The one seen in practice: a batch that waits out its timeout for a partition with no
+# leader (a broker stopping) is failed inside aiokafka after it was given a sequence number
+# but before it was sent, and the broker then refuses every later batch as out of order.
+BROKEN_PRODUCER_STATE: tuple[type[KafkaError], ...] = (
+    OutOfOrderSequenceNumber,
+    UnknownProducerId,
+    InvalidProducerEpoch,
+    ProducerFenced,
+)
+
 
 @dataclass(frozen=True, slots=True)
 class OutgoingRecord:
@@ -49,6 +69,15 @@ class OutgoingRecord:
 
 
 Durable = Literal["kafka", "spool"]
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """How many leading records of a batch every in-sync replica has, and why the next one
+    is not (None when all are)."""
+
+    acked: int
+    error: BaseException | None
 
 
 class PublishUnavailable(Exception):
@@ -82,6 +111,7 @@ class KafkaPublisher:
         self._closing = False
         self._closed = asyncio.Event()
         self._last_failure: float | None = None
+        self._retiring: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         """Connect in the background: the ingress must come up (and say it is not ready)
@@ -159,55 +189,91 @@ class KafkaPublisher:
                 assert self._producer is not None
                 # Cancelling send() itself withdraws the record; once it returned, the record
                 # is queued and a timeout only stops our waiting (it may still be delivered).
-                future = await self._producer.send(
+                producer = self._producer
+                future = await producer.send(
                     record.topic, record.value, key=record.key, headers=list(record.headers)
                 )
+                self._watch(producer, future)
                 await asyncio.shield(future)
         except TimeoutError as exc:
             self._last_failure = time.monotonic()
             raise KafkaNotAcknowledged(f"Kafka did not acknowledge within {timeout:g} s") from exc
         except KafkaError as exc:
             self._last_failure = time.monotonic()
-            error = KafkaNotAcknowledged if exc.retriable else KafkaRejected
+            retry = exc.retriable or isinstance(exc, BROKEN_PRODUCER_STATE)
+            error = KafkaNotAcknowledged if retry else KafkaRejected
             raise error(f"Kafka refused the record: {type(exc).__name__}") from exc
 
-    async def publish_many(self, records: Sequence[OutgoingRecord], timeout: float) -> int:
-        """Publish in order; return how many leading records every in-sync replica has.
+    async def publish_many(self, records: Sequence[OutgoingRecord], timeout: float) -> Delivery:
+        """Publish in order; say how many leading records every in-sync replica has.
 
         Records after the first unacknowledged one may have landed too; the caller sends
         them again (a duplicate, never a gap)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         futures: list[asyncio.Future[object]] = []
+        error: BaseException | None = None
         try:
             async with asyncio.timeout_at(deadline):
                 await self._connected.wait()
                 assert self._producer is not None
+                producer = self._producer
                 for record in records:
-                    futures.append(
-                        await self._producer.send(
-                            record.topic,
-                            record.value,
-                            key=record.key,
-                            headers=list(record.headers),
-                        )
+                    future = await producer.send(
+                        record.topic, record.value, key=record.key, headers=list(record.headers)
                     )
-        except TimeoutError:
-            pass
+                    self._watch(producer, future)
+                    futures.append(future)
+        except TimeoutError as exc:
+            error = exc
         except KafkaError as exc:
-            log.warning("spool drain: Kafka refused a record (%s)", type(exc).__name__)
+            error = exc
         if futures:
             await asyncio.wait(futures, timeout=max(0.0, deadline - loop.time()))
         acked = 0
-        gap = False
         for future in futures:
-            # Retrieve every outcome, now or later, so none is logged as never retrieved.
-            future.add_done_callback(_retrieve)
-            gap = gap or not _succeeded(future)
-            acked += 0 if gap else 1
+            if not _succeeded(future):
+                error = _failure(future)
+                break
+            acked += 1
         if acked < len(records):
             self._last_failure = time.monotonic()
-        return acked
+            return Delivery(acked, error or TimeoutError())
+        return Delivery(acked, None)
+
+    def _watch(self, producer: AIOKafkaProducer, future: asyncio.Future[object]) -> None:
+        """Every outcome is retrieved (none is logged as never retrieved, even after its
+        caller stopped waiting), and one that shows the producer's state broken renews it."""
+        future.add_done_callback(functools.partial(self._settled, producer))
+
+    def _settled(self, producer: AIOKafkaProducer, future: asyncio.Future[object]) -> None:
+        if future.cancelled():
+            return
+        exc = future.exception()
+        if isinstance(exc, BROKEN_PRODUCER_STATE) and producer is self._producer:
+            self._renew(producer, exc)
+
+    def _renew(self, producer: AIOKafkaProducer, exc: BaseException) -> None:
+        """Replace a producer whose id Kafka will not take records from any more. Callers
+        wait for the new one as for a first connection; what the old one had not delivered
+        is still theirs to spool or re-send."""
+        if self._closing:
+            return
+        log.warning(
+            "kafka refuses this producer's records for good (%s); starting a new producer",
+            type(exc).__name__,
+        )
+        self._producer = None
+        self._connected.clear()
+        retire = asyncio.create_task(self._retire(producer), name="kafka-retire-producer")
+        self._retiring.add(retire)
+        retire.add_done_callback(self._retiring.discard)
+        self._connect_task = asyncio.create_task(self._connect_forever(), name="kafka-connect")
+
+    async def _retire(self, producer: AIOKafkaProducer) -> None:
+        with contextlib.suppress(TimeoutError, KafkaError):
+            async with asyncio.timeout(FLUSH_GRACE_SECONDS):
+                await producer.stop()
 
     def connected(self) -> bool:
         return self._producer is not None
@@ -230,6 +296,8 @@ class KafkaPublisher:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self._retiring:
+            await asyncio.wait(set(self._retiring))
         producer, self._producer = self._producer, None
         if producer is None:
             return
@@ -252,9 +320,14 @@ def _succeeded(future: asyncio.Future[object]) -> bool:
     return future.done() and not future.cancelled() and future.exception() is None
 
 
-def _retrieve(future: asyncio.Future[object]) -> None:
-    if not future.cancelled():
-        future.exception()
+def _failure(future: asyncio.Future[object]) -> BaseException:
+    if not future.done():
+        return TimeoutError("Kafka did not acknowledge in time")
+    if future.cancelled():
+        return asyncio.CancelledError()
+    exc = future.exception()
+    assert exc is not None
+    return exc
 
 
 # -- the spool's payload: an OutgoingRecord, exactly as it would have gone to Kafka ----------
@@ -358,6 +431,7 @@ class DurablePublisher:
         self._crash_at = crash_at
         self._drainer: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
+        self._not_acknowledged = Throttled(log)
 
     @classmethod
     def from_settings(
@@ -420,7 +494,9 @@ class DurablePublisher:
                 await self.kafka.publish(record, min(self._ack_deadline, self._publish_timeout))
                 return "kafka"
             except KafkaNotAcknowledged as exc:
-                log.warning("kafka did not acknowledge (%s); spooling the report", exc)
+                self._not_acknowledged.warning(
+                    "kafka did not acknowledge (%s); spooling the report", exc
+                )
         try:
             async with asyncio.timeout_at(deadline):
                 await self.spool.append(encode_record(record))
@@ -463,7 +539,7 @@ class DurablePublisher:
                 return
             try:
                 batch = await self.spool.read(DRAIN_MAX_RECORDS, DRAIN_MAX_BYTES)
-                acked = await self._publish_batch(batch)
+                acked, error = await self._publish_batch(batch)
                 if acked:
                     if self._crash_at == "drain-after-publish-before-delete":
                         crash("drain-after-publish-before-delete")
@@ -477,11 +553,13 @@ class DurablePublisher:
                 if acked == len(batch):
                     delay = 0.2
                     continue
+                # The back-off bounds how often this is logged.
                 log.warning(
-                    "spool drain: Kafka acknowledged %d of %d record(s); %d still spooled, "
-                    "retrying in %.1f s",
+                    "spool drain: Kafka acknowledged %d of %d record(s) (%s); %d still spooled,"
+                    " retrying in %.1f s",
                     acked,
                     len(batch),
+                    _describe(error),
                     self.spool.depth(),
                     delay,
                 )
@@ -501,9 +579,9 @@ class DurablePublisher:
             stopping.cancel()
         return not self._stopping.is_set()
 
-    async def _publish_batch(self, batch: list[Spooled]) -> int:
+    async def _publish_batch(self, batch: list[Spooled]) -> tuple[int, BaseException | None]:
         """How many leading entries of `batch` are delivered (unreadable ones count as done:
-        their bytes were set aside and there is nothing left to send)."""
+        their bytes were set aside and there is nothing left to send), and why not more."""
         records: list[OutgoingRecord] = []
         index: list[int] = []  # batch position of each record
         for i, spooled in enumerate(batch):
@@ -514,7 +592,16 @@ class DurablePublisher:
                 index.append(i)
             except ValueError as exc:
                 log.error("spool: undecodable record at %s skipped (%s)", spooled.position, exc)
-        acked = await self.kafka.publish_many(records, DRAIN_TIMEOUT_SECONDS) if records else 0
-        if acked == len(records):
-            return len(batch)
-        return index[acked]  # entries before the first unacknowledged record
+        if not records:
+            return len(batch), None
+        delivery = await self.kafka.publish_many(records, DRAIN_TIMEOUT_SECONDS)
+        if delivery.acked == len(records):
+            return len(batch), None
+        # Entries before the first unacknowledged record.
+        return index[delivery.acked], delivery.error
+
+
+def _describe(error: BaseException | None) -> str:
+    if error is None:
+        return "no error"
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
