@@ -29,10 +29,11 @@ system-deps: ## install the Debian packages the tests use (PostgreSQL, kcat, Pro
 	scripts/install-system-deps
 
 .PHONY: lint
-lint: $(STAMP) ## ruff and mypy --strict
+lint: $(STAMP) ## ruff, mypy --strict and the layer rule (import-linter)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 .PHONY: test
 test: system-deps $(STAMP) lint ## everything CI runs: system packages, lint, the whole test suite

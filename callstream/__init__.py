@@ -1,3 +1,6 @@
-"""callstream: Flireo end-of-call reports through Kafka. Shared plumbing and the CLI."""
+"""callstream: the command and the operator's tools (replay, dlq, erase, bench, the local
+broker), on top of the ingress and the consumers."""
 
-__version__ = "0.1.0"
+from core import __version__
+
+__all__ = ["__version__"]

@@ -18,11 +18,11 @@ from typing import Any, TypeVar
 
 import orjson
 
-from callstream import logs
 from callstream.bench.options import add_arguments as add_bench_arguments
-from callstream.envparse import SettingsError
-from callstream.kafkaconfig import KafkaSettings
-from callstream.secret import secrets_from
+from core import logs
+from core.kafkasettings import KafkaSettings
+from core.secret import secrets_from
+from core.settings import SettingsError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -356,7 +356,7 @@ def _cmd_purge(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 
 def _warn_about_kafka(env: Mapping[str, str], compacted: bool) -> None:
-    from callstream.kafkaconfig import DEFAULT_TOPIC
+    from core.kafkasettings import DEFAULT_TOPIC
 
     topic = env.get("CALLSTREAM_TOPIC", "").strip() or DEFAULT_TOPIC
     if not compacted:

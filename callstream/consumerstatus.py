@@ -31,7 +31,7 @@ from aiokafka.errors import (
     for_code,
 )
 
-from callstream.kafkaconfig import KafkaSettings
+from core.kafkasettings import KafkaSettings
 
 log = logging.getLogger(__name__)
 

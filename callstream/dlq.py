@@ -30,11 +30,12 @@ import orjson
 from aiokafka.errors import KafkaError
 
 from callstream.consumerstatus import KafkaInspector, TopicMissingError
-from callstream.kafkaconfig import KafkaSettings
-from callstream.producer import durable_producer
-from callstream.replay import EXIT_FAILED, EXIT_OK, commit_group_offsets
-from callstream.topicreader import RawRecord, read_range
+from callstream.replay import EXIT_FAILED, EXIT_OK
 from consumers.contract import REDRIVE_HEADER
+from core.kafkasettings import KafkaSettings
+from core.offsets import commit_group_offsets
+from core.producer import durable_producer
+from core.topicreader import RawRecord, read_range
 
 _DLQ_HEADER_PREFIX = "dlq."
 _PUBLISH_WINDOW = 1000  # records in flight before waiting for their acks

@@ -32,7 +32,6 @@ from typing import Final, Literal
 
 import asyncpg
 
-from callstream.logs import mask_phone
 from consumers import sqlite_file
 from consumers.erasures import (
     DDL_LOCK_KEY,
@@ -42,6 +41,7 @@ from consumers.erasures import (
     sha256_hex,
 )
 from consumers.storage import StorageSettings, open_backend
+from core.logs import mask_phone
 
 log = logging.getLogger(__name__)
 

@@ -29,17 +29,17 @@ from datetime import UTC, datetime
 from typing import Any, Protocol, TextIO
 
 import aiohttp
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 from prometheus_client import CollectorRegistry
 
 from callstream.consumerstatus import KafkaInspector, TopicMissingError
-from callstream.kafkaconfig import KafkaSettings
-from callstream.producer import durable_producer
-from callstream.topicadmin import ensure_topics
 from consumers.contract import Consumer, Delivery
 from consumers.runner import Runner, RunnerSettings
 from consumers.runner_metrics import RunnerMetrics
+from core.kafkasettings import KafkaSettings
+from core.offsets import commit_group_offsets
+from core.producer import durable_producer
+from core.topicadmin import ensure_topics
 from schemas.codec import CONFLUENT_MAGIC, SINGLE_OBJECT_MAGIC, Decoder
 from schemas.errors import DecodeError, SchemaError
 from schemas.registry import RegistryClient
@@ -303,30 +303,6 @@ class _Window(Consumer):
         if delivery.topic != self._topic or bounds is None:
             return False
         return bounds[0] <= delivery.offset < bounds[1]
-
-
-async def commit_group_offsets(
-    kafka: KafkaSettings, group_id: str, topic: str, offsets: Mapping[int, int]
-) -> None:
-    """Commit `offsets` for `group_id` without joining it (assign, never subscribe).
-
-    The broker accepts such a commit only while the group has no members, so this can
-    never pull offsets from under a running consumer; CommitFailedError says it has some.
-    """
-    if not offsets:
-        return
-    committer = AIOKafkaConsumer(
-        **kafka.client_kwargs() | {"client_id": "callstream-replay"},
-        group_id=group_id,
-        enable_auto_commit=False,
-    )
-    try:
-        await committer.start()
-        positions = {TopicPartition(topic, p): o for p, o in offsets.items()}
-        committer.assign(list(positions))
-        await committer.commit(positions)
-    finally:
-        await committer.stop()
 
 
 async def replay_consumer(

@@ -6,7 +6,7 @@ import time
 
 import aiohttp
 
-from callstream.secret import Secret
+from core.secret import Secret
 from ingress.auth import SIGNATURE_HEADER, TIMESTAMP_HEADER, TOKEN_HEADER, sign
 
 

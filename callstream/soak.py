@@ -51,9 +51,9 @@ from typing import Any
 import aiohttp
 import orjson
 
-from callstream.kafkaconfig import KafkaSettings
 from callstream.localkafka import LocalKafka
-from callstream.topicreader import read_topic
+from core.kafkasettings import KafkaSettings
+from core.topicreader import read_topic
 from ingress.auth import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "samples" / "end-of-call-report.json"

@@ -6,8 +6,8 @@ from typing import Any, TextIO
 
 import orjson
 
-from callstream.kafkaconfig import KafkaSettings
-from callstream.topicreader import read_topic
+from core.kafkasettings import KafkaSettings
+from core.topicreader import read_topic
 from schemas.codec import Decoder
 from schemas.errors import DecodeError
 from schemas.report import CallReport

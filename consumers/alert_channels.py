@@ -39,7 +39,6 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from yarl import URL
 
-from callstream.signature import hmac_hex
 from consumers.alert_rules import (
     CHANNEL_TYPES,
     ChannelConfig,
@@ -48,6 +47,7 @@ from consumers.alert_rules import (
     SlackChannel,
     WebhookChannel,
 )
+from core.signing import hmac_hex
 
 log = logging.getLogger("callstream.alerting")
 

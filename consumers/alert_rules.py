@@ -50,8 +50,8 @@ from typing import Any, ClassVar, Final, Literal, TypeAlias
 import yaml
 from yarl import URL
 
-from callstream.envparse import SettingsError
-from callstream.secret import Secret
+from core.secret import Secret
+from core.settings import SettingsError
 from schemas.report import CallReport
 
 # -- the condition language ----------------------------------------------------------------

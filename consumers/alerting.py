@@ -45,8 +45,6 @@ from typing import Any, Final
 import orjson
 from prometheus_client import CollectorRegistry
 
-from callstream.envparse import SettingsError, env_float, env_int, env_opt, env_str
-from callstream.logs import mask_phone
 from consumers.alert_channels import (
     AlertContext,
     AlertMetrics,
@@ -63,6 +61,8 @@ from consumers.alert_rules import ReportView, Rule, RuleSet, load_rule_file
 from consumers.alert_state import AlertKey, AlertState, StateUnavailable
 from consumers.contract import Consumer, Delivery
 from consumers.errors import RetryableError
+from core.logs import mask_phone
+from core.settings import SettingsError, env_float, env_int, env_opt, env_str
 from schemas.report import CallReport
 
 log = logging.getLogger("callstream.alerting")

@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 import yaml
 
-from callstream.envparse import SettingsError, env_float, env_opt, env_str
+from core.settings import SettingsError, env_float, env_opt, env_str
 
 FieldKind = Literal["numeric", "boolean"]
 

@@ -28,13 +28,13 @@ from datetime import UTC, datetime
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 
-from callstream.envparse import env_float, env_int, env_str
-from callstream.kafkaconfig import KafkaSettings
-from callstream.producer import durable_producer
-from callstream.topicadmin import ensure_topics
 from consumers.contract import REDRIVE_HEADER, Consumer, Delivery
 from consumers.errors import RetryableError
 from consumers.runner_metrics import RunnerMetrics
+from core.kafkasettings import KafkaSettings
+from core.producer import durable_producer
+from core.settings import env_float, env_int, env_str
+from core.topicadmin import ensure_topics
 from schemas.codec import Decoder
 from schemas.errors import DecodeError, SchemaError
 from schemas.report import CallReport

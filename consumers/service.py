@@ -10,12 +10,12 @@ from collections.abc import Mapping
 import aiohttp
 from prometheus_client import CollectorRegistry
 
-from callstream.envparse import env_int, env_str
-from callstream.kafkaconfig import KafkaSettings
-from callstream.opsserver import ops_server
 from consumers.registry import CONSUMERS
 from consumers.runner import Runner, RunnerSettings
 from consumers.runner_metrics import RunnerMetrics
+from core.kafkasettings import KafkaSettings
+from core.opsserver import ops_server
+from core.settings import env_int, env_str
 from schemas.codec import Decoder
 from schemas.registry import RegistryClient
 from schemas.store import default_store

@@ -20,8 +20,6 @@ from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from callstream.envparse import SettingsError, env_opt, env_str
-from callstream.secret import Secret
 from consumers.contract import Consumer, Delivery
 from consumers.errors import RetryableError
 from consumers.storage_db import (
@@ -31,6 +29,8 @@ from consumers.storage_db import (
     StorageBackend,
     StoredReport,
 )
+from core.secret import Secret
+from core.settings import SettingsError, env_opt, env_str
 
 __all__ = [
     "StorageBackend",

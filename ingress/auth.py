@@ -10,8 +10,8 @@ import math
 import time
 from collections.abc import Mapping
 
-from callstream.secret import Secret
-from callstream.signature import hmac_hex
+from core.secret import Secret
+from core.signing import hmac_hex
 from ingress.errors import unauthorized
 
 SIGNATURE_HEADER = "X-Webhook-Signature"

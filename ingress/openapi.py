@@ -21,8 +21,8 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
-from callstream import __version__
-from callstream.kafkaconfig import KafkaSettings
+from core import __version__
+from core.kafkasettings import KafkaSettings
 from ingress.auth import SIGNATURE_HEADER, TIMESTAMP_HEADER, TOKEN_HEADER
 from ingress.errors import PROBLEM_CONTENT_TYPE
 from ingress.settings import IngressSettings

@@ -28,10 +28,10 @@ from aiokafka.errors import (
 )
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
-from callstream.kafkaconfig import KafkaSettings
-from callstream.logs import Throttled
-from callstream.producer import durable_producer
-from callstream.topicadmin import ensure_topics
+from core.kafkasettings import KafkaSettings
+from core.logs import Throttled
+from core.producer import durable_producer
+from core.topicadmin import ensure_topics
 from ingress.metrics import SpoolMetrics
 from ingress.settings import IngressSettings
 from ingress.spool import CrashPoint, Spool, Spooled, SpoolError, SpoolFull, crash

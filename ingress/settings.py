@@ -6,9 +6,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from callstream.envparse import SettingsError, env_bool, env_float, env_int, env_opt, env_str
-from callstream.kafkaconfig import KafkaSettings
-from callstream.secret import Secret, secrets_from
+from core.kafkasettings import KafkaSettings
+from core.secret import Secret, secrets_from
+from core.settings import SettingsError, env_bool, env_float, env_int, env_opt, env_str
 from ingress.spool import CRASH_POINTS, CrashPoint
 
 # Relative to the working directory, beside the local broker's home (.callstream/).

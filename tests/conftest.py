@@ -19,12 +19,12 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry
 
-from callstream.kafkaconfig import KafkaSettings
-from callstream.secret import Secret
+from callstream.localpg import PostgresServer
+from core.kafkasettings import KafkaSettings
+from core.secret import Secret
 from ingress.app import RUNNER_OPTIONS, create_app
 from ingress.settings import IngressSettings
 from tests.support.kafka import SessionBroker, session_broker
-from tests.support.pg import PostgresServer
 from tests.support.pipeline import pipeline, receivers  # noqa: F401 - fixtures
 from tests.support.samples import SAMPLE
 

@@ -33,6 +33,7 @@ from aiohttp import web
 from aiosmtpd.controller import Controller
 from prometheus_client import CollectorRegistry
 
+from callstream.ports import free_port
 from consumers.alert_channels import NetworkPolicy, parse_retry_after
 from consumers.alert_rules import (
     ConditionError,
@@ -49,7 +50,6 @@ from schemas.codec import Decoder, single_object_encoder
 from schemas.normalise import normalise
 from schemas.report import CallReport
 from schemas.store import END_OF_CALL_REPORT, default_store
-from tests.support.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_PATH = REPO.parent / "shared" / "samples" / "end-of-call-report.json"

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from callstream.kafkaconfig import KafkaSettings
-from callstream.secret import Secret
+from core.kafkasettings import KafkaSettings
+from core.secret import Secret
 from ingress.auth import SIGNATURE_HEADER, TIMESTAMP_HEADER, TOKEN_HEADER, Authenticator, sign
 from ingress.errors import Problem
 from ingress.settings import IngressSettings

@@ -13,10 +13,10 @@ from pathlib import Path
 import aiohttp
 import orjson
 
-from callstream.kafkaconfig import KafkaSettings
+from callstream.ports import free_port
+from core.kafkasettings import KafkaSettings
 from tests.signing import signed
 from tests.support.cli import run_cli
-from tests.support.ports import free_port
 from tests.support.produce import produce_reports, sample_report
 from tests.support.topics import read_back
 

@@ -23,11 +23,11 @@ import pytest
 from aiohttp import web
 
 from callstream.consumerstatus import KafkaInspector
-from callstream.kafkaconfig import KafkaSettings
 from callstream.localkafka import LocalKafka
+from callstream.localpg import PostgresServer
+from callstream.ports import free_ports
+from core.kafkasettings import KafkaSettings
 from tests.support.kafka import private_broker
-from tests.support.pg import PostgresServer
-from tests.support.ports import free_ports
 from tests.support.produce import produce_reports, sample_report
 
 

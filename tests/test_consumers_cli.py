@@ -18,10 +18,10 @@ from callstream.consumerstatus import (
     consumers_command,
     render_table,
 )
-from callstream.kafkaconfig import KafkaSettings
 from consumers.registry import CONSUMERS
 from consumers.runner import Runner, RunnerSettings
 from consumers.runner_metrics import RunnerMetrics
+from core.kafkasettings import KafkaSettings
 from schemas.codec import Decoder
 from schemas.store import default_store
 from tests.support.cli import callstream

@@ -14,12 +14,12 @@ from prometheus_client import CollectorRegistry
 
 from callstream.consumerstatus import KafkaInspector, TopicMissingError
 from callstream.dlq import DeadLetter, Snapshot, list_command
-from callstream.kafkaconfig import KafkaSettings
-from callstream.producer import durable_producer
-from callstream.topicadmin import ensure_topics
-from callstream.topicreader import RawRecord
 from consumers.contract import Consumer, Delivery
 from consumers.errors import PermanentError
+from core.kafkasettings import KafkaSettings
+from core.producer import durable_producer
+from core.topicadmin import ensure_topics
+from core.topicreader import RawRecord
 from tests.support.cli import callstream
 from tests.support.produce import produce_reports, sample_report
 from tests.support.runner import Recorder, eventually, running

@@ -25,16 +25,16 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from callstream.erase import erase, erasure_log, parse_age, purge
-from callstream.secret import Secret
+from callstream.localpg import PostgresServer
 from consumers.contract import Delivery
 from consumers.erasures import sha256_hex
 from consumers.storage import StorageBackend, StorageConsumer, StorageSettings, open_backend
+from core.secret import Secret
 from schemas.codec import Decoder, single_object_encoder
 from schemas.normalise import normalise
 from schemas.report import CallReport
 from schemas.store import END_OF_CALL_REPORT, default_store
 from tests.support.cli import run_cli
-from tests.support.pg import PostgresServer
 from tests.support.samples import SAMPLE
 
 ALICE = "+31600000101"

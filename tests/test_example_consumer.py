@@ -10,11 +10,11 @@ import asyncio
 import pytest
 from aiohttp import web
 
-from callstream.kafkaconfig import KafkaSettings
 from consumers import registry as consumer_registry
 from consumers.contract import ConsumerSpec
 from consumers.runner import RunnerSettings
 from consumers.service import run_consumer
+from core.kafkasettings import KafkaSettings
 from examples import crm_forward
 from tests.support.produce import produce_reports, sample_report
 

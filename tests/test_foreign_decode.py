@@ -25,7 +25,7 @@ from typing import Any
 import orjson
 import pytest
 
-from callstream.kafkaconfig import KafkaSettings
+from core.kafkasettings import KafkaSettings
 from tests.conftest import TEST_SECRET, Client
 from tests.signing import signed
 from tests.support.samples import SAMPLE

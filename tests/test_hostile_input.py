@@ -21,8 +21,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from callstream.kafkaconfig import KafkaSettings
-from callstream.secret import Secret
+from core.kafkasettings import KafkaSettings
+from core.secret import Secret
 from ingress.settings import IngressSettings
 from tests.conftest import TEST_SECRET, Client, start_ingress
 from tests.signing import signed

@@ -15,7 +15,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from callstream.kafkaconfig import KafkaSettings
+from core.kafkasettings import KafkaSettings
 from ingress.app import RUNNER_OPTIONS, create_app
 from ingress.settings import IngressSettings
 from schemas.report import CallReport

@@ -26,16 +26,16 @@ import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 
-from callstream.kafkaconfig import KafkaSettings
 from callstream.localkafka import LocalKafka
-from callstream.secret import Secret
+from callstream.ports import free_port, free_ports
+from core.kafkasettings import KafkaSettings
+from core.secret import Secret
 from ingress.settings import IngressSettings
 from ingress.spool import CRASH_EXIT_CODE
 from tests.conftest import TEST_SECRET, Client, start_ingress, wait_drained
 from tests.signing import signed
 from tests.support.faultproxy import FaultProxy
 from tests.support.kafka import private_broker
-from tests.support.ports import free_port, free_ports
 from tests.support.produce import sample_report
 from tests.support.topics import read_all
 

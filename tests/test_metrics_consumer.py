@@ -20,11 +20,11 @@ import orjson
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 
-from callstream.envparse import SettingsError
 from consumers.contract import Delivery
 from consumers.errors import RetryableError
 from consumers.metrics import MetricsConsumer, build
 from consumers.metrics_config import MetricsConfigError
+from core.settings import SettingsError
 from schemas.codec import Decoder, single_object_encoder
 from schemas.normalise import normalise
 from schemas.report import CallReport

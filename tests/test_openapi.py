@@ -23,8 +23,8 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 from schemathesis.core.result import Ok
 
-from callstream.kafkaconfig import KafkaSettings
-from callstream.secret import Secret
+from core.kafkasettings import KafkaSettings
+from core.secret import Secret
 from ingress import openapi
 from ingress.app import RUNNER_OPTIONS, WEBHOOK_PATH, create_app
 from ingress.auth import SIGNATURE_HEADER, TIMESTAMP_HEADER, TOKEN_HEADER

@@ -13,8 +13,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from tests.support import pg
-from tests.support.pg import PostgresNotFoundError, PostgresServer
+from callstream import localpg as pg
+from callstream.localpg import PostgresNotFoundError, PostgresServer
 
 
 @asynccontextmanager

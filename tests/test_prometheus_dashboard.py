@@ -15,8 +15,8 @@ import aiohttp
 import pytest
 import yaml
 
+from callstream.ports import free_port
 from tests.support.pipeline import Pipeline, Receivers, send_sample, until
-from tests.support.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "callstream.json"

@@ -12,8 +12,8 @@ import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 
-from callstream.envparse import SettingsError
-from callstream.kafkaconfig import KafkaSettings
+from core.kafkasettings import KafkaSettings
+from core.settings import SettingsError
 from ingress.ratelimit import RateLimiter, bucket_key, limiter_for
 from ingress.settings import IngressSettings
 from tests.conftest import TEST_SECRET, Client, start_ingress

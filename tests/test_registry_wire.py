@@ -19,8 +19,8 @@ import fastavro.schema
 import orjson
 import pytest
 
-from callstream.kafkaconfig import KafkaSettings
-from callstream.topicreader import RawRecord, read_topic
+from core.kafkasettings import KafkaSettings
+from core.topicreader import RawRecord, read_topic
 from ingress.settings import IngressSettings
 from schemas.codec import CONFLUENT_MAGIC, Decoder
 from schemas.errors import UnknownSchemaError

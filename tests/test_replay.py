@@ -22,21 +22,21 @@ from aiokafka import AIOKafkaProducer
 from prometheus_client import CollectorRegistry
 
 from callstream.consumerstatus import KafkaInspector
-from callstream.kafkaconfig import KafkaSettings
 from callstream.replay import (
     EXIT_OK,
     EXIT_REFUSED,
-    commit_group_offsets,
     parse_time,
     replay_consumer,
     republish_from_storage,
 )
-from callstream.topicadmin import ensure_topics
-from callstream.topicreader import RawRecord, read_topic
 from consumers import metrics, storage
 from consumers.contract import Consumer
 from consumers.runner import RunnerSettings
 from consumers.storage_db import SqliteBackend
+from core.kafkasettings import KafkaSettings
+from core.offsets import commit_group_offsets
+from core.topicadmin import ensure_topics
+from core.topicreader import RawRecord, read_topic
 from tests.conftest import TEST_SECRET, Client, wait_drained
 from tests.signing import signed
 from tests.support.cli import callstream

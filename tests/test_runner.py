@@ -10,10 +10,10 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 from prometheus_client import CollectorRegistry
 
-from callstream.kafkaconfig import KafkaSettings
 from consumers.contract import Consumer, Delivery
 from consumers.errors import PermanentError, RetryableError
 from consumers.runner import Runner
+from core.kafkasettings import KafkaSettings
 from tests.support.produce import produce_raw, produce_reports, sample_report
 from tests.support.runner import eventually
 from tests.support.runner import running as run_in_group
@@ -138,7 +138,7 @@ async def test_poison_records_go_to_the_dlq_and_consumption_goes_on(kafka: Kafka
 
 
 async def read_back_raw(kafka: KafkaSettings, topic: str, expect: int) -> list:  # type: ignore[type-arg]
-    from callstream.topicreader import read_topic
+    from core.topicreader import read_topic
 
     return [r async for r in read_topic(kafka, topic, idle_timeout=10.0, limit=expect)]
 

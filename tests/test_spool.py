@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from callstream.envparse import SettingsError
-from callstream.kafkaconfig import KafkaSettings
+from core.kafkasettings import KafkaSettings
+from core.settings import SettingsError
 from ingress import spool as spool_module
 from ingress.publisher import OutgoingRecord, decode_record, encode_record
 from ingress.settings import IngressSettings

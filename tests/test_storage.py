@@ -26,7 +26,7 @@ import orjson
 import pytest
 from prometheus_client import REGISTRY, CollectorRegistry
 
-from callstream.envparse import SettingsError
+from callstream.localpg import PostgresServer
 from consumers.contract import Delivery
 from consumers.errors import PermanentError, RetryableError
 from consumers.storage import (
@@ -41,11 +41,11 @@ from consumers.storage_db import (
     SqliteBackend,
     classify_postgres,
 )
+from core.settings import SettingsError
 from schemas.codec import Decoder, single_object_encoder
 from schemas.normalise import normalise
 from schemas.report import CallReport
 from schemas.store import END_OF_CALL_REPORT, default_store
-from tests.support.pg import PostgresServer
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE: dict[str, Any] = orjson.loads(

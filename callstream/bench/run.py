@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiohttp
 import orjson
@@ -65,11 +65,9 @@ from callstream.bench.services import (
     say,
     spawn,
 )
-from callstream.kafkaconfig import KafkaSettings
 from callstream.localkafka import KAFKA_VERSION, LocalKafka
-
-if TYPE_CHECKING:
-    from tests.support.pg import PostgresServer
+from callstream.localpg import PostgresServer
+from core.kafkasettings import KafkaSettings
 
 # A fresh secret per run: the bench's requests are signed exactly as Flireo signs them.
 SECRET = f"bench-{uuid.uuid4().hex}"
@@ -207,7 +205,7 @@ class Bench:
             return float(await resp.text())
 
     async def _ensure_topic(self, topic: str) -> None:
-        from callstream.topicadmin import ensure_topics
+        from core.topicadmin import ensure_topics
 
         settings = KafkaSettings(self.bootstrap, topic=topic, partitions=PARTITIONS)
         await ensure_topics(settings, [topic])
@@ -629,11 +627,6 @@ class Bench:
         """A DSN for a new, empty database on the run's throwaway cluster."""
         server = self.owned.postgres
         if server is None:
-            # The test suite's throwaway-cluster helper: it needs the source checkout.
-            if str(REPO_ROOT) not in sys.path:
-                sys.path.insert(0, str(REPO_ROOT))
-            from tests.support.pg import PostgresServer
-
             self.say("starting a throwaway PostgreSQL cluster")
             server = PostgresServer(self.tmp / "pg")
             self.owned.postgres = server

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from callstream.kafkaconfig import KafkaSettings
+from core.kafkasettings import KafkaSettings
 
 REPO = Path(__file__).resolve().parents[2]
 

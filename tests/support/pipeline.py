@@ -19,8 +19,8 @@ import pytest
 from aiohttp import web
 from aiosmtpd.controller import Controller
 
-from callstream.kafkaconfig import KafkaSettings
-from tests.support.ports import free_port, free_ports
+from callstream.ports import free_port, free_ports
+from core.kafkasettings import KafkaSettings
 from tests.support.samples import SAMPLE
 
 SECRET = "e2e-webhook-secret-5f1c"

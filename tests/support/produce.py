@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-from callstream.kafkaconfig import KafkaSettings
+from core.kafkasettings import KafkaSettings
 from ingress.publisher import KafkaPublisher, OutgoingRecord
 from schemas.codec import single_object_encoder
 from schemas.normalise import normalise

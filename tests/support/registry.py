@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import IO
 
 from callstream.lifecycle import StartStop
-from tests.support.ports import free_ports
+from callstream.ports import free_ports
 
 APICURIO_VERSION = "3.3.3"
 MAVEN_ARTIFACT = f"io.apicurio:apicurio-registry-app:{APICURIO_VERSION}:tar.gz:all"

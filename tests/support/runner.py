@@ -10,10 +10,10 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from callstream.kafkaconfig import KafkaSettings
 from consumers.contract import Consumer, Delivery
 from consumers.runner import Runner, RunnerSettings
 from consumers.runner_metrics import RunnerMetrics
+from core.kafkasettings import KafkaSettings
 from schemas.codec import Decoder
 from schemas.store import default_store
 

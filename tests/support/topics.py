@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from callstream.consumerstatus import KafkaInspector
-from callstream.kafkaconfig import KafkaSettings
-from callstream.topicreader import RawRecord, read_range, read_topic
+from core.kafkasettings import KafkaSettings
+from core.topicreader import RawRecord, read_range, read_topic
 from schemas.codec import Decoded, Decoder
 from schemas.store import default_store
 

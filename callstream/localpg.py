@@ -39,7 +39,7 @@ from typing import Literal
 from urllib.parse import quote
 
 from callstream.lifecycle import StartStop
-from tests.support.ports import free_port
+from callstream.ports import free_port
 
 __all__ = [
     "PostgresNotFoundError",

@@ -12,7 +12,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 
-from callstream.kafkaconfig import KafkaSettings
+from core.kafkasettings import KafkaSettings
 
 
 def durable_producer(kafka: KafkaSettings, client_id: str, **tuning: Any) -> AIOKafkaProducer:

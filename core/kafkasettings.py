@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from callstream.envparse import env_int, env_opt, env_str
+from core.settings import env_int, env_opt, env_str
 
 DEFAULT_TOPIC = "flireo.end-of-call-report"
 DEFAULT_EVENTS_TOPIC = "flireo.events"

@@ -11,7 +11,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from callstream.kafkaconfig import KafkaSettings
+from core.kafkasettings import KafkaSettings
 
 
 @dataclass(frozen=True, slots=True)

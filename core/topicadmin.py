@@ -12,7 +12,7 @@ import logging
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
-from callstream.kafkaconfig import KafkaSettings
+from core.kafkasettings import KafkaSettings
 
 log = logging.getLogger(__name__)
 
