@@ -18,6 +18,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > requirements.txt \
     && pip install -r requirements.txt
+COPY core ./core
 COPY callstream ./callstream
 COPY ingress ./ingress
 COPY consumers ./consumers
