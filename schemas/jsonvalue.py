@@ -4,6 +4,9 @@ orjson already refuses NaN/Infinity literals, invalid UTF-8 and lone surrogates,
 silently turns an integer literal wider than 64 bits into a float, which would change the
 value a sender meant. Bodies where orjson produced a float that large (|x| >= 2**63) are
 re-parsed with the standard library, which keeps integers exact so they can be refused.
+
+orjson also keeps the last of a key written twice in one object, where another parser
+reading the same signed bytes may keep the first: such a body is refused, naming the key.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ INT64_MAX = 2**63 - 1
 _INTEGER_SIZED_FLOAT = float(2**63)
 _OK, _HUGE_FLOAT, _OUT_OF_BOUNDS = 0, 1, 2
 _LONG_DIGIT_RUN = re.compile(rb"[0-9]{19,}")
+_SPACE_BEFORE_COLON = re.compile(rb'"[ \t\r\n]+:')
 
 
 def parse(body: bytes, *, max_depth: int) -> Any:
@@ -29,51 +33,78 @@ def parse(body: bytes, *, max_depth: int) -> Any:
         value = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise InvalidReport("", f"body is not valid JSON: {exc}") from exc
-    verdict = _scan(value, max_depth)
-    if verdict == _OK:
-        return value
+    verdict, keys = _scan(value, max_depth)
     if verdict == _HUGE_FLOAT:
         # It may have been an integer literal wider than 64 bits: read it exactly.
         value = _parse_exact(body)
-        if _scan(value, max_depth) != _OUT_OF_BOUNDS:
-            return value
-    elif _LONG_DIGIT_RUN.search(body):
+        verdict, keys = _scan(value, max_depth)
+        verdict = _OK if verdict == _HUGE_FLOAT else verdict
+    elif verdict == _OUT_OF_BOUNDS and _LONG_DIGIT_RUN.search(body):
         # Refused either way; read exactly so the error names the same place as ever.
         value = _parse_exact(body)
-    check_bounds(value, max_depth)  # raises, naming where
+    if verdict != _OK:
+        check_bounds(value, max_depth)  # raises, naming where
+    if _may_repeat_a_key(body, keys):
+        _refuse_repeated_keys(body)
     return value
 
 
-def _scan(value: Any, max_depth: int) -> int:
+def _may_repeat_a_key(body: bytes, parsed_keys: int) -> bool:
+    """False only when no object of `body` can have a key twice: a repeat parses into fewer
+    keys than the text holds. Each key in the text closes right before its colon (unless
+    white space sits between), so it owns one '":' of the body; as many '":' as parsed keys
+    leaves no room for a repeat. A '\\":' inside a string only errs towards looking."""
+    return body.count(b'":') != parsed_keys or _SPACE_BEFORE_COLON.search(body) is not None
+
+
+def _refuse_repeated_keys(body: bytes) -> None:
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        for key, item in items:
+            if key in seen:
+                raise InvalidReport("", f"the key {key!r} appears twice in one object")
+            seen[key] = item
+        return seen
+
+    try:
+        json.loads(body, object_pairs_hook=pairs, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidReport("", f"body is not valid JSON: {exc}") from exc
+
+
+def _scan(value: Any, max_depth: int) -> tuple[int, int]:
     """check_bounds without building a pointer per node (it only matters for the error),
-    also saying whether a float large enough to have been a wide integer was seen."""
+    also saying whether a float large enough to have been a wide integer was seen, and how
+    many keys all objects hold."""
     huge = False
+    keys = 0
     stack: list[tuple[Any, int]] = [(value, 0)]
     while stack:
         node, depth = stack.pop()
         kind = type(node)
         if kind is dict:
+            keys += len(node)
             children: Any = node.values()
         elif kind is list:
             children = node
         else:
             if kind is int and not INT64_MIN <= node <= INT64_MAX:
-                return _OUT_OF_BOUNDS
+                return _OUT_OF_BOUNDS, keys
             if kind is float and not -_INTEGER_SIZED_FLOAT < node < _INTEGER_SIZED_FLOAT:
                 huge = True
             continue
         if depth >= max_depth:
-            return _OUT_OF_BOUNDS
+            return _OUT_OF_BOUNDS, keys
         for child in children:
             kind = type(child)
             if kind is dict or kind is list:
                 stack.append((child, depth + 1))
             elif kind is int:
                 if not INT64_MIN <= child <= INT64_MAX:
-                    return _OUT_OF_BOUNDS
+                    return _OUT_OF_BOUNDS, keys
             elif kind is float and not -_INTEGER_SIZED_FLOAT < child < _INTEGER_SIZED_FLOAT:
                 huge = True
-    return _HUGE_FLOAT if huge else _OK
+    return (_HUGE_FLOAT if huge else _OK), keys
 
 
 def _reject_constant(name: str) -> Any:

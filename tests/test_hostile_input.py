@@ -442,3 +442,47 @@ async def test_signature_over_different_bytes_gets_401(hostile: Client) -> None:
         assert resp.status == 401
         assert_refused_properly(resp.status, resp.content_type, await resp.json())
     await assert_still_serving(hostile)
+
+
+# -- a key written twice ----------------------------------------------------------------------
+
+
+def _report_with(tail: bytes) -> bytes:
+    return _REPORT_PREFIX + b"," + tail + b"}"
+
+
+@pytest.mark.parametrize(
+    ("name", "body", "key"),
+    [
+        ("callId twice", _report_with(b'"callId":"the-other-call"'), "callId"),
+        (
+            "nested, inside analysis",
+            _report_with(b'"analysis":{"summary":"a","structuredData":{"x":1,"x":2}}'),
+            "x",
+        ),
+        ("white space before the colon", _report_with(b'"callId" :"the-other-call"'), "callId"),
+    ],
+)
+async def test_a_key_written_twice_is_refused_with_400_naming_it(
+    hostile: Client, name: str, body: bytes, key: str
+) -> None:
+    status, content_type, answer = await post(hostile, body)
+    assert status == 400, (name, answer)
+    assert_refused_properly(status, content_type, answer)
+    assert repr(key) in answer["detail"], answer
+    await assert_still_serving(hostile)
+
+
+@pytest.mark.parametrize(
+    ("name", "tail"),
+    [
+        ("an escaped quote before a colon inside a string", b'"note":"he said \\"hi\\": ok"'),
+        ("white space before colons, no key twice", b'"note" : "x", "other"\t:\n1'),
+        ("the same key in two different objects", b'"a":{"k":1},"b":{"k":2}'),
+    ],
+)
+async def test_keys_that_only_look_repeated_are_accepted(
+    hostile: Client, name: str, tail: bytes
+) -> None:
+    status, _, answer = await post(hostile, _report_with(tail))
+    assert status == 202, (name, answer)

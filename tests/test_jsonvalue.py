@@ -1,0 +1,66 @@
+"""The strict JSON reader on its own: a key written twice in any object is refused, and a
+body without one reads exactly as orjson reads it, however it is spaced or escaped."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from schemas import jsonvalue
+from schemas.errors import InvalidReport
+
+_keys = st.text(alphabet=st.sampled_from('ab"\\: \t'), min_size=0, max_size=4)
+_scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**63 - 1), _keys)
+_values = st.recursive(
+    _scalars,
+    lambda children: st.one_of(
+        st.lists(children, max_size=4), st.dictionaries(_keys, children, max_size=4)
+    ),
+    max_leaves=20,
+)
+_layouts = st.sampled_from([{}, {"indent": 1}, {"separators": (" , ", " : ")}])
+
+
+def _objects(value: Any) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = []
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            found.append(node)
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return found
+
+
+@given(value=st.dictionaries(_keys, _values, max_size=5), layout=_layouts)
+def test_a_body_without_repeated_keys_reads_as_orjson_reads_it(
+    value: dict[str, Any], layout: dict[str, Any]
+) -> None:
+    body = json.dumps(value, **layout).encode()
+    assert jsonvalue.parse(body, max_depth=64) == orjson.loads(body)
+
+
+@given(value=st.dictionaries(_keys, _values, min_size=1, max_size=5), data=st.data())
+def test_a_key_repeated_in_any_object_is_refused(
+    value: dict[str, Any], data: st.DataObject
+) -> None:
+    target = data.draw(st.sampled_from([o for o in _objects(value) if o]))
+    key = data.draw(st.sampled_from(sorted(target)))
+    layout = data.draw(_layouts)
+    marker = "\x00repeat\x00"
+    target[marker] = None
+    # The marker entry is written as the chosen key a second time.
+    body = (
+        json.dumps(value, **layout)
+        .encode()
+        .replace(json.dumps(marker).encode(), json.dumps(key).encode())
+    )
+    with pytest.raises(InvalidReport, match="appears twice"):
+        jsonvalue.parse(body, max_depth=64)
