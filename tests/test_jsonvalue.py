@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from schemas import jsonvalue
 from schemas.errors import InvalidReport
+from tests.support.jsontree import objects
 
 _keys = st.text(alphabet=st.sampled_from('ab"\\: \t'), min_size=0, max_size=4)
 _scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**63 - 1), _keys)
@@ -23,20 +24,9 @@ _values = st.recursive(
     ),
     max_leaves=20,
 )
-_layouts = st.sampled_from([{}, {"indent": 1}, {"separators": (" , ", " : ")}])
-
-
-def _objects(value: Any) -> list[dict[str, Any]]:
-    found: list[dict[str, Any]] = []
-    stack = [value]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, dict):
-            found.append(node)
-            stack.extend(node.values())
-        elif isinstance(node, list):
-            stack.extend(node)
-    return found
+_layouts: st.SearchStrategy[dict[str, Any]] = st.sampled_from(
+    [{}, {"indent": 1}, {"separators": (" , ", " : ")}]
+)
 
 
 @given(value=st.dictionaries(_keys, _values, max_size=5), layout=_layouts)
@@ -51,7 +41,7 @@ def test_a_body_without_repeated_keys_reads_as_orjson_reads_it(
 def test_a_key_repeated_in_any_object_is_refused(
     value: dict[str, Any], data: st.DataObject
 ) -> None:
-    target = data.draw(st.sampled_from([o for o in _objects(value) if o]))
+    target = data.draw(st.sampled_from([o for o in objects(value) if o]))
     key = data.draw(st.sampled_from(sorted(target)))
     layout = data.draw(_layouts)
     marker = "\x00repeat\x00"

@@ -27,6 +27,7 @@ from schemas.errors import InvalidReport
 from schemas.normalise import FIELDS, Normalised, SourceFormat, denormalise, normalise
 from schemas.report import CallReport
 from schemas.store import END_OF_CALL_REPORT, FLIREO_EVENT, default_store
+from tests.support.jsontree import objects
 from tests.support.samples import SAMPLE
 
 DATA = Path(__file__).parent / "data"
@@ -131,20 +132,6 @@ def _delete(payload: dict[str, Any], path: tuple[str, ...]) -> None:
         node.pop(path[-1], None)
 
 
-def _objects(value: Any) -> list[dict[str, Any]]:
-    """Every JSON object inside `value`, itself included."""
-    found: list[dict[str, Any]] = []
-    stack = [value]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, dict):
-            found.append(node)
-            stack.extend(node.values())
-        elif isinstance(node, list):
-            stack.extend(node)
-    return found
-
-
 @st.composite
 def valid_reports(draw: st.DrawFn, source_format: SourceFormat) -> dict[str, Any]:
     payload: dict[str, Any] = copy.deepcopy(FIXTURES[source_format])
@@ -164,9 +151,9 @@ def valid_reports(draw: st.DrawFn, source_format: SourceFormat) -> dict[str, Any
     for container in OPTIONAL_CONTAINERS[source_format]:
         if draw(st.integers(0, 9)) == 0:
             _set(payload, container, None)
-    objects = _objects(payload)
+    found = objects(payload)
     for _ in range(draw(st.integers(0, 4))):
-        target = draw(st.sampled_from(objects))
+        target = draw(st.sampled_from(found))
         target.setdefault(draw(extra_keys), draw(json_values))
     return payload
 
@@ -190,7 +177,7 @@ def status_updates(draw: st.DrawFn) -> dict[str, Any]:
             }
         }
     for _ in range(draw(st.integers(0, 3))):
-        draw(st.sampled_from(_objects(payload))).setdefault(draw(extra_keys), draw(json_values))
+        draw(st.sampled_from(objects(payload))).setdefault(draw(extra_keys), draw(json_values))
     return payload
 
 
@@ -198,7 +185,7 @@ def status_updates(draw: st.DrawFn) -> dict[str, Any]:
 def broken_reports(draw: st.DrawFn) -> Any:
     """A valid report with one value anywhere in it replaced by arbitrary JSON (or removed)."""
     payload = draw(any_valid_report)
-    target = draw(st.sampled_from(_objects(payload)))
+    target = draw(st.sampled_from(objects(payload)))
     if not target:
         return payload
     key = draw(st.sampled_from(sorted(target)))
