@@ -260,6 +260,8 @@ async def readyz(request: web.Request) -> web.Response:
                 "records": state.spool_records,
                 "bytes": state.spool_bytes,
                 "oldestAgeSeconds": state.spool_oldest_age_seconds,
+                # False after a failed write (a full or read-only disk) until one succeeds.
+                "writable": state.spool_writable,
             },
         },
         status=200 if state.ready else 503,

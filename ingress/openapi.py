@@ -199,6 +199,11 @@ def _schemas() -> dict[str, Any]:
                         "records": {"type": "integer", "minimum": 0},
                         "bytes": {"type": "integer", "minimum": 0},
                         "oldestAgeSeconds": {"type": "number", "minimum": 0},
+                        "writable": {
+                            "type": "boolean",
+                            "description": "False after a failed write (a full or read-only"
+                            " disk) until one succeeds.",
+                        },
                     },
                 },
             },

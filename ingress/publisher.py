@@ -406,6 +406,7 @@ class Readiness:
     spool_records: int
     spool_bytes: int
     spool_oldest_age_seconds: float
+    spool_writable: bool
 
 
 class DurablePublisher:
@@ -413,7 +414,8 @@ class DurablePublisher:
     in arrival order once it is back.
 
     While anything is spooled, new records are spooled too (they queue behind the older ones),
-    so a call's reports reach Kafka in the order they arrived."""
+    so a call's reports reach Kafka in the order they arrived; unless the spool cannot be
+    written (a full or read-only disk), where Kafka is the only way left to keep a report."""
 
     def __init__(
         self,
@@ -489,7 +491,7 @@ class DurablePublisher:
         self.kafka.check_fits(record)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._publish_timeout
-        if self.spool.empty():
+        if self._kafka_first():
             try:
                 await self.kafka.publish(record, min(self._ack_deadline, self._publish_timeout))
                 return "kafka"
@@ -514,11 +516,14 @@ class DurablePublisher:
             ) from exc
         return "spool"
 
+    def _kafka_first(self) -> bool:
+        return self.spool.empty() or self.spool.failing()
+
     def readiness(self) -> Readiness:
         spool = self.spool
         spool_usable = spool.has_room() and spool.writable()
         durable: Durable | None
-        if spool.empty() and self.kafka.ready():
+        if self._kafka_first() and self.kafka.ready():
             durable = "kafka"
         elif spool_usable:
             durable = "spool"
@@ -530,6 +535,7 @@ class DurablePublisher:
             spool_records=spool.depth(),
             spool_bytes=spool.pending_bytes(),
             spool_oldest_age_seconds=round(spool.oldest_age_seconds(), 3),
+            spool_writable=not spool.failing(),
         )
 
     async def _drain_forever(self) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -198,6 +199,9 @@ class Spool:
         self._writer: asyncio.Task[None] | None = None
         self._collect_lock = asyncio.Lock()
         self._last_failure: float | None = None
+        # The last write (of a record or a segment header) failed and none has succeeded
+        # since: a full or read-only disk. Unlike _last_failure it does not fade.
+        self._failing = False
         # Set when an append was refused for lack of bytes, cleared by the next commit: from
         # then on the spool says it has no room, even if a smaller payload would still fit.
         self._refused_full = False
@@ -262,7 +266,7 @@ class Spool:
         directory.mkdir(parents=True, exist_ok=True)
         if created:
             _fsync_dir(directory.parent)
-        lock_fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        lock_fd = _open_for_update(directory / ".lock")
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -280,7 +284,7 @@ class Spool:
         directory = self.directory
         cursor_path = directory / "cursor"
         cursor_existed = cursor_path.exists()
-        self._cursor_fd = os.open(cursor_path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._cursor_fd = _open_for_update(cursor_path)
         cursor = self._read_cursor()
         segments = self._segment_ids()
         pending: list[_Entry] = []
@@ -292,18 +296,23 @@ class Spool:
                 if (segment, entry.position.offset) >= (cursor.segment, cursor.offset)
             )
         keep = {entry.position.segment for entry in pending}
-        removed = False
-        for segment in segments:
-            if segment not in keep:
-                # Fully drained, or holding nothing readable: nothing in it is owed to anyone.
-                (directory / segment_name(segment)).unlink(missing_ok=True)
-                removed = True
+        # Fully drained, or holding nothing readable: nothing in it is owed to anyone.
+        drained = [segment for segment in segments if segment not in keep]
         self._pending = deque(pending)
         self._pending_bytes = sum(entry.position.size for entry in pending)
         self._active_id = max(segments, default=0)
-        self._new_active()  # always a fresh segment: a torn tail is never appended to
-        if removed or not cursor_existed:
-            _fsync_dir(directory)
+        # A full or read-only disk must not keep the ingress from starting: what is spooled
+        # still drains, and reports that Kafka acknowledges need no spool. Only a report
+        # that would need the spool is refused, until a write succeeds again.
+        try:
+            if drained or not cursor_existed:
+                self._delete_segments(drained)
+            self._new_active()  # always a fresh segment: a torn tail is never appended to
+        except OSError as exc:
+            self._write_failed()
+            log.error(
+                "spool: %s cannot be written (%s); reports that need it get 503", directory, exc
+            )
         if pending:
             log.warning(
                 "spool: %d record(s), %d bytes left by a previous run; draining them first",
@@ -322,10 +331,13 @@ class Spool:
             return []
         entries, good_end = scan_frames(data)
         if good_end < len(data):
-            self._set_aside(path, good_end, data[good_end:])
-            with open(path, "r+b") as fh:
-                fh.truncate(good_end)
-                os.fsync(fh.fileno())
+            try:
+                self._set_aside(path, good_end, data[good_end:])
+                _truncate_durably(path, good_end)
+            except OSError as exc:
+                # Every later open stops reading at the same place, so nothing is lost by
+                # leaving the torn tail where it is for now.
+                log.warning("spool: could not set aside the torn tail of %s (%s)", path.name, exc)
         return [
             _Entry(Position(segment, e.position.offset, e.position.size), e.spooled_at_ms)
             for e in entries
@@ -426,6 +438,16 @@ class Spool:
             or time.monotonic() - self._last_failure > FAILURE_MEMORY_SECONDS
         )
 
+    def failing(self) -> bool:
+        """The last write failed and none succeeded since: a report that needs the spool
+        now would most likely be refused."""
+        return self._failing
+
+    def _write_failed(self) -> None:
+        self._last_failure = time.monotonic()
+        self._failing = True
+        self._abandon_active = True
+
     def _used_bytes(self) -> int:
         return self._pending_bytes + self._queued_bytes + self._writing_bytes
 
@@ -474,8 +496,7 @@ class Spool:
             except Exception as exc:
                 # Anything at all (not only OSError): the writer must survive to serve the
                 # next batch, and these callers must hear that nothing was kept.
-                self._last_failure = time.monotonic()
-                self._abandon_active = True
+                self._write_failed()
                 log.error("spool: write failed (%s); %d report(s) refused", exc, len(batch))
                 for pending in batch:
                     if not pending.done.done():
@@ -487,6 +508,7 @@ class Spool:
             if self._crash_at == "spool-after-fsync-before-response":
                 crash("spool-after-fsync-before-response")
             self._last_failure = None
+            self._failing = False
             for pending, position in zip(batch, positions, strict=True):
                 self._pending.append(_Entry(position, pending.spooled_at_ms))
                 self._pending_bytes += position.size
@@ -665,6 +687,17 @@ class Spool:
         for segment in segments:
             (self.directory / segment_name(segment)).unlink(missing_ok=True)
         _fsync_dir(self.directory)
+
+
+def _open_for_update(path: Path) -> int:
+    """Read-write, created if missing; read-only where the disk is, so a read-only spool
+    can still be read and drained (its progress is then not saved: a restart re-sends)."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        if exc.errno != errno.EROFS:
+            raise
+        return os.open(path, os.O_RDONLY)
 
 
 def _write_all(fd: int, data: bytes) -> None:

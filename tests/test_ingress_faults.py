@@ -34,6 +34,7 @@ from ingress.settings import IngressSettings
 from ingress.spool import CRASH_EXIT_CODE
 from tests.conftest import TEST_SECRET, Client, start_ingress, wait_drained
 from tests.signing import signed
+from tests.support.disk import fill, set_read_only, small_disk
 from tests.support.faultproxy import FaultProxy
 from tests.support.kafka import private_broker
 from tests.support.produce import sample_report
@@ -583,3 +584,53 @@ async def test_graceful_broker_restart_under_load_drains_the_spool(
     duplicates = assert_all_acknowledged_landed(sent + after, await landed(kafka))
     spooled = sum(s.durable == "spool" for s in sent)
     print(f"graceful restart: {len(sent)} sent, {spooled} spooled, {duplicates} duplicate(s)")
+
+
+@pytest.mark.parametrize("disk_state", ["full", "read-only"])
+async def test_ingress_starts_on_a_full_or_read_only_spool_disk(
+    broker: LocalKafka, tmp_path: Path, tracked_clients: list[Client], disk_state: str
+) -> None:
+    """Oracle: reports spooled by one run, then the spool's disk fills up (or turns
+    read-only). The next run still starts; with Kafka away too it refuses new reports with
+    503 and Retry-After (nothing can keep them) and /readyz says the spool cannot be
+    written; with Kafka back the old spool drains and new reports go to Kafka; every 2xx
+    is on the topic, no 503 is."""
+    kafka = topics(broker.bootstrap)
+    unreachable = replace(kafka, bootstrap_servers=f"127.0.0.1:{free_port()}")
+    calls = [str(uuid.uuid4()) for _ in range(2)]
+    with small_disk(tmp_path / "disk") as disk:
+        spool_dir = disk / "spool"
+        client = await start_ingress(settings_for(unreachable, spool_dir))
+        spooled = await post_series(client, WEBHOOK, "spooled", 5, calls)
+        await client.close()
+        assert {(s.status, s.durable) for s in spooled} == {(202, "spool")}
+        if disk_state == "full":
+            fill(disk)
+        else:
+            set_read_only(disk, True)
+        try:
+            client = await start_ingress(settings_for(unreachable, spool_dir))
+            tracked_clients.append(client)
+            ready = await client.get("/readyz")
+            state = await ready.json()
+            assert (ready.status, state["durable"]) == (503, None), state
+            assert state["spool"]["records"] == 5
+            assert state["spool"]["writable"] is False
+            refused = await post_series(client, WEBHOOK, "refused", 2, calls)
+            assert all(s.status == 503 and s.retry_after for s in refused), refused
+            await client.close()
+
+            client = await start_ingress(settings_for(kafka, spool_dir))
+            tracked_clients.append(client)
+            await wait_drained(client)
+            fresh = await post_series(client, WEBHOOK, "fresh", 3, calls)
+            assert {(s.status, s.durable) for s in fresh} == {(202, "kafka")}
+        finally:
+            for tracked in tracked_clients:
+                await tracked.close()
+            tracked_clients.clear()
+            if disk_state == "read-only":
+                set_read_only(disk, False)
+    got = await landed(kafka)
+    assert_all_acknowledged_landed(spooled + refused + fresh, got)
+    assert set(got.request_ids) == {s.request_id for s in spooled + fresh}

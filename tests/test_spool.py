@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import errno
 import os
-import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -20,7 +19,6 @@ import pytest
 
 from core.kafkasettings import KafkaSettings
 from core.settings import SettingsError
-from ingress import spool as spool_module
 from ingress.publisher import OutgoingRecord, decode_record, encode_record
 from ingress.settings import IngressSettings
 from ingress.spool import (
@@ -31,6 +29,7 @@ from ingress.spool import (
     SpoolWriteFailed,
     segment_name,
 )
+from tests.support.disk import small_disk
 
 MiB = 1024 * 1024
 
@@ -318,35 +317,9 @@ async def test_two_owners_of_one_directory_are_refused(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def tiny_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """A 1 MiB filesystem: a real tmpfs where mounting is allowed (root on Linux), otherwise
-    writes in the spool module fail with ENOSPC once the directory holds 1 MiB."""
-    mount_point = tmp_path / "disk"
-    mount_point.mkdir()
-    mounted = (
-        subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
-            capture_output=True,
-            check=False,
-        ).returncode
-        == 0
-    )
-    if not mounted:
-        real_write_all = spool_module._write_all
-
-        def limited_write_all(fd: int, data: bytes) -> None:
-            used = sum(path.stat().st_size for path in mount_point.rglob("*") if path.is_file())
-            room = MiB - used
-            real_write_all(fd, data[: max(room, 0)])
-            if room < len(data):
-                raise OSError(errno.ENOSPC, "No space left on device (simulated)")
-
-        monkeypatch.setattr(spool_module, "_write_all", limited_write_all)
-    try:
-        yield mount_point
-    finally:
-        if mounted:
-            subprocess.run(["umount", str(mount_point)], check=True)
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    with small_disk(tmp_path / "disk") as disk:
+        yield disk
 
 
 async def test_disk_full_refuses_and_keeps_what_was_acknowledged(tiny_disk: Path) -> None:
