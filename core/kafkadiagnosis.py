@@ -1,0 +1,80 @@
+"""Why a Kafka client cannot connect, in one line that names the setting to fix.
+
+aiokafka reports a rejected password, an untrusted certificate and a wrong protocol all as
+"Unable to bootstrap", and logs the cause among its retries. A person starting callstream
+wants the cause, so when bootstrapping fails this opens one connection of its own to each
+bootstrap server and says what went wrong there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+
+from aiokafka.conn import create_conn
+from aiokafka.errors import SaslAuthenticationFailed, UnsupportedSaslMechanismError
+
+from core.kafkasecurity import KafkaSecurity
+
+
+class KafkaUnreachable(Exception):
+    """Kafka cannot be reached with these settings, and retrying will not change that."""
+
+
+async def explain(bootstrap: str, security: KafkaSecurity, timeout: float = 5.0) -> str | None:
+    """A one-line reason, or None when a connection does succeed (the failure lies
+    elsewhere) or no server gave a reason (it may still come up: worth retrying)."""
+    for server in (part.strip() for part in bootstrap.split(",")):
+        host, _, port = server.rpartition(":")
+        if not host or not port.isdigit():
+            return f"KAFKA_BOOTSTRAP_SERVERS: {server!r} is not host:port"
+        reason = await _probe(host.strip("[]"), int(port), security, timeout)
+        if reason != "unreachable":
+            return reason
+    return None
+
+
+async def _probe(host: str, port: int, security: KafkaSecurity, timeout: float) -> str | None:
+    where = f"{host}:{port}"
+    kwargs = security.client_kwargs()
+    try:
+        async with asyncio.timeout(timeout):
+            conn = await create_conn(
+                host,
+                port,
+                request_timeout_ms=int(timeout * 1000),
+                security_protocol=kwargs["security_protocol"],
+                ssl_context=kwargs.get("ssl_context"),
+                sasl_mechanism=kwargs.get("sasl_mechanism", "PLAIN"),
+                sasl_plain_username=kwargs.get("sasl_plain_username"),
+                sasl_plain_password=kwargs.get("sasl_plain_password"),
+                sasl_oauth_token_provider=kwargs.get("sasl_oauth_token_provider"),
+            )
+    except SaslAuthenticationFailed:
+        return (
+            f"Kafka at {where} rejected the SASL credentials: check KAFKA_SASL_USERNAME and"
+            f" KAFKA_SASL_PASSWORD (mechanism KAFKA_SASL_MECHANISM={security.sasl_mechanism})"
+        )
+    except UnsupportedSaslMechanismError as exc:
+        return f"Kafka at {where} does not accept KAFKA_SASL_MECHANISM: {exc}"
+    except ssl.SSLCertVerificationError as exc:
+        return (
+            f"the TLS certificate of Kafka at {where} is not trusted ({exc.verify_message}):"
+            " set KAFKA_SSL_CAFILE to the CA that signed it"
+        )
+    except ssl.SSLError as exc:
+        return (
+            f"TLS with Kafka at {where} failed ({exc.reason}): check KAFKA_SECURITY_PROTOCOL="
+            f"{security.protocol} against the listener's protocol"
+        )
+    except (TimeoutError, ConnectionError, OSError):
+        return "unreachable"
+    except (AssertionError, EOFError):
+        # aiokafka's SASL handshake asserts on a reply that is not one: the listener does
+        # not speak the protocol asked for.
+        return (
+            f"Kafka at {where} did not answer as a {security.protocol} listener: check"
+            " KAFKA_SECURITY_PROTOCOL"
+        )
+    conn.close()
+    return None
