@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 from prometheus_client import CollectorRegistry
 
-from consumers.alert_rules import EmailChannel, load_rule_file
+from consumers.alerting import EmailChannel, load_rule_file
 from consumers.registry import CONSUMERS
 from consumers.runner_metrics import RunnerMetrics
 from ingress.metrics import IngressMetrics

@@ -102,13 +102,13 @@ class AlertState:
         await self._db.close()
 
     def _connect(self) -> sqlite3.Connection:
-        conn = sqlite_file.connect(self._path, busy_timeout=self._busy_timeout)
-        try:
-            sqlite_file.ensure_layout(conn, SCHEMA_VERSION, _SCHEMA, f"alert state {self._path}")
-        except BaseException:
-            conn.close()
-            raise
-        return conn
+        return sqlite_file.connect_laid_out(
+            self._path,
+            busy_timeout=self._busy_timeout,
+            version=SCHEMA_VERSION,
+            ddl=_SCHEMA,
+            what=f"alert state {self._path}",
+        )
 
     def _unavailable(self, exc: Exception) -> Exception:
         return StateUnavailable(f"alert state {self._path}: {exc}")

@@ -1,589 +1,48 @@
-"""Alert rules: a tiny condition language over a call report, and the YAML file that holds
-rules and the channels they notify.
+"""The rule file: YAML that defines the channels and the rules that notify them.
 
-Condition language (parsed once at start-up, never `eval`):
-
-    condition  := or_expr
-    or_expr    := and_expr ("or" and_expr)*
-    and_expr   := not_expr ("and" not_expr)*
-    not_expr   := "not" not_expr | comparison
-    comparison := operand (("==" | "!=" | "<" | "<=" | ">" | ">=") operand)?
-    operand    := field | number | string | "true" | "false" | "null" | "(" condition ")"
-
-Precedence, loosest first: `or`, `and`, `not`, comparison (`not a == 1` is `not (a == 1)`).
-Comparisons do not chain: write `1 < x and x < 5`.
-
-Fields: a name such as `sentiment` or a dotted path `user_metadata.candidateId` (names may
-hold letters, digits, `_` and `-`). A *bare* name looks in the report's structuredData
-first and falls back to the canonical report fields, so **structuredData wins** when both
-have the key: the rule author thinks in terms of the assistant's own analysis. Prefix
-`structured.` or `report.` to pin the lookup (`report.duration_seconds` keeps meaning the
-call length even if an assistant later adds a `duration_seconds` key). Canonical fields
-answer to their snake_case name and to its camelCase spelling (`successEvaluation`).
-A `report.` field that does not exist is a start-up error; an unknown bare or
-`structured.` name is not, because assistants add keys whenever their owners edit them.
-
-Values and comparisons:
-* A missing key and a JSON null are both `null`.
-* `x == null` / `x != null` (the literal `null` on either side) test presence.
-* Otherwise both sides must be of one type (number, string, boolean, array, object) or the
-  comparison is false, for every operator including `!=`: `sentiment != 5` does not match a
-  call whose sentiment is missing or the string "5". (`not sentiment == 5` does.)
-* Ordering (`<` ...) compares numbers numerically and strings by code point; on anything
-  else it is false.
-* A bare operand is truthy unless it is null, false, 0, "" or an empty array/object. Note
-  that Flireo's successEvaluation is usually the *string* "true"/"false", and the string
-  "false" is truthy: write `successEvaluation == "false"`.
+A rule file is read once at start-up, and every problem in it is reported together, each
+with its line (and column, inside a condition), so one edit-and-restart fixes them all.
+Secrets never appear in the file: it names the environment variables that hold them.
 """
 
 from __future__ import annotations
 
-import math
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from string import Template
-from typing import Any, ClassVar, Final, Literal, TypeAlias
+from typing import Any, Final
 
 import yaml
 from yarl import URL
 
+from consumers.alerting.channel_config import (
+    CHANNEL_TYPES,
+    DEFAULT_EMAIL_SUBJECT,
+    DEFAULT_TEMPLATES,
+    TEMPLATE_FIELDS,
+    ChannelConfig,
+    ChannelType,
+    EmailChannel,
+    RateLimit,
+    SlackChannel,
+    WebhookChannel,
+)
+from consumers.alerting.conditions import (
+    All,
+    AnyOf,
+    Condition,
+    ConditionError,
+    Const,
+    Expr,
+    Not,
+    ReportView,
+    parse_condition,
+)
 from core.secret import Secret
 from core.settings import SettingsError
 from schemas.report import CallReport
-
-# -- the condition language ----------------------------------------------------------------
-
-MAX_CONDITION_LENGTH: Final = 2000
-MAX_NESTING: Final = 32
-
-Scalar: TypeAlias = bool | int | float | str | None
-CompareOp: TypeAlias = Literal["==", "!=", "<", "<=", ">", ">="]
-Scope: TypeAlias = Literal["auto", "structured", "report"]
-
-
-class ConditionError(ValueError):
-    """A condition that cannot be parsed; `offset` is where in its text the problem is."""
-
-    def __init__(self, message: str, offset: int) -> None:
-        super().__init__(message)
-        self.message = message
-        self.offset = offset
-
-
-@dataclass(frozen=True, slots=True)
-class _Token:
-    kind: Literal["num", "str", "name", "kw", "op", "(", ")", "end"]
-    text: str
-    offset: int
-    value: Scalar = None
-
-
-_KEYWORDS: Final = frozenset({"and", "or", "not", "true", "false", "null"})
-_NAME_PART = r"[^\W\d][\w-]*"
-_TOKEN = re.compile(
-    r"""
-    (?P<ws>\s+)
-    | (?P<num>-?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][+-]?\d+)?)
-    | (?P<str>"(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*')
-    | (?P<op>==|!=|<=|>=|<|>)
-    | (?P<paren>[()])
-    | (?P<name>"""
-    + _NAME_PART
-    + r"(?:\."
-    + _NAME_PART
-    + r""")*)
-    """,
-    re.VERBOSE,
-)
-_ESCAPES: Final = {"\\": "\\", '"': '"', "'": "'", "n": "\n", "t": "\t"}
-# Spellings people bring from other languages: a pointed error beats "unexpected '='".
-_FOREIGN: Final = {
-    "=": "use == to compare",
-    "&&": "use `and`",
-    "||": "use `or`",
-    "!": "use `not` (or != to compare)",
-    "&": "use `and`",
-    "|": "use `or`",
-}
-
-
-def _unquote(text: str, offset: int) -> str:
-    out: list[str] = []
-    i = 1
-    while i < len(text) - 1:
-        char = text[i]
-        if char == "\\":
-            escaped = text[i + 1]
-            if escaped not in _ESCAPES:
-                raise ConditionError(f"unknown escape \\{escaped} in a string", offset + i)
-            out.append(_ESCAPES[escaped])
-            i += 2
-            continue
-        out.append(char)
-        i += 1
-    return "".join(out)
-
-
-def _tokenize(text: str) -> list[_Token]:
-    tokens: list[_Token] = []
-    pos = 0
-    while pos < len(text):
-        match = _TOKEN.match(text, pos)
-        if match is None:
-            for foreign in sorted(_FOREIGN, key=len, reverse=True):
-                if text.startswith(foreign, pos):
-                    raise ConditionError(f"unexpected {foreign!r}: {_FOREIGN[foreign]}", pos)
-            if text[pos] in "\"'":
-                raise ConditionError("string is not closed on this line", pos)
-            raise ConditionError(f"unexpected character {text[pos]!r}", pos)
-        kind = match.lastgroup
-        raw = match.group()
-        if kind == "num":
-            number: int | float = float(raw) if any(c in raw for c in ".eE") else int(raw)
-            if isinstance(number, float) and not math.isfinite(number):
-                raise ConditionError(f"number {raw} is out of range", pos)
-            tokens.append(_Token("num", raw, pos, number))
-        elif kind == "str":
-            tokens.append(_Token("str", raw, pos, _unquote(raw, pos)))
-        elif kind == "op":
-            tokens.append(_Token("op", raw, pos))
-        elif kind == "paren":
-            tokens.append(_Token("(" if raw == "(" else ")", raw, pos))
-        elif kind == "name":
-            if raw in _KEYWORDS:
-                tokens.append(_Token("kw", raw, pos))
-            elif raw.lower() in _KEYWORDS:
-                raise ConditionError(f"keywords are lower case: write {raw.lower()!r}", pos)
-            else:
-                tokens.append(_Token("name", raw, pos))
-        pos = match.end()
-    tokens.append(_Token("end", "", len(text)))
-    return tokens
-
-
-# AST. Every node is immutable and hashable, so a parsed rule can sit in frozen settings.
-
-
-@dataclass(frozen=True, slots=True)
-class Const:
-    value: Scalar
-
-
-@dataclass(frozen=True, slots=True)
-class FieldRef:
-    text: str  # as written, for messages and $matched
-    scope: Scope
-    path: tuple[str, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Compare:
-    op: CompareOp
-    left: Expr
-    right: Expr
-
-
-@dataclass(frozen=True, slots=True)
-class Not:
-    operand: Expr
-
-
-@dataclass(frozen=True, slots=True)
-class All:
-    operands: tuple[Expr, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class AnyOf:
-    operands: tuple[Expr, ...]
-
-
-Expr: TypeAlias = Const | FieldRef | Compare | Not | All | AnyOf
-
-# Canonical fields a rule may read. Times are left out: the language has no time literals.
-CANONICAL_FIELDS: Final = tuple(
-    f.name for f in fields(CallReport) if f.name not in {"event_time", "received_at"}
-)
-
-
-def _camel(name: str) -> str:
-    head, *rest = name.split("_")
-    return head + "".join(part.title() for part in rest)
-
-
-_CANONICAL_ALIASES: Final = {
-    **{name: name for name in CANONICAL_FIELDS},
-    **{_camel(name): name for name in CANONICAL_FIELDS},
-}
-
-
-class _Parser:
-    def __init__(self, text: str) -> None:
-        self._tokens = _tokenize(text)
-        self._pos = 0
-        self._depth = 0
-
-    def parse(self) -> Expr:
-        expr = self._or()
-        token = self._peek()
-        if token.kind != "end":
-            if token.kind == "op":
-                raise ConditionError(
-                    "comparisons cannot be chained: write `a < x and x < b`", token.offset
-                )
-            raise ConditionError(f"unexpected {token.text!r}: expected `and`, `or`", token.offset)
-        return expr
-
-    def _peek(self) -> _Token:
-        return self._tokens[self._pos]
-
-    def _next(self) -> _Token:
-        token = self._tokens[self._pos]
-        self._pos += 1
-        return token
-
-    def _is_kw(self, word: str) -> bool:
-        token = self._peek()
-        return token.kind == "kw" and token.text == word
-
-    def _or(self) -> Expr:
-        operands = [self._and()]
-        while self._is_kw("or"):
-            self._next()
-            operands.append(self._and())
-        return operands[0] if len(operands) == 1 else AnyOf(tuple(operands))
-
-    def _and(self) -> Expr:
-        operands = [self._not()]
-        while self._is_kw("and"):
-            self._next()
-            operands.append(self._not())
-        return operands[0] if len(operands) == 1 else All(tuple(operands))
-
-    def _not(self) -> Expr:
-        if self._is_kw("not"):
-            token = self._next()
-            with self._nested(token):
-                return Not(self._not())
-        return self._comparison()
-
-    def _comparison(self) -> Expr:
-        left_token = self._peek()
-        left = self._operand()
-        if self._peek().kind != "op":
-            return left
-        op_token = self._next()
-        right_token = self._peek()
-        right = self._operand()
-        op: CompareOp = op_token.text  # type: ignore[assignment]  # the tokenizer's op group
-        _check_literals(op, left, right, left_token.offset, right_token.offset)
-        return Compare(op, left, right)
-
-    def _operand(self) -> Expr:
-        token = self._next()
-        if token.kind in ("num", "str"):
-            return Const(token.value)
-        if token.kind == "kw" and token.text in ("true", "false", "null"):
-            return Const({"true": True, "false": False, "null": None}[token.text])
-        if token.kind == "name":
-            return _field(token)
-        if token.kind == "(":
-            with self._nested(token):
-                inner = self._or()
-            closing = self._next()
-            if closing.kind != ")":
-                raise ConditionError(
-                    f"expected ')' to close the '(' at column {token.offset + 1}",
-                    closing.offset,
-                )
-            return inner
-        if token.kind == "end":
-            raise ConditionError("condition ends where a value was expected", token.offset)
-        raise ConditionError(
-            f"unexpected {token.text!r}: expected a field or a value", token.offset
-        )
-
-    @contextmanager
-    def _nested(self, token: _Token) -> Iterator[None]:
-        self._depth += 1
-        if self._depth > MAX_NESTING:
-            raise ConditionError(f"nested deeper than {MAX_NESTING} levels", token.offset)
-        try:
-            yield
-        finally:
-            self._depth -= 1
-
-
-def _field(token: _Token) -> FieldRef:
-    parts = tuple(token.text.split("."))
-    if parts[0] == "structured" and len(parts) > 1:
-        return FieldRef(token.text, "structured", parts[1:])
-    if parts[0] == "report" and len(parts) > 1:
-        canonical = _CANONICAL_ALIASES.get(parts[1])
-        if canonical is None:
-            raise ConditionError(
-                f"{token.text!r}: the report has no field {parts[1]!r} "
-                f"(it has {', '.join(CANONICAL_FIELDS)})",
-                token.offset,
-            )
-        return FieldRef(token.text, "report", (canonical, *parts[2:]))
-    return FieldRef(token.text, "auto", parts)
-
-
-def _check_literals(op: CompareOp, left: Expr, right: Expr, left_at: int, right_at: int) -> None:
-    """Mistakes visible without a report: ordering on booleans/null, literals of two types."""
-    for side, at in ((left, left_at), (right, right_at)):
-        if (
-            op not in ("==", "!=")
-            and isinstance(side, Const)
-            and (side.value is None or isinstance(side.value, bool))
-        ):
-            raise ConditionError(f"{op} needs numbers or strings, not {_kind(side.value)}", at)
-    if (
-        isinstance(left, Const)
-        and isinstance(right, Const)
-        and _kind(left.value) != _kind(right.value)
-    ):
-        raise ConditionError(
-            f"compares {_kind(left.value)} with {_kind(right.value)}: always false", left_at
-        )
-
-
-def _kind(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int | float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    return "object"
-
-
-@dataclass(frozen=True, slots=True)
-class Condition:
-    """A parsed condition; `evaluate` never raises on report content."""
-
-    text: str
-    expr: Expr
-
-    def evaluate(self, view: ReportView) -> bool:
-        return _truthy(_eval(self.expr, view))
-
-    @property
-    def fields(self) -> tuple[FieldRef, ...]:
-        """The fields it reads, first occurrence order (for the message's `$matched`)."""
-        seen: dict[str, FieldRef] = {}
-        for ref in _walk(self.expr):
-            seen.setdefault(ref.text, ref)
-        return tuple(seen.values())
-
-
-def parse_condition(text: str) -> Condition:
-    if not text.strip():
-        raise ConditionError("condition is empty", 0)
-    if len(text) > MAX_CONDITION_LENGTH:
-        raise ConditionError(f"longer than {MAX_CONDITION_LENGTH} characters", 0)
-    return Condition(text, _Parser(text).parse())
-
-
-def _walk(expr: Expr) -> Iterator[FieldRef]:
-    match expr:
-        case FieldRef():
-            yield expr
-        case Compare(_, left, right):
-            yield from _walk(left)
-            yield from _walk(right)
-        case Not(operand):
-            yield from _walk(operand)
-        case All(operands) | AnyOf(operands):
-            for operand in operands:
-                yield from _walk(operand)
-        case Const():
-            pass
-
-
-class ReportView:
-    """What conditions read: the structuredData object and the canonical fields."""
-
-    __slots__ = ("_canonical", "_structured")
-
-    def __init__(self, report: CallReport) -> None:
-        structured = report.structured_data
-        self._structured: Mapping[str, Any] = structured if isinstance(structured, dict) else {}
-        self._canonical = {name: getattr(report, name) for name in CANONICAL_FIELDS}
-
-    def lookup(self, ref: FieldRef) -> Any:
-        head, *rest = ref.path
-        if ref.scope == "structured" or (ref.scope == "auto" and head in self._structured):
-            return _descend(self._structured.get(head), rest)
-        canonical = _CANONICAL_ALIASES.get(head) if ref.scope == "auto" else head
-        if canonical is None:
-            return None
-        return _descend(self._canonical[canonical], rest)
-
-
-def _descend(value: Any, path: Sequence[str]) -> Any:
-    for key in path:
-        if not isinstance(value, dict):
-            return None
-        value = value.get(key)
-    return value
-
-
-def _eval(expr: Expr, view: ReportView) -> Any:
-    match expr:
-        case Const(value):
-            return value
-        case FieldRef():
-            return view.lookup(expr)
-        case Compare(op, left, right):
-            presence = (isinstance(left, Const) and left.value is None) or (
-                isinstance(right, Const) and right.value is None
-            )
-            return _compare(op, _eval(left, view), _eval(right, view), presence=presence)
-        case Not(operand):
-            return not _truthy(_eval(operand, view))
-        case All(operands):
-            return all(_truthy(_eval(operand, view)) for operand in operands)
-        case AnyOf(operands):
-            return any(_truthy(_eval(operand, view)) for operand in operands)
-
-
-_ORDERING: Final[Mapping[str, Callable[[Any, Any], bool]]] = {
-    "<": lambda a, b: a < b,
-    "<=": lambda a, b: a <= b,
-    ">": lambda a, b: a > b,
-    ">=": lambda a, b: a >= b,
-}
-
-
-def _compare(op: CompareOp, left: Any, right: Any, *, presence: bool) -> bool:
-    if presence and op in ("==", "!="):
-        both_null = left is None and right is None
-        return both_null if op == "==" else not both_null
-    kind = _kind(left)
-    if kind != _kind(right):
-        return False
-    if op == "==":
-        return bool(left == right)
-    if op == "!=":
-        return bool(left != right)
-    if kind not in ("number", "string"):
-        return False
-    return _ORDERING[op](left, right)
-
-
-def _truthy(value: Any) -> bool:
-    if value is None or value is False:
-        return False
-    if isinstance(value, bool):
-        return True
-    if isinstance(value, int | float | str | list | dict):
-        return bool(value)
-    return True
-
-
-# -- channels and rules --------------------------------------------------------------------
-
-ChannelType: TypeAlias = Literal["slack", "webhook", "email"]
-CHANNEL_TYPES: Final[tuple[ChannelType, ...]] = ("slack", "webhook", "email")
-
-#: Placeholders a template may use (string.Template `$name`). Values are privacy-safe by
-#: construction: phone numbers masked, URLs removed, free text cut short.
-TEMPLATE_FIELDS: Final = frozenset(
-    {
-        "rule",
-        "call_id",
-        "event_time",
-        "call_type",
-        "call_status",
-        "ended_reason",
-        "assistant_name",
-        "duration_seconds",
-        "from_number",
-        "to_number",
-        "success_evaluation",
-        "summary",
-        "excerpt",
-        "matched",
-        "condition",
-    }
-)
-
-DEFAULT_TEMPLATES: Final[Mapping[ChannelType, str]] = {
-    "slack": (
-        "*$rule*: call $call_id ($call_type, $duration_seconds s, from $from_number)\n"
-        "matched: $matched\n"
-        "$summary\n"
-        "> $excerpt"
-    ),
-    "webhook": "$rule: call $call_id from $from_number ($duration_seconds s): $summary",
-    "email": (
-        "Rule: $rule\n"
-        "Matched: $matched\n"
-        "Call: $call_id at $event_time\n"
-        "Type: $call_type, ended: $ended_reason, duration: $duration_seconds s\n"
-        "From: $from_number  To: $to_number\n"
-        "Success evaluation: $success_evaluation\n"
-        "\n"
-        "Summary:\n$summary\n"
-        "\n"
-        "Transcript excerpt:\n$excerpt\n"
-    ),
-}
-DEFAULT_EMAIL_SUBJECT: Final = "[callstream] $rule: call $call_id"
-
-
-@dataclass(frozen=True, slots=True)
-class RateLimit:
-    per_second: float = 1.0
-    burst: int = 5
-
-
-@dataclass(frozen=True, slots=True)
-class SlackChannel:
-    type: ClassVar[ChannelType] = "slack"
-    name: str
-    url: Secret  # an incoming-webhook URL carries its own token
-    template: str
-    rate: RateLimit
-
-
-@dataclass(frozen=True, slots=True)
-class WebhookChannel:
-    type: ClassVar[ChannelType] = "webhook"
-    name: str
-    url: Secret
-    secret: Secret
-    template: str
-    rate: RateLimit
-
-
-@dataclass(frozen=True, slots=True)
-class EmailChannel:
-    type: ClassVar[ChannelType] = "email"
-    name: str
-    host: str
-    port: int
-    tls: bool  # implicit TLS from the first byte (usually port 465)
-    starttls: bool  # upgrade a plain connection (usually port 587)
-    sender: str
-    recipients: tuple[str, ...]
-    username: str | None
-    password: Secret | None
-    subject: str
-    template: str
-    rate: RateLimit
-
-
-ChannelConfig: TypeAlias = SlackChannel | WebhookChannel | EmailChannel
 
 
 @dataclass(frozen=True, slots=True)
@@ -923,9 +382,12 @@ def _channel(
     if kind in ("slack", "webhook"):
         url = read.url()
         if kind == "slack":
-            channel = SlackChannel(name, url, template, rate)
+            channel = SlackChannel(name=name, url=url, template=template, rate=rate)
         else:
-            channel = WebhookChannel(name, url, read.required_secret("secret_env"), template, rate)
+            secret = read.required_secret("secret_env")
+            channel = WebhookChannel(
+                name=name, url=url, secret=secret, template=template, rate=rate
+            )
     else:
         tls = read.boolean("tls", False)
         starttls = read.boolean("starttls", not tls)
@@ -982,29 +444,22 @@ def _rate(node: _Node | None, where: str, problems: _Problems) -> RateLimit:
     return rate
 
 
+@dataclass(frozen=True, slots=True)
 class _Reader:
     """Typed access to one channel's settings; each problem is recorded with its line."""
 
-    def __init__(
-        self,
-        spec: Mapping[str, _Node],
-        line: int,
-        where: str,
-        env: Mapping[str, str],
-        problems: _Problems,
-    ) -> None:
-        self._spec = spec
-        self._line = line
-        self._where = where
-        self._env = env
-        self._problems = problems
+    spec: Mapping[str, _Node]
+    line: int  # the channel's own, for a problem with a key that is missing
+    where: str
+    env: Mapping[str, str]
+    problems: _Problems
 
     def _problem(self, key: str, message: str) -> None:
-        node = self._spec.get(key)
-        self._problems.add(node.line if node else self._line, f"{self._where}: {message}")
+        node = self.spec.get(key)
+        self.problems.add(node.line if node else self.line, f"{self.where}: {message}")
 
     def optional_str(self, key: str) -> str | None:
-        node = self._spec.get(key)
+        node = self.spec.get(key)
         if node is None:
             return None
         if not isinstance(node.value, str) or not node.value.strip():
@@ -1013,13 +468,13 @@ class _Reader:
         return node.value.strip()
 
     def required_str(self, key: str) -> str:
-        if key not in self._spec:
+        if key not in self.spec:
             self._problem(key, f"needs `{key}`")
             return ""
         return self.optional_str(key) or ""
 
     def boolean(self, key: str, default: bool) -> bool:
-        node = self._spec.get(key)
+        node = self.spec.get(key)
         if node is None:
             return default
         if not isinstance(node.value, bool):
@@ -1028,7 +483,7 @@ class _Reader:
         return node.value
 
     def integer(self, key: str, default: int, low: int, high: int) -> int:
-        node = self._spec.get(key)
+        node = self.spec.get(key)
         if node is None:
             return default
         value = node.value
@@ -1038,13 +493,10 @@ class _Reader:
         return value
 
     def template(self, key: str, default: str) -> str:
-        node = self._spec.get(key)
-        if node is None:
+        if self.optional_str(key) is None:
             return default
-        if not isinstance(node.value, str) or not node.value.strip():
-            self._problem(key, f"`{key}` must be a non-empty string")
-            return default
-        template = Template(node.value)
+        text: str = self.spec[key].value  # unstripped: the author's layout is kept
+        template = Template(text)
         if not template.is_valid():
             self._problem(key, f"`{key}` has a stray '$': write $$ for a dollar sign")
             return default
@@ -1056,7 +508,7 @@ class _Reader:
                 f"available: {', '.join('$' + f for f in sorted(TEMPLATE_FIELDS))}",
             )
             return default
-        return node.value
+        return text
 
     def _from_env(self, key: str) -> str | None:
         name = self.optional_str(key)
@@ -1065,7 +517,7 @@ class _Reader:
         if not _ENV_NAME.match(name):
             self._problem(key, f"`{key}` names an environment variable, not a value")
             return None
-        value = self._env.get(name, "").strip()
+        value = self.env.get(name, "").strip()
         if not value:
             self._problem(key, f"environment variable {name} (from `{key}`) is not set")
             return None
@@ -1073,17 +525,17 @@ class _Reader:
 
     def secret(self, key: str) -> Secret | None:
         """The secret in the environment variable `key` names; None when `key` is absent."""
-        if key not in self._spec:
+        if key not in self.spec:
             return None
         return Secret(self._from_env(key) or "")
 
     def required_secret(self, key: str) -> Secret:
-        if key not in self._spec:
+        if key not in self.spec:
             self._problem(key, f"needs `{key}`, the environment variable holding the secret")
         return self.secret(key) or Secret("")
 
     def url(self) -> Secret:
-        has_url, has_env = "url" in self._spec, "url_env" in self._spec
+        has_url, has_env = "url" in self.spec, "url_env" in self.spec
         if has_url == has_env:
             self._problem("url", "needs exactly one of `url` and `url_env`")
             return Secret("")
@@ -1108,7 +560,7 @@ class _Reader:
         return value
 
     def addresses(self, key: str) -> tuple[str, ...]:
-        node = self._spec.get(key)
+        node = self.spec.get(key)
         if node is None:
             self._problem(key, f"needs `{key}`: one address or a list")
             return ()
@@ -1120,5 +572,5 @@ class _Reader:
             if isinstance(item.value, str) and _EMAIL.match(item.value.strip()):
                 out.append(item.value.strip())
             else:
-                self._problems.add(item.line, f"{self._where}: `{key}` holds e-mail addresses")
+                self.problems.add(item.line, f"{self.where}: `{key}` holds e-mail addresses")
         return tuple(out)

@@ -1,0 +1,91 @@
+"""What one alert says about its call: the template values and the webhook's JSON payload,
+built from the report and already made privacy-safe."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from consumers.alerting.conditions import ReportView
+from consumers.alerting.privacy import clip, privacy_safe
+from consumers.alerting.rule_file import Rule
+from consumers.alerting.state import AlertKey
+from core.logs import mask_phone
+from schemas.report import CallReport
+
+
+@dataclass(frozen=True, slots=True)
+class AlertContext:
+    """One alert, already made privacy-safe: the template values and the JSON payload."""
+
+    alert_id: str  # stable per (rule, call_id, channel): receivers can drop duplicates
+    values: Mapping[str, str]  # every TEMPLATE_FIELDS name -> display text
+    payload: Mapping[str, Any] = field(default_factory=dict)  # for JSON webhooks
+
+
+def _display(value: Any, limit: int = 80) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return f"{value:g}" if isinstance(value, float) else str(value)
+    if isinstance(value, str):
+        return clip(privacy_safe(" ".join(value.split())), limit)
+    return clip(privacy_safe(orjson.dumps(value).decode()), limit)
+
+
+def _json_safe(value: Any, limit: int = 200) -> Any:
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    return _display(value, limit)
+
+
+def alert_id(key: AlertKey) -> str:
+    return hashlib.sha256("\x1f".join(key).encode()).hexdigest()[:32]
+
+
+def build_context(
+    key: AlertKey, rule: Rule, report: CallReport, *, excerpt_chars: int, summary_chars: int
+) -> AlertContext:
+    """Everything a channel may show about this call, already made safe."""
+    view = ReportView(report)
+    matched = {ref.text: view.lookup(ref) for ref in rule.condition.fields}
+    summary = report.summary or report.analysis_summary or ""
+    duration = report.duration_seconds
+    values = {
+        "rule": rule.name,
+        "call_id": report.call_id,
+        "event_time": report.event_time.isoformat().replace("+00:00", "Z"),
+        "call_type": report.call_type or "-",
+        "call_status": report.call_status or "-",
+        "ended_reason": report.ended_reason or "-",
+        "assistant_name": _display(report.assistant_name) if report.assistant_name else "-",
+        "duration_seconds": "-" if duration is None else _display(round(duration, 1)),
+        "from_number": mask_phone(report.from_number) or "withheld",
+        "to_number": mask_phone(report.to_number) or "-",
+        "success_evaluation": _display(report.success_evaluation),
+        "summary": clip(privacy_safe(summary), summary_chars) or "-",
+        "excerpt": clip(privacy_safe(report.transcript or ""), excerpt_chars) or "-",
+        "matched": ", ".join(f"{name}={_display(value)}" for name, value in matched.items()) or "-",
+        "condition": rule.condition.text,
+    }
+    payload = {
+        "rule": rule.name,
+        "call_id": report.call_id,
+        "event_time": values["event_time"],
+        "call_type": report.call_type,
+        "ended_reason": report.ended_reason,
+        "duration_seconds": duration,
+        "from_number": mask_phone(report.from_number),
+        "to_number": mask_phone(report.to_number),
+        "success_evaluation": _json_safe(report.success_evaluation),
+        "summary": values["summary"],
+        "excerpt": values["excerpt"],
+        "matched": {name: _json_safe(value) for name, value in matched.items()},
+    }
+    return AlertContext(alert_id(key), values, payload)
