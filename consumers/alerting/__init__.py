@@ -5,11 +5,11 @@ What the rest of callstream (the registry, the tests) uses is exported here; the
 behind it are free to move.
 """
 
-from consumers.alerting.channel_config import EmailChannel
+from consumers.alerting.channels import EmailChannel
 from consumers.alerting.conditions import ConditionError, ReportView, parse_condition
 from consumers.alerting.consumer import AlertingConsumer, build
 from consumers.alerting.egress import NetworkPolicy, parse_retry_after
-from consumers.alerting.privacy import privacy_safe
+from consumers.alerting.message import privacy_safe
 from consumers.alerting.rule_file import RuleFileError, load_rule_file
 from consumers.alerting.settings import AlertingSettings
 from consumers.alerting.state import AlertKey, AlertState

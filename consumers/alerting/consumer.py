@@ -25,10 +25,9 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry
 
 from consumers.alerting.channels import senders_for
-from consumers.alerting.context import build_context
-from consumers.alerting.delivery import Delivered, Undeliverable, buckets_for, deliver
+from consumers.alerting.delivery import AlertMetrics, Delivered, Undeliverable, buckets_for, deliver
 from consumers.alerting.egress import GuardedHttp
-from consumers.alerting.metrics import AlertMetrics
+from consumers.alerting.message import build_context
 from consumers.alerting.rule_file import Rule, RuleSet, load_rule_file
 from consumers.alerting.settings import AlertingSettings
 from consumers.alerting.state import AlertKey, AlertState, StateUnavailable

@@ -32,6 +32,9 @@ MAX_REDIRECTS: Final = 3
 _REDIRECT_STATUSES: Final = frozenset({301, 302, 303, 307, 308})
 USER_AGENT: Final = "callstream-alerting/1"
 
+# ipaddress's is_* properties, in the order a refusal names the first that applies.
+_REFUSED: Final = ("loopback", "link_local", "multicast", "unspecified", "reserved", "private")
+
 IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -69,28 +72,28 @@ class NetworkPolicy:
         if isinstance(target, ipaddress.IPv6Address) and (target.sixtofour or target.teredo):
             # 6to4 and Teredo tunnel to an embedded IPv4 address the checks below never see.
             return f"{address} tunnels to an IPv4 address"
-        for attribute in (
-            "is_loopback",
-            "is_link_local",
-            "is_multicast",
-            "is_unspecified",
-            "is_reserved",
-            "is_private",
-        ):
-            if getattr(target, attribute):
-                return f"{address} is {attribute.removeprefix('is_').replace('_', '-')}"
+        for kind in _REFUSED:
+            if getattr(target, f"is_{kind}"):
+                return f"{address} is {kind.replace('_', '-')}"
         if not target.is_global:
             return f"{address} is not a public address"
         return None
 
     def check(self, address: str) -> None:
-        try:
-            parsed = ipaddress.ip_address(address.split("%", 1)[0])
-        except ValueError:
-            raise DestinationRefused(f"{address!r} is not an IP address") from None
+        parsed = _ip_address(address)
+        if parsed is None:
+            raise DestinationRefused(f"{address!r} is not an IP address")
         reason = self.refusal(parsed)
         if reason is not None:
             raise DestinationRefused(reason)
+
+
+def _ip_address(text: str) -> IPAddress | None:
+    """The address `text` spells (an IPv6 zone suffix ignored), or None for a host name."""
+    try:
+        return ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return None
 
 
 class GuardedResolver(AbstractResolver):
@@ -148,13 +151,10 @@ class GuardedHttp:
     def _check_literal(self, url: URL) -> None:
         if url.scheme not in ("http", "https") or not url.host:
             raise DestinationRefused(f"{url.scheme or 'no'} scheme or no host")
-        host = url.host
-        try:
-            ipaddress.ip_address(host.split("%", 1)[0])
-        except ValueError:
-            return  # a name: GuardedResolver checks what it resolves to
-        # aiohttp skips the resolver for IP literals, so they are checked here.
-        self._policy.check(host)
+        # aiohttp skips the resolver for IP literals, so they are checked here; a name is
+        # checked by GuardedResolver, on what it resolves to.
+        if _ip_address(url.host) is not None:
+            self._policy.check(url.host)
 
     async def post(
         self, url: str, body: bytes, headers: Callable[[], dict[str, str]], timeout: float

@@ -17,7 +17,7 @@ from typing import Any, Final
 import yaml
 from yarl import URL
 
-from consumers.alerting.channel_config import (
+from consumers.alerting.channels import (
     CHANNEL_TYPES,
     DEFAULT_EMAIL_SUBJECT,
     DEFAULT_TEMPLATES,

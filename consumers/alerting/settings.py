@@ -1,18 +1,5 @@
-"""Settings of the alerting consumer, read once from the environment.
-
-Environment (defaults in brackets):
-  CALLSTREAM_ALERT_RULES                       rule file [none: no rules, nothing alerts]
-  CALLSTREAM_ALERT_STATE_PATH                  [.callstream/alerting.db]
-  CALLSTREAM_ALERT_ALLOWED_NETWORKS            CIDRs webhooks may reach despite being
-                                               private/loopback/... [none]
-  CALLSTREAM_ALERT_TIMEOUT_SECONDS             one delivery attempt [10]
-  CALLSTREAM_ALERT_MAX_ATTEMPTS                per alert [5]
-  CALLSTREAM_ALERT_RETRY_BUDGET_SECONDS        first attempt to last retry [120]
-  CALLSTREAM_ALERT_BACKOFF_SECONDS             first backoff, doubling [1]
-  CALLSTREAM_ALERT_BACKOFF_MAX_SECONDS         [30]
-  CALLSTREAM_ALERT_EXCERPT_CHARS               transcript excerpt length [280]
-  CALLSTREAM_ALERT_SUMMARY_CHARS               summary length [600]
-  CALLSTREAM_ALERT_STATE_BUSY_TIMEOUT_SECONDS  wait for a locked state file [5]
+"""Settings of the alerting consumer, read once from the environment: the
+CALLSTREAM_ALERT_* variables, each listed with its default and meaning in .env.example.
 Secrets (webhook signing keys, Slack URLs, SMTP passwords) are read from the variables the
 rule file names.
 """

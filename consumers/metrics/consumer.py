@@ -46,8 +46,9 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
@@ -55,22 +56,63 @@ from consumers.contract import Consumer, Delivery
 from consumers.metrics.config_file import FieldMetric, MetricsConfigError
 from consumers.metrics.ledger import Ledger
 from consumers.metrics.settings import OTHER_ASSISTANT, MetricsSettings, normalise_number
-from consumers.metrics.values import (
-    EVALUATION_RESULTS,
-    OUTCOMES,
-    as_flag,
-    as_number,
-    evaluation_result,
-    success_outcome,
-)
 from schemas.report import CallReport
 
 log = logging.getLogger("callstream.consumers.metrics")
 
+Outcome = Literal["success", "failure", "unknown"]
+OUTCOMES: tuple[Outcome, ...] = get_args(Outcome)
+EVALUATION_RESULTS = ("true", "false", "other")
+
+_TRUE_WORDS = frozenset({"true", "yes"})
+_FALSE_WORDS = frozenset({"false", "no"})
+_NUMERIC = re.compile(r"^[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?$")
 # Phone calls: a 5 s hang-up up to an hour-long conversation.
 DURATION_BUCKETS = (5, 10, 15, 30, 45, 60, 90, 120, 180, 300, 420, 600, 900, 1200, 1800, 2700, 3600)
 # Sentiment is scored 0..10 in whole steps, so one bucket per score.
 SENTIMENT_BUCKETS = tuple(range(11))
+
+
+def as_number(value: Any) -> float | None:
+    """A finite number, also from a numeric string (LLM extractions sometimes quote them)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        number = float(value)
+    elif isinstance(value, str) and _NUMERIC.match(value.strip()):
+        number = float(value.strip())
+    else:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def as_flag(value: Any) -> bool | None:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in _TRUE_WORDS:
+            return True
+        if word in _FALSE_WORDS:
+            return False
+    return None
+
+
+def success_outcome(evaluation: bool | float | str | None, threshold: float) -> Outcome:
+    flag = as_flag(evaluation)
+    if flag is not None:
+        return "success" if flag else "failure"
+    number = as_number(evaluation)
+    if number is None:
+        return "unknown"
+    return "success" if number >= threshold else "failure"
+
+
+def evaluation_result(evaluation: bool | float | str) -> str:
+    if isinstance(evaluation, bool):
+        return "true" if evaluation else "false"
+    word = evaluation.strip().lower() if isinstance(evaluation, str) else ""
+    return word if word in ("true", "false") else "other"
 
 
 class MetricsConsumer(Consumer):

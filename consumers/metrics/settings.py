@@ -1,20 +1,9 @@
-"""Settings of the `metrics` consumer: the environment, plus an optional YAML file of fields.
-
-Environment (read once by `MetricsSettings.from_env`):
-
-* ``CALLSTREAM_METRICS_STATE_PATH``: the SQLite ledger of counted calls
-  (default ``.callstream/metrics.db``, relative to the working directory).
-* ``CALLSTREAM_METRICS_ASSISTANTS``: comma-separated assistant numbers that get their own
-  ``assistant`` label, each optionally ``number=label`` (``+31850835003=sales``). Spaces,
-  dashes, dots and parentheses in numbers are ignored when matching. Every other number is
-  ``other``.
-* ``CALLSTREAM_METRICS_SUCCESS_THRESHOLD``: a numeric success evaluation at or above this is a
-  success, below it a failure (default 7, for a 1..10 rubric; use 70 for a percentage one).
-* ``CALLSTREAM_METRICS_SENTIMENT_KEY``, ``CALLSTREAM_METRICS_FOLLOWUP_KEY``,
-  ``CALLSTREAM_METRICS_TECHNICAL_PROBLEMS_KEY``: the structured_data keys behind the built-in
-  sentiment, follow-up and technical-problem metrics.
-* ``CALLSTREAM_METRICS_CONFIG``: a YAML file naming more structured_data fields to measure
-  (see examples/metrics.yaml).
+"""Settings of the `metrics` consumer, read once by `MetricsSettings.from_env`: the
+CALLSTREAM_METRICS_* variables, each listed with its default and meaning in .env.example.
+In CALLSTREAM_METRICS_ASSISTANTS (``number=label``, comma-separated) spaces, dashes, dots
+and parentheses in numbers are ignored when matching; the state path is relative to the
+working directory; CALLSTREAM_METRICS_CONFIG names the YAML file of more fields to measure
+(consumers.metrics.config_file, examples/metrics.yaml).
 """
 
 from __future__ import annotations
