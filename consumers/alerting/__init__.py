@@ -1,9 +1,4 @@
-"""The alerting consumer: YAML rules over each call report, notifications to Slack, signed
-webhooks and e-mail, each sent once per (rule, call, channel).
-
-What the rest of callstream (the registry, the tests) uses is exported here; the modules
-behind it are free to move.
-"""
+"""The alerting consumer, and what the registry and the tests use of it."""
 
 from consumers.alerting.channels import EmailChannel
 from consumers.alerting.conditions import ConditionError, ReportView, parse_condition

@@ -148,15 +148,15 @@ class Sender(Protocol):
         """Deliver once or raise DeliveryFailure."""
 
 
+@dataclass(frozen=True, slots=True)
 class SlackSender:
-    def __init__(self, channel: SlackChannel, http: GuardedHttp) -> None:
-        self.channel = channel
-        self._http = http
+    channel: SlackChannel
+    http: GuardedHttp
 
     async def send(self, context: AlertContext, timeout: float) -> None:
         escaped = {key: _slack_escape(value) for key, value in context.values.items()}
         body = orjson.dumps({"text": render(self.channel.template, escaped)})
-        await self._http.post(
+        await self.http.post(
             self.channel.url.reveal(),
             body,
             lambda: {"Content-Type": "application/json"},
@@ -169,10 +169,10 @@ def sign(secret: bytes, timestamp: str, body: bytes) -> str:
     return f"sha256={hmac_hex(secret, timestamp, body)}"
 
 
+@dataclass(frozen=True, slots=True)
 class WebhookSender:
-    def __init__(self, channel: WebhookChannel, http: GuardedHttp) -> None:
-        self.channel = channel
-        self._http = http
+    channel: WebhookChannel
+    http: GuardedHttp
 
     async def send(self, context: AlertContext, timeout: float) -> None:
         body = orjson.dumps(
@@ -195,12 +195,12 @@ class WebhookSender:
                 ALERT_ID_HEADER: context.alert_id,
             }
 
-        await self._http.post(self.channel.url.reveal(), body, headers, timeout)
+        await self.http.post(self.channel.url.reveal(), body, headers, timeout)
 
 
+@dataclass(frozen=True, slots=True)
 class EmailSender:
-    def __init__(self, channel: EmailChannel) -> None:
-        self.channel = channel
+    channel: EmailChannel
 
     def message(self, context: AlertContext) -> EmailMessage:
         subject = " ".join(render(self.channel.subject, context.values).split())

@@ -38,6 +38,7 @@ Values and comparisons:
 from __future__ import annotations
 
 import math
+import operator
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -445,12 +446,7 @@ def _eval(expr: Expr, view: ReportView) -> Any:
             return any(_truthy(_eval(operand, view)) for operand in operands)
 
 
-_ORDERING: Final[Mapping[str, Callable[[Any, Any], bool]]] = {
-    "<": lambda a, b: a < b,
-    "<=": lambda a, b: a <= b,
-    ">": lambda a, b: a > b,
-    ">=": lambda a, b: a >= b,
-}
+_ORDERING: Final = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
 
 
 def _compare(op: CompareOp, left: Any, right: Any, *, presence: bool) -> bool:
@@ -466,14 +462,10 @@ def _compare(op: CompareOp, left: Any, right: Any, *, presence: bool) -> bool:
         return bool(left != right)
     if kind not in ("number", "string"):
         return False
-    return _ORDERING[op](left, right)
+    return bool(_ORDERING[op](left, right))
 
 
 def _truthy(value: Any) -> bool:
-    if value is None or value is False:
-        return False
-    if isinstance(value, bool):
-        return True
-    if isinstance(value, int | float | str | list | dict):
-        return bool(value)
+    if value is None or isinstance(value, int | float | str | list | dict):
+        return bool(value)  # null, false, 0, "" and empty arrays/objects are false
     return True

@@ -104,7 +104,9 @@ class AlertingConsumer(Consumer):
         except StateUnavailable as exc:
             raise RetryableError(f"alert state unavailable: {exc}") from exc
 
-        to_send: list[_Planned] = []
+        # Channels go concurrently, but each channel sends one alert at a time and records it
+        # before the next: a crash can then repeat at most one alert per channel.
+        by_channel: dict[str, list[_Planned]] = {}
         for key, status in claims.items():
             if status == "done":
                 self._metrics.suppressed_duplicates.inc()
@@ -114,13 +116,7 @@ class AlertingConsumer(Consumer):
                     "re-sending an alert whose earlier attempt was interrupted",
                     extra={"rule": key.rule, "channel": key.channel, "call_id": key.call_id},
                 )
-            to_send.append(planned[key])
-
-        # Channels go concurrently, but each channel sends one alert at a time and records it
-        # before the next: a crash can then repeat at most one alert per channel.
-        by_channel: dict[str, list[_Planned]] = {}
-        for item in to_send:
-            by_channel.setdefault(item.key.channel, []).append(item)
+            by_channel.setdefault(key.channel, []).append(planned[key])
         results = await asyncio.gather(
             *(self._send_in_turn(items) for items in by_channel.values()), return_exceptions=True
         )

@@ -61,11 +61,7 @@ def clip(text: str, limit: int) -> str:
 
 
 def _display(value: Any, limit: int = 80) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
+    if isinstance(value, int | float) and not isinstance(value, bool):
         return f"{value:g}" if isinstance(value, float) else str(value)
     if isinstance(value, str):
         return clip(privacy_safe(" ".join(value.split())), limit)

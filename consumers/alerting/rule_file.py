@@ -177,11 +177,13 @@ def load_rule_file(path: Path, env: Mapping[str, str]) -> RuleSet:
     _unknown_keys(root.value, _TOP_KEYS, "the file", problems)
 
     channels: dict[str, ChannelConfig] = {}
+    declared: set[str] = set()  # every name under `channels`, usable or not
     channels_node = root.value.get("channels")
     if channels_node is not None:
         if not isinstance(channels_node.value, dict):
             problems.add(channels_node.line, "`channels` must map channel names to settings")
         else:
+            declared = set(channels_node.value)
             for name, node in channels_node.value.items():
                 channel = _channel(name, node, env, problems)
                 if channel is not None:
@@ -193,11 +195,6 @@ def load_rule_file(path: Path, env: Mapping[str, str]) -> RuleSet:
         if not isinstance(rules_node.value, list):
             problems.add(rules_node.line, "`rules` must be a list")
         else:
-            declared = (
-                set(channels_node.value)
-                if channels_node and isinstance(channels_node.value, dict)
-                else set()
-            )
             # The name is the rule's identity in the state database, so it must be unique
             # even among disabled rules.
             seen: dict[str, int] = {}
@@ -235,17 +232,13 @@ def _rule(node: _Node, channels: set[str], problems: _Problems) -> Rule | None:
         return None
     spec: dict[str, _Node] = node.value
     name_node = spec.get("name")
-    if (
-        name_node is None
-        or not isinstance(name_node.value, str)
-        or not _NAME.match(name_node.value)
-    ):
+    name = name_node.value if name_node else None
+    if not isinstance(name, str) or not _NAME.match(name):
         problems.add(
-            name_node.line if name_node else node.line,
+            (name_node or node).line,
             "a rule needs a `name` of letters, digits, '_', '-', '.' (at most 64)",
         )
         return None
-    name = name_node.value
     where = f"rule {name!r}"
     _unknown_keys(spec, _RULE_KEYS, where, problems)
     enabled = spec.get("enabled")
@@ -263,17 +256,14 @@ def _rule(node: _Node, channels: set[str], problems: _Problems) -> Rule | None:
 
     channel_names: list[str] = []
     channels_node = spec.get("channels")
-    if (
-        channels_node is None
-        or not isinstance(channels_node.value, list)
-        or not channels_node.value
-    ):
+    listed = channels_node.value if channels_node else None
+    if not isinstance(listed, list) or not listed:
         problems.add(
-            channels_node.line if channels_node else node.line,
+            (channels_node or node).line,
             f"{where}: needs `channels`, a non-empty list of channel names",
         )
     else:
-        for item in channels_node.value:
+        for item in listed:
             if not isinstance(item.value, str):
                 problems.add(item.line, f"{where}: channel names are strings")
             elif item.value not in channels:
@@ -368,7 +358,7 @@ def _channel(
     type_node = spec.get("type")
     if type_node is None or type_node.value not in CHANNEL_TYPES:
         problems.add(
-            type_node.line if type_node else node.line,
+            (type_node or node).line,
             f"{where}: `type` must be one of {', '.join(CHANNEL_TYPES)}",
         )
         return None

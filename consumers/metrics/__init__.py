@@ -1,7 +1,4 @@
-"""The metrics consumer: business metrics about calls, each call counted once, ever.
-
-What the rest of callstream (the registry, the tests) uses is exported here.
-"""
+"""The metrics consumer, and what the registry and the tests use of it."""
 
 from consumers.metrics.config_file import MetricsConfigError
 from consumers.metrics.consumer import MetricsConsumer, build

@@ -156,7 +156,7 @@ def _check_unique(fields: tuple[FieldMetric, ...], builtin_keys: set[str], sourc
 
 def sample_names(field: FieldMetric) -> tuple[str, ...]:
     """Every sample name the field's metric exposes: what a collision is judged on."""
-    base = f"{CUSTOM_PREFIX}{field.name}"
+    name = field.metric_name
     if field.kind == "boolean":
-        return (f"{base}_true_total", f"{base}_true_created")
-    return (f"{base}_bucket", f"{base}_count", f"{base}_sum", f"{base}_created")
+        return (name, f"{name.removesuffix('_total')}_created")
+    return tuple(f"{name}{suffix}" for suffix in ("_bucket", "_count", "_sum", "_created"))
