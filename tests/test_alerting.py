@@ -34,16 +34,20 @@ from aiosmtpd.controller import Controller
 from prometheus_client import CollectorRegistry
 
 from callstream.ports import free_port
-from consumers.alert_channels import NetworkPolicy, parse_retry_after
-from consumers.alert_rules import (
+from consumers.alerting import (
+    AlertingConsumer,
+    AlertKey,
+    AlertState,
     ConditionError,
+    NetworkPolicy,
     ReportView,
     RuleFileError,
+    build,
     load_rule_file,
     parse_condition,
+    parse_retry_after,
+    privacy_safe,
 )
-from consumers.alert_state import AlertKey, AlertState
-from consumers.alerting import AlertingConsumer, build, privacy_safe
 from consumers.contract import Delivery
 from consumers.errors import RetryableError
 from schemas.codec import Decoder, single_object_encoder

@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 from prometheus_client import CollectorRegistry
 
-from consumers.alert_rules import EmailChannel, load_rule_file
+from consumers.alerting import EmailChannel, load_rule_file
 from consumers.registry import CONSUMERS
 from consumers.runner_metrics import RunnerMetrics
 from ingress.metrics import IngressMetrics
@@ -45,7 +45,7 @@ DASHBOARD = GRAFANA_DIR / "dashboards" / "callstream.json"
 GRAFANA_DATASOURCE = GRAFANA_DIR / "provisioning" / "datasources" / "prometheus.yml"
 GRAFANA_PROVIDER = GRAFANA_DIR / "provisioning" / "dashboards" / "callstream.yml"
 
-CODE_PACKAGES = ("callstream", "ingress", "consumers", "schemas")
+CODE_PACKAGES = ("core", "callstream", "ingress", "consumers", "schemas")
 ENV_NAME = re.compile(r"^(?:CALLSTREAM|KAFKA)_[A-Z0-9_]+$")
 # Functions and methods that look a variable up: env_str(env, "X", ...), env.get("X"), ...
 ENV_LOOKUPS = frozenset({"env_str", "env_int", "env_float", "env_opt", "env_bool", "get", "getenv"})

@@ -22,8 +22,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from consumers.contract import Delivery
 from consumers.errors import RetryableError
-from consumers.metrics import MetricsConsumer, build
-from consumers.metrics_config import MetricsConfigError
+from consumers.metrics import MetricsConfigError, MetricsConsumer, build
 from core.settings import SettingsError
 from schemas.codec import Decoder, single_object_encoder
 from schemas.normalise import normalise

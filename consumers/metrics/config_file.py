@@ -1,50 +1,29 @@
-"""Settings of the `metrics` consumer: the environment, plus an optional YAML file of fields.
-
-Environment (read once by `MetricsSettings.from_env`):
-
-* ``CALLSTREAM_METRICS_STATE_PATH``: the SQLite ledger of counted calls
-  (default ``.callstream/metrics.db``, relative to the working directory).
-* ``CALLSTREAM_METRICS_ASSISTANTS``: comma-separated assistant numbers that get their own
-  ``assistant`` label, each optionally ``number=label`` (``+31850835003=sales``). Spaces,
-  dashes, dots and parentheses in numbers are ignored when matching. Every other number is
-  ``other``.
-* ``CALLSTREAM_METRICS_SUCCESS_THRESHOLD``: a numeric success evaluation at or above this is a
-  success, below it a failure (default 7, for a 1..10 rubric; use 70 for a percentage one).
-* ``CALLSTREAM_METRICS_SENTIMENT_KEY``, ``CALLSTREAM_METRICS_FOLLOWUP_KEY``,
-  ``CALLSTREAM_METRICS_TECHNICAL_PROBLEMS_KEY``: the structured_data keys behind the built-in
-  sentiment, follow-up and technical-problem metrics.
-* ``CALLSTREAM_METRICS_CONFIG``: a YAML file naming more structured_data fields to measure
-  (see examples/metrics.yaml).
-"""
+"""The metrics config file (CALLSTREAM_METRICS_CONFIG): more structured_data fields to
+measure, each validated so its metric cannot collide with another's samples."""
 
 from __future__ import annotations
 
 import itertools
 import math
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from core.settings import SettingsError, env_float, env_opt, env_str
+from core.settings import SettingsError
 
 FieldKind = Literal["numeric", "boolean"]
 
-OTHER_ASSISTANT = "other"
 CUSTOM_PREFIX = "callstream_call_field_"
 
 # The Prometheus metric-name charset without the colon, which is reserved for recording rules.
 _NAME = re.compile(r"^[a-zA-Z0-9_]+$")
-_NUMBER = re.compile(r"^\+?[0-9]{2,20}$")
-_NUMBER_SEPARATORS = str.maketrans("", "", " -.()")
 # Names that would make a histogram or counter expose samples indistinguishable from another
 # metric's (`x_bucket` next to `x`'s own buckets), or read as a unit-less counter.
 _RESERVED_SUFFIXES = ("_total", "_bucket", "_count", "_sum", "_created", "_info")
 MAX_NAME_LENGTH = 100
-MAX_LABEL_LENGTH = 64
 MAX_BUCKETS = 40  # each bucket is one time series per histogram
 _FIELD_KEYS = frozenset({"key", "name", "type", "buckets", "help"})
 
@@ -67,85 +46,6 @@ class FieldMetric:
     def metric_name(self) -> str:
         suffix = "_true_total" if self.kind == "boolean" else ""
         return f"{CUSTOM_PREFIX}{self.name}{suffix}"
-
-
-# No slots: from_env reads the defaults back off the class.
-@dataclass(frozen=True)
-class MetricsSettings:
-    state_path: Path = Path(".callstream/metrics.db")
-    # (normalised number, label) pairs: a tuple keeps the settings truly immutable.
-    assistants: tuple[tuple[str, str], ...] = ()
-    success_threshold: float = 7.0
-    sentiment_key: str = "sentiment"
-    followup_key: str = "vervolgactie_nodig"
-    technical_problems_key: str = "technische_problemen"
-    fields: tuple[FieldMetric, ...] = ()
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> MetricsSettings:
-        sentiment_key = env_str(env, "CALLSTREAM_METRICS_SENTIMENT_KEY", cls.sentiment_key)
-        followup_key = env_str(env, "CALLSTREAM_METRICS_FOLLOWUP_KEY", cls.followup_key)
-        technical_key = env_str(
-            env, "CALLSTREAM_METRICS_TECHNICAL_PROBLEMS_KEY", cls.technical_problems_key
-        )
-        builtin_keys = {sentiment_key, followup_key, technical_key}
-        if len(builtin_keys) < 3:
-            raise SettingsError(
-                "CALLSTREAM_METRICS_SENTIMENT_KEY, CALLSTREAM_METRICS_FOLLOWUP_KEY and "
-                "CALLSTREAM_METRICS_TECHNICAL_PROBLEMS_KEY must be three different keys"
-            )
-        config_path = env_opt(env, "CALLSTREAM_METRICS_CONFIG")
-        return cls(
-            state_path=Path(env_str(env, "CALLSTREAM_METRICS_STATE_PATH", str(cls.state_path))),
-            assistants=parse_assistants(env.get("CALLSTREAM_METRICS_ASSISTANTS", "")),
-            success_threshold=_threshold(env),
-            sentiment_key=sentiment_key,
-            followup_key=followup_key,
-            technical_problems_key=technical_key,
-            fields=load_fields(Path(config_path), builtin_keys) if config_path else (),
-        )
-
-
-def _threshold(env: Mapping[str, str]) -> float:
-    value = env_float(
-        env, "CALLSTREAM_METRICS_SUCCESS_THRESHOLD", MetricsSettings.success_threshold
-    )
-    if not math.isfinite(value):
-        raise SettingsError(f"CALLSTREAM_METRICS_SUCCESS_THRESHOLD={value} is not finite")
-    return value
-
-
-def normalise_number(number: str) -> str:
-    """The form both the allow-list and the reports' numbers are compared in."""
-    return number.strip().translate(_NUMBER_SEPARATORS)
-
-
-def parse_assistants(raw: str) -> tuple[tuple[str, str], ...]:
-    variable = "CALLSTREAM_METRICS_ASSISTANTS"
-    pairs: dict[str, str] = {}
-    for entry in raw.split(","):
-        if not entry.strip():
-            continue  # tolerate a trailing comma
-        number_text, sep, label_text = entry.partition("=")
-        number = normalise_number(number_text)
-        if not _NUMBER.match(number):
-            raise SettingsError(
-                f"{variable}: {number_text.strip()!r} is not a phone number (+31850835003)"
-            )
-        label = label_text.strip() if sep else number
-        if not label or len(label) > MAX_LABEL_LENGTH or not label.isprintable():
-            raise SettingsError(
-                f"{variable}: the label for {number} must be 1..{MAX_LABEL_LENGTH} printable "
-                "characters"
-            )
-        if label == OTHER_ASSISTANT:
-            raise SettingsError(
-                f"{variable}: {OTHER_ASSISTANT!r} is the label of every number not listed"
-            )
-        if number in pairs:
-            raise SettingsError(f"{variable}: {number} is listed twice")
-        pairs[number] = label
-    return tuple(pairs.items())
 
 
 def load_fields(path: Path, builtin_keys: set[str]) -> tuple[FieldMetric, ...]:
@@ -256,7 +156,7 @@ def _check_unique(fields: tuple[FieldMetric, ...], builtin_keys: set[str], sourc
 
 def sample_names(field: FieldMetric) -> tuple[str, ...]:
     """Every sample name the field's metric exposes: what a collision is judged on."""
-    base = f"{CUSTOM_PREFIX}{field.name}"
+    name = field.metric_name
     if field.kind == "boolean":
-        return (f"{base}_true_total", f"{base}_true_created")
-    return (f"{base}_bucket", f"{base}_count", f"{base}_sum", f"{base}_created")
+        return (name, f"{name.removesuffix('_total')}_created")
+    return tuple(f"{name}{suffix}" for suffix in ("_bucket", "_count", "_sum", "_created"))

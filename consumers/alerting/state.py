@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final, Literal, NamedTuple, TypeAlias
@@ -69,20 +68,16 @@ class AlertKey(NamedTuple):
     channel: str
 
 
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    rule: str
-    call_id: str
-    channel: str
-    channel_type: str
-    reason: str
-    detail: str
-    attempts: int
-    created_at: str
-
-
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _status(conn: sqlite3.Connection, key: AlertKey) -> str | None:
+    row = conn.execute(
+        "SELECT status FROM alert_notifications WHERE rule = ? AND call_id = ? AND channel = ?",
+        key,
+    ).fetchone()
+    return None if row is None else str(row[0])
 
 
 class AlertState:
@@ -91,10 +86,6 @@ class AlertState:
         self._busy_timeout = busy_timeout
         self._db = SqliteThread("callstream-alert-state", self._connect, self._unavailable)
 
-    @property
-    def path(self) -> Path:
-        return self._path
-
     async def open(self) -> None:
         await self._db.open()
 
@@ -102,13 +93,13 @@ class AlertState:
         await self._db.close()
 
     def _connect(self) -> sqlite3.Connection:
-        conn = sqlite_file.connect(self._path, busy_timeout=self._busy_timeout)
-        try:
-            sqlite_file.ensure_layout(conn, SCHEMA_VERSION, _SCHEMA, f"alert state {self._path}")
-        except BaseException:
-            conn.close()
-            raise
-        return conn
+        return sqlite_file.connect_laid_out(
+            self._path,
+            busy_timeout=self._busy_timeout,
+            version=SCHEMA_VERSION,
+            ddl=_SCHEMA,
+            what=f"alert state {self._path}",
+        )
 
     def _unavailable(self, exc: Exception) -> Exception:
         return StateUnavailable(f"alert state {self._path}: {exc}")
@@ -121,12 +112,8 @@ class AlertState:
             out: dict[AlertKey, ClaimStatus] = {}
             with sqlite_file.transaction(conn):
                 for key in keys:
-                    row = conn.execute(
-                        "SELECT status FROM alert_notifications"
-                        " WHERE rule = ? AND call_id = ? AND channel = ?",
-                        key,
-                    ).fetchone()
-                    if row is None:
+                    status = _status(conn, key)
+                    if status is None:
                         conn.execute(
                             "INSERT INTO alert_notifications"
                             " (rule, call_id, channel, status, created_at, updated_at)"
@@ -134,7 +121,7 @@ class AlertState:
                             (*key, now, now),
                         )
                         out[key] = "new"
-                    elif row[0] == "sending":
+                    elif status == "sending":
                         conn.execute(
                             "UPDATE alert_notifications SET claims = claims + 1, updated_at = ?"
                             " WHERE rule = ? AND call_id = ? AND channel = ?",
@@ -177,22 +164,4 @@ class AlertState:
         await self._db.run(work)
 
     async def status(self, key: AlertKey) -> str | None:
-        def work(conn: sqlite3.Connection) -> str | None:
-            row = conn.execute(
-                "SELECT status FROM alert_notifications"
-                " WHERE rule = ? AND call_id = ? AND channel = ?",
-                key,
-            ).fetchone()
-            return None if row is None else str(row[0])
-
-        return await self._db.run(work)
-
-    async def dead_letters(self) -> list[DeadLetter]:
-        def work(conn: sqlite3.Connection) -> list[DeadLetter]:
-            rows = conn.execute(
-                "SELECT rule, call_id, channel, channel_type, reason, detail, attempts,"
-                " created_at FROM alert_dead_letters ORDER BY id"
-            ).fetchall()
-            return [DeadLetter(*row) for row in rows]
-
-        return await self._db.run(work)
+        return await self._db.run(lambda conn: _status(conn, key))

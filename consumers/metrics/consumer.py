@@ -47,44 +47,30 @@ from __future__ import annotations
 import logging
 import math
 import re
-import sqlite3
-import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Literal, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from consumers import sqlite_file
 from consumers.contract import Consumer, Delivery
-from consumers.errors import RetryableError
-from consumers.metrics_config import (
-    OTHER_ASSISTANT,
-    FieldMetric,
-    MetricsConfigError,
-    MetricsSettings,
-    normalise_number,
-)
-from consumers.sqlite_file import SqliteThread
+from consumers.metrics.config_file import FieldMetric, MetricsConfigError
+from consumers.metrics.ledger import Ledger
+from consumers.metrics.settings import OTHER_ASSISTANT, MetricsSettings, normalise_number
 from schemas.report import CallReport
 
 log = logging.getLogger("callstream.consumers.metrics")
 
 Outcome = Literal["success", "failure", "unknown"]
-OUTCOMES: tuple[Outcome, ...] = ("success", "failure", "unknown")
+OUTCOMES: tuple[Outcome, ...] = get_args(Outcome)
 EVALUATION_RESULTS = ("true", "false", "other")
-# Phone calls: a 5 s hang-up up to an hour-long conversation.
-DURATION_BUCKETS = (5, 10, 15, 30, 45, 60, 90, 120, 180, 300, 420, 600, 900, 1200, 1800, 2700, 3600)
-# Sentiment is scored 0..10 in whole steps, so one bucket per score.
-SENTIMENT_BUCKETS = tuple(range(11))
 
 _TRUE_WORDS = frozenset({"true", "yes"})
 _FALSE_WORDS = frozenset({"false", "no"})
 _NUMERIC = re.compile(r"^[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?$")
-LEDGER_VERSION = 1
-
-
-# -- mapping report values -----------------------------------------------------------------
+# Phone calls: a 5 s hang-up up to an hour-long conversation.
+DURATION_BUCKETS = (5, 10, 15, 30, 45, 60, 90, 120, 180, 300, 420, 600, 900, 1200, 1800, 2700, 3600)
+# Sentiment is scored 0..10 in whole steps, so one bucket per score.
+SENTIMENT_BUCKETS = tuple(range(11))
 
 
 def as_number(value: Any) -> float | None:
@@ -123,74 +109,10 @@ def success_outcome(evaluation: bool | float | str | None, threshold: float) -> 
 
 
 def evaluation_result(evaluation: bool | float | str) -> str:
-    if evaluation is True or (isinstance(evaluation, str) and evaluation.strip().lower() == "true"):
-        return "true"
-    if evaluation is False or (
-        isinstance(evaluation, str) and evaluation.strip().lower() == "false"
-    ):
-        return "false"
-    return "other"
-
-
-# -- the ledger ----------------------------------------------------------------------------
-
-
-_LEDGER_DDL: Final = """
-CREATE TABLE IF NOT EXISTS counted (
-    call_id TEXT PRIMARY KEY,
-    event_time_ms INTEGER NOT NULL,  -- the two times let a later clean-up prune by age
-    counted_at_ms INTEGER NOT NULL   -- without reading the topic again
-) WITHOUT ROWID;
-"""
-
-
-class Ledger:
-    """Call ids already counted, in a file of its own (consumers.sqlite_file): a committed
-    claim survives power loss, so a replay after it is never counted a second time."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._db = SqliteThread("callstream-metrics-ledger", self._connect, self._unavailable)
-
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite_file.connect(self.path, busy_timeout=5.0)
-        try:
-            sqlite_file.ensure_layout(conn, LEDGER_VERSION, _LEDGER_DDL, f"ledger {self.path}")
-        except BaseException:
-            conn.close()
-            raise
-        return conn
-
-    def _unavailable(self, exc: Exception) -> Exception:
-        return RetryableError(f"metrics ledger {self.path} unavailable: {exc}")
-
-    async def open(self) -> None:
-        await self._db.open()
-
-    async def close(self) -> None:
-        await self._db.close()
-
-    async def claim(self, reports: Sequence[CallReport]) -> set[str]:
-        """Record the calls not counted before, in one transaction; return their ids."""
-        now_ms = time.time_ns() // 1_000_000
-
-        def insert(conn: sqlite3.Connection) -> set[str]:
-            claimed: set[str] = set()
-            with sqlite_file.transaction(conn):
-                for report in reports:
-                    cursor = conn.execute(
-                        "INSERT INTO counted (call_id, event_time_ms, counted_at_ms)"
-                        " VALUES (?, ?, ?) ON CONFLICT (call_id) DO NOTHING",
-                        (report.call_id, int(report.event_time.timestamp() * 1000), now_ms),
-                    )
-                    if cursor.rowcount == 1:
-                        claimed.add(report.call_id)
-            return claimed
-
-        return await self._db.run(insert)
-
-
-# -- the consumer --------------------------------------------------------------------------
+    if isinstance(evaluation, bool):
+        return "true" if evaluation else "false"
+    word = evaluation.strip().lower() if isinstance(evaluation, str) else ""
+    return word if word in ("true", "false") else "other"
 
 
 class MetricsConsumer(Consumer):
@@ -262,15 +184,16 @@ class MetricsConsumer(Consumer):
             registry=registry,
         )
         self.fields = {field.key: _field_metric(field, registry) for field in settings.fields}
-        # Labelled by structured_data key: the name an operator finds in the assistant's
-        # analysis plan, and unique because the settings refuse a key measured twice.
-        keys = (
-            settings.sentiment_key,
-            settings.followup_key,
-            settings.technical_problems_key,
-            *self.fields,
-        )
-        self._invalid = {key: self.invalid.labels(key) for key in keys}
+        # The structured_data fields measured, built-ins first. The invalid-values counter is
+        # labelled by these keys: the name an operator finds in the assistant's analysis plan,
+        # and unique because the settings refuse a key measured twice.
+        self._measured: dict[str, Histogram | Counter] = {
+            settings.sentiment_key: self.sentiment,
+            settings.followup_key: self.followups,
+            settings.technical_problems_key: self.technical_problems,
+            **self.fields,
+        }
+        self._invalid = {key: self.invalid.labels(key) for key in self._measured}
 
     async def start(self) -> None:
         await self._ledger.open()
@@ -313,39 +236,22 @@ class MetricsConsumer(Consumer):
             self.duration.observe(report.duration_seconds)
 
         data: Mapping[str, Any] = report.structured_data or {}
-        self._observe_number(data, settings.sentiment_key, self.sentiment)
-        self._count_flag(data, settings.followup_key, self.followups)
-        self._count_flag(data, settings.technical_problems_key, self.technical_problems)
-        for key, metric in self.fields.items():
-            if isinstance(metric, Histogram):
-                self._observe_number(data, key, metric)
-            else:
-                self._count_flag(data, key, metric)
+        for key, metric in self._measured.items():
+            value = data.get(key)
+            if value is None:
+                continue
+            reading = as_number(value) if isinstance(metric, Histogram) else as_flag(value)
+            if reading is None:
+                self._invalid[key].inc()
+            elif isinstance(metric, Histogram):
+                metric.observe(reading)
+            elif reading:
+                metric.inc()
 
     def _assistant(self, to_number: str | None) -> str:
         if not to_number:
             return OTHER_ASSISTANT
         return self._assistants.get(normalise_number(to_number), OTHER_ASSISTANT)
-
-    def _observe_number(self, data: Mapping[str, Any], key: str, histogram: Histogram) -> None:
-        value = data.get(key)
-        if value is None:
-            return
-        number = as_number(value)
-        if number is None:
-            self._invalid[key].inc()
-        else:
-            histogram.observe(number)
-
-    def _count_flag(self, data: Mapping[str, Any], key: str, counter: Counter) -> None:
-        value = data.get(key)
-        if value is None:
-            return
-        flag = as_flag(value)
-        if flag is None:
-            self._invalid[key].inc()
-        elif flag:
-            counter.inc()
 
 
 def _field_metric(field: FieldMetric, registry: CollectorRegistry) -> Histogram | Counter:
