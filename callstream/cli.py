@@ -23,6 +23,7 @@ from core import logs
 from core.kafkasettings import KafkaSettings
 from core.secret import secrets_from
 from core.settings import SettingsError
+from core.signing import WEBHOOK_PATH
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     send = sub.add_parser("send", help="sign and post a report file to the ingress")
     send.add_argument("file", type=Path)
     send.add_argument(
-        "--url", help="default: http://127.0.0.1:$CALLSTREAM_INGRESS_PORT/webhooks/flireo"
+        "--url", help=f"default: http://127.0.0.1:$CALLSTREAM_INGRESS_PORT{WEBHOOK_PATH}"
     )
     send.add_argument("--gzip", action="store_true", help="send the body gzip-compressed")
     send.add_argument("--fresh-id", action="store_true", help="give the report a new call id")
@@ -221,7 +222,7 @@ def _cmd_send(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     if args.fresh_id:
         body = _with_fresh_call_id(body)
     port = env.get("CALLSTREAM_INGRESS_PORT", "8080")
-    url = args.url or f"http://127.0.0.1:{port}/webhooks/flireo"
+    url = args.url or f"http://127.0.0.1:{port}{WEBHOOK_PATH}"
     secrets = secrets_from(env.get("CALLSTREAM_WEBHOOK_SECRET"))
     tokens = secrets_from(env.get("CALLSTREAM_SHARED_TOKEN"))
     status, text = _run_async(

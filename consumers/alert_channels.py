@@ -47,7 +47,7 @@ from consumers.alert_rules import (
     SlackChannel,
     WebhookChannel,
 )
-from core.signing import hmac_hex
+from core.signing import SIGNATURE_PREFIX, hmac_hex
 
 log = logging.getLogger("callstream.alerting")
 
@@ -441,7 +441,7 @@ class SlackSender:
 
 def sign(secret: bytes, timestamp: str, body: bytes) -> str:
     """`sha256=<hex>` of HMAC-SHA256 over `timestamp.body` (as Flireo signs its own)."""
-    return f"sha256={hmac_hex(secret, timestamp, body)}"
+    return SIGNATURE_PREFIX + hmac_hex(secret, timestamp, body)
 
 
 class WebhookSender:

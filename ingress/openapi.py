@@ -23,7 +23,8 @@ from aiohttp import web
 
 from core import __version__
 from core.kafkasettings import KafkaSettings
-from ingress.auth import SIGNATURE_HEADER, TIMESTAMP_HEADER, TOKEN_HEADER
+from core.signing import SIGNATURE_HEADER, SIGNATURE_PREFIX, TIMESTAMP_HEADER, WEBHOOK_PATH
+from ingress.auth import TOKEN_HEADER
 from ingress.errors import PROBLEM_CONTENT_TYPE
 from ingress.settings import IngressSettings
 
@@ -40,7 +41,6 @@ from schemas.normalise import (
 )
 
 PATH: Final = "/openapi.json"
-WEBHOOK_PATH: Final = "/webhooks/flireo"  # ingress.app's, which imports this module
 JSON: Final = "application/json"
 _SCHEMAS: Final = "#/components/schemas/"
 _RESPONSES: Final = "#/components/responses/"
@@ -507,7 +507,7 @@ def document(settings: IngressSettings) -> dict[str, Any]:
                     "name": SIGNATURE_HEADER,
                     "description": (
                         "hex HMAC-SHA256(secret, timestamp + '.' + raw body), optionally "
-                        "prefixed `sha256=`; any of the comma-separated "
+                        f"prefixed `{SIGNATURE_PREFIX}`; any of the comma-separated "
                         "CALLSTREAM_WEBHOOK_SECRET values."
                     ),
                 },

@@ -15,6 +15,7 @@ import orjson
 
 from callstream.ports import free_port
 from core.kafkasettings import KafkaSettings
+from core.signing import WEBHOOK_PATH
 from tests.signing import signed
 from tests.support.cli import run_cli
 from tests.support.produce import produce_reports, sample_report
@@ -114,7 +115,7 @@ async def test_ingress_sigterm_finishes_in_flight_requests_and_flushes(
                 body = orjson.dumps(sample_report(call_id))
                 try:
                     async with session.post(
-                        f"{url}/webhooks/flireo", data=body, headers=signed(body, secret)
+                        f"{url}{WEBHOOK_PATH}", data=body, headers=signed(body, secret)
                     ) as resp:
                         if resp.status == 202:
                             accepted.append(call_id)

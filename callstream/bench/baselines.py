@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
-import hmac
 import json
 import os
 import signal
@@ -27,7 +25,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from ingress.auth import SIGNATURE_HEADER, TIMESTAMP_HEADER
+from core.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, WEBHOOK_PATH, verify
 
 ACCEPTED = web.AppKey("accepted", list[int])
 
@@ -45,7 +43,7 @@ def bare_app() -> web.Application:
         request.app[ACCEPTED][0] += 1
         return web.Response(status=202)
 
-    app.router.add_post("/webhooks/flireo", receive)
+    app.router.add_post(WEBHOOK_PATH, receive)
     app.router.add_get("/bench-count", _count)
     return app
 
@@ -67,8 +65,7 @@ def naive_app(bootstrap: str, topic: str, secret: bytes) -> web.Application:
     async def receive(request: web.Request) -> web.Response:
         body = await request.read()
         timestamp = request.headers.get(TIMESTAMP_HEADER, "")
-        expected = hmac.new(secret, timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
-        if not hmac.compare_digest(request.headers.get(SIGNATURE_HEADER, ""), expected):
+        if not verify(body, timestamp, request.headers.get(SIGNATURE_HEADER, ""), (secret,)):
             return web.json_response({"error": "bad signature"}, status=401)
         report = json.loads(body)
         await producers[0].send_and_wait(topic, body, key=str(report["callId"]).encode())
@@ -76,7 +73,7 @@ def naive_app(bootstrap: str, topic: str, secret: bytes) -> web.Application:
         return web.json_response({"status": "accepted", "callId": report["callId"]}, status=202)
 
     app.cleanup_ctx.append(kafka)
-    app.router.add_post("/webhooks/flireo", receive)
+    app.router.add_post(WEBHOOK_PATH, receive)
     app.router.add_get("/bench-count", _count)
     return app
 
