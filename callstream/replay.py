@@ -696,7 +696,7 @@ async def replay_command(
             since,
             until,
             env=env,
-            settings=RunnerSettings.from_env(env, request.consumer, kafka),
+            settings=RunnerSettings.for_consumer(env, request.consumer, kafka),
             out=out,
             err=err,
             dry_run=request.dry_run,

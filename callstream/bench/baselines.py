@@ -25,7 +25,9 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from core.settings import field_from_env
 from core.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, WEBHOOK_PATH, verify
+from ingress.settings import IngressSettings
 
 ACCEPTED = web.AppKey("accepted", list[int])
 
@@ -102,10 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.kind == "bare":
         app = bare_app()
     else:
-        secret = os.environ.get("CALLSTREAM_WEBHOOK_SECRET", "")
-        if not args.bootstrap or not secret:
+        secrets = field_from_env(IngressSettings, "webhook_secrets", os.environ)
+        if not args.bootstrap or not secrets:
             parser.error("naive needs --bootstrap and CALLSTREAM_WEBHOOK_SECRET")
-        app = naive_app(args.bootstrap, args.topic, secret.encode())
+        app = naive_app(args.bootstrap, args.topic, secrets[0].reveal().encode())
     import uvloop
 
     uvloop.run(_serve(app, args.port))
