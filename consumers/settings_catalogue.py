@@ -6,8 +6,8 @@ Why a list apart: StorageSettings (consumers/storage.py), AlertingSettings
 (consumers/alerting.py) and MetricsSettings (consumers/metrics_config.py) still read the
 environment with the env_* helpers while their files are being reorganised. Converting one
 means: declare each field with `setting(...)` (the entries below say the variable, default,
-bounds and doc), give the class `EnvSettings.from_env`, and delete its tuple here.
-tests/test_deploy_static.py holds each tuple to the variable names its module spells.
+bounds and doc), give the class `EnvSettings.from_env`, and delete its table here.
+tests/test_deploy_static.py holds each table to the variable names its module spells.
 """
 
 from __future__ import annotations
@@ -16,119 +16,69 @@ from typing import Final
 
 from core.settings import Setting
 
-STORAGE: Final = (
-    Setting(
-        "CALLSTREAM_DATABASE_URL",
-        "PostgreSQL URL, postgresql://user:password@host:5432/db. Empty: SQLite (next line).",
-        None,
-        secret=True,
-    ),
-    Setting(
-        "CALLSTREAM_SQLITE_PATH",
-        "SQLite file used when CALLSTREAM_DATABASE_URL is empty.",
-        ".callstream/callstream.db",
-    ),
-)
+# (variable, default, minimum, doc); the secret one is marked by name below.
+_Row = tuple[str, object, float, str]
 
-ALERTING: Final = (
-    Setting(
-        "CALLSTREAM_ALERT_RULES",
-        "Rule file (see examples/alert-rules.yaml). Empty: no rules, nothing alerts.",
-        None,
-    ),
-    Setting(
-        "CALLSTREAM_ALERT_STATE_PATH",
-        "SQLite file recording which alerts were sent (once per rule, call and channel).",
-        ".callstream/alerting.db",
-    ),
-    Setting(
-        "CALLSTREAM_ALERT_ALLOWED_NETWORKS",
-        "CIDRs webhook/Slack channels may reach although private or loopback. Empty: none.",
-        None,
-    ),
-    Setting(
-        "CALLSTREAM_ALERT_TIMEOUT_SECONDS",
-        "Seconds one delivery attempt may take.",
-        10.0,
-        minimum=0.01,
-    ),
-    Setting(
-        "CALLSTREAM_ALERT_MAX_ATTEMPTS",
-        "Delivery attempts per alert before it is dead-lettered.",
-        5,
-        minimum=1,
-    ),
-    Setting(
-        "CALLSTREAM_ALERT_RETRY_BUDGET_SECONDS",
-        "Seconds from the first attempt to the last retry.",
-        120.0,
-    ),
-    Setting(
-        "CALLSTREAM_ALERT_BACKOFF_SECONDS",
-        "First back-off between attempts (seconds), doubling.",
-        1.0,
-    ),
-    Setting(
-        "CALLSTREAM_ALERT_BACKOFF_MAX_SECONDS", "Longest back-off between attempts (seconds).", 30.0
-    ),
-    Setting(
-        "CALLSTREAM_ALERT_EXCERPT_CHARS",
-        "Characters of transcript excerpt in a message.",
-        280,
-        minimum=20,
-    ),
-    Setting(
-        "CALLSTREAM_ALERT_SUMMARY_CHARS",
-        "Characters of call summary in a message.",
-        600,
-        minimum=20,
-    ),
-    Setting(
-        "CALLSTREAM_ALERT_STATE_BUSY_TIMEOUT_SECONDS",
-        "Seconds to wait for a locked state file.",
-        5.0,
-    ),
+# A table, laid out for reading row by row rather than by the formatter.
+# fmt: off
+_STORAGE: tuple[_Row, ...] = (
+    ("CALLSTREAM_DATABASE_URL", None, 0, "PostgreSQL URL, postgresql://user:password@host:5432/db."
+     " Empty: SQLite (next line)."),
+    ("CALLSTREAM_SQLITE_PATH", ".callstream/callstream.db", 0,
+     "SQLite file used when CALLSTREAM_DATABASE_URL is empty."),
 )
+_ALERTING: tuple[_Row, ...] = (
+    ("CALLSTREAM_ALERT_RULES", None, 0,
+     "Rule file (see examples/alert-rules.yaml). Empty: no rules, nothing alerts."),
+    ("CALLSTREAM_ALERT_STATE_PATH", ".callstream/alerting.db", 0,
+     "SQLite file recording which alerts were sent (once per rule, call and channel)."),
+    ("CALLSTREAM_ALERT_ALLOWED_NETWORKS", None, 0,
+     "CIDRs webhook/Slack channels may reach although private or loopback. Empty: none."),
+    ("CALLSTREAM_ALERT_TIMEOUT_SECONDS", 10.0, 0.01, "Seconds one delivery attempt may take."),
+    ("CALLSTREAM_ALERT_MAX_ATTEMPTS", 5, 1,
+     "Delivery attempts per alert before it is dead-lettered."),
+    ("CALLSTREAM_ALERT_RETRY_BUDGET_SECONDS", 120.0, 0,
+     "Seconds from the first attempt to the last retry."),
+    ("CALLSTREAM_ALERT_BACKOFF_SECONDS", 1.0, 0,
+     "First back-off between attempts (seconds), doubling."),
+    ("CALLSTREAM_ALERT_BACKOFF_MAX_SECONDS", 30.0, 0,
+     "Longest back-off between attempts (seconds)."),
+    ("CALLSTREAM_ALERT_EXCERPT_CHARS", 280, 20, "Characters of transcript excerpt in a message."),
+    ("CALLSTREAM_ALERT_SUMMARY_CHARS", 600, 20, "Characters of call summary in a message."),
+    ("CALLSTREAM_ALERT_STATE_BUSY_TIMEOUT_SECONDS", 5.0, 0,
+     "Seconds to wait for a locked state file."),
+)
+_METRICS: tuple[_Row, ...] = (
+    ("CALLSTREAM_METRICS_STATE_PATH", ".callstream/metrics.db", 0,
+     "SQLite ledger of counted call ids (each call is counted once, ever)."),
+    ("CALLSTREAM_METRICS_ASSISTANTS", None, 0, "Assistant numbers that get their own `assistant`"
+     ' label: +31850835003=sales,+3120... Empty: all "other".'),
+    ("CALLSTREAM_METRICS_SUCCESS_THRESHOLD", 7.0, 0, "A numeric success evaluation at or above"
+     " this is a success (7 for 1..10, 70 for percentages)."),
+    ("CALLSTREAM_METRICS_SENTIMENT_KEY", "sentiment", 0,
+     "structured_data key holding the 0..10 sentiment score."),
+    ("CALLSTREAM_METRICS_FOLLOWUP_KEY", "vervolgactie_nodig", 0,
+     "structured_data key that is true when the call needs a follow-up."),
+    ("CALLSTREAM_METRICS_TECHNICAL_PROBLEMS_KEY", "technische_problemen", 0,
+     "structured_data key that is true when the call had technical problems."),
+    ("CALLSTREAM_METRICS_CONFIG", None, 0,
+     "YAML file of more structured_data fields to measure (examples/metrics.yaml). Empty: none."),
+)
+# fmt: on
+# The database URL usually carries the password.
+_SECRET: Final = frozenset({"CALLSTREAM_DATABASE_URL"})
 
-METRICS: Final = (
-    Setting(
-        "CALLSTREAM_METRICS_STATE_PATH",
-        "SQLite ledger of counted call ids (each call is counted once, ever).",
-        ".callstream/metrics.db",
-    ),
-    Setting(
-        "CALLSTREAM_METRICS_ASSISTANTS",
-        "Assistant numbers that get their own `assistant` label: +31850835003=sales,+3120... "
-        'Empty: all "other".',
-        None,
-    ),
-    Setting(
-        "CALLSTREAM_METRICS_SUCCESS_THRESHOLD",
-        "A numeric success evaluation at or above this is a success (7 for 1..10, 70 for "
-        "percentages).",
-        7.0,
-    ),
-    Setting(
-        "CALLSTREAM_METRICS_SENTIMENT_KEY",
-        "structured_data key holding the 0..10 sentiment score.",
-        "sentiment",
-    ),
-    Setting(
-        "CALLSTREAM_METRICS_FOLLOWUP_KEY",
-        "structured_data key that is true when the call needs a follow-up.",
-        "vervolgactie_nodig",
-    ),
-    Setting(
-        "CALLSTREAM_METRICS_TECHNICAL_PROBLEMS_KEY",
-        "structured_data key that is true when the call had technical problems.",
-        "technische_problemen",
-    ),
-    Setting(
-        "CALLSTREAM_METRICS_CONFIG",
-        "YAML file of more structured_data fields to measure (examples/metrics.yaml). Empty: none.",
-        None,
-    ),
-)
+
+def _settings(rows: tuple[_Row, ...]) -> tuple[Setting, ...]:
+    return tuple(
+        Setting(env, doc, default, minimum=minimum, secret=env in _SECRET)
+        for env, default, minimum, doc in rows
+    )
+
 
 # Consumer name (consumers/registry.py) -> its variables, besides the port every one has.
-BY_CONSUMER: Final = {"storage": STORAGE, "alerting": ALERTING, "metrics": METRICS}
+BY_CONSUMER: Final = {
+    "storage": _settings(_STORAGE),
+    "alerting": _settings(_ALERTING),
+    "metrics": _settings(_METRICS),
+}

@@ -15,7 +15,7 @@ import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Literal, Self, TypeVar, overload
+from typing import Any, Final, Literal, Self, TypeVar
 
 from core.secret import Secret, secrets_from
 
@@ -105,27 +105,6 @@ class Setting:
         return f'"{text}"' if " " in text else text
 
 
-@overload
-def setting(
-    env: str,
-    *,
-    default: T,
-    doc: str,
-    minimum: float | None = 0,
-    maximum: float | None = None,
-    secret: bool = False,
-    unset: object = MISSING,
-) -> T: ...
-@overload
-def setting(
-    env: str,
-    *,
-    doc: str,
-    minimum: float | None = 0,
-    maximum: float | None = None,
-    secret: bool = False,
-    unset: object = MISSING,
-) -> Any: ...
 def setting(
     env: str,
     *,
