@@ -48,7 +48,8 @@ class Setting:
     env: str
     doc: str
     default: object = MISSING
-    # Numbers are never negative unless a declaration says so, as Flireo's own limits are.
+    # Every count, size and duration callstream reads is non-negative; a declaration that
+    # allows less (retention -1: forever) says so.
     minimum: float | None = 0
     maximum: float | None = None
     secret: bool = False  # the type must be Secret; .env.example never shows a value
@@ -80,7 +81,7 @@ class Setting:
     def _check_bounds(self, value: object) -> None:
         if isinstance(value, bool) or not isinstance(value, int | float):
             return
-        # A float setting states its bound as a float (0.0, not 0), as the operator wrote it.
+        # A float setting's error shows its bound as a float (0.0, not 0), like its value.
         minimum, maximum = (
             (None if b is None else float(b) for b in (self.minimum, self.maximum))
             if isinstance(value, float)
