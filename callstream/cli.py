@@ -19,17 +19,18 @@ from typing import Any, TypeVar
 import orjson
 
 from callstream.bench.options import add_arguments as add_bench_arguments
+from callstream.commandsettings import LogSettings
 from core import logs
-from core.kafkasettings import KafkaSettings
-from core.secret import secrets_from
-from core.settings import SettingsError
+from core.kafkasettings import BOOTSTRAP, KafkaSettings
+from core.settings import SettingsError, field_from_env
+from core.signing import WEBHOOK_PATH
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     env = os.environ
-    logs.configure(env.get("CALLSTREAM_LOG_LEVEL", "INFO"), service=f"callstream-{args.command}")
+    logs.configure(LogSettings.from_env(env).level, service=f"callstream-{args.command}")
     try:
         return int(args.func(args, env))
     except SettingsError as exc:
@@ -64,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     send = sub.add_parser("send", help="sign and post a report file to the ingress")
     send.add_argument("file", type=Path)
     send.add_argument(
-        "--url", help="default: http://127.0.0.1:$CALLSTREAM_INGRESS_PORT/webhooks/flireo"
+        "--url", help=f"default: http://127.0.0.1:$CALLSTREAM_INGRESS_PORT{WEBHOOK_PATH}"
     )
     send.add_argument("--gzip", action="store_true", help="send the body gzip-compressed")
     send.add_argument("--fresh-id", action="store_true", help="give the report a new call id")
@@ -152,13 +153,29 @@ def _parser() -> argparse.ArgumentParser:
         "--older-than", metavar="AGE", required=True, help="by event time: 30d, 12h, 90m, 2w"
     )
     purge.set_defaults(func=_cmd_purge)
+
+    settings = sub.add_parser("settings", help="the environment variables callstream reads")
+    settings.add_argument(
+        "--env-example",
+        action="store_true",
+        required=True,
+        help="print .env.example as the settings declarations make it",
+    )
+    settings.set_defaults(func=_cmd_settings)
     return parser
+
+
+def _cmd_settings(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from callstream.envexample import render
+
+    sys.stdout.write(render())
+    return 0
 
 
 def kafka_settings(env: Mapping[str, str], *, start_local: bool) -> KafkaSettings:
     """KAFKA_BOOTSTRAP_SERVERS if set; otherwise the local broker (started when asked)."""
     bootstrap = None
-    if not env.get("KAFKA_BOOTSTRAP_SERVERS", "").strip():
+    if not BOOTSTRAP.is_set(env):
         from callstream.localkafka import LocalKafka, default_home, ensure_broker
 
         if start_local:
@@ -170,7 +187,8 @@ def kafka_settings(env: Mapping[str, str], *, start_local: bool) -> KafkaSetting
                     "no broker: set KAFKA_BOOTSTRAP_SERVERS, or run `callstream kafka start`"
                 )
             bootstrap = status.bootstrap
-    return KafkaSettings.from_env(env, bootstrap_servers=bootstrap)
+    local = {} if bootstrap is None else {"bootstrap_servers": bootstrap}
+    return KafkaSettings.from_env(env, **local)
 
 
 def _cmd_kafka(args: argparse.Namespace, env: Mapping[str, str]) -> int:
@@ -210,20 +228,22 @@ def _cmd_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from callstream.supervisor import run_pipeline
 
     kafka = kafka_settings(env, start_local=True)
-    child_env = dict(env) | {"KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers}
+    child_env = dict(env) | {BOOTSTRAP.env: kafka.bootstrap_servers}
     return run_pipeline(child_env, with_consumers=not args.no_consumers)
 
 
 def _cmd_send(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from callstream.sender import post_report
+    from ingress.settings import IngressSettings
 
     body = args.file.read_bytes()
     if args.fresh_id:
         body = _with_fresh_call_id(body)
-    port = env.get("CALLSTREAM_INGRESS_PORT", "8080")
-    url = args.url or f"http://127.0.0.1:{port}/webhooks/flireo"
-    secrets = secrets_from(env.get("CALLSTREAM_WEBHOOK_SECRET"))
-    tokens = secrets_from(env.get("CALLSTREAM_SHARED_TOKEN"))
+    # The ingress's own declarations: `send` posts where and how the ingress listens.
+    port = field_from_env(IngressSettings, "port", env)
+    url = args.url or f"http://127.0.0.1:{port}{WEBHOOK_PATH}"
+    secrets = field_from_env(IngressSettings, "webhook_secrets", env)
+    tokens = field_from_env(IngressSettings, "shared_tokens", env)
     status, text = _run_async(
         post_report(
             url,
@@ -356,9 +376,7 @@ def _cmd_purge(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 
 def _warn_about_kafka(env: Mapping[str, str], compacted: bool) -> None:
-    from core.kafkasettings import DEFAULT_TOPIC
-
-    topic = env.get("CALLSTREAM_TOPIC", "").strip() or DEFAULT_TOPIC
+    topic = field_from_env(KafkaSettings, "topic", env)
     if not compacted:
         print(
             "the database was busy: deleted, but not yet compacted; run again later",

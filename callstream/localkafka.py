@@ -39,7 +39,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from callstream.commandsettings import LocalBrokerSettings
 from callstream.lifecycle import StartStop
+from core.kafkasettings import BOOTSTRAP
 
 __all__ = [
     "KAFKA_VERSION",
@@ -57,7 +59,6 @@ KAFKA_VERSION = "4.1.1"
 _POM = Path(__file__).resolve().parent / "kafka" / "pom.xml"
 _MARKER = ".complete"
 _HOST = "127.0.0.1"
-_DEFAULT_HEAP_OPTS = "-Xms256m -Xmx512m"
 _MVN_TIMEOUT_S = 900.0
 _FORMAT_TIMEOUT_S = 120.0
 _HAS_PROC = Path("/proc/self/stat").exists()
@@ -89,13 +90,13 @@ class BrokerStatus:
 
 
 def default_home() -> Path:
-    env = os.environ.get("CALLSTREAM_HOME", "").strip()
-    return Path(env) if env else Path.cwd() / ".callstream"
+    return LocalBrokerSettings.from_env(os.environ).home or Path.cwd() / ".callstream"
 
 
 def jar_cache_dir(version: str = KAFKA_VERSION) -> Path:
-    env = os.environ.get("CALLSTREAM_CACHE_DIR", "").strip()
-    root = Path(env) if env else Path.home() / ".cache" / "callstream"
+    root = (
+        LocalBrokerSettings.from_env(os.environ).cache_dir or Path.home() / ".cache" / "callstream"
+    )
     return root / f"kafka-{version}" / "libs"
 
 
@@ -447,7 +448,7 @@ logger.request.appenderRef.file.ref = FILE
         _atomic_write(self.home / "log4j2.properties", text)
 
     def _jvm_args(self, java: str, libs: Path) -> list[str]:
-        heap = os.environ.get("CALLSTREAM_KAFKA_HEAP_OPTS", "").strip() or _DEFAULT_HEAP_OPTS
+        heap = LocalBrokerSettings.from_env(os.environ).heap_opts
         return [
             java,
             *shlex.split(heap),
@@ -589,9 +590,8 @@ def ensure_broker(home: Path | None = None) -> str:
     The local broker is started (or the one already running in `home` adopted) and left running
     after this process exits; `callstream kafka stop` ends it.
     """
-    external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "").strip()
-    if external:
-        return external
+    if BOOTSTRAP.is_set(os.environ):
+        return str(BOOTSTRAP.read(os.environ, str))
     return LocalKafka(home if home is not None else default_home()).start()
 
 

@@ -42,6 +42,7 @@ from core.producer import durable_producer
 from core.topicadmin import ensure_topics
 from schemas.codec import CONFLUENT_MAGIC, SINGLE_OBJECT_MAGIC, Decoder
 from schemas.errors import DecodeError, SchemaError
+from schemas.headers import RecordHeaders
 from schemas.registry import RegistryClient
 from schemas.report import CallReport
 from schemas.store import default_store
@@ -556,14 +557,10 @@ def record_headers(record: bytes, report: CallReport) -> list[tuple[str, bytes]]
         schema_id, wire_format = str(int.from_bytes(record[1:5], "big")), "confluent"
     else:
         raise SchemaError(f"stored record has unknown framing {record[:2].hex()}")
-    return [
-        ("event-type", report.event_type.encode()),
-        ("schema-id", schema_id.encode()),
-        ("wire-format", wire_format.encode()),
-        ("source-format", report.source_format.encode()),
-        ("request-id", report.request_id.encode()),
-        ("replayed-from", b"storage"),
-    ]
+    headers = RecordHeaders(
+        report.event_type, schema_id, wire_format, report.source_format, report.request_id
+    )
+    return [*headers.encode(), ("replayed-from", b"storage")]
 
 
 async def republish_from_storage(
@@ -699,7 +696,7 @@ async def replay_command(
             since,
             until,
             env=env,
-            settings=RunnerSettings.from_env(env, request.consumer, kafka),
+            settings=RunnerSettings.for_consumer(env, request.consumer, kafka),
             out=out,
             err=err,
             dry_run=request.dry_run,

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import time
-
 import aiohttp
 
 from core.secret import Secret
-from ingress.auth import SIGNATURE_HEADER, TIMESTAMP_HEADER, TOKEN_HEADER, sign
+from core.signing import sign
+from ingress.auth import TOKEN_HEADER
 
 
 def signed_headers(body: bytes, secret: Secret | None, token: Secret | None) -> dict[str, str]:
     headers = {"Content-Type": "application/json"}
     if secret is not None:
-        timestamp = str(int(time.time()))
-        headers[TIMESTAMP_HEADER] = timestamp
-        headers[SIGNATURE_HEADER] = sign(secret.reveal(), timestamp, body)
+        headers |= sign(body, secret.reveal())
     elif token is not None:
         headers[TOKEN_HEADER] = token.reveal()
     return headers

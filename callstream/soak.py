@@ -53,11 +53,10 @@ import orjson
 
 from callstream.localkafka import LocalKafka
 from core.kafkasettings import KafkaSettings
+from core.signing import WEBHOOK_PATH, sign
 from core.topicreader import read_topic
-from ingress.auth import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "samples" / "end-of-call-report.json"
-WEBHOOK = "/webhooks/flireo"
 # More than this many unanswered requests means the ingress is not answering at all; the
 # driver then counts the tick as skipped instead of piling up sockets without bound.
 MAX_IN_FLIGHT = 2000
@@ -289,12 +288,7 @@ class Driver:
     async def send(self, session: aiohttp.ClientSession) -> None:
         call_id = str(uuid.uuid4())
         body = self.body(call_id)
-        stamp = str(int(time.time()))
-        headers = {
-            "Content-Type": "application/json",
-            TIMESTAMP_HEADER: stamp,
-            SIGNATURE_HEADER: sign(self.secret, stamp, body),
-        }
+        headers = {"Content-Type": "application/json", **sign(body, self.secret)}
         self.tally.sent.add(call_id)
         try:
             async with session.post(self.url, data=body, headers=headers) as resp:
@@ -539,7 +533,7 @@ async def soak(opts: Options) -> int:
         loop = asyncio.get_running_loop()
         until = loop.time() + opts.minutes * 60
         p.started = time.monotonic()
-        driver = Driver(f"http://127.0.0.1:{ingress_port}{WEBHOOK}", secret, tally)
+        driver = Driver(f"http://127.0.0.1:{ingress_port}{WEBHOOK_PATH}", secret, tally)
         faults = asyncio.create_task(inject_faults(p, opts, until))
         await driver.run(opts.rate, until)
         await faults  # a fault under way finishes its recovery

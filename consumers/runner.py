@@ -33,7 +33,7 @@ from consumers.errors import RetryableError
 from consumers.runner_metrics import RunnerMetrics
 from core.kafkasettings import KafkaSettings
 from core.producer import durable_producer
-from core.settings import env_float, env_int, env_str
+from core.settings import EnvSettings, setting, settings_class
 from core.topicadmin import ensure_topics
 from schemas.codec import Decoder
 from schemas.errors import DecodeError, SchemaError
@@ -45,32 +45,41 @@ log = logging.getLogger(__name__)
 MAX_POLL_INTERVAL_MS = 15 * 60 * 1000
 
 
-@dataclass(frozen=True)
-class RunnerSettings:
-    group_id: str
-    topic: str
-    batch_size: int = 500
+@settings_class
+class RunnerSettings(EnvSettings):
+    group_id: str = setting(
+        "CALLSTREAM_GROUP_ID",
+        doc="Consumer group. Empty: callstream-<consumer name> (keep it empty unless you know "
+        "why).",
+    )
+    topic: str  # the Kafka settings' topic
+    batch_size: int = setting(
+        "CALLSTREAM_BATCH_SIZE",
+        default=500,
+        minimum=1,
+        doc="Most records handed to a consumer in one batch.",
+    )
     poll_timeout_seconds: float = 0.5
-    retry_initial_seconds: float = 0.5
-    retry_max_seconds: float = 30.0
+    retry_initial_seconds: float = setting(
+        "CALLSTREAM_RETRY_INITIAL_SECONDS",
+        default=0.5,
+        minimum=0.01,
+        doc="First back-off (seconds) after a retryable handler error; doubles per attempt.",
+    )
+    retry_max_seconds: float = setting(
+        "CALLSTREAM_RETRY_MAX_SECONDS",
+        default=30.0,
+        minimum=0.01,
+        doc="Longest back-off (seconds) between retries.",
+    )
     auto_offset_reset: str = "earliest"
 
     @classmethod
-    def from_env(
+    def for_consumer(
         cls, env: Mapping[str, str], consumer: str, kafka: KafkaSettings
     ) -> RunnerSettings:
-        return cls(
-            # A stable group per consumer name: restarts resume, `--scale` shares partitions.
-            group_id=env_str(env, "CALLSTREAM_GROUP_ID", f"callstream-{consumer}"),
-            topic=kafka.topic,
-            batch_size=env_int(env, "CALLSTREAM_BATCH_SIZE", cls.batch_size, minimum=1),
-            retry_initial_seconds=env_float(
-                env, "CALLSTREAM_RETRY_INITIAL_SECONDS", cls.retry_initial_seconds, minimum=0.01
-            ),
-            retry_max_seconds=env_float(
-                env, "CALLSTREAM_RETRY_MAX_SECONDS", cls.retry_max_seconds, minimum=0.01
-            ),
-        )
+        # A stable group per consumer name: restarts resume, `--scale` shares partitions.
+        return cls.from_env(env, group_id=f"callstream-{consumer}", topic=kafka.topic)
 
 
 @dataclass(frozen=True, slots=True)

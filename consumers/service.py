@@ -15,12 +15,33 @@ from consumers.runner import Runner, RunnerSettings
 from consumers.runner_metrics import RunnerMetrics
 from core.kafkasettings import KafkaSettings
 from core.opsserver import ops_server
-from core.settings import env_int, env_str
+from core.settings import EnvSettings, Setting, setting, settings_class
 from schemas.codec import Decoder
 from schemas.registry import RegistryClient
 from schemas.store import default_store
 
 log = logging.getLogger(__name__)
+
+
+@settings_class
+class ServiceSettings(EnvSettings):
+    """What every consumer service reads besides its runner's and its consumer's settings."""
+
+    host: str = setting(
+        "CALLSTREAM_METRICS_HOST",
+        default="0.0.0.0",  # noqa: S104 - scraped from outside
+        doc="Address each consumer's /metrics and /healthz server listens on.",
+    )
+
+
+def port_setting(name: str) -> Setting:
+    """CALLSTREAM_<NAME>_PORT: a variable per consumer, so that all run side by side on one
+    host, each defaulting to its registry port."""
+    return Setting(
+        f"CALLSTREAM_{name.upper().replace('-', '_')}_PORT",
+        f"Port of the {name} consumer's /metrics and /healthz.",
+        CONSUMERS[name].default_metrics_port,
+    )
 
 
 async def run_consumer(
@@ -41,11 +62,9 @@ async def run_consumer(
         loop.add_signal_handler(sig, stop.set)
     registry = CollectorRegistry()
     consumer = spec.build(env, registry)
-    settings = runner_settings or RunnerSettings.from_env(env, name, kafka)
-    host = env_str(env, "CALLSTREAM_METRICS_HOST", "0.0.0.0")  # noqa: S104 - scraped from outside
-    port = env_int(
-        env, f"CALLSTREAM_{name.upper().replace('-', '_')}_PORT", spec.default_metrics_port
-    )
+    settings = runner_settings or RunnerSettings.for_consumer(env, name, kafka)
+    host = ServiceSettings.from_env(env).host
+    port = port_setting(name).read(env, int)
     async with aiohttp.ClientSession() as session:
         registry_client = (
             RegistryClient(kafka.schema_registry_url, session)

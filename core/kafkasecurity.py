@@ -13,51 +13,77 @@ from __future__ import annotations
 
 import importlib
 import ssl
+import typing
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal, Self
 
 from aiokafka.abc import AbstractTokenProvider
 from aiokafka.helpers import create_ssl_context
 
 from core.secret import Secret
-from core.settings import SettingsError, env_bool, env_opt, env_str
+from core.settings import EnvSettings, SettingsError, setting, settings_class
 
-PROTOCOLS: Final = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
-MECHANISMS: Final = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER")
+Protocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+Mechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"]
+MECHANISMS: Final = typing.get_args(Mechanism)
 
 
-@dataclass(frozen=True)
-class KafkaSecurity:
-    protocol: str = "PLAINTEXT"
-    sasl_mechanism: str | None = None
-    sasl_username: str | None = None
-    sasl_password: Secret | None = None
-    # "package.module:factory": called with no arguments, returns an aiokafka
-    # AbstractTokenProvider. The hook for OAUTHBEARER, whose tokens only the user's identity
-    # provider can mint.
-    sasl_oauth_token_provider: str | None = None
-    ssl_cafile: Path | None = None
-    ssl_certfile: Path | None = None
-    ssl_keyfile: Path | None = None
-    ssl_key_password: Secret | None = None
-    ssl_check_hostname: bool = True
+@settings_class
+class KafkaSecurity(EnvSettings):
+    protocol: Protocol = setting(
+        "KAFKA_SECURITY_PROTOCOL",
+        default="PLAINTEXT",
+        doc="How clients talk to the brokers: PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL "
+        "(managed services: SASL_SSL).",
+    )
+    sasl_mechanism: Mechanism | None = setting(
+        "KAFKA_SASL_MECHANISM",
+        default=None,
+        doc="With SASL_*: PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 or OAUTHBEARER.",
+    )
+    sasl_username: str | None = setting(
+        "KAFKA_SASL_USERNAME", default=None, doc="SASL user (PLAIN and SCRAM)."
+    )
+    sasl_password: Secret | None = setting(
+        "KAFKA_SASL_PASSWORD", default=None, secret=True, doc="SASL password (PLAIN and SCRAM)."
+    )
+    # The hook for OAUTHBEARER, whose tokens only the user's identity provider can mint.
+    sasl_oauth_token_provider: str | None = setting(
+        "KAFKA_SASL_OAUTH_TOKEN_PROVIDER",
+        default=None,
+        doc="With OAUTHBEARER: package.module:factory, called with no arguments, returning an "
+        "aiokafka AbstractTokenProvider.",
+    )
+    ssl_cafile: Path | None = setting(
+        "KAFKA_SSL_CAFILE",
+        default=None,
+        doc="PEM file of the CA(s) that signed the brokers' certificates. Empty: the system's "
+        "trust store.",
+    )
+    ssl_certfile: Path | None = setting(
+        "KAFKA_SSL_CERTFILE",
+        default=None,
+        doc="Client certificate (PEM) for mutual TLS; goes with KAFKA_SSL_KEYFILE.",
+    )
+    ssl_keyfile: Path | None = setting(
+        "KAFKA_SSL_KEYFILE", default=None, doc="Client private key (PEM) for mutual TLS."
+    )
+    ssl_key_password: Secret | None = setting(
+        "KAFKA_SSL_KEY_PASSWORD",
+        default=None,
+        secret=True,
+        doc="Password of KAFKA_SSL_KEYFILE, if it is encrypted.",
+    )
+    ssl_check_hostname: bool = setting(
+        "KAFKA_SSL_CHECK_HOSTNAME",
+        default=True,
+        doc="Check that a broker's certificate names the host connected to. Leave on.",
+    )
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> KafkaSecurity:
-        security = cls(
-            protocol=env_str(env, "KAFKA_SECURITY_PROTOCOL", "PLAINTEXT").upper(),
-            sasl_mechanism=_upper(env_opt(env, "KAFKA_SASL_MECHANISM")),
-            sasl_username=env_opt(env, "KAFKA_SASL_USERNAME"),
-            sasl_password=_secret(env_opt(env, "KAFKA_SASL_PASSWORD")),
-            sasl_oauth_token_provider=env_opt(env, "KAFKA_SASL_OAUTH_TOKEN_PROVIDER"),
-            ssl_cafile=_path(env_opt(env, "KAFKA_SSL_CAFILE")),
-            ssl_certfile=_path(env_opt(env, "KAFKA_SSL_CERTFILE")),
-            ssl_keyfile=_path(env_opt(env, "KAFKA_SSL_KEYFILE")),
-            ssl_key_password=_secret(env_opt(env, "KAFKA_SSL_KEY_PASSWORD")),
-            ssl_check_hostname=env_bool(env, "KAFKA_SSL_CHECK_HOSTNAME", True),
-        )
+    def from_env(cls, env: Mapping[str, str], **given: Any) -> Self:
+        security = super().from_env(env, **given)
         security.check()
         return security
 
@@ -72,10 +98,6 @@ class KafkaSecurity:
     def check(self) -> None:
         """Refuse combinations no broker could accept, naming the variable to fix, at
         start-up rather than as a retry loop later."""
-        if self.protocol not in PROTOCOLS:
-            raise SettingsError(
-                f"KAFKA_SECURITY_PROTOCOL={self.protocol!r} is not one of {', '.join(PROTOCOLS)}"
-            )
         if self.uses_sasl:
             self._check_sasl()
         elif self.sasl_mechanism or self.sasl_username or self.sasl_password:
@@ -108,10 +130,6 @@ class KafkaSecurity:
             raise SettingsError(
                 f"KAFKA_SECURITY_PROTOCOL={self.protocol} needs KAFKA_SASL_MECHANISM"
                 f" ({', '.join(MECHANISMS)})"
-            )
-        if mechanism not in MECHANISMS:
-            raise SettingsError(
-                f"KAFKA_SASL_MECHANISM={mechanism!r} is not one of {', '.join(MECHANISMS)}"
             )
         if mechanism == "OAUTHBEARER":
             if not self.sasl_oauth_token_provider:
@@ -170,15 +188,3 @@ class KafkaSecurity:
                 f" {type(provider).__name__}, not an aiokafka AbstractTokenProvider"
             )
         return provider
-
-
-def _upper(value: str | None) -> str | None:
-    return value.upper() if value else None
-
-
-def _secret(value: str | None) -> Secret | None:
-    return Secret(value) if value else None
-
-
-def _path(value: str | None) -> Path | None:
-    return Path(value).expanduser() if value else None

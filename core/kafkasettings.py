@@ -3,54 +3,82 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final, Self
 
-from core.settings import env_int, env_opt, env_str
+from core.kafkasecurity import KafkaSecurity
+from core.settings import EnvSettings, declared, setting, settings_class
 
 DEFAULT_TOPIC = "flireo.end-of-call-report"
 DEFAULT_EVENTS_TOPIC = "flireo.events"
 
 
-@dataclass(frozen=True)
-class KafkaSettings:
-    bootstrap_servers: str
-    topic: str = DEFAULT_TOPIC
-    events_topic: str = DEFAULT_EVENTS_TOPIC
-    schema_registry_url: str | None = None
+@settings_class
+class KafkaSettings(EnvSettings):
+    # from_env(env, bootstrap_servers=<the local broker>) when the variable may be unset.
+    bootstrap_servers: str = setting(
+        "KAFKA_BOOTSTRAP_SERVERS",
+        doc="Kafka brokers, host:port[,host:port]. Empty: `callstream run` starts a local "
+        "KRaft broker; `callstream ingress` / `callstream consumer` refuse to start without one.",
+    )
+    topic: str = setting(
+        "CALLSTREAM_TOPIC",
+        default=DEFAULT_TOPIC,
+        doc="Topic the ingress writes end-of-call reports to and the consumers read.",
+    )
+    events_topic: str = setting(
+        "CALLSTREAM_EVENTS_TOPIC",
+        default=DEFAULT_EVENTS_TOPIC,
+        doc="Topic for the other Flireo events (status updates, ...).",
+    )
+    schema_registry_url: str | None = setting(
+        "CALLSTREAM_SCHEMA_REGISTRY_URL",
+        default=None,
+        doc="Confluent-compatible schema registry (Karapace, Confluent, Apicurio "
+        ".../apis/ccompat/v7). Empty: records carry the schema fingerprint (Avro single-object "
+        "encoding), no registry.",
+    )
     client_id: str = "callstream"
     # Partitions cap how many instances of one consumer can share the work.
-    partitions: int = 6
-    replication_factor: int = 1
-    retention_ms: int | None = None  # None: the broker's default (7 days on stock Kafka)
+    partitions: int = setting(
+        "CALLSTREAM_TOPIC_PARTITIONS",
+        default=6,
+        minimum=1,
+        doc="Partitions of the topics callstream creates at start-up (existing topics are left "
+        "alone). They cap how many instances of one consumer can work in parallel.",
+    )
+    replication_factor: int = setting(
+        "CALLSTREAM_TOPIC_REPLICATION_FACTOR",
+        default=1,
+        minimum=1,
+        doc="Replication factor of the topics callstream creates (1 for a single broker).",
+    )
+    retention_ms: int | None = setting(
+        "CALLSTREAM_TOPIC_RETENTION_MS",
+        default=None,  # the broker's default (7 days on stock Kafka)
+        minimum=-1,
+        doc="retention.ms of the topics callstream creates (-1: forever). Empty: the broker's "
+        "default.",
+    )
+
+    security: KafkaSecurity = KafkaSecurity()
 
     @classmethod
-    def from_env(
-        cls, env: Mapping[str, str], *, bootstrap_servers: str | None = None
-    ) -> KafkaSettings:
-        """`bootstrap_servers`: the local broker, used when KAFKA_BOOTSTRAP_SERVERS is unset."""
-        bootstrap = env_opt(env, "KAFKA_BOOTSTRAP_SERVERS") or bootstrap_servers
-        if not bootstrap:
-            raise ValueError("KAFKA_BOOTSTRAP_SERVERS is not set and no local broker was started")
-        return cls(
-            bootstrap_servers=bootstrap,
-            topic=env_str(env, "CALLSTREAM_TOPIC", DEFAULT_TOPIC),
-            events_topic=env_str(env, "CALLSTREAM_EVENTS_TOPIC", DEFAULT_EVENTS_TOPIC),
-            schema_registry_url=env_opt(env, "CALLSTREAM_SCHEMA_REGISTRY_URL"),
-            partitions=env_int(env, "CALLSTREAM_TOPIC_PARTITIONS", cls.partitions, minimum=1),
-            replication_factor=env_int(
-                env, "CALLSTREAM_TOPIC_REPLICATION_FACTOR", cls.replication_factor, minimum=1
-            ),
-            retention_ms=(
-                env_int(env, "CALLSTREAM_TOPIC_RETENTION_MS", 0, minimum=-1)
-                if env_opt(env, "CALLSTREAM_TOPIC_RETENTION_MS")
-                else None
-            ),
-        )
+    def from_env(cls, env: Mapping[str, str], **given: Any) -> Self:
+        given.setdefault("security", KafkaSecurity.from_env(env))
+        return super().from_env(env, **given)
 
     @property
     def dlq_topic(self) -> str:
         return f"{self.topic}.dlq"
 
     def client_kwargs(self) -> dict[str, Any]:
-        return {"bootstrap_servers": self.bootstrap_servers, "client_id": self.client_id}
+        """What every Kafka client callstream makes is given: where, who, and how securely."""
+        return {
+            "bootstrap_servers": self.bootstrap_servers,
+            "client_id": self.client_id,
+            **self.security.client_kwargs(),
+        }
+
+
+# What the command checks before it decides to use (or start) the local broker instead.
+BOOTSTRAP: Final = declared(KafkaSettings)["bootstrap_servers"]

@@ -18,6 +18,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
+from core.signing import WEBHOOK_PATH
 from ingress import openapi, ratelimit
 from ingress.auth import Authenticator
 from ingress.body import decode_content, read_wire_body
@@ -33,6 +34,7 @@ from ingress.settings import IngressSettings
 from schemas import jsonvalue
 from schemas.codec import Encoder, registry_encoder, single_object_encoder
 from schemas.errors import InvalidReport, SchemaError
+from schemas.headers import RecordHeaders
 from schemas.normalise import Normalised, normalise
 from schemas.registry import RegistryClient
 from schemas.store import END_OF_CALL_REPORT, FLIREO_EVENT, SchemaStore, default_store
@@ -46,7 +48,6 @@ AUTH = web.AppKey("auth", Authenticator)
 ENCODERS = web.AppKey("encoders", dict[str, Encoder])
 REQUEST_ID = web.RequestKey("request_id", str)
 
-WEBHOOK_PATH = "/webhooks/flireo"
 # aiohttp would otherwise inflate gzip bodies itself, before the signature (which covers
 # the bytes as sent) can be checked and without our decompressed-size limit.
 RUNNER_OPTIONS: dict[str, Any] = {"auto_decompress": False, "access_log": None}
@@ -235,13 +236,13 @@ def _outgoing(app: web.Application, event: Normalised, request_id: str) -> Outgo
         topic=topic,
         key=event.call_id.encode() if event.call_id is not None else None,
         value=value,
-        headers=(
-            ("event-type", event.event_type.encode()),
-            ("schema-id", encoder.schema_id.encode()),
-            ("wire-format", encoder.wire_format.encode()),
-            ("source-format", event.source_format.encode()),
-            ("request-id", request_id.encode()),
-        ),
+        headers=RecordHeaders(
+            event.event_type,
+            encoder.schema_id,
+            encoder.wire_format,
+            event.source_format,
+            request_id,
+        ).encode(),
     )
 
 

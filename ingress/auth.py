@@ -11,17 +11,10 @@ import time
 from collections.abc import Mapping
 
 from core.secret import Secret
-from core.signing import hmac_hex
+from core.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
 from ingress.errors import unauthorized
 
-SIGNATURE_HEADER = "X-Webhook-Signature"
-TIMESTAMP_HEADER = "X-Webhook-Timestamp"
 TOKEN_HEADER = "X-Callstream-Token"  # noqa: S105 - a header name, not a secret
-
-
-def sign(secret: str, timestamp: str, body: bytes) -> str:
-    """Flireo's scheme: hex HMAC-SHA256(secret, timestamp + "." + body)."""
-    return hmac_hex(secret.encode(), timestamp, body)
 
 
 def _timestamp_seconds(raw: str) -> float:
@@ -82,13 +75,5 @@ class Authenticator:
             raise unauthorized(
                 f"{TIMESTAMP_HEADER} is more than {self._tolerance} s away from the server's clock"
             )
-        presented = signature.strip()
-        if presented.startswith("sha256="):
-            presented = presented[len("sha256=") :]
-        presented_bytes = presented.lower().encode()
-        matched = [
-            hmac.compare_digest(presented_bytes, hmac_hex(s, timestamp, body).encode())
-            for s in self._secrets
-        ]
-        if not any(matched):
+        if not verify(body, timestamp, signature, self._secrets):
             raise unauthorized("signature does not match")

@@ -23,24 +23,24 @@ from aiohttp import web
 
 from core import __version__
 from core.kafkasettings import KafkaSettings
-from ingress.auth import SIGNATURE_HEADER, TIMESTAMP_HEADER, TOKEN_HEADER
+from core.signing import SIGNATURE_HEADER, SIGNATURE_PREFIX, TIMESTAMP_HEADER, WEBHOOK_PATH
+from ingress.auth import TOKEN_HEADER
 from ingress.errors import PROBLEM_CONTENT_TYPE
 from ingress.settings import IngressSettings
 
-# The marker keys and the event-time window are the normaliser's own (private) values: the
-# schema must tell the formats apart and bound times exactly as the normaliser does.
+# The normaliser's own marker keys and event-time window: the schema must tell the formats
+# apart and bound times exactly as the normaliser does.
 from schemas.normalise import (
-    _CAMEL_MARKERS,
-    _MAX_MS,
-    _MIN_MS,
-    _SNAKE_MARKERS,
+    CAMEL_CASE_MARKERS,
     END_OF_CALL_REPORT_TYPE,
     MAX_CALL_ID_LENGTH,
+    MAX_EVENT_TIME_MS,
+    MIN_EVENT_TIME_MS,
     REQUEST_RESPONSE_TYPES,
+    SNAKE_CASE_MARKERS,
 )
 
 PATH: Final = "/openapi.json"
-WEBHOOK_PATH: Final = "/webhooks/flireo"  # ingress.app's, which imports this module
 JSON: Final = "application/json"
 _SCHEMAS: Final = "#/components/schemas/"
 _RESPONSES: Final = "#/components/responses/"
@@ -78,8 +78,8 @@ def _schemas() -> dict[str, Any]:
     }
     epoch_ms = {
         "type": "integer",
-        "minimum": _MIN_MS,
-        "exclusiveMaximum": _MAX_MS,
+        "minimum": MIN_EVENT_TIME_MS,
+        "exclusiveMaximum": MAX_EVENT_TIME_MS,
         "description": "Epoch milliseconds, 2000-01-01 .. 2100-01-01.",
     }
     timestamp = {
@@ -215,7 +215,7 @@ def _nested(*, snake: bool) -> dict[str, Any]:
     def key(camel: str, snake_name: str) -> str:
         return snake_name if snake else camel
 
-    markers = [{"required": [marker]} for marker in _SNAKE_MARKERS]
+    markers = [{"required": [marker]} for marker in SNAKE_CASE_MARKERS]
     message: dict[str, Any] = {
         "type": "object",
         "required": ["type"],
@@ -249,8 +249,8 @@ def _nested(*, snake: bool) -> dict[str, Any]:
         title = "NestedSnake"
         description = (
             "The current shape as one version of Flireo's docs spells it: at least one "
-            f"snake_case key ({', '.join(_SNAKE_MARKERS)}); a message with more of these than "
-            f"of their camelCase twins ({', '.join(_CAMEL_MARKERS)}) is read as snake_case."
+            f"snake_case key ({', '.join(SNAKE_CASE_MARKERS)}); a message with more of these than "
+            f"of their camelCase twins ({', '.join(CAMEL_CASE_MARKERS)}) is read as snake_case."
         )
     else:
         message["not"] = {"anyOf": markers}
@@ -512,7 +512,7 @@ def document(settings: IngressSettings) -> dict[str, Any]:
                     "name": SIGNATURE_HEADER,
                     "description": (
                         "hex HMAC-SHA256(secret, timestamp + '.' + raw body), optionally "
-                        "prefixed `sha256=`; any of the comma-separated "
+                        f"prefixed `{SIGNATURE_PREFIX}`; any of the comma-separated "
                         "CALLSTREAM_WEBHOOK_SECRET values."
                     ),
                 },

@@ -38,8 +38,9 @@ REQUEST_RESPONSE_TYPES = frozenset(
 )
 _EVENT_TYPE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 MAX_CALL_ID_LENGTH = 256
-# Sanity window for event times: 2000-01-01 .. 2100-01-01 in epoch milliseconds.
-_MIN_MS, _MAX_MS = 946_684_800_000, 4_102_444_800_000
+# Sanity window for event times: 2000-01-01 .. 2100-01-01 in epoch milliseconds (the
+# OpenAPI document states the same bounds).
+MIN_EVENT_TIME_MS, MAX_EVENT_TIME_MS = 946_684_800_000, 4_102_444_800_000
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -86,7 +87,7 @@ def _epoch_ms(value: Any, pointer: str) -> int:
         raise InvalidReport(
             pointer, f"must be an integer of epoch milliseconds, not {_json_type(value)}"
         )
-    if not _MIN_MS <= value < _MAX_MS:
+    if not MIN_EVENT_TIME_MS <= value < MAX_EVENT_TIME_MS:
         raise InvalidReport(pointer, "epoch milliseconds outside 2000..2100")
     return value
 
@@ -222,9 +223,10 @@ FIELDS: dict[SourceFormat, tuple[_Field, ...]] = {
     "NESTED_CAMEL": _nested(snake=False),
     "NESTED_SNAKE": _nested(snake=True),
 }
-# Keys only the snake_case docs use; any of them marks a nested payload as snake_case.
-_SNAKE_MARKERS = ("phone_number", "duration_seconds", "ended_reason", "recording_url")
-_CAMEL_MARKERS = ("phoneNumber", "durationSeconds", "endedReason", "recordingUrl")
+# Keys only the snake_case docs use; any of them marks a nested payload as snake_case (the
+# OpenAPI document tells the formats apart by the same keys).
+SNAKE_CASE_MARKERS = ("phone_number", "duration_seconds", "ended_reason", "recording_url")
+CAMEL_CASE_MARKERS = ("phoneNumber", "durationSeconds", "endedReason", "recordingUrl")
 
 
 def detect_format(payload: Any) -> SourceFormat:
@@ -239,8 +241,8 @@ def detect_format(payload: Any) -> SourceFormat:
         )
     if not isinstance(message, dict):
         raise InvalidReport("/message", f"must be an object, not {_json_type(message)}")
-    snake = sum(marker in message for marker in _SNAKE_MARKERS)
-    camel = sum(marker in message for marker in _CAMEL_MARKERS)
+    snake = sum(marker in message for marker in SNAKE_CASE_MARKERS)
+    camel = sum(marker in message for marker in CAMEL_CASE_MARKERS)
     return "NESTED_SNAKE" if snake > camel else "NESTED_CAMEL"
 
 

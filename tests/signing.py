@@ -1,18 +1,11 @@
-"""Request headers the way Flireo signs them."""
+"""Request headers the way Flireo signs them, with the content type a real post carries."""
 
 from __future__ import annotations
 
-import time
-
-from ingress.auth import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
+from core.signing import sign
 
 
 def signed(
-    body: bytes, secret: str, *, at: float | None = None, prefix: str = ""
+    body: bytes, secret: str, *, at: float | None = None, prefixed: bool = False
 ) -> dict[str, str]:
-    timestamp = str(int(time.time() if at is None else at))
-    return {
-        "Content-Type": "application/json",
-        TIMESTAMP_HEADER: timestamp,
-        SIGNATURE_HEADER: prefix + sign(secret, timestamp, body),
-    }
+    return {"Content-Type": "application/json", **sign(body, secret, at=at, prefixed=prefixed)}

@@ -4,26 +4,28 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import time
+from pathlib import Path
 
 import pytest
 
+from callstream.bench.pool import BodyTemplate, signed_requests, write_wrk_script
 from core.kafkasettings import KafkaSettings
 from core.secret import Secret
-from ingress.auth import SIGNATURE_HEADER, TIMESTAMP_HEADER, TOKEN_HEADER, Authenticator, sign
+from core.signing import EVENT_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, WEBHOOK_PATH, sign
+from ingress.auth import TOKEN_HEADER, Authenticator
 from ingress.errors import Problem
 from ingress.settings import IngressSettings
 from tests.conftest import TEST_SECRET, Client, start_ingress
 from tests.signing import signed
 from tests.support.topics import read_back
 
-WEBHOOK = "/webhooks/flireo"
-
 
 async def _post(
     client: Client, body: bytes, headers: dict[str, str]
 ) -> tuple[int, dict[str, object]]:
-    resp = await client.post(WEBHOOK, data=body, headers=headers)
+    resp = await client.post(WEBHOOK_PATH, data=body, headers=headers)
     payload = await resp.json(content_type=None)
     return resp.status, payload
 
@@ -52,7 +54,7 @@ async def test_signature_matrix_and_nothing_published_for_refusals(
 
     for name, headers in [
         ("plain hex", signed(sample_bytes, TEST_SECRET)),
-        ("sha256= prefix", signed(sample_bytes, TEST_SECRET, prefix="sha256=")),
+        ("sha256= prefix", signed(sample_bytes, TEST_SECRET, prefixed=True)),
         ("milliseconds timestamp", _signed_ms(sample_bytes, TEST_SECRET)),
     ]:
         got, answer = await _post(ingress, sample_bytes, headers)
@@ -61,8 +63,7 @@ async def test_signature_matrix_and_nothing_published_for_refusals(
 
 
 def _signed_ms(body: bytes, secret: str) -> dict[str, str]:
-    timestamp = str(int(time.time() * 1000))
-    return {TIMESTAMP_HEADER: timestamp, SIGNATURE_HEADER: sign(secret, timestamp, body)}
+    return sign(body, secret, at=time.time() * 1000)
 
 
 async def test_rotated_secrets_both_verify(
@@ -126,11 +127,25 @@ def test_secrets_never_print() -> None:
 def test_authenticator_compares_against_every_secret() -> None:
     auth = Authenticator((Secret("a"), Secret("b")), (), tolerance_seconds=300)
     body = b"{}"
-    ts = str(int(time.time()))
-    assert (
-        auth.check({TIMESTAMP_HEADER: ts, SIGNATURE_HEADER: sign("b", ts, body)}, body)
-        == "signature"
-    )
+    assert auth.check(sign(body, "b"), body) == "signature"
     with pytest.raises(Problem) as refused:
-        auth.check({TIMESTAMP_HEADER: ts, SIGNATURE_HEADER: sign("c", ts, body)}, body)
+        auth.check(sign(body, "c"), body)
     assert refused.value.status == 401
+
+
+def test_bench_requests_and_wrk_script_agree_with_the_signing_contract(tmp_path: Path) -> None:
+    # wrk's Lua cannot sign, so the bench signs in Python and the script replays raw bytes;
+    # any header name or path the script spells for itself must be core.signing's.
+    template = BodyTemplate("tiny", b'{"callId": "00000000-0000-4000-8000-000000000000"}')
+    (request,) = signed_requests(template, 1, secret=TEST_SECRET, host="h")
+    head, _, body = request.raw.partition(b"\r\n\r\n")
+    request_line, *header_lines = head.decode().split("\r\n")
+    assert request_line == f"POST {WEBHOOK_PATH} HTTP/1.1"
+    headers = dict(line.split(": ", 1) for line in header_lines)
+    auth = Authenticator((Secret(TEST_SECRET),), (), tolerance_seconds=300)
+    assert auth.check(headers, body) == "signature"
+
+    script = write_wrk_script(tmp_path / "wrk.lua", [request]).read_text(encoding="utf-8")
+    spelled = set(re.findall(r"X-Webhook-[A-Za-z]+|/webhooks/[a-z]+", script))
+    assert spelled <= {SIGNATURE_HEADER, TIMESTAMP_HEADER, EVENT_HEADER, WEBHOOK_PATH}
+    assert {SIGNATURE_HEADER, TIMESTAMP_HEADER, WEBHOOK_PATH} <= spelled

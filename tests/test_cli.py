@@ -15,6 +15,7 @@ import orjson
 
 from callstream.ports import free_port
 from core.kafkasettings import KafkaSettings
+from core.signing import WEBHOOK_PATH
 from tests.signing import signed
 from tests.support.cli import run_cli
 from tests.support.produce import produce_reports, sample_report
@@ -114,7 +115,7 @@ async def test_ingress_sigterm_finishes_in_flight_requests_and_flushes(
                 body = orjson.dumps(sample_report(call_id))
                 try:
                     async with session.post(
-                        f"{url}/webhooks/flireo", data=body, headers=signed(body, secret)
+                        f"{url}{WEBHOOK_PATH}", data=body, headers=signed(body, secret)
                     ) as resp:
                         if resp.status == 202:
                             accepted.append(call_id)
@@ -138,3 +139,19 @@ async def test_ingress_sigterm_finishes_in_flight_requests_and_flushes(
     assert accepted, "no request was in flight when shutdown began"
     landed = await read_back(kafka, kafka.topic, expect=len(accepted))
     assert {item.raw.key.decode() for item in landed if item.raw.key} >= set(accepted)
+
+
+def test_settings_env_example_prints_the_checked_in_file() -> None:
+    # Whatever the caller's environment holds, the example shows the declared defaults.
+    env = _env(CALLSTREAM_INGRESS_PORT="9999", CALLSTREAM_WEBHOOK_SECRET="not-shown")
+    done = run_cli("settings", "--env-example", env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == (Path(__file__).resolve().parents[1] / ".env.example").read_text()
+    assert "not-shown" not in done.stdout
+
+
+def test_a_bad_setting_is_a_configuration_error_naming_the_variable() -> None:
+    env = _env(KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:1", CALLSTREAM_MAX_JSON_DEPTH="1")
+    done = run_cli("ingress", env=env)
+    assert done.returncode == 2
+    assert "CALLSTREAM_MAX_JSON_DEPTH=1 is below the minimum 2" in done.stderr

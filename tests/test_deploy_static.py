@@ -1,15 +1,15 @@
 """The deployment files agree with the code: compose, Dockerfile, .env.example, Prometheus
 and Grafana.
 
-No Docker engine and no network: the files are parsed, the environment variables and metric
-names are collected from the code itself, and Prometheus's own promtool (Debian `prometheus`,
-scripts/install-system-deps) checks the Prometheus configs, the alert rules, how the alerts
-behave on synthetic series, and that every dashboard query parses.
+No Docker engine and no network: the files are parsed, the environment variables come from
+the settings declarations (core.settings) and the metric names from the code itself, and
+Prometheus's own promtool (Debian `prometheus`, scripts/install-system-deps) checks the
+Prometheus configs, the alert rules, how the alerts behave on synthetic series, and that every
+dashboard query parses.
 """
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import re
@@ -17,7 +17,7 @@ import shutil
 import subprocess
 import sys
 import tomllib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from fnmatch import fnmatch
 from functools import cache
 from pathlib import Path
@@ -26,9 +26,12 @@ from typing import Any
 import yaml
 from prometheus_client import CollectorRegistry
 
+from callstream.envexample import all_settings, render
 from consumers.alerting import EmailChannel, load_rule_file
 from consumers.registry import CONSUMERS
 from consumers.runner_metrics import RunnerMetrics
+from consumers.service import port_setting
+from consumers.settings_catalogue import BY_CONSUMER
 from ingress.metrics import IngressMetrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,8 +50,16 @@ GRAFANA_PROVIDER = GRAFANA_DIR / "provisioning" / "dashboards" / "callstream.yml
 
 CODE_PACKAGES = ("core", "callstream", "ingress", "consumers", "schemas")
 ENV_NAME = re.compile(r"^(?:CALLSTREAM|KAFKA)_[A-Z0-9_]+$")
-# Functions and methods that look a variable up: env_str(env, "X", ...), env.get("X"), ...
-ENV_LOOKUPS = frozenset({"env_str", "env_int", "env_float", "env_opt", "env_bool", "get", "getenv"})
+# A quoted variable name in the code: a lookup, or an environment built for a child process.
+QUOTED_ENV_NAME = re.compile(r"[\"'](?P<name>(?:CALLSTREAM|KAFKA)_[A-Z0-9_]+)[\"']")
+# Quoted names of that shape that are Python names, not variables (localkafka's __all__).
+NOT_VARIABLES = frozenset({"KAFKA_VERSION"})
+# The modules whose settings are listed in consumers/settings_catalogue.py, not declared.
+CATALOGUED = {
+    "storage": "storage.py",
+    "alerting": "alerting/settings.py",
+    "metrics": "metrics/settings.py",
+}
 # The consumers compose must run (each also has to be in consumers/registry.py).
 COMPOSE_CONSUMERS = ("storage", "alerting", "metrics")
 INGRESS_PORT = 8080
@@ -147,8 +158,7 @@ def metrics_port(name: str) -> int:
 
 
 def port_variable(name: str) -> str:
-    # The same transformation as consumers/service.py (checked by a test below).
-    return f"CALLSTREAM_{name.upper().replace('-', '_')}_PORT"
+    return port_setting(name).env
 
 
 def load_yaml(path: Path) -> dict[str, Any]:
@@ -185,39 +195,15 @@ def alert_rules() -> list[dict[str, Any]]:
 # -- what the code reads and exports ---------------------------------------------------------
 
 
-def _python_files() -> Iterator[Path]:
-    for package in CODE_PACKAGES:
-        yield from sorted((ROOT / package).rglob("*.py"))
-
-
-def _lookup_name(node: ast.AST) -> str | None:
-    if isinstance(node, ast.Name):
-        return node.id
-    if isinstance(node, ast.Attribute):
-        return node.attr
-    return None
+def quoted_variable_names(path: Path) -> set[str]:
+    found = QUOTED_ENV_NAME.finditer(path.read_text(encoding="utf-8"))
+    return {m["name"] for m in found} - NOT_VARIABLES
 
 
 @cache
 def variables_read_by_code() -> frozenset[str]:
-    """Literal names in env lookups, plus CALLSTREAM_<NAME>_PORT per registered consumer."""
-    names: set[str] = set()
-    for path in _python_files():
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
-            literals: list[ast.expr] = []
-            if isinstance(node, ast.Call) and _lookup_name(node.func) in ENV_LOOKUPS:
-                literals = list(node.args)
-            elif isinstance(node, ast.Subscript):
-                literals = [node.slice]
-            for arg in literals:
-                if (
-                    isinstance(arg, ast.Constant)
-                    and isinstance(arg.value, str)
-                    and ENV_NAME.match(arg.value)
-                ):
-                    names.add(arg.value)
-    names.update(port_variable(name) for name in CONSUMERS)
-    return frozenset(names)
+    """Every variable the settings declarations name (what from_env reads)."""
+    return frozenset(setting.env for setting in all_settings())
 
 
 def env_example() -> dict[str, str]:
@@ -500,14 +486,34 @@ def test_compose_alert_rules_load_and_mail_the_catcher(tmp_path: Path) -> None:
 # -- environment variables -------------------------------------------------------------------
 
 
-def test_the_per_consumer_port_variable_is_built_as_assumed() -> None:
-    tree = ast.parse((ROOT / "consumers" / "service.py").read_text(encoding="utf-8"))
-    shapes = [
-        [part.value for part in node.values if isinstance(part, ast.Constant)]
-        for node in ast.walk(tree)
-        if isinstance(node, ast.JoinedStr)
-    ]
-    assert ["CALLSTREAM_", "_PORT"] in shapes, "port_variable() no longer mirrors the code"
+def test_env_example_is_generated_from_the_declarations() -> None:
+    assert ENV_EXAMPLE.read_text(encoding="utf-8") == render(), (
+        "regenerate: callstream settings --env-example > .env.example"
+    )
+
+
+def test_declared_variables_are_callstream_names_each_declared_once() -> None:
+    names = [setting.env for setting in all_settings()]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
+    assert all(ENV_NAME.match(name) for name in names), names
+
+
+def test_code_spells_only_declared_variables() -> None:
+    # A variable read around the declarations (or a typo in a child's environment) shows up
+    # as a quoted name no declaration knows.
+    for package in CODE_PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            unknown = quoted_variable_names(path) - variables_read_by_code()
+            assert not unknown, f"{path.relative_to(ROOT)} spells undeclared {sorted(unknown)}"
+
+
+def test_catalogued_consumers_list_exactly_what_their_modules_read() -> None:
+    # Until their settings classes declare their fields, the catalogue is checked against
+    # the names each module spells.
+    assert set(BY_CONSUMER) == set(CATALOGUED)
+    for name, module in CATALOGUED.items():
+        spelled = quoted_variable_names(ROOT / "consumers" / module)
+        assert spelled == {setting.env for setting in BY_CONSUMER[name]}, module
 
 
 def test_env_example_lists_every_variable_the_code_reads() -> None:

@@ -26,6 +26,7 @@ import orjson
 import pytest
 
 from core.kafkasettings import KafkaSettings
+from core.signing import WEBHOOK_PATH
 from tests.conftest import TEST_SECRET, Client
 from tests.signing import signed
 from tests.support.samples import SAMPLE
@@ -116,7 +117,7 @@ async def test_java_decodes_what_the_ingress_published(
 ) -> None:
     kcat = _tool("kcat")
     body = SAMPLE.read_bytes()
-    resp = await ingress.post("/webhooks/flireo", data=body, headers=signed(body, TEST_SECRET))
+    resp = await ingress.post(WEBHOOK_PATH, data=body, headers=signed(body, TEST_SECRET))
     assert resp.status == 202, await resp.text()
     [landed] = await read_back(kafka, kafka.topic, expect=1)
 

@@ -23,12 +23,12 @@ from hypothesis import strategies as st
 
 from core.kafkasettings import KafkaSettings
 from core.secret import Secret
+from core.signing import WEBHOOK_PATH
 from ingress.settings import IngressSettings
 from tests.conftest import TEST_SECRET, Client, start_ingress
 from tests.signing import signed
 from tests.support.samples import SAMPLE
 
-WEBHOOK = "/webhooks/flireo"
 BODY_TIMEOUT = 1.5
 LIMIT = 1_000_000
 # One ingress serves every example in a row on purpose: it must survive all of them.
@@ -73,7 +73,7 @@ def _fresh_report() -> bytes:
 
 async def post(client: Client, body: bytes, **headers: str) -> tuple[int, str, dict[str, Any]]:
     """Signed POST; (status, content type, parsed body or {})."""
-    resp = await client.post(WEBHOOK, data=body, headers=signed(body, TEST_SECRET) | headers)
+    resp = await client.post(WEBHOOK_PATH, data=body, headers=signed(body, TEST_SECRET) | headers)
     text = await resp.read()
     parsed = orjson.loads(text) if resp.content_type.endswith("json") else {}
     return resp.status, resp.content_type, parsed
@@ -319,7 +319,7 @@ async def test_oversized_body_chunked_without_content_length_gets_413(hostile: C
             yield chunk
 
     headers = signed(b"unknowable", TEST_SECRET)
-    resp = await hostile.post(WEBHOOK, data=body(), headers=headers)
+    resp = await hostile.post(WEBHOOK_PATH, data=body(), headers=headers)
     assert resp.request_info.headers.get("Transfer-Encoding") == "chunked"
     assert "Content-Length" not in resp.request_info.headers
     assert resp.status == 413
@@ -333,7 +333,7 @@ async def test_content_length_lie_is_refused_before_reading(hostile: Client) -> 
     reader, writer = await asyncio.open_connection(host, port)
     try:
         writer.write(
-            f"POST {WEBHOOK} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"POST {WEBHOOK_PATH} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {LIMIT * 1000}\r\n\r\n".encode()
         )
         await writer.drain()
@@ -364,7 +364,7 @@ async def test_slow_sender_gets_408_and_others_are_served_meanwhile(hostile: Cli
 
     async def trickle() -> None:
         """The headers at once, then the body three bytes every half second (~10 min)."""
-        writer.write(f"POST {WEBHOOK} HTTP/1.1\r\n{head}\r\n".encode())
+        writer.write(f"POST {WEBHOOK_PATH} HTTP/1.1\r\n{head}\r\n".encode())
         await writer.drain()
         for offset in range(0, len(body), 3):
             writer.write(body[offset : offset + 3])
@@ -421,7 +421,7 @@ async def test_replayed_request_outside_the_tolerance_gets_401(
     for at in (time.time() - tolerance - 5, time.time() + tolerance + 5):
         # A genuine signature, captured and sent again later (or from a skewed clock).
         headers = signed(body, TEST_SECRET, at=at)
-        resp = await hostile.post(WEBHOOK, data=body, headers=headers)
+        resp = await hostile.post(WEBHOOK_PATH, data=body, headers=headers)
         assert resp.status == 401
         assert_refused_properly(resp.status, resp.content_type, await resp.json())
 
@@ -438,7 +438,7 @@ async def test_signature_over_different_bytes_gets_401(hostile: Client) -> None:
         (body, signed(body + b" ", TEST_SECRET)),
     ]
     for wire, headers in cases:
-        resp = await hostile.post(WEBHOOK, data=wire, headers=headers)
+        resp = await hostile.post(WEBHOOK_PATH, data=wire, headers=headers)
         assert resp.status == 401
         assert_refused_properly(resp.status, resp.content_type, await resp.json())
     await assert_still_serving(hostile)

@@ -16,8 +16,10 @@ import pytest
 from aiohttp import web
 
 from core.kafkasettings import KafkaSettings
+from core.signing import WEBHOOK_PATH
 from ingress.app import RUNNER_OPTIONS, create_app
 from ingress.settings import IngressSettings
+from schemas.headers import RecordHeaders
 from schemas.report import CallReport
 from schemas.store import default_store
 from tests.conftest import TEST_SECRET, Client, start_ingress, wait_drained
@@ -26,7 +28,6 @@ from tests.support.samples import SAMPLE
 from tests.support.topics import read_all, read_back
 
 DATA = Path(__file__).parent / "data"
-WEBHOOK = "/webhooks/flireo"
 
 
 def _load(name: str) -> bytes:
@@ -45,19 +46,21 @@ async def test_report_read_back_from_topic_equals_input(
     ingress: Client, kafka: KafkaSettings, fixture: str, source_format: str, call_id: str
 ) -> None:
     body = _load(fixture)
-    resp = await ingress.post(WEBHOOK, data=body, headers=signed(body, TEST_SECRET))
+    resp = await ingress.post(WEBHOOK_PATH, data=body, headers=signed(body, TEST_SECRET))
     assert resp.status == 202, await resp.text()
     answer = await resp.json()
     assert answer["callId"] == call_id
 
     [landed] = await read_back(kafka, kafka.topic, expect=1)
     assert landed.raw.key == call_id.encode()
-    assert landed.raw.header("event-type") == "end-of-call-report"
-    assert landed.raw.header("source-format") == source_format
-    assert landed.raw.header("wire-format") == "avro-single-object"
     current = default_store().current("end_of_call_report")
-    assert landed.raw.header("schema-id") == current.fingerprint.hex()
-    assert landed.raw.header("request-id") == answer["requestId"]
+    assert RecordHeaders.parse(landed.raw.headers) == RecordHeaders(
+        event_type="end-of-call-report",
+        schema_id=current.fingerprint.hex(),
+        wire_format="avro-single-object",
+        source_format=source_format,
+        request_id=answer["requestId"],
+    )
     assert landed.decoded.writer_version == current.version
 
     report = CallReport.from_record(landed.decoded.record)
@@ -73,7 +76,9 @@ async def test_report_read_back_from_topic_equals_input(
 async def test_flat_sample_fields_are_typed_in_the_canonical_record(
     ingress: Client, kafka: KafkaSettings, sample_bytes: bytes
 ) -> None:
-    resp = await ingress.post(WEBHOOK, data=sample_bytes, headers=signed(sample_bytes, TEST_SECRET))
+    resp = await ingress.post(
+        WEBHOOK_PATH, data=sample_bytes, headers=signed(sample_bytes, TEST_SECRET)
+    )
     assert resp.status == 202
     [landed] = await read_back(kafka, kafka.topic, expect=1)
     report = CallReport.from_record(landed.decoded.record)
@@ -93,7 +98,7 @@ async def test_nested_unknown_fields_and_nesting_survive(
     ingress: Client, kafka: KafkaSettings
 ) -> None:
     body = _load("nested-camel.json")
-    resp = await ingress.post(WEBHOOK, data=body, headers=signed(body, TEST_SECRET))
+    resp = await ingress.post(WEBHOOK_PATH, data=body, headers=signed(body, TEST_SECRET))
     assert resp.status == 202
     [landed] = await read_back(kafka, kafka.topic, expect=1)
     report = CallReport.from_record(landed.decoded.record)
@@ -111,7 +116,7 @@ async def test_status_update_goes_to_the_events_topic(
     ingress: Client, kafka: KafkaSettings
 ) -> None:
     body = _load("status-update.json")
-    resp = await ingress.post(WEBHOOK, data=body, headers=signed(body, TEST_SECRET))
+    resp = await ingress.post(WEBHOOK_PATH, data=body, headers=signed(body, TEST_SECRET))
     assert resp.status == 202
     assert (await resp.json())["topic"] == kafka.events_topic
     [landed] = await read_back(kafka, kafka.events_topic, expect=1)
@@ -125,7 +130,7 @@ async def test_gzip_body_is_accepted(
 ) -> None:
     wire = gzip.compress(sample_bytes)
     headers = signed(wire, TEST_SECRET) | {"Content-Encoding": "gzip"}
-    resp = await ingress.post(WEBHOOK, data=wire, headers=headers)
+    resp = await ingress.post(WEBHOOK_PATH, data=wire, headers=headers)
     assert resp.status == 202, await resp.text()
     [landed] = await read_back(kafka, kafka.topic, expect=1)
     assert CallReport.from_record(landed.decoded.record).source_payload() == orjson.loads(
@@ -280,7 +285,7 @@ async def test_bad_inputs_get_problem_json_and_nothing_is_published(
 ) -> None:
     for name, body, extra_headers, status, slug, pointer in BAD_INPUTS:
         headers = signed(body, TEST_SECRET) | extra_headers
-        resp = await ingress.post(WEBHOOK, data=io.BytesIO(body), headers=headers)
+        resp = await ingress.post(WEBHOOK_PATH, data=io.BytesIO(body), headers=headers)
         assert resp.status == status, f"{name}: {resp.status} {await resp.text()}"
         assert resp.content_type == "application/problem+json", name
         problem = await resp.json()
@@ -290,7 +295,9 @@ async def test_bad_inputs_get_problem_json_and_nothing_is_published(
         if pointer is not None:
             assert problem.get("pointer") == pointer, f"{name}: {problem}"
     # The service still serves, and the only record on the topic is this sentinel.
-    resp = await ingress.post(WEBHOOK, data=sample_bytes, headers=signed(sample_bytes, TEST_SECRET))
+    resp = await ingress.post(
+        WEBHOOK_PATH, data=sample_bytes, headers=signed(sample_bytes, TEST_SECRET)
+    )
     assert resp.status == 202
     await wait_drained(ingress)
     landed = await read_all(kafka, kafka.topic)
@@ -299,7 +306,7 @@ async def test_bad_inputs_get_problem_json_and_nothing_is_published(
 
 
 async def test_unknown_paths_and_methods_are_problem_json(ingress: Client) -> None:
-    resp = await ingress.get(WEBHOOK)
+    resp = await ingress.get(WEBHOOK_PATH)
     assert resp.status == 405
     assert resp.content_type == "application/problem+json"
     resp = await ingress.post("/nope", data=b"{}")
@@ -313,8 +320,8 @@ async def test_health_ready_and_metrics(ingress: Client, sample_bytes: bytes) ->
     while (await ingress.get("/readyz")).status != 200:
         assert time.monotonic() < deadline, "ingress never became ready"
         await __import__("asyncio").sleep(0.2)
-    await ingress.post(WEBHOOK, data=sample_bytes, headers=signed(sample_bytes, TEST_SECRET))
-    await ingress.post(WEBHOOK, data=b"{", headers=signed(b"{", TEST_SECRET))
+    await ingress.post(WEBHOOK_PATH, data=sample_bytes, headers=signed(sample_bytes, TEST_SECRET))
+    await ingress.post(WEBHOOK_PATH, data=b"{", headers=signed(b"{", TEST_SECRET))
     text = await (await ingress.get("/metrics")).text()
     assert 'callstream_ingress_requests_total{outcome="accepted"} 1.0' in text
     assert 'callstream_ingress_requests_total{outcome="invalid-json"} 1.0' in text
@@ -329,11 +336,11 @@ async def test_gzip_with_several_members_is_inflated_whole(
     half = len(sample_bytes) // 2
     wire = gzip.compress(sample_bytes[:half]) + gzip.compress(sample_bytes[half:])
     headers = signed(wire, TEST_SECRET) | {"Content-Encoding": "gzip"}
-    resp = await ingress.post(WEBHOOK, data=wire, headers=headers)
+    resp = await ingress.post(WEBHOOK_PATH, data=wire, headers=headers)
     assert resp.status == 202, await resp.text()
     garbage = gzip.compress(sample_bytes) + b"trailing"
     headers = signed(garbage, TEST_SECRET) | {"Content-Encoding": "gzip"}
-    resp = await ingress.post(WEBHOOK, data=garbage, headers=headers)
+    resp = await ingress.post(WEBHOOK_PATH, data=garbage, headers=headers)
     assert resp.status == 400
     assert (await resp.json())["type"] == "urn:callstream:problem:invalid-gzip"
     await wait_drained(ingress)
@@ -346,7 +353,7 @@ async def test_lower_case_rfc3339_timestamp_is_accepted_and_kept_as_sent(
     payload = orjson.loads(_load("nested-camel.json"))
     payload["message"]["timestamp"] = "2025-12-13t12:05:30.250z"
     body = orjson.dumps(payload)
-    resp = await ingress.post(WEBHOOK, data=body, headers=signed(body, TEST_SECRET))
+    resp = await ingress.post(WEBHOOK_PATH, data=body, headers=signed(body, TEST_SECRET))
     assert resp.status == 202, await resp.text()
     [landed] = await read_back(kafka, kafka.topic, expect=1)
     report = CallReport.from_record(landed.decoded.record)
@@ -361,7 +368,9 @@ async def test_report_over_kafkas_record_limit_is_413_not_retry(
     client = await start_ingress(settings)
     try:
         body = orjson.dumps(_sample_with(transcriptText="AI: hallo\n" * 200_000))
-        resp = await client.post(WEBHOOK, data=io.BytesIO(body), headers=signed(body, TEST_SECRET))
+        resp = await client.post(
+            WEBHOOK_PATH, data=io.BytesIO(body), headers=signed(body, TEST_SECRET)
+        )
         assert resp.status == 413, await resp.text()
         assert "limit" in (await resp.json())["detail"]
     finally:
@@ -387,8 +396,9 @@ async def test_sender_hanging_up_mid_body_is_not_an_internal_error(
     try:
         _, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(
-            b"POST /webhooks/flireo HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Content-Length: 500\r\n\r\n" + b'{"eventType": "end-of-call'
+            f"POST {WEBHOOK_PATH} HTTP/1.1\r\nHost: x\r\n".encode()
+            + b"Content-Type: application/json\r\nContent-Length: 500\r\n\r\n"
+            + b'{"eventType": "end-of-call'
         )
         await writer.drain()
         writer.close()

@@ -30,8 +30,10 @@ from callstream.localkafka import LocalKafka
 from callstream.ports import free_port, free_ports
 from core.kafkasettings import KafkaSettings
 from core.secret import Secret
+from core.signing import WEBHOOK_PATH
 from ingress.settings import IngressSettings
 from ingress.spool import CRASH_EXIT_CODE
+from schemas.headers import RecordHeaders
 from tests.conftest import TEST_SECRET, Client, start_ingress, wait_drained
 from tests.signing import signed
 from tests.support.disk import fill, set_read_only, small_disk
@@ -42,7 +44,6 @@ from tests.support.topics import read_all
 
 pytestmark = pytest.mark.slow
 
-WEBHOOK = "/webhooks/flireo"
 REPO = Path(__file__).resolve().parents[1]
 # Short, so a test spends little time waiting for Kafka to not answer.
 ACK_DEADLINE = 1.0
@@ -129,7 +130,7 @@ async def landed(kafka: KafkaSettings) -> Landed:
     by_call: dict[str, list[str]] = {}
     ids = []
     for item in records:
-        request_id = item.raw.header("request-id") or ""
+        request_id = RecordHeaders.parse(item.raw.headers).request_id
         ids.append(request_id)
         assert item.raw.key is not None
         by_call.setdefault(item.raw.key.decode(), []).append(request_id)
@@ -180,7 +181,7 @@ async def test_killed_broker_spools_then_drains_in_order(
     tracked_clients.append(client)
     await wait_durable(client, "kafka")
     calls = [str(uuid.uuid4()) for _ in range(3)]
-    before = await post_series(client, WEBHOOK, "before", 6, calls)
+    before = await post_series(client, WEBHOOK_PATH, "before", 6, calls)
     # A just-created topic may still be electing leaders: then even these are spooled.
     assert {s.status for s in before} == {202}
     await wait_drained(client)
@@ -188,7 +189,7 @@ async def test_killed_broker_spools_then_drains_in_order(
 
     broker.kill(signal.SIGKILL)
     try:
-        during = await post_series(client, WEBHOOK, "down", 30, calls)
+        during = await post_series(client, WEBHOOK_PATH, "down", 30, calls)
         assert {(s.status, s.durable) for s in during} == {(202, "spool")}
         state = await (await client.get("/readyz")).json()
         assert state["durable"] == "spool"
@@ -200,7 +201,7 @@ async def test_killed_broker_spools_then_drains_in_order(
     finally:
         await asyncio.to_thread(broker.start, 120)
 
-    after_restart = await post_series(client, WEBHOOK, "back", 3, calls)
+    after_restart = await post_series(client, WEBHOOK_PATH, "back", 3, calls)
     assert all(s.status == 202 for s in after_restart)
     await wait_drained(client)
     text = await (await client.get("/metrics")).text()
@@ -224,14 +225,14 @@ async def test_paused_broker_falls_back_within_the_deadline(
     tracked_clients.append(client)
     await wait_durable(client, "kafka")
     calls = [str(uuid.uuid4()) for _ in range(2)]
-    before = await post_series(client, WEBHOOK, "before", 4, calls)
+    before = await post_series(client, WEBHOOK_PATH, "before", 4, calls)
     assert {s.status for s in before} == {202}
     await wait_drained(client)
 
     broker.pause()
     try:
         started = time.monotonic()
-        during = await post_series(client, WEBHOOK, "hung", 20, calls)
+        during = await post_series(client, WEBHOOK_PATH, "hung", 20, calls)
         elapsed = time.monotonic() - started
     finally:
         broker.resume()
@@ -266,12 +267,12 @@ async def test_black_holed_broker_spools_then_drains_when_the_route_returns(
         tracked_clients.append(client)
         await wait_durable(client, "kafka")
         calls = [str(uuid.uuid4()) for _ in range(2)]
-        before = await post_series(client, WEBHOOK, "before", 4, calls)
+        before = await post_series(client, WEBHOOK_PATH, "before", 4, calls)
         assert {s.status for s in before} == {202}
         await wait_drained(client)
 
         proxy.blackhole = True
-        during = await post_series(client, WEBHOOK, "void", 12, calls)
+        during = await post_series(client, WEBHOOK_PATH, "void", 12, calls)
         assert {(s.status, s.durable) for s in during} == {(202, "spool")}
         proxy.blackhole = False
 
@@ -298,7 +299,7 @@ async def test_full_spool_answers_503_and_claims_nothing(
     client = await start_ingress(settings_for(unreachable, spool_dir, spool_max_bytes=48_000))
     tracked_clients.append(client)
     calls = [str(uuid.uuid4())]
-    sent = await post_series(client, WEBHOOK, "fill", 40, calls)
+    sent = await post_series(client, WEBHOOK_PATH, "fill", 40, calls)
     accepted = [s for s in sent if s.status == 202]
     refused = [s for s in sent if s.status != 202]
     assert accepted
@@ -308,7 +309,7 @@ async def test_full_spool_answers_503_and_claims_nothing(
     # Once full, nothing after it is accepted: the spool never skips ahead.
     assert sent[: len(accepted)] == accepted
     body = report(calls[0])
-    resp = await client.post(WEBHOOK, data=body, headers=signed(body, TEST_SECRET))
+    resp = await client.post(WEBHOOK_PATH, data=body, headers=signed(body, TEST_SECRET))
     assert resp.status == 503
     assert resp.content_type == "application/problem+json"
     problem = await resp.json()
@@ -438,7 +439,7 @@ async def test_ingress_crash_while_spooling_loses_no_acknowledged_report(
         first = spawn_ingress(unreachable, kafka, spool_dir, log, None)
         try:
             await wait_ready(http, first)
-            sent += await post_series(http, f"{first.url}{WEBHOOK}", "first", 6, calls)
+            sent += await post_series(http, f"{first.url}{WEBHOOK_PATH}", "first", 6, calls)
             assert {(s.status, s.durable) for s in sent} == {(202, "spool")}
         finally:
             await stop_ingress(first)
@@ -447,7 +448,7 @@ async def test_ingress_crash_while_spooling_loses_no_acknowledged_report(
         try:
             state = await wait_ready(http, crashing)
             assert state["spool"]["records"] == 6
-            url = f"{crashing.url}{WEBHOOK}"
+            url = f"{crashing.url}{WEBHOOK_PATH}"
             outcomes = await asyncio.gather(
                 *(post(http, url, calls[0], f"crash-{i}") for i in range(5)),
                 return_exceptions=True,
@@ -477,7 +478,7 @@ async def test_ingress_crash_while_draining_duplicates_but_loses_nothing(
         first = spawn_ingress(unreachable, kafka, spool_dir, log, None)
         try:
             await wait_ready(http, first)
-            sent = await post_series(http, f"{first.url}{WEBHOOK}", "spooled", 9, calls)
+            sent = await post_series(http, f"{first.url}{WEBHOOK_PATH}", "spooled", 9, calls)
             assert {(s.status, s.durable) for s in sent} == {(202, "spool")}
         finally:
             await stop_ingress(first)
@@ -507,11 +508,11 @@ async def test_ingress_stops_promptly_and_loses_nothing_when_the_broker_is_gone(
         first = spawn_ingress(broker.bootstrap, kafka, spool_dir, log, None)
         try:
             await wait_ready(http, first)
-            sent = await post_series(http, f"{first.url}{WEBHOOK}", "before", 2, calls)
+            sent = await post_series(http, f"{first.url}{WEBHOOK_PATH}", "before", 2, calls)
             assert {(s.status, s.durable) for s in sent} == {(202, "kafka")}
             broker.kill(signal.SIGKILL)
             try:
-                during = await post_series(http, f"{first.url}{WEBHOOK}", "during", 2, calls)
+                during = await post_series(http, f"{first.url}{WEBHOOK_PATH}", "during", 2, calls)
                 assert {(s.status, s.durable) for s in during} == {(202, "spool")}
                 sent += during
                 # Bounded: the drainer's grace, then the producer's flush grace.
@@ -539,7 +540,7 @@ async def post_under_load(
         i = 0
         while not stop.is_set():
             call_id = calls[(n + i) % len(calls)]
-            sent.append(await post(client, WEBHOOK, call_id, f"load-{n}-{i:05d}"))
+            sent.append(await post(client, WEBHOOK_PATH, call_id, f"load-{n}-{i:05d}"))
             i += 1
             await asyncio.sleep(0.02)
 
@@ -578,7 +579,7 @@ async def test_graceful_broker_restart_under_load_drains_the_spool(
         stop.set()
         sent = await load
     assert {s.status for s in sent} == {202}
-    after = await post_series(client, WEBHOOK, "after", 5, calls)
+    after = await post_series(client, WEBHOOK_PATH, "after", 5, calls)
     assert {(s.status, s.durable) for s in after} == {(202, "kafka")}
     await wait_drained(client, timeout=60.0)
     duplicates = assert_all_acknowledged_landed(sent + after, await landed(kafka))
@@ -601,7 +602,7 @@ async def test_ingress_starts_on_a_full_or_read_only_spool_disk(
     with small_disk(tmp_path / "disk") as disk:
         spool_dir = disk / "spool"
         client = await start_ingress(settings_for(unreachable, spool_dir))
-        spooled = await post_series(client, WEBHOOK, "spooled", 5, calls)
+        spooled = await post_series(client, WEBHOOK_PATH, "spooled", 5, calls)
         await client.close()
         assert {(s.status, s.durable) for s in spooled} == {(202, "spool")}
         if disk_state == "full":
@@ -616,14 +617,14 @@ async def test_ingress_starts_on_a_full_or_read_only_spool_disk(
             assert (ready.status, state["durable"]) == (503, None), state
             assert state["spool"]["records"] == 5
             assert state["spool"]["writable"] is False
-            refused = await post_series(client, WEBHOOK, "refused", 2, calls)
+            refused = await post_series(client, WEBHOOK_PATH, "refused", 2, calls)
             assert all(s.status == 503 and s.retry_after for s in refused), refused
             await client.close()
 
             client = await start_ingress(settings_for(kafka, spool_dir))
             tracked_clients.append(client)
             await wait_drained(client)
-            fresh = await post_series(client, WEBHOOK, "fresh", 3, calls)
+            fresh = await post_series(client, WEBHOOK_PATH, "fresh", 3, calls)
             assert {(s.status, s.durable) for s in fresh} == {(202, "kafka")}
         finally:
             for tracked in tracked_clients:

@@ -14,13 +14,12 @@ from prometheus_client import CollectorRegistry
 
 from core.kafkasettings import KafkaSettings
 from core.settings import SettingsError
+from core.signing import WEBHOOK_PATH
 from ingress.ratelimit import RateLimiter, bucket_key, limiter_for
 from ingress.settings import IngressSettings
 from tests.conftest import TEST_SECRET, Client, start_ingress
 from tests.signing import signed
 from tests.support.samples import SAMPLE
-
-WEBHOOK = "/webhooks/flireo"
 
 
 class FakeClock:
@@ -180,7 +179,7 @@ def _report() -> bytes:
 async def _post(client: Client, headers: dict[str, str] | None = None) -> int:
     body = _report()
     resp = await client.post(
-        WEBHOOK, data=body, headers=signed(body, TEST_SECRET) | (headers or {})
+        WEBHOOK_PATH, data=body, headers=signed(body, TEST_SECRET) | (headers or {})
     )
     await resp.read()
     return resp.status
@@ -192,7 +191,7 @@ async def test_past_the_burst_a_source_gets_429_problem_with_retry_after(
     started = time.monotonic()
     assert [await _post(limited) for _ in range(3)] == [202, 202, 202]
     body = _report()
-    resp = await limited.post(WEBHOOK, data=body, headers=signed(body, TEST_SECRET))
+    resp = await limited.post(WEBHOOK_PATH, data=body, headers=signed(body, TEST_SECRET))
     assert resp.status == 429
     assert resp.content_type == "application/problem+json"
     problem = await resp.json()

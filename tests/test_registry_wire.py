@@ -20,10 +20,12 @@ import orjson
 import pytest
 
 from core.kafkasettings import KafkaSettings
+from core.signing import WEBHOOK_PATH
 from core.topicreader import RawRecord, read_topic
 from ingress.settings import IngressSettings
 from schemas.codec import CONFLUENT_MAGIC, Decoder
 from schemas.errors import UnknownSchemaError
+from schemas.headers import RecordHeaders
 from schemas.registry import RegistryClient
 from schemas.report import CallReport
 from schemas.store import END_OF_CALL_REPORT, default_store
@@ -32,7 +34,6 @@ from tests.signing import signed
 from tests.support.registry import SchemaRegistryServer
 from tests.support.samples import SAMPLE
 
-WEBHOOK = "/webhooks/flireo"
 NESTED_CAMEL = Path(__file__).parent / "data" / "nested-camel.json"
 
 
@@ -67,7 +68,7 @@ async def registry_ingress(
 
 
 async def _post(client: Client, body: bytes) -> None:
-    resp = await client.post(WEBHOOK, data=body, headers=signed(body, TEST_SECRET))
+    resp = await client.post(WEBHOOK_PATH, data=body, headers=signed(body, TEST_SECRET))
     assert resp.status == 202, await resp.text()
 
 
@@ -104,10 +105,11 @@ async def test_record_is_framed_with_the_registry_id_of_the_current_schema(
 
     schema_id = await _latest_id(registry_url, f"{kafka.topic}-value")
     assert raw.value[:5] == CONFLUENT_MAGIC + schema_id.to_bytes(4, "big")
-    assert raw.header("wire-format") == "confluent"
-    assert raw.header("schema-id") == str(schema_id)
-    assert raw.header("event-type") == "end-of-call-report"
-    assert raw.header("source-format") == "FLAT"
+    headers = RecordHeaders.parse(raw.headers)
+    assert headers.wire_format == "confluent"
+    assert headers.schema_id == str(schema_id)
+    assert headers.event_type == "end-of-call-report"
+    assert headers.source_format == "FLAT"
     async with aiohttp.ClientSession() as session:
         registered = await RegistryClient(registry_url, session).schema_by_id(schema_id)
     current = default_store().current(END_OF_CALL_REPORT)
@@ -127,7 +129,7 @@ async def test_decoder_with_a_registry_gives_back_the_exact_payload(
     assert decoded.name == END_OF_CALL_REPORT
     report = CallReport.from_record(decoded.record)
     assert _same_json(report.source_payload(), orjson.loads(SAMPLE.read_bytes()))
-    assert report.request_id == raw.header("request-id")
+    assert report.request_id == RecordHeaders.parse(raw.headers).request_id
 
 
 async def test_decoder_without_a_registry_cannot_resolve_confluent_records(
@@ -160,7 +162,7 @@ async def test_one_decoder_reads_a_topic_holding_both_framings(
     for raw in records:
         assert raw.key is not None
         body, wire_format = sent[raw.key.decode()]
-        assert raw.header("wire-format") == wire_format
+        assert RecordHeaders.parse(raw.headers).wire_format == wire_format
         report = CallReport.from_record((await decoder.decode(raw.value)).record)
         assert _same_json(report.source_payload(), orjson.loads(body))
     assert {raw.value[:1] for raw in records} == {b"\x00", b"\xc3"}

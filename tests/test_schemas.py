@@ -17,6 +17,7 @@ import pytest
 from schemas.codec import SINGLE_OBJECT_MAGIC, Decoder, single_object_encoder
 from schemas.compat import check_compatible, check_evolution
 from schemas.errors import DecodeError, SchemaError, UnknownSchemaError
+from schemas.headers import RecordHeaders
 from schemas.normalise import normalise
 from schemas.report import CallReport
 from schemas.store import AVRO_DIR, END_OF_CALL_REPORT, SchemaStore, default_store
@@ -453,3 +454,18 @@ def test_store_serves_the_highest_version_as_current(tmp_path: Path) -> None:
     assert store.current(END_OF_CALL_REPORT).version == 2
     with pytest.raises(SchemaError, match="no schema named"):
         store.versions("flireo_event")
+
+
+def test_record_headers_round_trip_under_their_wire_names() -> None:
+    headers = RecordHeaders("end-of-call-report", "7", "confluent", "FLAT", "r-1")
+    encoded = headers.encode()
+    assert [name for name, _ in encoded] == [
+        "event-type",
+        "schema-id",
+        "wire-format",
+        "source-format",
+        "request-id",
+    ]
+    assert RecordHeaders.parse([("other", b"x"), *encoded]) == headers
+    with pytest.raises(SchemaError, match="request-id"):
+        RecordHeaders.parse(encoded[:-1])

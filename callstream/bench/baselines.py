@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
-import hmac
 import json
 import os
 import signal
@@ -27,7 +25,9 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from ingress.auth import SIGNATURE_HEADER, TIMESTAMP_HEADER
+from core.settings import field_from_env
+from core.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, WEBHOOK_PATH, verify
+from ingress.settings import IngressSettings
 
 ACCEPTED = web.AppKey("accepted", list[int])
 
@@ -45,7 +45,7 @@ def bare_app() -> web.Application:
         request.app[ACCEPTED][0] += 1
         return web.Response(status=202)
 
-    app.router.add_post("/webhooks/flireo", receive)
+    app.router.add_post(WEBHOOK_PATH, receive)
     app.router.add_get("/bench-count", _count)
     return app
 
@@ -67,8 +67,7 @@ def naive_app(bootstrap: str, topic: str, secret: bytes) -> web.Application:
     async def receive(request: web.Request) -> web.Response:
         body = await request.read()
         timestamp = request.headers.get(TIMESTAMP_HEADER, "")
-        expected = hmac.new(secret, timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
-        if not hmac.compare_digest(request.headers.get(SIGNATURE_HEADER, ""), expected):
+        if not verify(body, timestamp, request.headers.get(SIGNATURE_HEADER, ""), (secret,)):
             return web.json_response({"error": "bad signature"}, status=401)
         report = json.loads(body)
         await producers[0].send_and_wait(topic, body, key=str(report["callId"]).encode())
@@ -76,7 +75,7 @@ def naive_app(bootstrap: str, topic: str, secret: bytes) -> web.Application:
         return web.json_response({"status": "accepted", "callId": report["callId"]}, status=202)
 
     app.cleanup_ctx.append(kafka)
-    app.router.add_post("/webhooks/flireo", receive)
+    app.router.add_post(WEBHOOK_PATH, receive)
     app.router.add_get("/bench-count", _count)
     return app
 
@@ -105,10 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.kind == "bare":
         app = bare_app()
     else:
-        secret = os.environ.get("CALLSTREAM_WEBHOOK_SECRET", "")
-        if not args.bootstrap or not secret:
+        secrets = field_from_env(IngressSettings, "webhook_secrets", os.environ)
+        if not args.bootstrap or not secrets:
             parser.error("naive needs --bootstrap and CALLSTREAM_WEBHOOK_SECRET")
-        app = naive_app(args.bootstrap, args.topic, secret.encode())
+        app = naive_app(args.bootstrap, args.topic, secrets[0].reveal().encode())
     import uvloop
 
     uvloop.run(_serve(app, args.port))

@@ -19,9 +19,8 @@ from typing import Any
 
 import orjson
 
-from ingress.auth import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
+from core.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, WEBHOOK_PATH, sign
 
-WEBHOOK_PATH = "/webhooks/flireo"
 # Stands in for the call id in a body template; a fresh uuid4 has the same length, so
 # swapping it in keeps the body (and its Content-Length) the same size.
 _PLACEHOLDER = "00000000-0000-4000-8000-000000000000"
@@ -84,7 +83,8 @@ class SignedRequest:
 def signed_requests(
     template: BodyTemplate, count: int, *, secret: str, host: str
 ) -> list[SignedRequest]:
-    timestamp = str(int(time.time()))
+    at = time.time()
+    timestamp = str(int(at))
     head = (
         f"POST {WEBHOOK_PATH} HTTP/1.1\r\nHost: {host}\r\n"
         f"Content-Type: application/json\r\nContent-Length: {template.size}\r\n"
@@ -93,7 +93,7 @@ def signed_requests(
     out: list[SignedRequest] = []
     for _ in range(count):
         call_id, body = template.fresh()
-        signature = sign(secret, timestamp, body).encode()
+        signature = sign(body, secret, at=at)[SIGNATURE_HEADER].encode()
         out.append(SignedRequest(call_id, head + signature + b"\r\n\r\n" + body))
     return out
 

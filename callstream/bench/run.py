@@ -68,6 +68,7 @@ from callstream.bench.services import (
 from callstream.localkafka import KAFKA_VERSION, LocalKafka
 from callstream.localpg import PostgresServer
 from core.kafkasettings import KafkaSettings
+from core.signing import WEBHOOK_PATH
 
 # A fresh secret per run: the bench's requests are signed exactly as Flireo signs them.
 SECRET = f"bench-{uuid.uuid4().hex}"
@@ -265,7 +266,7 @@ class Bench:
             f"--timeout={WRK_TIMEOUT}",
             "-s",
             str(script),
-            f"http://{HOST}:{port}{pool.WEBHOOK_PATH}",
+            f"http://{HOST}:{port}{WEBHOOK_PATH}",
         ]
 
     def _wrk_script(self, name: str, template: pool.BodyTemplate, port: int) -> Path:
@@ -472,6 +473,7 @@ class Bench:
         """`count` reports on `topic`, encoded as the ingress encodes them, each its own call."""
         from ingress.publisher import KafkaPublisher, OutgoingRecord
         from schemas.codec import single_object_encoder
+        from schemas.headers import RecordHeaders
         from schemas.normalise import normalise
         from schemas.store import END_OF_CALL_REPORT, default_store
 
@@ -485,13 +487,9 @@ class Bench:
         marker = event.call_id.encode()
         if value.count(marker) != 1:
             raise RuntimeError("the call id placeholder is not unique in the encoded record")
-        headers = (
-            ("event-type", b"end-of-call-report"),
-            ("schema-id", encoder.schema_id.encode()),
-            ("wire-format", encoder.wire_format.encode()),
-            ("source-format", b"FLAT"),
-            ("request-id", b"bench"),
-        )
+        headers = RecordHeaders(
+            event.event_type, encoder.schema_id, encoder.wire_format, event.source_format, "bench"
+        ).encode()
         self.say(f"filling {topic} with {count:,} reports ({len(value):,} bytes of Avro each)")
         publisher = KafkaPublisher(
             KafkaSettings(self.bootstrap, topic=topic, partitions=PARTITIONS),

@@ -22,7 +22,7 @@ import orjson
 from consumers.alerting.egress import GuardedHttp
 from consumers.alerting.errors import DeliveryFailure
 from core.secret import Secret
-from core.signing import hmac_hex
+from core.signing import SIGNATURE_PREFIX, hmac_hex
 
 ChannelType: TypeAlias = Literal["slack", "webhook", "email"]
 CHANNEL_TYPES: Final[tuple[ChannelType, ...]] = get_args(ChannelType)
@@ -166,7 +166,7 @@ class SlackSender:
 
 def sign(secret: bytes, timestamp: str, body: bytes) -> str:
     """`sha256=<hex>` of HMAC-SHA256 over `timestamp.body` (as Flireo signs its own)."""
-    return f"sha256={hmac_hex(secret, timestamp, body)}"
+    return SIGNATURE_PREFIX + hmac_hex(secret, timestamp, body)
 
 
 @dataclass(frozen=True, slots=True)
