@@ -540,7 +540,7 @@ def _registry_client(kafka: KafkaSettings, session: aiohttp.ClientSession) -> Re
 
 
 class StoredRecords(Protocol):
-    """What re-publishing needs from the archive (consumers.storage_db.StorageBackend)."""
+    """What re-publishing needs from the archive (consumers.storage.StorageBackend)."""
 
     def iter_records(
         self, since: datetime, until: datetime | None = None

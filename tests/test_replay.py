@@ -32,7 +32,7 @@ from callstream.replay import (
 from consumers import metrics, storage
 from consumers.contract import Consumer
 from consumers.runner import RunnerSettings
-from consumers.storage_db import SqliteBackend
+from consumers.storage import SqliteBackend
 from core.kafkasettings import KafkaSettings
 from core.offsets import commit_group_offsets
 from core.topicadmin import ensure_topics

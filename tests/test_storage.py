@@ -31,14 +31,12 @@ from consumers.contract import Delivery
 from consumers.errors import PermanentError, RetryableError
 from consumers.storage import (
     DEFAULT_SQLITE_PATH,
-    StorageConsumer,
-    StorageSettings,
-    build,
-)
-from consumers.storage_db import (
     POSTGRES_MIGRATIONS,
     SQLITE_MIGRATIONS,
     SqliteBackend,
+    StorageConsumer,
+    StorageSettings,
+    build,
     classify_postgres,
 )
 from core.settings import SettingsError

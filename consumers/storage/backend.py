@@ -19,20 +19,21 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Literal, Self, TypeVar
+from typing import Any, Final, Self, TypeVar
 
 import asyncpg
 import orjson
 
-from consumers import erasures, sqlite_file
+from consumers import sqlite_file
 from consumers.contract import Delivery
 from consumers.errors import PermanentError, RetryableError
 from consumers.sqlite_file import SqliteThread
+from consumers.storage import erasures
+from consumers.storage.settings import BackendName
 from schemas.report import CallReport
 
 log = logging.getLogger(__name__)
 
-BackendName = Literal["sqlite", "postgresql"]
 JsonValue = Any
 _T = TypeVar("_T")
 
@@ -426,7 +427,7 @@ class Written:
     """What one `write` did with its batch."""
 
     rows: int  # inserted or changed
-    erased: int  # not stored: an erasure covers them (consumers.erasures)
+    erased: int  # not stored: an erasure covers them (consumers.storage.erasures)
 
 
 # -- the interface ------------------------------------------------------------------------

@@ -1,11 +1,8 @@
 """storage: keep every call's newest report in SQL, for queries, erasure and replays.
 
-SQLite in a local file by default; PostgreSQL when CALLSTREAM_DATABASE_URL is set. The
-backends, their schema and their migrations live in `consumers.storage_db`.
-
-Environment:
-    CALLSTREAM_SQLITE_PATH    SQLite file (default .callstream/callstream.db)
-    CALLSTREAM_DATABASE_URL   postgresql://user:pass@host:port/db; when set, SQLite is unused
+SQLite in a local file by default; PostgreSQL when CALLSTREAM_DATABASE_URL is set (see
+`consumers.storage.settings`). The backend, its schema and its migrations live beside this
+module in `consumers.storage`.
 """
 
 from __future__ import annotations
@@ -13,61 +10,16 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
-from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from consumers.contract import Consumer, Delivery
 from consumers.errors import RetryableError
-from consumers.storage_db import (
-    BackendName,
-    PostgresBackend,
-    SqliteBackend,
-    StorageBackend,
-    StoredReport,
-)
-from core.secret import Secret
-from core.settings import SettingsError, env_opt, env_str
-
-__all__ = [
-    "StorageBackend",
-    "StorageConsumer",
-    "StorageMetrics",
-    "StorageSettings",
-    "StoredReport",
-    "build",
-    "open_backend",
-]
+from consumers.storage.backend import PostgresBackend, SqliteBackend, StorageBackend
+from consumers.storage.settings import BackendName, StorageSettings
 
 log = logging.getLogger(__name__)
-
-DEFAULT_SQLITE_PATH = Path(".callstream/callstream.db")
-_POSTGRES_SCHEMES = frozenset({"postgresql", "postgres"})
-
-
-@dataclass(frozen=True, slots=True)
-class StorageSettings:
-    sqlite_path: Path = DEFAULT_SQLITE_PATH
-    # A Secret because the URL usually carries the password.
-    database_url: Secret | None = None
-
-    @property
-    def backend(self) -> BackendName:
-        return "postgresql" if self.database_url is not None else "sqlite"
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> StorageSettings:
-        url = env_opt(env, "CALLSTREAM_DATABASE_URL")
-        if url is not None and urlsplit(url).scheme not in _POSTGRES_SCHEMES:
-            # The value itself is not repeated: it may hold a password.
-            raise SettingsError("CALLSTREAM_DATABASE_URL must be a postgresql:// URL")
-        return cls(
-            sqlite_path=Path(env_str(env, "CALLSTREAM_SQLITE_PATH", str(DEFAULT_SQLITE_PATH))),
-            database_url=None if url is None else Secret(url),
-        )
 
 
 def open_backend(settings: StorageSettings) -> StorageBackend:
