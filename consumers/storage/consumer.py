@@ -16,44 +16,32 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from consumers.contract import Consumer, Delivery
 from consumers.errors import RetryableError
-from consumers.storage.backend import PostgresBackend, SqliteBackend, StorageBackend
+from consumers.storage.backend import StorageBackend, open_backend
 from consumers.storage.settings import BackendName, StorageSettings
 
 log = logging.getLogger(__name__)
 
 
-def open_backend(settings: StorageSettings) -> StorageBackend:
-    """The backend `settings` name, not yet connected (use `async with` or `open()`)."""
-    if settings.database_url is not None:
-        return PostgresBackend(settings.database_url.reveal())
-    return SqliteBackend(settings.sqlite_path)
-
-
 class StorageMetrics:
     def __init__(self, registry: CollectorRegistry, backend: BackendName) -> None:
-        labels = ("backend",)
-        self.rows_written = Counter(
-            "callstream_storage_rows_written_total",
-            "Reports inserted or updated in storage.",
-            labels,
-            registry=registry,
-        ).labels(backend)
-        self.duplicates = Counter(
+        def counter(name: str, documentation: str) -> Counter:
+            return Counter(name, documentation, ("backend",), registry=registry).labels(backend)
+
+        self.rows_written = counter(
+            "callstream_storage_rows_written_total", "Reports inserted or updated in storage."
+        )
+        self.duplicates = counter(
             "callstream_storage_duplicates_total",
             "Reports that changed nothing: already stored, or older than the stored version.",
-            labels,
-            registry=registry,
-        ).labels(backend)
-        self.erased = Counter(
+        )
+        self.erased = counter(
             "callstream_storage_erased_skipped_total",
             "Reports not stored because an erasure covers them (a replay or a late copy).",
-            labels,
-            registry=registry,
-        ).labels(backend)
+        )
         self.write_duration = Histogram(
             "callstream_storage_write_duration_seconds",
             "Time to write one batch, transaction included (successful writes only).",
-            labels,
+            ("backend",),
             registry=registry,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
         ).labels(backend)
