@@ -48,15 +48,6 @@ def _json_without_nul(value: Any) -> Any:
     return value
 
 
-def _same(value: Any) -> Any:
-    return value
-
-
-def _nullable(convert: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    # None is SQL NULL (the report has no such field), never JSON null.
-    return lambda value: None if value is None else convert(value)
-
-
 class Dialect(ABC):
     """The conversions here are PostgreSQL's: asyncpg takes and gives Python values."""
 
@@ -69,13 +60,16 @@ class Dialect(ABC):
             "real": float,
             "json": self.json,
         }
-        self._encoders = tuple(_nullable(encoders.get(k, _same)) for _, k in _ROW_COLUMNS)
+        # Only the columns that need converting: row building is on every batch's path.
+        self._encoders = tuple(
+            (i, encoders[k]) for i, (_, k) in enumerate(_ROW_COLUMNS) if k in encoders
+        )
         decoders: dict[Kind, Callable[[Any], Any]] = {
             "time": self.read_time,
             "json": orjson.loads,
             "bytes": bytes,
         }
-        self._decoders = tuple(_nullable(decoders.get(k, _same)) for _, k in COLUMNS)
+        self._decoders = tuple((c, decoders[k]) for c, k in COLUMNS if k in decoders)
 
     @abstractmethod
     def upsert(self, rows: Sequence[tuple[Any, ...]], stored_at: datetime) -> Statement: ...
@@ -112,17 +106,25 @@ class Dialect(ABC):
     def rows(self, batch: Sequence[Delivery]) -> list[tuple[Any, ...]]:
         """The rows of the newest delivery of each call, in COLUMNS order without stored_at."""
         try:
-            return [
-                tuple(encode(v) for encode, v in zip(self._encoders, row_values(d), strict=True))
-                for d in newest_per_call(batch, self.text)
-            ]
+            return [self._row(d) for d in newest_per_call(batch, self.text)]
         except (TypeError, ValueError) as exc:
             # orjson refuses what JSON cannot hold (integers beyond 64 bits, lone surrogates).
             raise PermanentError(f"report cannot be stored: {type(exc).__name__}: {exc}") from exc
 
+    def _row(self, delivery: Delivery) -> tuple[Any, ...]:
+        values = row_values(delivery)
+        for i, encode in self._encoders:
+            # None is SQL NULL (the report has no such field), never JSON null.
+            if values[i] is not None:
+                values[i] = encode(values[i])
+        return tuple(values)
+
     def stored(self, row: Sequence[Any]) -> StoredReport:
-        decoded = (decode(v) for decode, v in zip(self._decoders, row, strict=True))
-        return StoredReport(**dict(zip(NAMES, decoded, strict=True)))
+        values = dict(zip(NAMES, row, strict=True))
+        for name, decode in self._decoders:
+            if values[name] is not None:
+                values[name] = decode(values[name])
+        return StoredReport(**values)
 
 
 _SQLITE_UPSERT: Final = f"{_INSERT} VALUES ({', '.join('?' * len(NAMES))}){_ON_CONFLICT}"

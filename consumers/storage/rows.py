@@ -6,6 +6,7 @@ replays re-publish."""
 from __future__ import annotations
 
 import dataclasses
+import operator
 from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any, Final, Literal, get_type_hints
@@ -43,18 +44,12 @@ COLUMNS: Final[tuple[tuple[str, Kind], ...]] = tuple(
     (f.name, _KINDS.get(_HINTS[f.name], "json")) for f in dataclasses.fields(StoredReport)
 )
 NAMES: Final = tuple(name for name, _ in COLUMNS)
-_REPORT_FIELDS: Final = tuple(f.name for f in dataclasses.fields(CallReport))
+_report_values: Final = operator.attrgetter(*(f.name for f in dataclasses.fields(CallReport)))
 
 
-def row_values(delivery: Delivery) -> tuple[Any, ...]:
+def row_values(delivery: Delivery) -> list[Any]:
     """The row for one delivery as Python values, in COLUMNS order without `stored_at`."""
-    report = delivery.report
-    return (
-        *(getattr(report, name) for name in _REPORT_FIELDS),
-        delivery.value,
-        delivery.partition,
-        delivery.offset,
-    )
+    return [*_report_values(delivery.report), delivery.value, delivery.partition, delivery.offset]
 
 
 def _version(report: CallReport) -> tuple[datetime, datetime]:

@@ -1,10 +1,7 @@
 """Database work written once for both databases: a script yields statements and gets
-each one's result back.
-
-SQLite runs a script synchronously on its connection's thread, asyncpg awaits each
-statement; a generator is the one shape of code both can drive, so the steps of a write or
-a migration are spelled out once (`consumers.storage.connections` drives them).
-"""
+each one's result back. SQLite runs a script synchronously on its connection's thread,
+asyncpg awaits each statement; a generator is the one shape of code both can drive
+(`consumers.storage.connections` drives them)."""
 
 from __future__ import annotations
 
