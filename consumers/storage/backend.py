@@ -14,7 +14,7 @@ from consumers.contract import Delivery
 from consumers.storage import erasures
 from consumers.storage.connections import Connection, PostgresConnection, SqliteConnection
 from consumers.storage.migrations import APPLIED
-from consumers.storage.rows import COLUMNS, StoredReport
+from consumers.storage.rows import NAMES, StoredReport
 from consumers.storage.settings import BackendName, StorageSettings
 from consumers.storage.statements import Script, one
 
@@ -28,6 +28,8 @@ _FIRST_PAGE: Final = (
     " ORDER BY event_time, call_id LIMIT ?"
 )
 _NEXT_PAGE: Final = _FIRST_PAGE.replace(">=", ">")
+# asyncpg gives jsonb as its JSON text, as SQLite gives its TEXT columns.
+_FETCH: Final = f"SELECT {', '.join(NAMES)} FROM call_reports WHERE call_id = ?"  # noqa: S608
 # The caller's number is from_number in every format (FLAT fromCaller, nested
 # customer.number); to_number is the assistant's line, shared by every caller, so matching
 # it would erase other people's calls. Both given: rows matching both, the narrower reading
@@ -62,10 +64,6 @@ class StorageBackend:
         self.name: BackendName = connection.dialect.name
         self._dialect = connection.dialect
         self._erased = erasures.Erased()
-        self._fetch = (
-            f"SELECT {', '.join(self._dialect.select(c, k) for c, k in COLUMNS)}"  # noqa: S608
-            " FROM call_reports WHERE call_id = ?"
-        )
 
     async def open(self) -> None:
         """Connect and apply pending migrations; RetryableError while that cannot happen."""
@@ -90,7 +88,7 @@ class StorageBackend:
         return Written(written, len(batch) - len(kept))
 
     async def fetch(self, call_id: str) -> StoredReport | None:
-        rows = await self._query(self._fetch, self._dialect.text(call_id))
+        rows = await self._query(_FETCH, self._dialect.text(call_id))
         return self._dialect.stored(rows[0]) if rows else None
 
     async def count(self) -> int:

@@ -99,10 +99,6 @@ class Dialect(ABC):
         """`sql` with this database's placeholders for its `?`s."""
         return Statement(sql, params, returns_rows=returns_rows)
 
-    def select(self, column: str, kind: Kind) -> str:
-        """How to read `column` back into a value `stored` understands."""
-        return column
-
     def rows(self, batch: Sequence[Delivery]) -> list[tuple[Any, ...]]:
         """The rows of the newest delivery of each call, in COLUMNS order without stored_at."""
         try:
@@ -188,9 +184,6 @@ class PostgresDialect(Dialect):
     def lock(self, key: int, *, shared: bool = False) -> Script[None]:
         kind = "pg_advisory_xact_lock_shared" if shared else "pg_advisory_xact_lock"
         yield Statement(f"SELECT {kind}($1)", (key,))
-
-    def select(self, column: str, kind: Kind) -> str:
-        return f"{column}::text" if kind == "json" else column
 
     def upsert(self, rows: Sequence[tuple[Any, ...]], stored_at: datetime) -> Statement:
         columns = [list(column) for column in zip(*rows, strict=True)]
