@@ -323,9 +323,8 @@ def _cmd_bench(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 def _cmd_erase(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from callstream.erase import erase
-    from consumers.erasures import sha256_hex
     from consumers.errors import PermanentError, RetryableError
-    from consumers.storage import StorageSettings
+    from consumers.storage import StorageSettings, sha256_hex
 
     try:
         outcome = _run_async(

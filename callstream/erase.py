@@ -33,14 +33,15 @@ from typing import Final, Literal
 import asyncpg
 
 from consumers import sqlite_file
-from consumers.erasures import (
+from consumers.storage import (
     DDL_LOCK_KEY,
     POSTGRES_DDL,
     SQLITE_DDL,
     WRITE_FENCE_KEY,
+    StorageSettings,
+    open_backend,
     sha256_hex,
 )
-from consumers.storage import StorageSettings, open_backend
 from core.logs import mask_phone
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,7 @@ class ErasureLog(ABC):
 
     def fenced(self) -> contextlib.AbstractAsyncContextManager[None]:
         """Held from before the log entry until the rows are deleted, so that no storage
-        write can slip a covered report in between (see consumers.erasures)."""
+        write can slip a covered report in between (see consumers.storage.erasures)."""
         return contextlib.nullcontext()
 
     @abstractmethod

@@ -36,6 +36,7 @@ from callstream.consumerstatus import KafkaInspector, TopicMissingError
 from consumers.contract import Consumer, Delivery
 from consumers.runner import Runner, RunnerSettings
 from consumers.runner_metrics import RunnerMetrics
+from consumers.storage import StorageSettings, open_backend
 from core.kafkasettings import KafkaSettings
 from core.offsets import commit_group_offsets
 from core.producer import durable_producer
@@ -541,7 +542,7 @@ def _registry_client(kafka: KafkaSettings, session: aiohttp.ClientSession) -> Re
 
 
 class StoredRecords(Protocol):
-    """What re-publishing needs from the archive (consumers.storage_db.StorageBackend)."""
+    """What re-publishing needs from the archive (consumers.storage.StorageBackend)."""
 
     def iter_records(
         self, since: datetime, until: datetime | None = None
@@ -720,8 +721,6 @@ async def _from_storage(
     err: TextIO,
     stop: asyncio.Event,
 ) -> int:
-    from consumers.storage import StorageSettings, open_backend
-
     async with open_backend(StorageSettings.from_env(env)) as backend, aiohttp.ClientSession() as s:
         return await republish_from_storage(
             kafka,

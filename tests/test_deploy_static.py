@@ -56,7 +56,7 @@ QUOTED_ENV_NAME = re.compile(r"[\"'](?P<name>(?:CALLSTREAM|KAFKA)_[A-Z0-9_]+)[\"
 NOT_VARIABLES = frozenset({"KAFKA_VERSION"})
 # The modules whose settings are listed in consumers/settings_catalogue.py, not declared.
 CATALOGUED = {
-    "storage": "storage.py",
+    "storage": "storage/settings.py",
     "alerting": "alerting/settings.py",
     "metrics": "metrics/settings.py",
 }

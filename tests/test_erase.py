@@ -27,8 +27,13 @@ from prometheus_client import CollectorRegistry
 from callstream.erase import erase, erasure_log, parse_age, purge
 from callstream.localpg import PostgresServer
 from consumers.contract import Delivery
-from consumers.erasures import sha256_hex
-from consumers.storage import StorageBackend, StorageConsumer, StorageSettings, open_backend
+from consumers.storage import (
+    StorageBackend,
+    StorageConsumer,
+    StorageSettings,
+    open_backend,
+    sha256_hex,
+)
 from core.secret import Secret
 from schemas.codec import Decoder, single_object_encoder
 from schemas.normalise import normalise

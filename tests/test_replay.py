@@ -32,7 +32,7 @@ from callstream.replay import (
 from consumers import metrics, storage
 from consumers.contract import Consumer
 from consumers.runner import RunnerSettings
-from consumers.storage_db import SqliteBackend
+from consumers.storage import StorageBackend, StorageSettings, open_backend
 from core.kafkasettings import KafkaSettings
 from core.offsets import commit_group_offsets
 from core.signing import WEBHOOK_PATH
@@ -154,6 +154,10 @@ async def consume_all(consumer: Consumer, kafka: KafkaSettings, group: str) -> N
             return not (await inspector.group(group)).active
 
     await eventually(left)
+
+
+def sqlite_backend(path: Path) -> StorageBackend:
+    return open_backend(StorageSettings(sqlite_path=path))
 
 
 def table_rows(text: str) -> dict[int, tuple[int, int, int, str]]:
@@ -354,7 +358,7 @@ async def test_replay_through_storage_leaves_row_count_unchanged(
 
     assert "replayed 6 of 6 record(s) through storage (6 handed to the consumer)" in out
     assert after == restored(before), "the group's offsets go back to where they were"
-    async with SqliteBackend(tmp_path / "callstream.db") as backend:
+    async with sqlite_backend(tmp_path / "callstream.db") as backend:
         assert await backend.count() == 9
     labels = {"backend": "sqlite"}
     assert registry.get_sample_value("callstream_storage_rows_written_total", labels) == 0
@@ -402,7 +406,7 @@ async def test_from_storage_puts_the_original_bytes_back(
 
     fresh = dataclasses.replace(kafka, topic=f"{kafka.topic}.restored")
     out, err = io.StringIO(), io.StringIO()
-    async with SqliteBackend(tmp_path / "callstream.db") as backend:
+    async with sqlite_backend(tmp_path / "callstream.db") as backend:
         code = await republish_from_storage(
             fresh, backend, base, base + HOUR, out=out, err=err, progress_interval=0.0
         )
@@ -423,7 +427,7 @@ async def test_from_storage_puts_the_original_bytes_back(
 
 
 async def test_from_storage_dry_run_publishes_nothing(kafka: KafkaSettings, tmp_path: Path) -> None:
-    async with SqliteBackend(tmp_path / "empty.db") as backend:
+    async with sqlite_backend(tmp_path / "empty.db") as backend:
         out = io.StringIO()
         code = await republish_from_storage(
             kafka, backend, NOW - HOUR, None, out=out, err=io.StringIO(), dry_run=True

@@ -31,15 +31,13 @@ from consumers.contract import Delivery
 from consumers.errors import PermanentError, RetryableError
 from consumers.storage import (
     DEFAULT_SQLITE_PATH,
+    POSTGRES_MIGRATIONS,
+    SQLITE_MIGRATIONS,
     StorageConsumer,
     StorageSettings,
     build,
-)
-from consumers.storage_db import (
-    POSTGRES_MIGRATIONS,
-    SQLITE_MIGRATIONS,
-    SqliteBackend,
     classify_postgres,
+    open_backend,
 )
 from core.settings import SettingsError
 from schemas.codec import Decoder, single_object_encoder
@@ -613,9 +611,9 @@ async def test_instances_starting_at_once_migrate_once(storage_env: dict[str, st
 
 
 async def test_sqlite_runs_in_wal_mode_with_full_synchronous_commits(tmp_path: Path) -> None:
-    backend = SqliteBackend(tmp_path / "durable.db")
+    backend = open_backend(StorageSettings(sqlite_path=tmp_path / "durable.db"))
     async with backend:
-        synchronous = await backend._run(lambda c: c.execute("PRAGMA synchronous").fetchone()[0])
+        ((synchronous,),) = await backend._query("PRAGMA synchronous")
     assert synchronous == 2  # FULL
     with closing(sqlite3.connect(tmp_path / "durable.db")) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"

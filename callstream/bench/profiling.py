@@ -30,7 +30,7 @@ _RULES: tuple[tuple[str, tuple[str, ...] | None, tuple[str, ...]], ...] = (
     ("publish wrapper (ingress/publisher.py)", None, ("ingress/publisher.py",)),
     ("spool (ingress/spool.py)", None, ("ingress/spool.py",)),
     ("handler and middleware", None, ("ingress/",)),
-    ("rows and SQL (consumers/storage_db.py)", None, ("consumers/storage_db.py",)),
+    ("rows and SQL (consumers/storage/)", None, ("consumers/storage/",)),
     ("PostgreSQL client (asyncpg)", None, ("asyncpg",)),
     ("runner (consumers/runner.py)", None, ("consumers/runner.py",)),
     ("storage consumer", None, ("consumers/",)),

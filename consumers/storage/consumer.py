@@ -1,11 +1,8 @@
 """storage: keep every call's newest report in SQL, for queries, erasure and replays.
 
-SQLite in a local file by default; PostgreSQL when CALLSTREAM_DATABASE_URL is set. The
-backends, their schema and their migrations live in `consumers.storage_db`.
-
-Environment:
-    CALLSTREAM_SQLITE_PATH    SQLite file (default .callstream/callstream.db)
-    CALLSTREAM_DATABASE_URL   postgresql://user:pass@host:port/db; when set, SQLite is unused
+SQLite in a local file by default; PostgreSQL when CALLSTREAM_DATABASE_URL is set (see
+`consumers.storage.settings`). The backend, its schema and its migrations live beside this
+module in `consumers.storage`.
 """
 
 from __future__ import annotations
@@ -13,95 +10,38 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
-from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from consumers.contract import Consumer, Delivery
 from consumers.errors import RetryableError
-from consumers.storage_db import (
-    BackendName,
-    PostgresBackend,
-    SqliteBackend,
-    StorageBackend,
-    StoredReport,
-)
-from core.secret import Secret
-from core.settings import SettingsError, env_opt, env_str
-
-__all__ = [
-    "StorageBackend",
-    "StorageConsumer",
-    "StorageMetrics",
-    "StorageSettings",
-    "StoredReport",
-    "build",
-    "open_backend",
-]
+from consumers.storage.backend import StorageBackend, open_backend
+from consumers.storage.settings import BackendName, StorageSettings
 
 log = logging.getLogger(__name__)
-
-DEFAULT_SQLITE_PATH = Path(".callstream/callstream.db")
-_POSTGRES_SCHEMES = frozenset({"postgresql", "postgres"})
-
-
-@dataclass(frozen=True, slots=True)
-class StorageSettings:
-    sqlite_path: Path = DEFAULT_SQLITE_PATH
-    # A Secret because the URL usually carries the password.
-    database_url: Secret | None = None
-
-    @property
-    def backend(self) -> BackendName:
-        return "postgresql" if self.database_url is not None else "sqlite"
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> StorageSettings:
-        url = env_opt(env, "CALLSTREAM_DATABASE_URL")
-        if url is not None and urlsplit(url).scheme not in _POSTGRES_SCHEMES:
-            # The value itself is not repeated: it may hold a password.
-            raise SettingsError("CALLSTREAM_DATABASE_URL must be a postgresql:// URL")
-        return cls(
-            sqlite_path=Path(env_str(env, "CALLSTREAM_SQLITE_PATH", str(DEFAULT_SQLITE_PATH))),
-            database_url=None if url is None else Secret(url),
-        )
-
-
-def open_backend(settings: StorageSettings) -> StorageBackend:
-    """The backend `settings` name, not yet connected (use `async with` or `open()`)."""
-    if settings.database_url is not None:
-        return PostgresBackend(settings.database_url.reveal())
-    return SqliteBackend(settings.sqlite_path)
 
 
 class StorageMetrics:
     def __init__(self, registry: CollectorRegistry, backend: BackendName) -> None:
-        labels = ("backend",)
-        self.rows_written = Counter(
-            "callstream_storage_rows_written_total",
-            "Reports inserted or updated in storage.",
-            labels,
-            registry=registry,
-        ).labels(backend)
-        self.duplicates = Counter(
+        def counter(name: str, documentation: str) -> Counter:
+            return Counter(name, documentation, ("backend",), registry=registry).labels(backend)
+
+        self.rows_written = counter(
+            "callstream_storage_rows_written_total", "Reports inserted or updated in storage."
+        )
+        self.duplicates = counter(
             "callstream_storage_duplicates_total",
             "Reports that changed nothing: already stored, or older than the stored version.",
-            labels,
-            registry=registry,
-        ).labels(backend)
-        self.erased = Counter(
+        )
+        self.erased = counter(
             "callstream_storage_erased_skipped_total",
             "Reports not stored because an erasure covers them (a replay or a late copy).",
-            labels,
-            registry=registry,
-        ).labels(backend)
+        )
         self.write_duration = Histogram(
             "callstream_storage_write_duration_seconds",
             "Time to write one batch, transaction included (successful writes only).",
-            labels,
+            ("backend",),
             registry=registry,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
         ).labels(backend)

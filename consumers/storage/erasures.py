@@ -27,6 +27,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final
 
+from consumers.storage.dialects import Dialect
+from consumers.storage.settings import BackendName
+from consumers.storage.statements import Script
 from schemas.report import CallReport
 
 SQLITE_DDL: Final = """
@@ -61,11 +64,26 @@ DDL_LOCK_KEY: Final = 0x6572617375726573  # ASCII "erasures"
 WRITE_FENCE_KEY: Final = 0x6572617365666E63  # ASCII "erasefnc"
 
 # Entries this process has not seen yet, in order. Retention entries select no call.
-SQLITE_SINCE: Final = (
+_SINCE: Final = (
     "SELECT id, kind, phone_sha256, call_id_sha256 FROM erasures"
     " WHERE id > ? AND kind <> 'retention' ORDER BY id"
 )
-POSTGRES_SINCE: Final = SQLITE_SINCE.replace("?", "$1")
+_DDL: Final[dict[BackendName, str]] = {"sqlite": SQLITE_DDL, "postgresql": POSTGRES_DDL}
+
+
+def ensure_log(dialect: Dialect) -> Script[None]:
+    """The log's table. Not a storage migration: `callstream erase` creates the same table
+    when it runs first, and an erasure must never wait for a long migration."""
+    yield from dialect.lock(DDL_LOCK_KEY)
+    yield dialect.statement(_DDL[dialect.name])
+
+
+def read_log(dialect: Dialect, erased: Erased) -> Script[None]:
+    """The fence, then what the log added since `erased` last looked, inside a write's
+    transaction (see above for why that cannot miss an erasure)."""
+    yield from dialect.lock(WRITE_FENCE_KEY, shared=True)
+    since = yield dialect.statement(_SINCE, erased.last_id, returns_rows=True)
+    erased.add(since.rows)
 
 
 def sha256_hex(value: str) -> str:

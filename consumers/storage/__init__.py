@@ -1,0 +1,19 @@
+"""The storage consumer: every call's newest report in SQLite or PostgreSQL."""
+
+# `X as X`: re-exported, for callers to import from `consumers.storage`.
+from consumers.storage.backend import StorageBackend as StorageBackend
+from consumers.storage.backend import open_backend as open_backend
+from consumers.storage.connections import classify_postgres as classify_postgres
+from consumers.storage.consumer import StorageConsumer as StorageConsumer
+from consumers.storage.consumer import StorageMetrics as StorageMetrics
+from consumers.storage.consumer import build as build
+from consumers.storage.erasures import DDL_LOCK_KEY as DDL_LOCK_KEY
+from consumers.storage.erasures import POSTGRES_DDL as POSTGRES_DDL
+from consumers.storage.erasures import SQLITE_DDL as SQLITE_DDL
+from consumers.storage.erasures import WRITE_FENCE_KEY as WRITE_FENCE_KEY
+from consumers.storage.erasures import sha256_hex as sha256_hex
+from consumers.storage.migrations import POSTGRES_MIGRATIONS as POSTGRES_MIGRATIONS
+from consumers.storage.migrations import SQLITE_MIGRATIONS as SQLITE_MIGRATIONS
+from consumers.storage.rows import StoredReport as StoredReport
+from consumers.storage.settings import DEFAULT_SQLITE_PATH as DEFAULT_SQLITE_PATH
+from consumers.storage.settings import StorageSettings as StorageSettings

@@ -1,0 +1,273 @@
+"""Running storage scripts on each database: SQLite on its connection's own thread, and
+PostgreSQL through a small asyncpg pool. Both connect and migrate on `open` or on first
+use, so a database that was down at start-up is picked up once it is back.
+
+Errors leave here already sorted for the runner: the database being unreachable, busy or
+out of resources is `RetryableError`; content it refuses is `PermanentError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Final, TypeAlias, TypeVar
+
+import asyncpg
+
+from consumers import sqlite_file
+from consumers.errors import PermanentError, RetryableError
+from consumers.sqlite_file import SqliteThread
+from consumers.storage.dialects import POSTGRES, SQLITE
+from consumers.storage.migrations import schema
+from consumers.storage.statements import Result, Script
+
+_T = TypeVar("_T")
+if TYPE_CHECKING:
+    _PgConnection: TypeAlias = asyncpg.pool.PoolConnectionProxy[asyncpg.Record]
+
+
+# -- SQLite -------------------------------------------------------------------------------
+
+# Failures of the file, the disk or a concurrent writer: the same batch can succeed later.
+_SQLITE_RETRYABLE: Final = frozenset(
+    {
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
+        sqlite3.SQLITE_NOMEM,
+        sqlite3.SQLITE_READONLY,
+        sqlite3.SQLITE_INTERRUPT,
+        sqlite3.SQLITE_IOERR,
+        sqlite3.SQLITE_CORRUPT,
+        sqlite3.SQLITE_FULL,
+        sqlite3.SQLITE_CANTOPEN,
+        sqlite3.SQLITE_PROTOCOL,
+        sqlite3.SQLITE_NOTADB,
+    }
+)
+
+
+def classify_sqlite(exc: Exception) -> RetryableError | PermanentError:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if isinstance(exc, OSError) or (code is not None and code & 0xFF in _SQLITE_RETRYABLE):
+        return RetryableError(f"SQLite unavailable: {type(exc).__name__}: {exc}")
+    # Everything else is about the rows (constraint, too big, a string with lone
+    # surrogates that cannot be UTF-8): retrying the same content cannot help.
+    return PermanentError(f"SQLite refused the batch: {type(exc).__name__}: {exc}")
+
+
+def _drive_sqlite(conn: sqlite3.Connection, script: Script[_T]) -> _T:
+    try:
+        statement = next(script)
+        while True:
+            execute = conn.executemany if statement.many else conn.execute
+            cursor = execute(statement.sql, statement.params)
+            rows = cursor.fetchall() if statement.returns_rows else []
+            statement = script.send(Result(rows, cursor.rowcount))
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+
+
+class SqliteConnection:
+    """One file, opened and used the way consumers.sqlite_file describes."""
+
+    dialect = SQLITE
+
+    def __init__(self, path: Path, *, busy_timeout: timedelta = timedelta(seconds=5)) -> None:
+        self.path = Path(path)
+        self._busy_timeout = busy_timeout.total_seconds()
+        self._db = SqliteThread("callstream-sqlite", self._connect, classify_sqlite)
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite_file.connect(self.path, busy_timeout=self._busy_timeout)
+        try:
+            # Checkpoint the WAL into the database every 32 MB instead of every 4 MB: a
+            # batch of 500 reports writes ~2 MB, so the default checkpointed (and fsync'd
+            # the database file) inside every second COMMIT.
+            conn.execute("PRAGMA wal_autocheckpoint = 8192")
+            for script in schema(SQLITE):
+                with sqlite_file.transaction(conn):
+                    _drive_sqlite(conn, script)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    async def open(self) -> None:
+        await self._db.open()
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    async def run(self, script: Script[_T], *, transaction: bool = False) -> _T:
+        """Drive `script` to its end, in one transaction if `transaction`."""
+
+        def work(conn: sqlite3.Connection) -> _T:
+            if not transaction:
+                return _drive_sqlite(conn, script)
+            # BEGIN IMMEDIATE: the whole script runs under the write lock.
+            with sqlite_file.transaction(conn):
+                return _drive_sqlite(conn, script)
+
+        try:
+            return await self._db.run(work)
+        except UnicodeEncodeError as exc:
+            # A string with lone surrogates cannot be UTF-8; retrying cannot help.
+            raise PermanentError(f"SQLite refused the batch: {exc.reason}") from exc
+
+
+# -- PostgreSQL ---------------------------------------------------------------------------
+
+# SQLSTATE classes where the database, not the report, is the problem.
+_PG_RETRYABLE_CLASSES: Final = frozenset(
+    {
+        "08",  # connection exception
+        "28",  # invalid authorization (credentials mid-rotation)
+        "3D",  # invalid catalog name: the database is not created yet
+        "40",  # transaction rollback: serialization failure, deadlock
+        "53",  # insufficient resources: too many connections, disk full, out of memory
+        "55",  # object not in prerequisite state: lock not available
+        "57",  # operator intervention: shutdown, cannot connect now, query cancelled
+        "58",  # system error: I/O
+    }
+)
+_PG_RETRYABLE_STATES: Final = frozenset(
+    {
+        "25006",  # read-only transaction: connected to a standby during failover
+        "42501",  # insufficient privilege: grants are fixed by an operator, not by us
+    }
+)
+
+
+def _describe(exc: BaseException) -> str:
+    return str(classify_postgres(exc)) if isinstance(exc, _PG_ERRORS) else repr(exc)
+
+
+def classify_postgres(exc: BaseException) -> RetryableError | PermanentError:
+    if isinstance(exc, asyncpg.PostgresError):
+        state = str(exc.sqlstate or "")
+        what = f"{type(exc).__name__} (SQLSTATE {state})"
+        if state[:2] in _PG_RETRYABLE_CLASSES or state in _PG_RETRYABLE_STATES:
+            return RetryableError(f"PostgreSQL unavailable: {what}: {exc}")
+        # Data exceptions (22), constraint violations (23), program limits (54) and
+        # anything else the server refuses is about this content: retrying the same
+        # batch would fail the same way, so the runner isolates and dead-letters it.
+        # The message is left out: servers and the driver quote the refused value
+        # (a transcript, a phone number) in it, and this text travels into logs and
+        # dead-letter headers. The chained exception keeps it for local debugging.
+        return PermanentError(f"PostgreSQL refused the batch: {what}")
+    return RetryableError(f"PostgreSQL unavailable: {type(exc).__name__}: {exc}")
+
+
+# Errors `classify_postgres` understands. Anything else is a bug and propagates as itself.
+_PG_ERRORS: Final = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
+    OSError,
+    TimeoutError,
+)
+
+
+def _status_count(status: str) -> int:
+    """Rows from a command tag such as 'INSERT 0 12' or 'DELETE 3'; 0 for 'CREATE TABLE'."""
+    tail = status.rsplit(" ", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
+
+
+async def _drive_postgres(conn: _PgConnection, script: Script[_T]) -> _T:
+    try:
+        statement = next(script)
+        while True:
+            sql, params = statement.sql, statement.params
+            if statement.returns_rows:
+                rows = [tuple(row) for row in await conn.fetch(sql, *params)]
+                result = Result(rows, len(rows))
+            else:
+                status = await conn.execute(sql, *params, timeout=statement.timeout)
+                result = Result([], _status_count(status))
+            statement = script.send(result)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+
+
+class PostgresConnection:
+    """asyncpg with a small pool; migrations under an advisory lock."""
+
+    dialect = POSTGRES
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        max_connections: int = 4,
+        connect_timeout: float = 10.0,
+        command_timeout: float = 60.0,
+    ) -> None:
+        self._dsn = dsn
+        self._max_connections = max_connections
+        self._connect_timeout = connect_timeout
+        self._command_timeout = command_timeout
+        self._pool: asyncpg.Pool[asyncpg.Record] | None = None
+        self._migrated = False
+        self._opening = asyncio.Lock()
+
+    async def open(self) -> None:
+        await self._ready()
+
+    async def _ready(self) -> asyncpg.Pool[asyncpg.Record]:
+        if self._migrated and self._pool is not None:
+            return self._pool
+        async with self._opening:
+            try:
+                if self._pool is None:
+                    # min_size=0: creating the pool never connects, so it cannot fail
+                    # while the server is down, and nothing keeps dialling a dead one.
+                    self._pool = await asyncpg.create_pool(
+                        self._dsn,
+                        min_size=0,
+                        max_size=self._max_connections,
+                        timeout=self._connect_timeout,
+                        command_timeout=self._command_timeout,
+                        server_settings={"application_name": "callstream-storage"},
+                    )
+                if not self._migrated:
+                    async with self._pool.acquire() as conn:
+                        for script in schema(POSTGRES):
+                            async with conn.transaction():
+                                await _drive_postgres(conn, script)
+                    self._migrated = True
+            except Exception as exc:
+                # Whatever stops the schema from being ready (server down, a URL it
+                # refuses, a migration that fails) is the database's state, not any
+                # report's fault: the runner must hold the batch, not dead-letter it.
+                raise RetryableError(f"storage database not ready: {_describe(exc)}") from exc
+            return self._pool
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        self._migrated = False
+        if pool is None:
+            return
+        try:
+            await asyncio.wait_for(pool.close(), timeout=self._connect_timeout)
+        except (TimeoutError, *_PG_ERRORS):
+            # A server that stopped answering cannot be told goodbye; drop the sockets.
+            pool.terminate()
+
+    async def run(self, script: Script[_T], *, transaction: bool = False) -> _T:
+        pool = await self._ready()
+        try:
+            async with pool.acquire() as conn:
+                if not transaction:
+                    return await _drive_postgres(conn, script)
+                # READ COMMITTED whatever the server's default: a write's read of the
+                # erasure log must see an erasure committed while it waited for the fence.
+                async with conn.transaction(isolation="read_committed"):
+                    return await _drive_postgres(conn, script)
+        except _PG_ERRORS as exc:
+            raise classify_postgres(exc) from exc
+
+
+Connection = SqliteConnection | PostgresConnection

@@ -1,0 +1,194 @@
+"""What SQLite and PostgreSQL spell differently: placeholders, the batch upsert, column
+types and values, advisory locks. Everything else about storage is written once."""
+
+from __future__ import annotations
+
+import itertools
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import orjson
+
+from consumers.contract import Delivery
+from consumers.errors import PermanentError
+from consumers.storage.rows import COLUMNS, NAMES, Kind, StoredReport, newest_per_call, row_values
+from consumers.storage.settings import BackendName
+from consumers.storage.statements import Script, Statement
+
+_ROW_COLUMNS: Final = COLUMNS[:-1]  # without stored_at, which is bound once per batch
+_PLACEHOLDER: Final = re.compile(r"\?")
+
+# The WHERE makes the upsert idempotent and order-proof: equal or older versions leave
+# the stored row (and its stored_at) alone. Column lists come from COLUMNS, a constant.
+_ON_CONFLICT: Final = (
+    " ON CONFLICT (call_id) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in NAMES if c != "call_id")
+    + " WHERE (excluded.event_time, excluded.received_at) > (stored.event_time, stored.received_at)"
+)
+_INSERT: Final = f"INSERT INTO call_reports AS stored ({', '.join(NAMES)})"
+
+
+def _without_nul(text: str) -> str:
+    # PostgreSQL's text and jsonb cannot hold U+0000 at all. Only these column copies
+    # change (to U+FFFD, the usual stand-in for an unrepresentable character); the
+    # `record` column keeps the report byte for byte, so nothing is lost.
+    return text.replace("\x00", "\ufffd") if "\x00" in text else text
+
+
+def _json_without_nul(value: Any) -> Any:
+    if isinstance(value, str):
+        return _without_nul(value)
+    if isinstance(value, dict):
+        return {_without_nul(k): _json_without_nul(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_without_nul(v) for v in value]
+    return value
+
+
+class Dialect(ABC):
+    """The conversions here are PostgreSQL's: asyncpg takes and gives Python values."""
+
+    name: BackendName
+
+    def __init__(self) -> None:
+        encoders: dict[Kind, Callable[[Any], Any]] = {
+            "time": self.time,
+            "text": self.text,
+            "real": float,
+            "json": self.json,
+        }
+        # Only the columns that need converting: row building is on every batch's path.
+        self._encoders = tuple(
+            (i, encoders[k]) for i, (_, k) in enumerate(_ROW_COLUMNS) if k in encoders
+        )
+        decoders: dict[Kind, Callable[[Any], Any]] = {
+            "time": self.read_time,
+            "json": orjson.loads,
+            "bytes": bytes,
+        }
+        self._decoders = tuple((c, decoders[k]) for c, k in COLUMNS if k in decoders)
+
+    @abstractmethod
+    def upsert(self, rows: Sequence[tuple[Any, ...]], stored_at: datetime) -> Statement: ...
+
+    def time(self, moment: datetime) -> Any:
+        return moment
+
+    def read_time(self, value: Any) -> datetime:
+        assert isinstance(value, datetime)
+        return value
+
+    def text(self, value: str) -> str:
+        return value
+
+    def json(self, value: Any) -> str:
+        # A NaN or infinite success_evaluation (possible in Avro, impossible in the JSON
+        # webhooks) becomes JSON null here because JSON has no spelling for it; `record`
+        # keeps the real value.
+        return orjson.dumps(value).decode()
+
+    def lock(self, key: int, *, shared: bool = False) -> Script[None]:
+        """An advisory lock held until the transaction ends; nothing where the transaction
+        itself already serialises writers."""
+        yield from ()
+
+    def statement(self, sql: str, *params: Any, returns_rows: bool = False) -> Statement:
+        """`sql` with this database's placeholders for its `?`s."""
+        return Statement(sql, params, returns_rows=returns_rows)
+
+    def rows(self, batch: Sequence[Delivery]) -> list[tuple[Any, ...]]:
+        """The rows of the newest delivery of each call, in COLUMNS order without stored_at."""
+        try:
+            return [self._row(d) for d in newest_per_call(batch, self.text)]
+        except (TypeError, ValueError) as exc:
+            # orjson refuses what JSON cannot hold (integers beyond 64 bits, lone surrogates).
+            raise PermanentError(f"report cannot be stored: {type(exc).__name__}: {exc}") from exc
+
+    def _row(self, delivery: Delivery) -> tuple[Any, ...]:
+        values = row_values(delivery)
+        for i, encode in self._encoders:
+            # None is SQL NULL (the report has no such field), never JSON null.
+            if values[i] is not None:
+                values[i] = encode(values[i])
+        return tuple(values)
+
+    def stored(self, row: Sequence[Any]) -> StoredReport:
+        values = dict(zip(NAMES, row, strict=True))
+        for name, decode in self._decoders:
+            if values[name] is not None:
+                values[name] = decode(values[name])
+        return StoredReport(**values)
+
+
+_SQLITE_UPSERT: Final = f"{_INSERT} VALUES ({', '.join('?' * len(NAMES))}){_ON_CONFLICT}"
+
+
+class SqliteDialect(Dialect):
+    name: BackendName = "sqlite"
+
+    def time(self, moment: datetime) -> str:
+        """Fixed-width ISO-8601 UTC with microseconds, so text order is time order and the
+        upsert's newer-than comparison works on the text directly."""
+        if moment.tzinfo is None:
+            raise ValueError("naive datetime: every time in callstream is UTC-aware")
+        utc = moment.astimezone(UTC).replace(tzinfo=None)
+        return utc.isoformat(timespec="microseconds") + "Z"
+
+    def read_time(self, value: Any) -> datetime:
+        return datetime.fromisoformat(value)
+
+    def upsert(self, rows: Sequence[tuple[Any, ...]], stored_at: datetime) -> Statement:
+        stamp = self.time(stored_at)
+        return Statement(_SQLITE_UPSERT, tuple((*row, stamp) for row in rows), many=True)
+
+
+_PG_ARRAY_TYPES: Final[dict[Kind, str]] = {
+    "time": "timestamptz",
+    "real": "float8",
+    "bytes": "bytea",
+    "int": "int8",
+}
+# One statement for the whole batch: each column travels as one array parameter, so the
+# statement is prepared once per connection whatever the batch size, and one round trip
+# writes every row. stored_at, one value, is the last parameter.
+_PG_UPSERT: Final = (
+    f"{_INSERT} SELECT "  # noqa: S608
+    + ", ".join(f"u.{c}::jsonb" if k == "json" else f"u.{c}" for c, k in _ROW_COLUMNS)
+    + f", ${len(NAMES)} FROM unnest("
+    + ", ".join(
+        f"${i}::{_PG_ARRAY_TYPES.get(k, 'text')}[]" for i, (_, k) in enumerate(_ROW_COLUMNS, 1)
+    )
+    + f") AS u({', '.join(c for c, _ in _ROW_COLUMNS)})"
+    + _ON_CONFLICT
+)
+
+
+class PostgresDialect(Dialect):
+    name: BackendName = "postgresql"
+
+    def text(self, value: str) -> str:
+        return _without_nul(value)
+
+    def json(self, value: Any) -> str:
+        text = super().json(value)
+        return orjson.dumps(_json_without_nul(value)).decode() if "\\u0000" in text else text
+
+    def statement(self, sql: str, *params: Any, returns_rows: bool = False) -> Statement:
+        numbers = itertools.count(1)
+        sql = _PLACEHOLDER.sub(lambda _: f"${next(numbers)}", sql)
+        return super().statement(sql, *params, returns_rows=returns_rows)
+
+    def lock(self, key: int, *, shared: bool = False) -> Script[None]:
+        kind = "pg_advisory_xact_lock_shared" if shared else "pg_advisory_xact_lock"
+        yield Statement(f"SELECT {kind}($1)", (key,))
+
+    def upsert(self, rows: Sequence[tuple[Any, ...]], stored_at: datetime) -> Statement:
+        columns = [list(column) for column in zip(*rows, strict=True)]
+        return Statement(_PG_UPSERT, (*columns, stored_at))
+
+
+SQLITE: Final = SqliteDialect()
+POSTGRES: Final = PostgresDialect()
