@@ -18,11 +18,28 @@ from typing import Any, TypeVar
 
 import orjson
 
+from callstream import soak
+from callstream.bench.options import BenchOptions
 from callstream.bench.options import add_arguments as add_bench_arguments
+from callstream.bench.run import run_bench
+from callstream.consumerstatus import consumers_command
+from callstream.dlq import list_command, redrive_command
+from callstream.erase import erase, parse_age, purge
+from callstream.localkafka import LocalKafka, default_home, ensure_broker
+from callstream.replay import ReplayRequest, replay_command
+from callstream.sender import post_report
+from callstream.supervisor import run_pipeline
+from callstream.tail import tail
+from consumers.erasures import sha256_hex
+from consumers.errors import PermanentError, RetryableError
+from consumers.service import run_consumer
+from consumers.storage import StorageSettings
 from core import logs
-from core.kafkasettings import KafkaSettings
+from core.kafkasettings import DEFAULT_TOPIC, KafkaSettings
 from core.secret import secrets_from
 from core.settings import SettingsError
+from ingress.server import serve
+from ingress.settings import IngressSettings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,6 +152,15 @@ def _parser() -> argparse.ArgumentParser:
     add_bench_arguments(bench)
     bench.set_defaults(func=_cmd_bench)
 
+    soak_run = sub.add_parser(
+        "soak",
+        help="steady load through the real processes while faults are injected (not a test)",
+        description=soak.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    soak.add_arguments(soak_run)
+    soak_run.set_defaults(func=_cmd_soak)
+
     erase = sub.add_parser(
         "erase",
         help="delete a person's reports from storage and record it (docs/privacy.md)",
@@ -159,8 +185,6 @@ def kafka_settings(env: Mapping[str, str], *, start_local: bool) -> KafkaSetting
     """KAFKA_BOOTSTRAP_SERVERS if set; otherwise the local broker (started when asked)."""
     bootstrap = None
     if not env.get("KAFKA_BOOTSTRAP_SERVERS", "").strip():
-        from callstream.localkafka import LocalKafka, default_home, ensure_broker
-
         if start_local:
             bootstrap = ensure_broker(default_home())
         else:
@@ -174,8 +198,6 @@ def kafka_settings(env: Mapping[str, str], *, start_local: bool) -> KafkaSetting
 
 
 def _cmd_kafka(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    from callstream.localkafka import LocalKafka, default_home
-
     broker = LocalKafka(default_home())
     if args.action == "start":
         print(broker.start())
@@ -192,31 +214,22 @@ def _cmd_kafka(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 
 def _cmd_ingress(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    from ingress.server import serve
-    from ingress.settings import IngressSettings
-
     settings = IngressSettings.from_env(env, kafka=kafka_settings(env, start_local=False))
     _run_async(serve(settings))
     return 0
 
 
 def _cmd_consumer(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    from consumers.service import run_consumer
-
     return _run_async(run_consumer(args.name, env, kafka_settings(env, start_local=False)))
 
 
 def _cmd_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    from callstream.supervisor import run_pipeline
-
     kafka = kafka_settings(env, start_local=True)
     child_env = dict(env) | {"KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers}
     return run_pipeline(child_env, with_consumers=not args.no_consumers)
 
 
 def _cmd_send(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    from callstream.sender import post_report
-
     body = args.file.read_bytes()
     if args.fresh_id:
         body = _with_fresh_call_id(body)
@@ -249,8 +262,6 @@ def _with_fresh_call_id(body: bytes) -> bytes:
 
 
 def _cmd_tail(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    from callstream.tail import tail
-
     kafka = kafka_settings(env, start_local=False)
     return _run_async(
         tail(
@@ -265,29 +276,21 @@ def _cmd_tail(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 
 def _cmd_consumers(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    from callstream.consumerstatus import consumers_command
-
     kafka = kafka_settings(env, start_local=False)
     return _run_async(consumers_command(kafka, sys.stdout, as_json=args.json))
 
 
 def _cmd_replay(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    from callstream.replay import ReplayRequest, replay_command
-
     request = ReplayRequest(args.consumer, args.since, args.until, args.dry_run, args.from_storage)
     return _run_async(replay_command(request, env, kafka_settings(env, start_local=False)))
 
 
 def _cmd_dlq_list(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    from callstream.dlq import list_command
-
     kafka = kafka_settings(env, start_local=False)
     return _run_async(list_command(kafka, sys.stdout, consumer=args.consumer, as_json=args.json))
 
 
 def _cmd_dlq_redrive(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    from callstream.dlq import redrive_command
-
     kafka = kafka_settings(env, start_local=False)
     return _run_async(
         redrive_command(kafka, args.consumer, sys.stdout, sys.stderr, dry_run=args.dry_run)
@@ -295,18 +298,14 @@ def _cmd_dlq_redrive(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    from callstream.bench.options import BenchOptions
-    from callstream.bench.run import run_bench
-
     return _run_async(run_bench(BenchOptions.from_args(args)))
 
 
-def _cmd_erase(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    from callstream.erase import erase
-    from consumers.erasures import sha256_hex
-    from consumers.errors import PermanentError, RetryableError
-    from consumers.storage import StorageSettings
+def _cmd_soak(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    return asyncio.run(soak.soak(soak.options_from(args)))
 
+
+def _cmd_erase(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     try:
         outcome = _run_async(
             erase(StorageSettings.from_env(env), phone=args.phone, call_id=args.call)
@@ -333,10 +332,6 @@ def _cmd_erase(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 
 def _cmd_purge(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    from callstream.erase import parse_age, purge
-    from consumers.errors import PermanentError, RetryableError
-    from consumers.storage import StorageSettings
-
     try:
         age = parse_age(args.older_than)
     except ValueError as exc:
@@ -356,8 +351,6 @@ def _cmd_purge(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 
 def _warn_about_kafka(env: Mapping[str, str], compacted: bool) -> None:
-    from core.kafkasettings import DEFAULT_TOPIC
-
     topic = env.get("CALLSTREAM_TOPIC", "").strip() or DEFAULT_TOPIC
     if not compacted:
         print(
@@ -377,6 +370,7 @@ T = TypeVar("T")
 
 def _run_async(coro: Coroutine[Any, Any, T]) -> T:
     try:
+        # uvloop has no Windows build (pyproject installs it only elsewhere): optional here.
         import uvloop
 
         return uvloop.run(coro)

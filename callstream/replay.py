@@ -34,8 +34,10 @@ from prometheus_client import CollectorRegistry
 
 from callstream.consumerstatus import KafkaInspector, TopicMissingError
 from consumers.contract import Consumer, Delivery
+from consumers.registry import CONSUMERS
 from consumers.runner import Runner, RunnerSettings
 from consumers.runner_metrics import RunnerMetrics
+from consumers.storage import StorageSettings, open_backend
 from core.kafkasettings import KafkaSettings
 from core.offsets import commit_group_offsets
 from core.producer import durable_producer
@@ -325,8 +327,6 @@ async def replay_consumer(
     Without `until` only the group's offsets move; with it the range is handled here.
     Returns an exit code; refuses (EXIT_REFUSED, nothing changed) while the group has members.
     """
-    from consumers.registry import CONSUMERS
-
     spec = CONSUMERS.get(consumer)
     if spec is None:
         err.write(f"no consumer named {consumer!r}; registered: {', '.join(sorted(CONSUMERS))}\n")
@@ -723,8 +723,6 @@ async def _from_storage(
     err: TextIO,
     stop: asyncio.Event,
 ) -> int:
-    from consumers.storage import StorageSettings, open_backend
-
     async with open_backend(StorageSettings.from_env(env)) as backend, aiohttp.ClientSession() as s:
         return await republish_from_storage(
             kafka,

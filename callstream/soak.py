@@ -1,7 +1,7 @@
 """A soak run: steady load through the real processes while faults are injected, then an
 account of every report. Not a test: run it by hand, it takes as long as you ask.
 
-    python -m callstream.soak --minutes 10 [--rate 200] [--seed 7] [--keep]
+    callstream soak --minutes 10 [--rate 200] [--seed 7] [--keep]
 
 It starts its own broker (LocalKafka in a temporary home), then the ingress and the storage
 consumer (SQLite) as `python -m callstream ...` processes, exactly as they run in
@@ -37,8 +37,6 @@ import shutil
 import signal
 import socket
 import sqlite3
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -51,12 +49,13 @@ from typing import Any
 import aiohttp
 import orjson
 
+from callstream.bench.pool import sample_report
 from callstream.localkafka import LocalKafka
+from callstream.processes import ChildProcess, callstream_argv
 from core.kafkasettings import KafkaSettings
 from core.topicreader import read_topic
 from ingress.auth import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
 
-SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "samples" / "end-of-call-report.json"
 WEBHOOK = "/webhooks/flireo"
 # More than this many unanswered requests means the ingress is not answering at all; the
 # driver then counts the tick as skipped instead of piling up sockets without bound.
@@ -79,12 +78,11 @@ class Options:
     gap: tuple[float, float]
 
 
-def parse_args(argv: list[str] | None = None) -> Options:
-    parser = argparse.ArgumentParser(
-        prog="python -m callstream.soak", description=__doc__.split("\n\n")[0]
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--minutes", type=_positive, default=10.0, help="load duration (default 10)"
     )
-    parser.add_argument("--minutes", type=float, default=10.0, help="load duration (default 10)")
-    parser.add_argument("--rate", type=float, default=200.0, help="reports per second (200)")
+    parser.add_argument("--rate", type=_positive, default=200.0, help="reports per second (200)")
     parser.add_argument("--seed", type=int, default=None, help="fault schedule seed (random)")
     parser.add_argument("--keep", action="store_true", help="keep the run's directory and logs")
     parser.add_argument(
@@ -94,9 +92,16 @@ def parse_args(argv: list[str] | None = None) -> Options:
         "--gap", type=float, nargs=2, default=(10.0, 20.0), metavar=("MIN", "MAX"),
         help="seconds between one fault's recovery and the next fault (10 20)",
     )  # fmt: skip
-    args = parser.parse_args(argv)
-    if args.minutes <= 0 or args.rate <= 0:
-        parser.error("--minutes and --rate must be positive")
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text}")
+    return value
+
+
+def options_from(args: argparse.Namespace) -> Options:
     return Options(
         minutes=args.minutes,
         rate=args.rate,
@@ -140,7 +145,7 @@ class Service:
     env: dict[str, str]
     log_dir: Path
     port: int
-    process: subprocess.Popen[bytes] | None = None
+    process: ChildProcess | None = None
     incarnation: int = 0
     peak_kib: int = 0
     unexpected_exits: list[int] = field(default_factory=list)
@@ -149,13 +154,8 @@ class Service:
     def start(self) -> None:
         self.incarnation += 1
         log = self.log_dir / f"{self.role}.{self.incarnation}.log"
-        with log.open("wb") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "callstream", *self.args],
-                env=self.env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
+        argv = callstream_argv(*self.args)
+        self.process = ChildProcess(argv, env=self.env, log_file=log, name=self.role).start()
         self.deliberately_down = False
 
     @property
@@ -170,29 +170,23 @@ class Service:
         self.deliberately_down = True
         assert self.process is not None
         self.process.kill()
-        self.process.wait()
 
     def check(self) -> None:
         """Restart after an exit nobody asked for."""
         if self.process is None or self.deliberately_down:
             return
-        code = self.process.poll()
+        code = self.process.returncode
         if code is not None:
             self.unexpected_exits.append(code)
             print(f"  !! {self.role} exited by itself ({code}); restarting", flush=True)
             self.start()
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
+        if self.process is None or not self.process.running():
             return
         self.sample()
         self.deliberately_down = True
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        self.process.stop(grace=30)
 
 
 class Broker:
@@ -258,7 +252,7 @@ class Driver:
         self.url = url
         self.secret = secret
         self.tally = tally
-        self.template: dict[str, Any] = orjson.loads(SAMPLE.read_bytes())
+        self.template = sample_report()
 
     def body(self, call_id: str) -> bytes:
         payload = dict(self.template)
@@ -486,8 +480,6 @@ def mib(kib: int) -> str:
 
 
 async def soak(opts: Options) -> int:
-    if not SAMPLE.is_file():
-        raise SystemExit(f"the sample report is missing: {SAMPLE}")
     home = Path(tempfile.mkdtemp(prefix="callstream-soak-"))
     logs = home / "logs"
     logs.mkdir()
@@ -668,12 +660,3 @@ def _account(
         )
         return 1
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    opts = parse_args(argv)
-    return asyncio.run(soak(opts))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -26,6 +26,7 @@ import signal
 from collections.abc import AsyncIterator
 
 from aiohttp import web
+from aiokafka import AIOKafkaProducer
 
 from ingress.auth import SIGNATURE_HEADER, TIMESTAMP_HEADER
 
@@ -51,8 +52,6 @@ def bare_app() -> web.Application:
 
 
 def naive_app(bootstrap: str, topic: str, secret: bytes) -> web.Application:
-    from aiokafka import AIOKafkaProducer
-
     app = web.Application(client_max_size=2_000_000)
     app[ACCEPTED] = [0]
     producers: list[AIOKafkaProducer] = []
@@ -109,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.bootstrap or not secret:
             parser.error("naive needs --bootstrap and CALLSTREAM_WEBHOOK_SECRET")
         app = naive_app(args.bootstrap, args.topic, secret.encode())
+    # uvloop: imported here as everywhere in callstream, being optional off Linux.
     import uvloop
 
     uvloop.run(_serve(app, args.port))

@@ -6,8 +6,6 @@ import argparse
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_SAMPLE = REPO_ROOT.parent / "shared" / "samples" / "end-of-call-report.json"
 PHASES = ("baselines", "ingress", "fixed-rate", "catch-up", "spool", "profile")
 DEFAULT_PHASES = PHASES[:-1]
 
@@ -15,7 +13,7 @@ DEFAULT_PHASES = PHASES[:-1]
 @dataclass(frozen=True, slots=True)
 class BenchOptions:
     out_dir: Path = Path("bench-results")
-    sample: Path = DEFAULT_SAMPLE
+    sample: Path | None = None  # None: the report shipped with callstream
     duration: float = 20.0
     warmup: float = 2.0
     connections: int = 128
@@ -89,7 +87,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = BenchOptions()
     parser.add_argument("--out-dir", type=Path, default=d.out_dir, help="default: %(default)s")
     parser.add_argument(
-        "--sample", type=Path, default=d.sample, help="a flat end-of-call report to send"
+        "--sample",
+        type=Path,
+        default=d.sample,
+        help="a flat end-of-call report to send (default: the one shipped with callstream)",
     )
     parser.add_argument(
         "--duration", type=float, default=d.duration, help="seconds per wrk run (%(default)s)"

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import itertools
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import aiohttp
 
 from callstream.bench.procstat import Watched, cpu_seconds, machine_busy_seconds
 from callstream.bench.report import OTHERS, ProcessUsage
+from callstream.processes import ChildProcess
 
 HOST = "127.0.0.1"
 
@@ -39,8 +39,7 @@ class Service:
     """A long-running child (a server, a consumer) with its log in the bench's temp dir."""
 
     name: str
-    proc: subprocess.Popen[bytes]
-    log: Path
+    process: ChildProcess
     port: int
 
     @property
@@ -48,31 +47,16 @@ class Service:
         return f"http://{HOST}:{self.port}"
 
     def watched(self) -> Watched:
-        return Watched(self.name, self.proc.pid)
+        return Watched(self.name, self.process.pid)
 
     def stop(self, timeout: float = 20.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
+        self.process.stop(timeout)
 
 
 def spawn(name: str, argv: list[str], env: Mapping[str, str], log: Path, port: int) -> Service:
     """Started with the log's directory as its working directory."""
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            argv, env=dict(env), cwd=log.parent, stdin=subprocess.DEVNULL, stdout=out, stderr=out
-        )
-    return Service(name, proc, log, port)
+    process = ChildProcess(argv, env=env, log_file=log, cwd=log.parent, name=name)
+    return Service(name, process.start(), port)
 
 
 @dataclass(frozen=True, slots=True)
