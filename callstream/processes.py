@@ -4,6 +4,7 @@ file; stopped with SIGTERM and, after a grace period, SIGKILL."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import subprocess
@@ -40,17 +41,12 @@ class ChildProcess:
         self._popen: subprocess.Popen[bytes] | None = None
 
     def start(self) -> ChildProcess:
-        if self.log_file is None:
-            self._popen = subprocess.Popen(self.argv, env=self.env, cwd=self.cwd)
-            return self
-        with self.log_file.open("ab") as out:
+        with contextlib.ExitStack() as stack:
+            out = None if self.log_file is None else stack.enter_context(self.log_file.open("ab"))
+            stdin = None if out is None else subprocess.DEVNULL
+            stderr = None if out is None else subprocess.STDOUT
             self._popen = subprocess.Popen(
-                self.argv,
-                env=self.env,
-                cwd=self.cwd,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
+                self.argv, env=self.env, cwd=self.cwd, stdin=stdin, stdout=out, stderr=stderr
             )
         return self
 
