@@ -60,9 +60,8 @@ class ChildProcess:
     def pid(self) -> int:
         return self.popen.pid
 
-    @property
-    def returncode(self) -> int | None:
-        """The exit status once it has exited, else None (polls)."""
+    def poll(self) -> int | None:
+        """The exit status once it has exited, else None (also before it is started)."""
         return None if self._popen is None else self._popen.poll()
 
     def running(self) -> bool:

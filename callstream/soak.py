@@ -18,7 +18,7 @@ up) and reports:
     lost          acknowledged but not stored: must be 0, and the exit status says so
     peak memory   VmHWM of each process (the highest of its incarnations)
 
-When ingress/spool.py is present the ingress spools to a directory in the run's home
+When the ingress has a spool (ingress.spool) it spools to a directory in the run's home
 (CALLSTREAM_SPOOL_DIR), so a broker outage becomes acknowledged-and-spooled, not 503s.
 Traffic goes only to 127.0.0.1, and every loop is bounded by --minutes.
 """
@@ -175,7 +175,7 @@ class Service:
         """Restart after an exit nobody asked for."""
         if self.process is None or self.deliberately_down:
             return
-        code = self.process.returncode
+        code = self.process.poll()
         if code is not None:
             self.unexpected_exits.append(code)
             print(f"  !! {self.role} exited by itself ({code}); restarting", flush=True)

@@ -50,7 +50,7 @@ def run_pipeline(env: Mapping[str, str], *, with_consumers: bool) -> int:
         while not stopping:
             now = time.monotonic()
             for child in children:
-                code = child.process.returncode
+                code = child.process.poll()
                 if child.started and code is not None:
                     child.restarts += 1
                     delay = min(2 ** min(child.restarts, 5), 30)

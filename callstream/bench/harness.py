@@ -120,7 +120,7 @@ class Harness:
     async def _wait_http(self, service: Service, path: str) -> None:
         deadline = time.monotonic() + _STARTUP_TIMEOUT
         while True:
-            if (code := service.process.returncode) is not None:
+            if (code := service.process.poll()) is not None:
                 raise RuntimeError(
                     f"{service.name} exited with {code} while starting:\n"
                     f"{service.process.log_tail()}"

@@ -353,7 +353,7 @@ class Bench(Harness):
             if time.monotonic() > deadline:
                 note = f"timed out with {handled:,.0f} of {expected:,} handled"
                 break
-            if (code := consumer.process.returncode) is not None:
+            if (code := consumer.process.poll()) is not None:
                 note = f"consumer exited with {code}"
                 break
             await asyncio.sleep(0.1)
