@@ -6,6 +6,8 @@ from __future__ import annotations
 import socket
 import struct
 
+from callstream import ports
+
 _HOST = "127.0.0.1"
 
 
@@ -22,12 +24,9 @@ def port_free(port: int) -> bool:
 
 
 def free_port(avoid: int | None = None) -> int:
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind((_HOST, 0))
-            port: int = sock.getsockname()[1]
-        if port != avoid:
-            return port
+    while (port := ports.free_port()) == avoid:
+        pass
+    return port
 
 
 def broker_ready(port: int, cluster_id: str, node_id: int, timeout: float) -> bool:

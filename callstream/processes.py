@@ -11,6 +11,7 @@ import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Self
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ class ChildProcess:
         self.name = name or Path(self.argv[0]).name
         self._popen: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> ChildProcess:
+    def start(self) -> Self:
         with contextlib.ExitStack() as stack:
             out = None if self.log_file is None else stack.enter_context(self.log_file.open("ab"))
             stdin = None if out is None else subprocess.DEVNULL

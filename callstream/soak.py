@@ -35,7 +35,6 @@ import random
 import secrets
 import shutil
 import signal
-import socket
 import sqlite3
 import tempfile
 import time
@@ -44,13 +43,15 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import aiohttp
 import orjson
 
 from callstream.bench.pool import sample_report
+from callstream.bench.procstat import peak_rss_kib
 from callstream.localkafka import LocalKafka
+from callstream.ports import free_port
 from callstream.processes import ChildProcess, callstream_argv
 from core.kafkasettings import KafkaSettings
 from core.topicreader import read_topic
@@ -117,76 +118,50 @@ def options_from(args: argparse.Namespace) -> Options:
 
 def vm_hwm_kib(pid: int | None) -> int:
     """Peak resident set size of a live process, in KiB (0 when it is gone)."""
-    if pid is None:
-        return 0
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
+    return (peak_rss_kib(pid) or 0) if pid is not None else 0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+class Service(ChildProcess):
+    """One `python -m callstream ...` child, restartable, with a log per incarnation. Remembers
+    its peak memory over every incarnation, and exits it did not ask for (which it restarts,
+    like a supervisor with Restart=always would, and reports)."""
 
-
-@dataclass
-class Service:
-    """One `python -m callstream ...` child, restartable. Remembers its peak memory over
-    every incarnation, and exits it did not ask for (which it restarts, like a supervisor
-    with Restart=always would, and reports)."""
-
-    role: str
-    args: list[str]
-    env: dict[str, str]
-    log_dir: Path
-    port: int
-    process: ChildProcess | None = None
-    incarnation: int = 0
-    peak_kib: int = 0
-    unexpected_exits: list[int] = field(default_factory=list)
-    deliberately_down: bool = False
-
-    def start(self) -> None:
-        self.incarnation += 1
-        log = self.log_dir / f"{self.role}.{self.incarnation}.log"
-        argv = callstream_argv(*self.args)
-        self.process = ChildProcess(argv, env=self.env, log_file=log, name=self.role).start()
+    def __init__(self, role: str, args: list[str], env: dict[str, str], log_dir: Path, port: int):
+        super().__init__(callstream_argv(*args), env=env, name=role)
+        self.role, self.log_dir, self.port = role, log_dir, port
+        self.incarnation = 0
+        self.peak_kib = 0
+        self.unexpected_exits: list[int] = []
         self.deliberately_down = False
 
-    @property
-    def pid(self) -> int | None:
-        return None if self.process is None else self.process.pid
+    def start(self) -> Self:
+        self.incarnation += 1
+        self.log_file = self.log_dir / f"{self.role}.{self.incarnation}.log"
+        self.deliberately_down = False
+        return super().start()
 
     def sample(self) -> None:
-        self.peak_kib = max(self.peak_kib, vm_hwm_kib(self.pid))
+        self.peak_kib = max(self.peak_kib, vm_hwm_kib(self.pid if self.running() else None))
 
-    def kill(self) -> None:
+    def kill(self) -> int:
         self.sample()
         self.deliberately_down = True
-        assert self.process is not None
-        self.process.kill()
+        return super().kill()
 
     def check(self) -> None:
         """Restart after an exit nobody asked for."""
-        if self.process is None or self.deliberately_down:
+        if self.deliberately_down or (code := self.poll()) is None:
             return
-        code = self.process.poll()
-        if code is not None:
-            self.unexpected_exits.append(code)
-            print(f"  !! {self.role} exited by itself ({code}); restarting", flush=True)
-            self.start()
+        self.unexpected_exits.append(code)
+        print(f"  !! {self.role} exited by itself ({code}); restarting", flush=True)
+        self.start()
 
-    def stop(self) -> None:
-        if self.process is None or not self.process.running():
-            return
+    def stop(self, grace: float = 30.0) -> int | None:
+        if not self.running():
+            return None
         self.sample()
         self.deliberately_down = True
-        self.process.stop(grace=30)
+        return super().stop(grace)
 
 
 class Broker:
@@ -341,21 +316,19 @@ async def pause_broker(p: Pipeline, rng: random.Random) -> None:
 
 
 async def kill_storage(p: Pipeline, rng: random.Random) -> None:
-    down = rng.uniform(2, 5)
-    p.storage.kill()
-    p.note(f"storage consumer SIGKILL; down {down:.1f} s")
-    await asyncio.sleep(down)
-    p.storage.start()
-    p.note("storage consumer restarted")
+    await _kill_and_restart(p, p.storage, "storage consumer", rng.uniform(2, 5))
 
 
 async def kill_ingress(p: Pipeline, rng: random.Random) -> None:
-    down = rng.uniform(1, 3)
-    p.ingress.kill()
-    p.note(f"ingress SIGKILL; down {down:.1f} s")
+    await _kill_and_restart(p, p.ingress, "ingress", rng.uniform(1, 3))
+
+
+async def _kill_and_restart(p: Pipeline, service: Service, label: str, down: float) -> None:
+    service.kill()
+    p.note(f"{label} SIGKILL; down {down:.1f} s")
     await asyncio.sleep(down)
-    p.ingress.start()
-    p.note("ingress restarted")
+    service.start()
+    p.note(f"{label} restarted")
 
 
 Fault = Callable[[Pipeline, random.Random], Awaitable[None]]
@@ -579,6 +552,7 @@ def _account(
     *,
     own_peak: int,
 ) -> int:
+    services = (p.ingress, p.storage)
     stored = stored_ids(db) & tally.sent
     lost = tally.acked - stored
     duplicated = {key: n for key, n in copies.items() if key in tally.acked and n > 1}
@@ -603,17 +577,12 @@ def _account(
         "lost": len(lost),
         "lost_call_ids": sorted(lost)[:20],
         "settle_seconds": round(settled, 1),
-        "unexpected_exits": {s.role: s.unexpected_exits for s in (p.ingress, p.storage)},
-        "peak_memory_kib": {
-            "broker": p.broker.peak_kib,
-            "ingress": p.ingress.peak_kib,
-            "storage": p.storage.peak_kib,
-            "driver": own_peak,
-        },
+        "unexpected_exits": {s.role: s.unexpected_exits for s in services},
+        "peak_memory_kib": {"broker": p.broker.peak_kib, **{s.role: s.peak_kib for s in services}}
+        | {"driver": own_peak},
         "incarnations": {
             "broker": p.broker.incarnation,
-            "ingress": p.ingress.incarnation,
-            "storage": p.storage.incarnation,
+            **{s.role: s.incarnation for s in services},
         },
     }
     rows = [
@@ -646,7 +615,7 @@ def _account(
     print()
     for name, value in rows:
         print(f"{name:<26} {value}")
-    for service in (p.ingress, p.storage):
+    for service in services:
         if service.unexpected_exits:
             print(f"{service.role} exited by itself with {service.unexpected_exits}")
     (home / "soak-summary.json").write_text(json.dumps(summary, indent=2) + "\n")

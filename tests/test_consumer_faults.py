@@ -20,7 +20,7 @@ import asyncpg
 import pytest
 from aiohttp import web
 
-from callstream.bench.measure import postgres_count as count_rows
+from callstream.bench.services import postgres_count as count_rows
 from callstream.consumerstatus import KafkaInspector
 from callstream.localkafka import LocalKafka
 from callstream.localpg import PostgresServer

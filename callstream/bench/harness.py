@@ -19,9 +19,10 @@ from callstream.bench import pool
 from callstream.bench.options import BenchOptions
 from callstream.bench.procstat import Watched
 from callstream.bench.report import Results
-from callstream.bench.services import HOST, Service, free_port, say, spawn
+from callstream.bench.services import HOST, Service, say
 from callstream.localkafka import KAFKA_VERSION, LocalKafka
 from callstream.localpg import PostgresServer
+from callstream.ports import free_port
 from core.kafkasettings import KafkaSettings
 from core.topicadmin import ensure_topics
 
@@ -108,7 +109,7 @@ class Harness:
     def _spawn(
         self, name: str, argv: list[str], env: Mapping[str, str], port: int, log: str = ""
     ) -> Service:
-        service = spawn(name, argv, env, self.tmp / f"{log or name}.log", port)
+        service = Service(name, argv, env, self.tmp / f"{log or name}.log", port).start()
         self.owned.services.append(service)
         return service
 
@@ -120,19 +121,16 @@ class Harness:
     async def _wait_http(self, service: Service, path: str) -> None:
         deadline = time.monotonic() + _STARTUP_TIMEOUT
         while True:
-            if (code := service.process.poll()) is not None:
+            if (code := service.poll()) is not None:
                 raise RuntimeError(
-                    f"{service.name} exited with {code} while starting:\n"
-                    f"{service.process.log_tail()}"
+                    f"{service.name} exited with {code} while starting:\n{service.log_tail()}"
                 )
             with contextlib.suppress(aiohttp.ClientError, OSError):
                 async with self.http.get(service.url + path) as resp:
                     if resp.status == 200:
                         return
             if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"{service.name} did not answer {path}:\n{service.process.log_tail()}"
-                )
+                raise RuntimeError(f"{service.name} did not answer {path}:\n{service.log_tail()}")
             await asyncio.sleep(0.05)
 
     async def _metric(self, service: Service, series: str) -> float | None:

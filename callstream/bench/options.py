@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import Any
 
 PHASES = ("baselines", "ingress", "fixed-rate", "catch-up", "spool", "profile")
 DEFAULT_PHASES = PHASES[:-1]
@@ -33,24 +34,14 @@ class BenchOptions:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> BenchOptions:
-        options = cls(
-            out_dir=args.out_dir,
-            sample=args.sample,
-            duration=args.duration,
-            warmup=args.warmup,
-            connections=args.connections,
-            threads=args.threads,
-            rate=args.rate,
-            rate_duration=args.rate_duration,
-            long_every=args.long_every,
-            catchup_records=args.catchup_records,
-            postgres=not args.no_postgres,
-            profile_seconds=args.profile_seconds,
-            keep_temp=args.keep_temp,
-            phases=_phases(args.phases, profile=args.profile),
-            env=tuple(_pair(item) for item in args.env),
-            pythonpath=args.pythonpath,
-        )
+        # Every other field has an argument of its own name (add_arguments below).
+        derived: dict[str, Any] = {
+            "postgres": not args.no_postgres,
+            "phases": _phases(args.phases, profile=args.profile),
+            "env": tuple(_pair(item) for item in args.env),
+        }
+        plain = {f.name: getattr(args, f.name) for f in fields(cls) if f.name not in derived}
+        options = cls(**plain, **derived)
         return cls.quick(options) if args.quick else options
 
     @staticmethod

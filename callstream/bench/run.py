@@ -37,31 +37,36 @@ import orjson
 from callstream.bench import openloop, pool, profiling
 from callstream.bench.chart import write_chart
 from callstream.bench.harness import PARTITIONS, SECRET, Harness
-from callstream.bench.measure import (
-    bucket_quantiles,
-    postgres_count,
-    smooth,
-    sqlite_count,
-    stop_py_spy,
-    stored_times,
-    wrk_summary,
-)
-from callstream.bench.meta import run_meta
 from callstream.bench.options import BenchOptions
 from callstream.bench.procstat import Watched, loadavg
-from callstream.bench.report import ConsumerRun, Latency, WrkRun, evaluate, render_table, write_json
+from callstream.bench.report import (
+    ConsumerRun,
+    Latency,
+    WrkRun,
+    evaluate,
+    render_table,
+    run_meta,
+    write_json,
+)
 from callstream.bench.services import (
     HOST,
     CpuWindow,
     Measured,
     Sampler,
     Service,
-    free_port,
+    bucket_quantiles,
+    postgres_count,
     py_spy_record,
     run_measured,
     say,
+    smooth,
+    sqlite_count,
+    stop_py_spy,
+    stored_times,
+    wrk_summary,
 )
 from callstream.localpg import PostgresServer
+from callstream.ports import free_port
 from core.kafkasettings import KafkaSettings
 from ingress.publisher import KafkaPublisher, OutgoingRecord
 from schemas.codec import single_object_encoder
@@ -334,7 +339,7 @@ class Bench(Harness):
         await self._wait_http(consumer, "/healthz")
         spy = None
         if profile is not None and (py_spy := profiling.find_py_spy()) is not None:
-            spy = py_spy_record(py_spy, consumer.process.pid, 600, profile)
+            spy = py_spy_record(py_spy, consumer.pid, 600, profile)
         window = CpuWindow([consumer.watched(), self.broker, *extra])
         points: list[tuple[float, float]] = []
         first: tuple[float, float] | None = None
@@ -353,7 +358,7 @@ class Bench(Harness):
             if time.monotonic() > deadline:
                 note = f"timed out with {handled:,.0f} of {expected:,} handled"
                 break
-            if (code := consumer.process.poll()) is not None:
+            if (code := consumer.poll()) is not None:
                 note = f"consumer exited with {code}"
                 break
             await asyncio.sleep(0.1)
@@ -482,7 +487,7 @@ class Bench(Harness):
         await asyncio.to_thread(run_measured, self._wrk(script, ingress.port, 2, 32))
         collapsed = Path(f"{self.out_prefix}-ingress.collapsed")
         collapsed.parent.mkdir(parents=True, exist_ok=True)
-        spy = py_spy_record(py_spy, ingress.process.pid, seconds + 1, collapsed)
+        spy = py_spy_record(py_spy, ingress.pid, seconds + 1, collapsed)
         try:
             run = await asyncio.to_thread(
                 run_measured, self._wrk(script, ingress.port, seconds, self.o.connections)
