@@ -53,8 +53,7 @@ class ChildProcess:
 
     @property
     def popen(self) -> subprocess.Popen[bytes]:
-        if self._popen is None:
-            raise RuntimeError(f"{self.name} was never started")
+        assert self._popen is not None, f"{self.name} was never started"
         return self._popen
 
     @property
@@ -89,11 +88,11 @@ class ChildProcess:
             log.warning("%s did not stop in time; killing it", self.name)
             return self.kill()
 
-    def stop(self, grace: float = 20.0) -> int | None:
-        """SIGTERM, then SIGKILL after `grace` seconds; its exit status (None: never started)."""
+    def stop(self, grace: float = 20.0, sig: int = signal.SIGTERM) -> int | None:
+        """`sig`, then SIGKILL after `grace` seconds; its exit status (None: never started)."""
         if self._popen is None:
             return None
-        self.send_signal(signal.SIGTERM)
+        self.send_signal(sig)
         return self.wait_or_kill(grace)
 
     def log_tail(self, lines: int = 20) -> str:

@@ -53,9 +53,10 @@ from callstream.bench.procstat import peak_rss_kib
 from callstream.localkafka import LocalKafka
 from callstream.ports import free_port
 from callstream.processes import ChildProcess, callstream_argv
+from callstream.sender import signed_headers
 from core.kafkasettings import KafkaSettings
+from core.secret import Secret
 from core.topicreader import read_topic
-from ingress.auth import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
 
 WEBHOOK = "/webhooks/flireo"
 # More than this many unanswered requests means the ingress is not answering at all; the
@@ -156,12 +157,12 @@ class Service(ChildProcess):
         print(f"  !! {self.role} exited by itself ({code}); restarting", flush=True)
         self.start()
 
-    def stop(self, grace: float = 30.0) -> int | None:
+    def stop(self, grace: float = 30.0, sig: int = signal.SIGTERM) -> int | None:
         if not self.running():
             return None
         self.sample()
         self.deliberately_down = True
-        return super().stop(grace)
+        return super().stop(grace, sig)
 
 
 class Broker:
@@ -225,7 +226,7 @@ class Driver:
 
     def __init__(self, url: str, secret: str, tally: Tally) -> None:
         self.url = url
-        self.secret = secret
+        self.secret = Secret(secret)
         self.tally = tally
         self.template = sample_report()
 
@@ -258,12 +259,7 @@ class Driver:
     async def send(self, session: aiohttp.ClientSession) -> None:
         call_id = str(uuid.uuid4())
         body = self.body(call_id)
-        stamp = str(int(time.time()))
-        headers = {
-            "Content-Type": "application/json",
-            TIMESTAMP_HEADER: stamp,
-            SIGNATURE_HEADER: sign(self.secret, stamp, body),
-        }
+        headers = signed_headers(body, self.secret, None)
         self.tally.sent.add(call_id)
         try:
             async with session.post(self.url, data=body, headers=headers) as resp:

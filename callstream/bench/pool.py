@@ -47,15 +47,10 @@ class BodyTemplate:
 
 def sample_report(path: Path | None = None) -> dict[str, Any]:
     """A flat Flireo end-of-call report: the file at `path`, or the one shipped with callstream."""
-    if path is None:
-        data = resources.files("callstream.bench").joinpath("sample-report.json").read_bytes()
-    else:
-        data = path.read_bytes()
-    payload: dict[str, Any] = orjson.loads(data)
+    source = path or resources.files("callstream.bench").joinpath("sample-report.json")
+    payload: dict[str, Any] = orjson.loads(source.read_bytes())
     if "callId" not in payload or not isinstance(payload.get("transcriptText"), str):
-        raise ValueError(
-            f"{path or 'the shipped sample'} is not a flat end-of-call report with a transcript"
-        )
+        raise ValueError(f"{source} is not a flat end-of-call report with a transcript")
     return payload
 
 

@@ -22,6 +22,7 @@ import functools
 import itertools
 import math
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -61,7 +62,6 @@ from callstream.bench.services import (
     say,
     smooth,
     sqlite_count,
-    stop_py_spy,
     stored_times,
     wrk_summary,
 )
@@ -367,7 +367,7 @@ class Bench(Harness):
         last_commit = await self._metric(consumer, _LAST_COMMIT) or time.time()
         window.close()
         if spy is not None:
-            await asyncio.to_thread(stop_py_spy, spy)
+            await asyncio.to_thread(spy.stop, 30.0, signal.SIGINT)
         rows = await count_rows()
         await self._stop(consumer)
         if first is None or last_commit <= first[0]:
@@ -493,7 +493,7 @@ class Bench(Harness):
                 run_measured, self._wrk(script, ingress.port, seconds, self.o.connections)
             )
         finally:
-            await asyncio.to_thread(stop_py_spy, spy, seconds + 30)
+            await asyncio.to_thread(spy.stop, seconds + 30, signal.SIGINT)
         await self._stop(ingress)
         profiles["ingress"] = self._profile_summary(collapsed, run)
 

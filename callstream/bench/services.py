@@ -8,7 +8,6 @@ import contextlib
 import itertools
 import math
 import os
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -76,13 +75,12 @@ def run_measured(argv: list[str]) -> Measured:
     )
 
 
-def py_spy_record(py_spy: str, pid: int, seconds: int, out: Path) -> subprocess.Popen[bytes]:
-    """Collapsed stacks, per function, sampled without pausing the target."""
+def py_spy_record(py_spy: str, pid: int, seconds: int, out: Path) -> ChildProcess:
+    """Collapsed stacks, per function, sampled without pausing the target. Stop it with
+    SIGINT: py-spy writes its output when interrupted (or when its duration ends)."""
     argv = [py_spy, "record", "--pid", str(pid), "--rate", "250", "--duration", str(seconds)]
     argv += ["--format", "raw", "--function", "--nonblocking", "--output", str(out)]
-    return subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
+    return ChildProcess(argv, log_file=Path(os.devnull), name="py-spy").start()
 
 
 class CpuWindow:
@@ -190,19 +188,6 @@ def wrk_summary(run: Measured) -> dict[str, Any]:
         raise RuntimeError(f"wrk printed no summary (exit {run.exit_code}):\n{run.output}")
     data: dict[str, Any] = orjson.loads(line.split(" ", 1)[1])
     return data
-
-
-def stop_py_spy(spy: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
-    """py-spy writes its output when it is interrupted (or its duration ends)."""
-    if spy.poll() is None:
-        spy.send_signal(signal.SIGINT)
-    try:
-        spy.wait(timeout)
-    except subprocess.TimeoutExpired:
-        spy.kill()
-        spy.wait()
-    if spy.stderr is not None:
-        spy.stderr.close()
 
 
 def stored_times(db: Path) -> dict[str, float]:
