@@ -18,12 +18,29 @@ from typing import Any, TypeVar
 
 import orjson
 
+from callstream import soak
+from callstream.bench.options import BenchOptions
 from callstream.bench.options import add_arguments as add_bench_arguments
+from callstream.bench.run import run_bench
 from callstream.commandsettings import LogSettings
+from callstream.consumerstatus import consumers_command
+from callstream.dlq import list_command, redrive_command
+from callstream.envexample import render as render_env_example
+from callstream.erase import erase, parse_age, purge
+from callstream.localkafka import LocalKafka, default_home, ensure_broker
+from callstream.replay import ReplayRequest, replay_command
+from callstream.sender import post_report
+from callstream.supervisor import run_pipeline
+from callstream.tail import tail
+from consumers.errors import PermanentError, RetryableError
+from consumers.service import run_consumer
+from consumers.storage import StorageSettings, sha256_hex
 from core import logs
 from core.kafkasettings import BOOTSTRAP, KafkaSettings
 from core.settings import SettingsError, field_from_env
 from core.signing import WEBHOOK_PATH
+from ingress.server import serve
+from ingress.settings import IngressSettings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,6 +153,15 @@ def _parser() -> argparse.ArgumentParser:
     add_bench_arguments(bench)
     bench.set_defaults(func=_cmd_bench)
 
+    soak_run = sub.add_parser(
+        "soak",
+        help="steady load through the real processes while faults are injected (not a test)",
+        description=soak.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    soak.add_arguments(soak_run)
+    soak_run.set_defaults(func=_cmd_soak)
+
     erase = sub.add_parser(
         "erase",
         help="delete a person's reports from storage and record it (docs/privacy.md)",
@@ -166,9 +192,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_settings(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    from callstream.envexample import render
-
-    sys.stdout.write(render())
+    sys.stdout.write(render_env_example())
     return 0
 
 
@@ -176,8 +200,6 @@ def kafka_settings(env: Mapping[str, str], *, start_local: bool) -> KafkaSetting
     """KAFKA_BOOTSTRAP_SERVERS if set; otherwise the local broker (started when asked)."""
     bootstrap = None
     if not BOOTSTRAP.is_set(env):
-        from callstream.localkafka import LocalKafka, default_home, ensure_broker
-
         if start_local:
             bootstrap = ensure_broker(default_home())
         else:
@@ -192,8 +214,6 @@ def kafka_settings(env: Mapping[str, str], *, start_local: bool) -> KafkaSetting
 
 
 def _cmd_kafka(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    from callstream.localkafka import LocalKafka, default_home
-
     broker = LocalKafka(default_home())
     if args.action == "start":
         print(broker.start())
@@ -210,32 +230,22 @@ def _cmd_kafka(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 
 def _cmd_ingress(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    from ingress.server import serve
-    from ingress.settings import IngressSettings
-
     settings = IngressSettings.from_env(env, kafka=kafka_settings(env, start_local=False))
     _run_async(serve(settings))
     return 0
 
 
 def _cmd_consumer(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    from consumers.service import run_consumer
-
     return _run_async(run_consumer(args.name, env, kafka_settings(env, start_local=False)))
 
 
 def _cmd_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    from callstream.supervisor import run_pipeline
-
     kafka = kafka_settings(env, start_local=True)
     child_env = dict(env) | {BOOTSTRAP.env: kafka.bootstrap_servers}
     return run_pipeline(child_env, with_consumers=not args.no_consumers)
 
 
 def _cmd_send(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    from callstream.sender import post_report
-    from ingress.settings import IngressSettings
-
     body = args.file.read_bytes()
     if args.fresh_id:
         body = _with_fresh_call_id(body)
@@ -269,8 +279,6 @@ def _with_fresh_call_id(body: bytes) -> bytes:
 
 
 def _cmd_tail(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    from callstream.tail import tail
-
     kafka = kafka_settings(env, start_local=False)
     return _run_async(
         tail(
@@ -285,29 +293,21 @@ def _cmd_tail(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 
 def _cmd_consumers(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    from callstream.consumerstatus import consumers_command
-
     kafka = kafka_settings(env, start_local=False)
     return _run_async(consumers_command(kafka, sys.stdout, as_json=args.json))
 
 
 def _cmd_replay(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    from callstream.replay import ReplayRequest, replay_command
-
     request = ReplayRequest(args.consumer, args.since, args.until, args.dry_run, args.from_storage)
     return _run_async(replay_command(request, env, kafka_settings(env, start_local=False)))
 
 
 def _cmd_dlq_list(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    from callstream.dlq import list_command
-
     kafka = kafka_settings(env, start_local=False)
     return _run_async(list_command(kafka, sys.stdout, consumer=args.consumer, as_json=args.json))
 
 
 def _cmd_dlq_redrive(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    from callstream.dlq import redrive_command
-
     kafka = kafka_settings(env, start_local=False)
     return _run_async(
         redrive_command(kafka, args.consumer, sys.stdout, sys.stderr, dry_run=args.dry_run)
@@ -315,17 +315,14 @@ def _cmd_dlq_redrive(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    from callstream.bench.options import BenchOptions
-    from callstream.bench.run import run_bench
-
     return _run_async(run_bench(BenchOptions.from_args(args)))
 
 
-def _cmd_erase(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    from callstream.erase import erase
-    from consumers.errors import PermanentError, RetryableError
-    from consumers.storage import StorageSettings, sha256_hex
+def _cmd_soak(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    return asyncio.run(soak.soak(soak.options_from(args)))
 
+
+def _cmd_erase(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     try:
         outcome = _run_async(
             erase(StorageSettings.from_env(env), phone=args.phone, call_id=args.call)
@@ -352,10 +349,6 @@ def _cmd_erase(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 
 def _cmd_purge(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    from callstream.erase import parse_age, purge
-    from consumers.errors import PermanentError, RetryableError
-    from consumers.storage import StorageSettings
-
     try:
         age = parse_age(args.older_than)
     except ValueError as exc:
@@ -394,6 +387,7 @@ T = TypeVar("T")
 
 def _run_async(coro: Coroutine[Any, Any, T]) -> T:
     try:
+        # uvloop has no Windows build (pyproject installs it only elsewhere): optional here.
         import uvloop
 
         return uvloop.run(coro)

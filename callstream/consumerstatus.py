@@ -31,6 +31,7 @@ from aiokafka.errors import (
     for_code,
 )
 
+from consumers.registry import CONSUMERS
 from core.kafkasettings import KafkaSettings
 
 log = logging.getLogger(__name__)
@@ -271,8 +272,6 @@ async def consumer_statuses(
 
 
 def registered_consumers() -> dict[str, tuple[str, str]]:
-    from consumers.registry import CONSUMERS
-
     return {name: (default_group_id(name), spec.description) for name, spec in CONSUMERS.items()}
 
 

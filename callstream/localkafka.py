@@ -1,10 +1,10 @@
 """A real single-node Apache Kafka broker (KRaft, combined broker+controller) as a child JVM.
 
 `callstream run`, the test suite and `callstream kafka start` need a broker but must not need
-Docker or a hand-installed Kafka. The broker jars come from Maven Central through
-`callstream/kafka/pom.xml` and are cached per Kafka version; everything a broker instance owns
-(config, data, logs, pid file, chosen ports, cluster id) lives in one "home" directory, so a home
-can be stopped, restarted and inspected by any process, not only by the one that started it.
+Docker or a hand-installed Kafka. The broker jars come from Maven Central and are cached per
+Kafka version (callstream.kafkajars); everything a broker instance owns (config, data, logs, pid
+file, chosen ports, cluster id) lives in one "home" directory, so a home can be stopped,
+restarted and inspected by any process, not only by the one that started it.
 
 Layout of a home::
 
@@ -21,25 +21,31 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import fcntl
 import json
 import os
 import shlex
-import shutil
 import signal
-import socket
-import struct
 import subprocess
-import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from callstream.commandsettings import LocalBrokerSettings
+from callstream.kafkajars import (
+    KAFKA_VERSION,
+    LocalKafkaError,
+    ensure_kafka_jars,
+    find_java,
+    flocked,
+    jar_cache_dir,
+    run_tool,
+    tail_text,
+)
+from callstream.kafkaprobe import broker_ready, free_port, port_free
 from callstream.lifecycle import StartStop
 from core.kafkasettings import BOOTSTRAP
 
@@ -54,12 +60,7 @@ __all__ = [
     "jar_cache_dir",
 ]
 
-KAFKA_VERSION = "4.1.1"
-
-_POM = Path(__file__).resolve().parent / "kafka" / "pom.xml"
-_MARKER = ".complete"
 _HOST = "127.0.0.1"
-_MVN_TIMEOUT_S = 900.0
 _FORMAT_TIMEOUT_S = 120.0
 _HAS_PROC = Path("/proc/self/stat").exists()
 
@@ -77,10 +78,6 @@ class _DetachedPopen(subprocess.Popen[bytes]):
         pass
 
 
-class LocalKafkaError(RuntimeError):
-    """The local broker or its jars could not be provided; the message carries the evidence."""
-
-
 @dataclass(frozen=True, slots=True)
 class BrokerStatus:
     pid: int
@@ -91,85 +88,6 @@ class BrokerStatus:
 
 def default_home() -> Path:
     return LocalBrokerSettings.from_env(os.environ).home or Path.cwd() / ".callstream"
-
-
-def jar_cache_dir(version: str = KAFKA_VERSION) -> Path:
-    root = (
-        LocalBrokerSettings.from_env(os.environ).cache_dir or Path.home() / ".cache" / "callstream"
-    )
-    return root / f"kafka-{version}" / "libs"
-
-
-def ensure_kafka_jars(version: str = KAFKA_VERSION) -> Path:
-    """Return a directory holding the broker's runtime jars, downloading them once per version.
-
-    The marker file is written inside the directory before it is renamed into place, so its
-    presence means a complete download; once it exists mvn is never consulted again, which keeps
-    later runs offline and fast.
-    """
-    libs = jar_cache_dir(version)
-    if (libs / _MARKER).is_file():
-        return libs
-    mvn = shutil.which("mvn")
-    if mvn is None:
-        raise LocalKafkaError(
-            f"Kafka {version} jars are not cached in {libs} and Maven (mvn) is not on PATH to "
-            "download them; install Maven or set KAFKA_BOOTSTRAP_SERVERS to use another broker"
-        )
-    libs.parent.mkdir(parents=True, exist_ok=True)
-    with _flocked(libs.parent / ".lock"):
-        # Another process may have finished the download while we waited for the lock.
-        if (libs / _MARKER).is_file():
-            return libs
-        tmp = Path(tempfile.mkdtemp(prefix=".libs-", dir=libs.parent))
-        try:
-            _download_jars(mvn, version, tmp)
-            if libs.exists():
-                # A directory without the marker is debris from an interrupted older layout.
-                shutil.rmtree(libs)
-            tmp.rename(libs)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return libs
-
-
-def _download_jars(mvn: str, version: str, dest: Path) -> None:
-    cmd = [
-        mvn,
-        "-B",
-        "-q",
-        "-Dstyle.color=never",
-        "-f",
-        str(_POM),
-        "dependency:copy-dependencies",
-        f"-DoutputDirectory={dest}",
-        "-DincludeScope=runtime",
-        f"-Dkafka.version={version}",
-    ]
-    try:
-        proc = subprocess.run(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            timeout=_MVN_TIMEOUT_S,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as exc:
-        out = exc.output.decode(errors="replace") if isinstance(exc.output, bytes) else ""
-        raise LocalKafkaError(
-            f"mvn did not finish within {_MVN_TIMEOUT_S:.0f}s:\n{_tail_text(out)}"
-        ) from exc
-    out = proc.stdout.decode(errors="replace")
-    if proc.returncode != 0:
-        raise LocalKafkaError(
-            f"mvn failed to fetch Kafka {version} jars (exit {proc.returncode}):\n{_tail_text(out)}"
-        )
-    main_jar = dest / f"kafka_2.13-{version}.jar"
-    if not main_jar.is_file():
-        raise LocalKafkaError(f"mvn succeeded but {main_jar.name} is missing:\n{_tail_text(out)}")
-    jars = sorted(p.name for p in dest.glob("*.jar"))
-    (dest / _MARKER).write_text(f"kafka {version}\n" + "".join(f"{j}\n" for j in jars))
 
 
 class LocalKafka(StartStop):
@@ -237,13 +155,13 @@ class LocalKafka(StartStop):
         self.home.mkdir(parents=True, exist_ok=True)
         # Serialises concurrent `callstream run` / test processes sharing a home: the loser
         # waits and then adopts the winner's broker instead of formatting or binding twice.
-        with _flocked(self.home / ".lock"):
+        with flocked(self.home / ".lock"):
             pid = self._running_pid()
             if pid is not None:
                 return self._adopt(pid, deadline)
             self.pid_file.unlink(missing_ok=True)
             libs = ensure_kafka_jars(self.version)
-            java = _find_java()
+            java = find_java()
             state = self._prepare_state()
             config = self._write_config(state)
             self._write_log4j_config()
@@ -253,7 +171,7 @@ class LocalKafka(StartStop):
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM the broker's process group, escalate to SIGKILL after `timeout`."""
-        with _flocked(self.home / ".lock"):
+        with flocked(self.home / ".lock"):
             pid = self._running_pid()
             if pid is not None:
                 _terminate(pid, timeout)
@@ -351,20 +269,20 @@ class LocalKafka(StartStop):
         if isinstance(port, int):
             # Clients and config files remember the bootstrap address, so silently moving the
             # broker to another port would be worse than failing loudly.
-            if not _port_free(port):
+            if not port_free(port):
                 raise LocalKafkaError(
                     f"port {port} for the broker in {self.home} is in use by another process; "
                     f"free it, or pass another port (remembered in {self.state_file})"
                 )
         else:
-            port = _free_port()
+            port = free_port()
         controller_port = self._controller_port or state.get("controller_port")
         if not isinstance(controller_port, int) or (
-            self._controller_port is None and not _port_free(controller_port)
+            self._controller_port is None and not port_free(controller_port)
         ):
             # With a static controller.quorum.voters the controller address is not stored in the
             # metadata log, so it can move freely; nobody outside the JVM connects to it.
-            controller_port = _free_port(avoid=port)
+            controller_port = free_port(avoid=port)
         cluster_id = state.get("cluster_id") or _read_meta_cluster_id(self.data_dir)
         if not isinstance(cluster_id, str) or not cluster_id:
             cluster_id = _new_cluster_id()
@@ -480,23 +398,8 @@ logger.request.appenderRef.file.ref = FILE
             # the home; re-formatting an already formatted dir is then a no-op.
             "--ignore-formatted",
         ]
-        try:
-            proc = subprocess.run(
-                cmd,
-                cwd=self.home,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                timeout=_FORMAT_TIMEOUT_S,
-                check=False,
-            )
-        except subprocess.TimeoutExpired as exc:
-            raise LocalKafkaError(f"kafka-storage format timed out in {self.home}") from exc
-        if proc.returncode != 0:
-            out = proc.stdout.decode(errors="replace")
-            raise LocalKafkaError(
-                f"kafka-storage format failed (exit {proc.returncode}):\n{_tail_text(out)}"
-            )
+        what = f"kafka-storage format in {self.home}"
+        run_tool(cmd, what=what, timeout=_FORMAT_TIMEOUT_S, cwd=self.home)
 
     def _spawn(
         self,
@@ -558,7 +461,7 @@ logger.request.appenderRef.file.ref = FILE
                 raise LocalKafkaError(
                     f"Kafka broker (pid {pid}) exited during startup\n{self._log_tail(log_offset)}"
                 )
-            if _broker_ready(port, cluster_id, node_id, timeout=1.0):
+            if broker_ready(port, cluster_id, node_id, timeout=1.0):
                 return
             if time.monotonic() >= deadline:
                 raise LocalKafkaError(
@@ -577,10 +480,10 @@ logger.request.appenderRef.file.ref = FILE
         if errors:
             parts.append(f"--- errors in {self.log_file}:\n{errors}")
         if server_log.strip():
-            parts.append(f"--- tail of {self.log_file}:\n{_tail_text(server_log, 30)}")
+            parts.append(f"--- tail of {self.log_file}:\n{tail_text(server_log, 30)}")
         out = _read_from(self.log_dir / "broker.out", out_off)
         if out.strip():
-            parts.append(f"--- JVM output ({self.log_dir / 'broker.out'}):\n{_tail_text(out, 20)}")
+            parts.append(f"--- JVM output ({self.log_dir / 'broker.out'}):\n{tail_text(out, 20)}")
         return "\n".join(parts) or f"(no broker output in {self.log_dir})"
 
 
@@ -677,120 +580,6 @@ def _read_pid(path: Path) -> int | None:
     return int(text) if text.isdigit() and int(text) > 0 else None
 
 
-def _find_java() -> str:
-    java_home = os.environ.get("JAVA_HOME", "").strip()
-    if java_home:
-        candidate = Path(java_home) / "bin" / "java"
-        if os.access(candidate, os.X_OK):
-            return str(candidate)
-    found = shutil.which("java")
-    if found is None:
-        raise LocalKafkaError(
-            "no java found (JAVA_HOME unset or invalid, none on PATH); Kafka needs Java 17+"
-        )
-    return found
-
-
-@contextlib.contextmanager
-def _flocked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Python opens files non-inheritable, so the broker JVM never holds this lock.
-    with path.open("a") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-
-
-# -- network helpers -------------------------------------------------------------------------
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        # Java binds with SO_REUSEADDR, so TIME_WAIT leftovers from the previous run do not
-        # block it; mirror that or a just-stopped broker's port would look busy.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((_HOST, port))
-        except OSError:
-            return False
-    return True
-
-
-def _free_port(avoid: int | None = None) -> int:
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind((_HOST, 0))
-            port: int = sock.getsockname()[1]
-        if port != avoid:
-            return port
-
-
-def _broker_ready(port: int, cluster_id: str, node_id: int, timeout: float) -> bool:
-    """True once the broker answers Metadata with our cluster id and itself among the brokers.
-
-    An open port is not enough: the listener accepts connections before the broker has
-    registered with the controller, and a broker from another home could own the port. A raw
-    Metadata v4 request (the oldest version Kafka 4 still serves) avoids needing an event loop,
-    so this also works when called from inside one via a thread.
-    """
-    client_id = b"callstream-localkafka"
-    correlation_id = 1
-    body = struct.pack(">hhih", 3, 4, correlation_id, len(client_id)) + client_id
-    body += struct.pack(">i?", 0, False)  # no topics, no auto-creation
-    try:
-        with socket.create_connection((_HOST, port), timeout=timeout) as sock:
-            sock.sendall(struct.pack(">i", len(body)) + body)
-            (size,) = struct.unpack(">i", _recv_exact(sock, 4))
-            resp = _recv_exact(sock, size)
-    except (OSError, struct.error, EOFError):
-        return False
-    try:
-        return _metadata_lists_broker(resp, correlation_id, cluster_id, node_id, port)
-    except (struct.error, IndexError, UnicodeDecodeError):
-        return False
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise EOFError("connection closed")
-        buf += chunk
-    return bytes(buf)
-
-
-def _metadata_lists_broker(
-    resp: bytes, correlation_id: int, cluster_id: str, node_id: int, port: int
-) -> bool:
-    corr, _throttle, n_brokers = struct.unpack_from(">iii", resp, 0)
-    if corr != correlation_id:
-        return False
-    pos = 12
-    found = False
-
-    def read_str() -> str | None:
-        nonlocal pos
-        (length,) = struct.unpack_from(">h", resp, pos)
-        pos += 2
-        if length < 0:
-            return None
-        value = resp[pos : pos + length].decode()
-        pos += length
-        return value
-
-    for _ in range(n_brokers):
-        (bid,) = struct.unpack_from(">i", resp, pos)
-        pos += 4
-        read_str()  # host
-        pos += 4  # port: not compared, advertised.listeners may name a proxy in front of us
-        read_str()  # rack
-        found = found or bid == node_id
-    return found and read_str() == cluster_id
-
-
 # -- file helpers ----------------------------------------------------------------------------
 
 
@@ -864,10 +653,6 @@ def _logged_errors(text: str, limit: int = 20) -> str:
         elif in_error and line.startswith("Caused by:"):
             picked.append(f"    {line}")
     return "\n".join(picked[:limit])
-
-
-def _tail_text(text: str, lines: int = 40) -> str:
-    return "\n".join(text.rstrip().splitlines()[-lines:])
 
 
 def _now() -> str:

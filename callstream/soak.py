@@ -1,7 +1,7 @@
 """A soak run: steady load through the real processes while faults are injected, then an
 account of every report. Not a test: run it by hand, it takes as long as you ask.
 
-    python -m callstream.soak --minutes 10 [--rate 200] [--seed 7] [--keep]
+    callstream soak --minutes 10 [--rate 200] [--seed 7] [--keep]
 
 It starts its own broker (LocalKafka in a temporary home), then the ingress and the storage
 consumer (SQLite) as `python -m callstream ...` processes, exactly as they run in
@@ -18,7 +18,7 @@ up) and reports:
     lost          acknowledged but not stored: must be 0, and the exit status says so
     peak memory   VmHWM of each process (the highest of its incarnations)
 
-When ingress/spool.py is present the ingress spools to a directory in the run's home
+When the ingress has a spool (ingress.spool) it spools to a directory in the run's home
 (CALLSTREAM_SPOOL_DIR), so a broker outage becomes acknowledged-and-spooled, not 503s.
 Traffic goes only to 127.0.0.1, and every loop is bounded by --minutes.
 """
@@ -35,10 +35,7 @@ import random
 import secrets
 import shutil
 import signal
-import socket
 import sqlite3
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -46,17 +43,22 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import aiohttp
 import orjson
 
+from callstream.bench.pool import sample_report
+from callstream.bench.procstat import peak_rss_kib
 from callstream.localkafka import LocalKafka
+from callstream.ports import free_port
+from callstream.processes import ChildProcess, callstream_argv
+from callstream.sender import signed_headers
 from core.kafkasettings import KafkaSettings
-from core.signing import WEBHOOK_PATH, sign
+from core.secret import Secret
+from core.signing import WEBHOOK_PATH
 from core.topicreader import read_topic
 
-SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "samples" / "end-of-call-report.json"
 # More than this many unanswered requests means the ingress is not answering at all; the
 # driver then counts the tick as skipped instead of piling up sockets without bound.
 MAX_IN_FLIGHT = 2000
@@ -78,12 +80,11 @@ class Options:
     gap: tuple[float, float]
 
 
-def parse_args(argv: list[str] | None = None) -> Options:
-    parser = argparse.ArgumentParser(
-        prog="python -m callstream.soak", description=__doc__.split("\n\n")[0]
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--minutes", type=_positive, default=10.0, help="load duration (default 10)"
     )
-    parser.add_argument("--minutes", type=float, default=10.0, help="load duration (default 10)")
-    parser.add_argument("--rate", type=float, default=200.0, help="reports per second (200)")
+    parser.add_argument("--rate", type=_positive, default=200.0, help="reports per second (200)")
     parser.add_argument("--seed", type=int, default=None, help="fault schedule seed (random)")
     parser.add_argument("--keep", action="store_true", help="keep the run's directory and logs")
     parser.add_argument(
@@ -93,9 +94,16 @@ def parse_args(argv: list[str] | None = None) -> Options:
         "--gap", type=float, nargs=2, default=(10.0, 20.0), metavar=("MIN", "MAX"),
         help="seconds between one fault's recovery and the next fault (10 20)",
     )  # fmt: skip
-    args = parser.parse_args(argv)
-    if args.minutes <= 0 or args.rate <= 0:
-        parser.error("--minutes and --rate must be positive")
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text}")
+    return value
+
+
+def options_from(args: argparse.Namespace) -> Options:
     return Options(
         minutes=args.minutes,
         rate=args.rate,
@@ -111,87 +119,50 @@ def parse_args(argv: list[str] | None = None) -> Options:
 
 def vm_hwm_kib(pid: int | None) -> int:
     """Peak resident set size of a live process, in KiB (0 when it is gone)."""
-    if pid is None:
-        return 0
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
+    return (peak_rss_kib(pid) or 0) if pid is not None else 0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+class Service(ChildProcess):
+    """One `python -m callstream ...` child, restartable, with a log per incarnation. Remembers
+    its peak memory over every incarnation, and exits it did not ask for (which it restarts,
+    like a supervisor with Restart=always would, and reports)."""
 
-
-@dataclass
-class Service:
-    """One `python -m callstream ...` child, restartable. Remembers its peak memory over
-    every incarnation, and exits it did not ask for (which it restarts, like a supervisor
-    with Restart=always would, and reports)."""
-
-    role: str
-    args: list[str]
-    env: dict[str, str]
-    log_dir: Path
-    port: int
-    process: subprocess.Popen[bytes] | None = None
-    incarnation: int = 0
-    peak_kib: int = 0
-    unexpected_exits: list[int] = field(default_factory=list)
-    deliberately_down: bool = False
-
-    def start(self) -> None:
-        self.incarnation += 1
-        log = self.log_dir / f"{self.role}.{self.incarnation}.log"
-        with log.open("wb") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "callstream", *self.args],
-                env=self.env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
+    def __init__(self, role: str, args: list[str], env: dict[str, str], log_dir: Path, port: int):
+        super().__init__(callstream_argv(*args), env=env, name=role)
+        self.role, self.log_dir, self.port = role, log_dir, port
+        self.incarnation = 0
+        self.peak_kib = 0
+        self.unexpected_exits: list[int] = []
         self.deliberately_down = False
 
-    @property
-    def pid(self) -> int | None:
-        return None if self.process is None else self.process.pid
+    def start(self) -> Self:
+        self.incarnation += 1
+        self.log_file = self.log_dir / f"{self.role}.{self.incarnation}.log"
+        self.deliberately_down = False
+        return super().start()
 
     def sample(self) -> None:
-        self.peak_kib = max(self.peak_kib, vm_hwm_kib(self.pid))
+        self.peak_kib = max(self.peak_kib, vm_hwm_kib(self.pid if self.running() else None))
 
-    def kill(self) -> None:
+    def kill(self) -> int:
         self.sample()
         self.deliberately_down = True
-        assert self.process is not None
-        self.process.kill()
-        self.process.wait()
+        return super().kill()
 
     def check(self) -> None:
         """Restart after an exit nobody asked for."""
-        if self.process is None or self.deliberately_down:
+        if self.deliberately_down or (code := self.poll()) is None:
             return
-        code = self.process.poll()
-        if code is not None:
-            self.unexpected_exits.append(code)
-            print(f"  !! {self.role} exited by itself ({code}); restarting", flush=True)
-            self.start()
+        self.unexpected_exits.append(code)
+        print(f"  !! {self.role} exited by itself ({code}); restarting", flush=True)
+        self.start()
 
-    def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
+    def stop(self, grace: float = 30.0, sig: int = signal.SIGTERM) -> int | None:
+        if not self.running():
+            return None
         self.sample()
         self.deliberately_down = True
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        return super().stop(grace, sig)
 
 
 class Broker:
@@ -255,9 +226,9 @@ class Driver:
 
     def __init__(self, url: str, secret: str, tally: Tally) -> None:
         self.url = url
-        self.secret = secret
+        self.secret = Secret(secret)
         self.tally = tally
-        self.template: dict[str, Any] = orjson.loads(SAMPLE.read_bytes())
+        self.template = sample_report()
 
     def body(self, call_id: str) -> bytes:
         payload = dict(self.template)
@@ -288,7 +259,7 @@ class Driver:
     async def send(self, session: aiohttp.ClientSession) -> None:
         call_id = str(uuid.uuid4())
         body = self.body(call_id)
-        headers = {"Content-Type": "application/json", **sign(body, self.secret)}
+        headers = signed_headers(body, self.secret, None)
         self.tally.sent.add(call_id)
         try:
             async with session.post(self.url, data=body, headers=headers) as resp:
@@ -341,21 +312,19 @@ async def pause_broker(p: Pipeline, rng: random.Random) -> None:
 
 
 async def kill_storage(p: Pipeline, rng: random.Random) -> None:
-    down = rng.uniform(2, 5)
-    p.storage.kill()
-    p.note(f"storage consumer SIGKILL; down {down:.1f} s")
-    await asyncio.sleep(down)
-    p.storage.start()
-    p.note("storage consumer restarted")
+    await _kill_and_restart(p, p.storage, "storage consumer", rng.uniform(2, 5))
 
 
 async def kill_ingress(p: Pipeline, rng: random.Random) -> None:
-    down = rng.uniform(1, 3)
-    p.ingress.kill()
-    p.note(f"ingress SIGKILL; down {down:.1f} s")
+    await _kill_and_restart(p, p.ingress, "ingress", rng.uniform(1, 3))
+
+
+async def _kill_and_restart(p: Pipeline, service: Service, label: str, down: float) -> None:
+    service.kill()
+    p.note(f"{label} SIGKILL; down {down:.1f} s")
     await asyncio.sleep(down)
-    p.ingress.start()
-    p.note("ingress restarted")
+    service.start()
+    p.note(f"{label} restarted")
 
 
 Fault = Callable[[Pipeline, random.Random], Awaitable[None]]
@@ -480,8 +449,6 @@ def mib(kib: int) -> str:
 
 
 async def soak(opts: Options) -> int:
-    if not SAMPLE.is_file():
-        raise SystemExit(f"the sample report is missing: {SAMPLE}")
     home = Path(tempfile.mkdtemp(prefix="callstream-soak-"))
     logs = home / "logs"
     logs.mkdir()
@@ -581,6 +548,7 @@ def _account(
     *,
     own_peak: int,
 ) -> int:
+    services = (p.ingress, p.storage)
     stored = stored_ids(db) & tally.sent
     lost = tally.acked - stored
     duplicated = {key: n for key, n in copies.items() if key in tally.acked and n > 1}
@@ -605,17 +573,12 @@ def _account(
         "lost": len(lost),
         "lost_call_ids": sorted(lost)[:20],
         "settle_seconds": round(settled, 1),
-        "unexpected_exits": {s.role: s.unexpected_exits for s in (p.ingress, p.storage)},
-        "peak_memory_kib": {
-            "broker": p.broker.peak_kib,
-            "ingress": p.ingress.peak_kib,
-            "storage": p.storage.peak_kib,
-            "driver": own_peak,
-        },
+        "unexpected_exits": {s.role: s.unexpected_exits for s in services},
+        "peak_memory_kib": {"broker": p.broker.peak_kib, **{s.role: s.peak_kib for s in services}}
+        | {"driver": own_peak},
         "incarnations": {
             "broker": p.broker.incarnation,
-            "ingress": p.ingress.incarnation,
-            "storage": p.storage.incarnation,
+            **{s.role: s.incarnation for s in services},
         },
     }
     rows = [
@@ -648,7 +611,7 @@ def _account(
     print()
     for name, value in rows:
         print(f"{name:<26} {value}")
-    for service in (p.ingress, p.storage):
+    for service in services:
         if service.unexpected_exits:
             print(f"{service.role} exited by itself with {service.unexpected_exits}")
     (home / "soak-summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -662,12 +625,3 @@ def _account(
         )
         return 1
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    opts = parse_args(argv)
-    return asyncio.run(soak(opts))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

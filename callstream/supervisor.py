@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import logging
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import FrameType
+
+from callstream.processes import ChildProcess, callstream_argv
+from consumers.registry import CONSUMERS
 
 log = logging.getLogger(__name__)
 
@@ -23,22 +24,19 @@ STOP_GRACE_SECONDS = 20.0
 
 @dataclass
 class _Child:
-    name: str
-    argv: list[str]
-    process: subprocess.Popen[bytes] | None = None
+    process: ChildProcess
+    started: bool = False
     restarts: int = 0
-    next_start: float = field(default=0.0)
+    next_start: float = 0.0
 
 
 def run_pipeline(env: Mapping[str, str], *, with_consumers: bool) -> int:
-    children = [_Child("ingress", [sys.executable, "-m", "callstream", "ingress"])]
+    services = [("ingress", ["ingress"])]
     if with_consumers:
-        from consumers.registry import CONSUMERS
-
-        children += [
-            _Child(name, [sys.executable, "-m", "callstream", "consumer", name])
-            for name in CONSUMERS
-        ]
+        services += [(name, ["consumer", name]) for name in CONSUMERS]
+    children = [
+        _Child(ChildProcess(callstream_argv(*args), env=env, name=name)) for name, args in services
+    ]
     stopping = False
 
     def request_stop(signum: int, frame: FrameType | None) -> None:
@@ -47,37 +45,33 @@ def run_pipeline(env: Mapping[str, str], *, with_consumers: bool) -> int:
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
-    log.info("pipeline: starting %s", ", ".join(c.name for c in children))
+    log.info("pipeline: starting %s", ", ".join(c.process.name for c in children))
     try:
         while not stopping:
             now = time.monotonic()
             for child in children:
-                if child.process is not None and child.process.poll() is not None:
-                    code = child.process.returncode
+                code = child.process.poll()
+                if child.started and code is not None:
                     child.restarts += 1
                     delay = min(2 ** min(child.restarts, 5), 30)
-                    log.warning("%s exited with %s; restarting in %ss", child.name, code, delay)
-                    child.process = None
+                    log.warning(
+                        "%s exited with %s; restarting in %ss", child.process.name, code, delay
+                    )
+                    child.started = False
                     child.next_start = now + delay
-                if child.process is None and now >= child.next_start:
-                    child.process = subprocess.Popen(child.argv, env=dict(env))
+                if not child.started and now >= child.next_start:
+                    child.process.start()
+                    child.started = True
             time.sleep(0.2)
     finally:
-        _stop_all(children)
+        _stop_all([c.process for c in children])
     return 0
 
 
-def _stop_all(children: list[_Child]) -> None:
-    running = [c for c in children if c.process is not None and c.process.poll() is None]
+def _stop_all(children: list[ChildProcess]) -> None:
+    running = [c for c in children if c.running()]
     for child in running:
-        assert child.process is not None
-        child.process.send_signal(signal.SIGTERM)
+        child.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + STOP_GRACE_SECONDS
     for child in running:
-        assert child.process is not None
-        try:
-            child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            log.warning("%s did not stop in time; killing it", child.name)
-            child.process.kill()
-            child.process.wait()
+        child.wait_or_kill(deadline - time.monotonic())

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Any, TextIO
 
+import aiohttp
 import orjson
 
 from core.kafkasettings import KafkaSettings
 from core.topicreader import read_topic
 from schemas.codec import Decoder
 from schemas.errors import DecodeError
+from schemas.registry import RegistryClient
 from schemas.report import CallReport
 from schemas.store import END_OF_CALL_REPORT, default_store
 
@@ -23,10 +25,6 @@ async def tail(
     from_beginning: bool,
     out: TextIO,
 ) -> int:
-    import aiohttp
-
-    from schemas.registry import RegistryClient
-
     async with aiohttp.ClientSession() as session:
         registry = (
             RegistryClient(kafka.schema_registry_url, session)

@@ -11,8 +11,6 @@ import contextlib
 import os
 import signal
 import sqlite3
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,44 +20,30 @@ import asyncpg
 import pytest
 from aiohttp import web
 
+from callstream.bench.services import postgres_count as count_rows
 from callstream.consumerstatus import KafkaInspector
 from callstream.localkafka import LocalKafka
 from callstream.localpg import PostgresServer
 from callstream.ports import free_ports
+from callstream.processes import ChildProcess, callstream_argv
 from core.kafkasettings import KafkaSettings
 from tests.support.kafka import private_broker
 from tests.support.produce import produce_reports, sample_report
 
 
-class Service:
+class Service(ChildProcess):
     """`callstream consumer NAME` as a child process."""
 
     def __init__(self, name: str, env: dict[str, str], log: Path) -> None:
-        self.name = name
-        self.env = env
+        super().__init__(callstream_argv("consumer", name), env=env, log_file=log, name=name)
         self.log = log
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log.open("ab") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "callstream", "consumer", self.name],
-                env=self.env,
-                stdout=out,
-                stderr=out,
-            )
 
     def signal(self, sig: int) -> int:
-        assert self.process is not None
-        self.process.send_signal(sig)
-        return self.process.wait(timeout=60)
+        self.send_signal(sig)
+        return self.wait(timeout=60)
 
     def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def stop(self) -> None:
-        if self.alive():
-            self.signal(signal.SIGTERM)
+        return self.running()
 
 
 def service_env(kafka: KafkaSettings, **extra: str) -> dict[str, str]:
@@ -84,14 +68,6 @@ def services() -> Iterator[list[Service]]:
     yield started
     for service in started:
         service.stop()
-
-
-async def count_rows(dsn: str) -> int:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return int(await conn.fetchval("select count(*) from call_reports"))
-    finally:
-        await conn.close()
 
 
 async def ids_in(dsn: str) -> set[str]:

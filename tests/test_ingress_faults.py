@@ -12,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -28,6 +26,7 @@ from prometheus_client import CollectorRegistry
 
 from callstream.localkafka import LocalKafka
 from callstream.ports import free_port, free_ports
+from callstream.processes import ChildProcess, callstream_argv
 from core.kafkasettings import KafkaSettings
 from core.secret import Secret
 from core.signing import WEBHOOK_PATH
@@ -332,7 +331,7 @@ async def test_full_spool_answers_503_and_claims_nothing(
 
 @dataclass
 class IngressProcess:
-    process: subprocess.Popen[bytes]
+    process: ChildProcess
     port: int
     log: Path
 
@@ -357,16 +356,8 @@ def spawn_ingress(
     }
     if crash_at is not None:
         env["CALLSTREAM_TEST_CRASH_AT"] = crash_at
-    with log.open("ab") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "callstream", "ingress"],
-            env=env,
-            cwd=REPO,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    return IngressProcess(process, port, log)
+    process = ChildProcess(callstream_argv("ingress"), env=env, log_file=log, cwd=REPO)
+    return IngressProcess(process.start(), port, log)
 
 
 async def wait_ready(http: aiohttp.ClientSession, ingress: IngressProcess) -> dict[str, Any]:
@@ -385,14 +376,13 @@ async def wait_ready(http: aiohttp.ClientSession, ingress: IngressProcess) -> di
 
 
 async def stop_ingress(ingress: IngressProcess, *, expect: int | None = 0) -> int:
-    if ingress.process.poll() is None and expect == 0:
+    if expect == 0:
         ingress.process.send_signal(signal.SIGTERM)
     try:
         code = await asyncio.to_thread(ingress.process.wait, 30)
     finally:
-        if ingress.process.poll() is None:
-            ingress.process.kill()
-            await asyncio.to_thread(ingress.process.wait, 10)
+        if ingress.process.running():
+            await asyncio.to_thread(ingress.process.kill)
     if expect is not None:
         assert code == expect, ingress.log.read_text()[-3000:]
     return code

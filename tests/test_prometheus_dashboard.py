@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import pytest
 import yaml
 
 from callstream.ports import free_port
+from callstream.processes import ChildProcess
 from tests.support.pipeline import Pipeline, Receivers, send_sample, until
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,23 +53,17 @@ def prometheus(tmp_path: Path, pipeline: Pipeline) -> Iterator[str]:
         job["static_configs"] = [{"targets": [f"127.0.0.1:{ports[job['job_name']]}"]}]
     path = tmp_path / "prometheus.yml"
     path.write_text(yaml.safe_dump(config))
-    log = (tmp_path / "prometheus.log").open("wb")
-    process = subprocess.Popen(
-        [
-            binary,
-            f"--config.file={path}",
-            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-        ],
-        stdout=log,
-        stderr=log,
-    )
+    argv = [
+        binary,
+        f"--config.file={path}",
+        f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+    ]
+    process = ChildProcess(argv, log_file=tmp_path / "prometheus.log").start()
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
-        process.terminate()
-        process.wait(timeout=30)
-        log.close()
+        process.stop(grace=30)
 
 
 async def test_every_dashboard_query_returns_data(

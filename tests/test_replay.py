@@ -22,13 +22,8 @@ from aiokafka import AIOKafkaProducer
 from prometheus_client import CollectorRegistry
 
 from callstream.consumerstatus import KafkaInspector
-from callstream.replay import (
-    EXIT_OK,
-    EXIT_REFUSED,
-    parse_time,
-    replay_consumer,
-    republish_from_storage,
-)
+from callstream.replay import EXIT_OK, EXIT_REFUSED, replay_consumer, republish_from_storage
+from callstream.replayplan import parse_time
 from consumers import metrics, storage
 from consumers.contract import Consumer
 from consumers.runner import RunnerSettings

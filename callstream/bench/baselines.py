@@ -24,6 +24,7 @@ import signal
 from collections.abc import AsyncIterator
 
 from aiohttp import web
+from aiokafka import AIOKafkaProducer
 
 from core.settings import field_from_env
 from core.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, WEBHOOK_PATH, verify
@@ -51,8 +52,6 @@ def bare_app() -> web.Application:
 
 
 def naive_app(bootstrap: str, topic: str, secret: bytes) -> web.Application:
-    from aiokafka import AIOKafkaProducer
-
     app = web.Application(client_max_size=2_000_000)
     app[ACCEPTED] = [0]
     producers: list[AIOKafkaProducer] = []
@@ -108,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.bootstrap or not secrets:
             parser.error("naive needs --bootstrap and CALLSTREAM_WEBHOOK_SECRET")
         app = naive_app(args.bootstrap, args.topic, secrets[0].reveal().encode())
+    # uvloop: imported here as everywhere in callstream, being optional off Linux.
     import uvloop
 
     uvloop.run(_serve(app, args.port))

@@ -11,6 +11,8 @@ _COLOURS = {"bare": "#7f7f7f", "naive": "#d62728", "ingress": "#1f77b4", "spool"
 
 
 def write_chart(results: Results, path: Path) -> Path:
+    # matplotlib is the optional `bench` extra: imported here, so that without it only the
+    # chart is missing (the caller catches the ImportError).
     import matplotlib
 
     matplotlib.use("Agg")

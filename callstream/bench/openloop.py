@@ -326,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--drain-timeout", type=float, default=30.0)
     args = parser.parse_args(argv)
     try:
+        # uvloop has no Windows build (pyproject installs it only elsewhere): optional here.
         import uvloop
 
         uvloop.run(_main(args))

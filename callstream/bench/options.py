@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_SAMPLE = REPO_ROOT.parent / "shared" / "samples" / "end-of-call-report.json"
 PHASES = ("baselines", "ingress", "fixed-rate", "catch-up", "spool", "profile")
 DEFAULT_PHASES = PHASES[:-1]
 
@@ -15,7 +14,7 @@ DEFAULT_PHASES = PHASES[:-1]
 @dataclass(frozen=True, slots=True)
 class BenchOptions:
     out_dir: Path = Path("bench-results")
-    sample: Path = DEFAULT_SAMPLE
+    sample: Path | None = None  # None: the report shipped with callstream
     duration: float = 20.0
     warmup: float = 2.0
     connections: int = 128
@@ -35,24 +34,14 @@ class BenchOptions:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> BenchOptions:
-        options = cls(
-            out_dir=args.out_dir,
-            sample=args.sample,
-            duration=args.duration,
-            warmup=args.warmup,
-            connections=args.connections,
-            threads=args.threads,
-            rate=args.rate,
-            rate_duration=args.rate_duration,
-            long_every=args.long_every,
-            catchup_records=args.catchup_records,
-            postgres=not args.no_postgres,
-            profile_seconds=args.profile_seconds,
-            keep_temp=args.keep_temp,
-            phases=_phases(args.phases, profile=args.profile),
-            env=tuple(_pair(item) for item in args.env),
-            pythonpath=args.pythonpath,
-        )
+        # Every other field has an argument of its own name (add_arguments below).
+        derived: dict[str, Any] = {
+            "postgres": not args.no_postgres,
+            "phases": _phases(args.phases, profile=args.profile),
+            "env": tuple(_pair(item) for item in args.env),
+        }
+        plain = {f.name: getattr(args, f.name) for f in fields(cls) if f.name not in derived}
+        options = cls(**plain, **derived)
         return cls.quick(options) if args.quick else options
 
     @staticmethod
@@ -89,7 +78,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = BenchOptions()
     parser.add_argument("--out-dir", type=Path, default=d.out_dir, help="default: %(default)s")
     parser.add_argument(
-        "--sample", type=Path, default=d.sample, help="a flat end-of-call report to send"
+        "--sample",
+        type=Path,
+        default=d.sample,
+        help="a flat end-of-call report to send (default: the one shipped with callstream)",
     )
     parser.add_argument(
         "--duration", type=float, default=d.duration, help="seconds per wrk run (%(default)s)"

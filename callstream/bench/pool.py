@@ -44,11 +44,20 @@ class BodyTemplate:
         return call_id, self.body.replace(_PLACEHOLDER.encode(), call_id.encode(), 1)
 
 
-def templates(sample: Path, *, long_bytes: int = LONG_BODY_BYTES) -> tuple[BodyTemplate, ...]:
-    """The sample report as it is, and a variant whose transcript makes it `long_bytes`."""
-    payload: dict[str, Any] = orjson.loads(sample.read_bytes())
+def sample_report(path: Path | None = None) -> dict[str, Any]:
+    """A flat Flireo end-of-call report: the file at `path`, or the one shipped with callstream."""
+    source = path or resources.files("callstream.bench").joinpath("sample-report.json")
+    payload: dict[str, Any] = orjson.loads(source.read_bytes())
     if "callId" not in payload or not isinstance(payload.get("transcriptText"), str):
-        raise ValueError(f"{sample} is not a flat end-of-call report with a transcript")
+        raise ValueError(f"{source} is not a flat end-of-call report with a transcript")
+    return payload
+
+
+def templates(
+    sample: Path | None = None, *, long_bytes: int = LONG_BODY_BYTES
+) -> tuple[BodyTemplate, ...]:
+    """The sample report as it is, and a variant whose transcript makes it `long_bytes`."""
+    payload = sample_report(sample)
     payload["callId"] = _PLACEHOLDER
     payload["eventTimestamp"] = int(time.time() * 1000)
     short = orjson.dumps(payload)

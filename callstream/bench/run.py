@@ -9,7 +9,7 @@ Phases, in order (each server is the same process a deployment runs, started as 
 3. catch-up and replay: a topic pre-filled with --catchup-records reports, read by the
    storage consumer with a fresh group into SQLite and into PostgreSQL; replay is the same
    again with another fresh group, over the rows already there;
-4. the spool path (Kafka unreachable), when ingress/spool.py exists;
+4. the spool path (Kafka unreachable);
 5. with --profile: py-spy on the ingress under wrk, and on the consumer while it catches up.
 """
 
@@ -21,20 +21,14 @@ import dataclasses
 import functools
 import itertools
 import math
-import os
-import platform
 import shutil
 import signal
-import sqlite3
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -42,15 +36,17 @@ import aiohttp
 import orjson
 
 from callstream.bench import openloop, pool, profiling
-from callstream.bench.options import REPO_ROOT, BenchOptions
+from callstream.bench.chart import write_chart
+from callstream.bench.harness import PARTITIONS, SECRET, Harness
+from callstream.bench.options import BenchOptions
 from callstream.bench.procstat import Watched, loadavg
 from callstream.bench.report import (
     ConsumerRun,
     Latency,
-    Results,
     WrkRun,
     evaluate,
     render_table,
+    run_meta,
     write_json,
 )
 from callstream.bench.services import (
@@ -59,22 +55,25 @@ from callstream.bench.services import (
     Measured,
     Sampler,
     Service,
-    free_port,
+    bucket_quantiles,
+    postgres_count,
     py_spy_record,
     run_measured,
     say,
-    spawn,
+    smooth,
+    sqlite_count,
+    stored_times,
+    wrk_summary,
 )
-from callstream.localkafka import KAFKA_VERSION, LocalKafka
 from callstream.localpg import PostgresServer
+from callstream.ports import free_port
 from core.kafkasettings import KafkaSettings
-from core.signing import WEBHOOK_PATH
+from ingress.publisher import KafkaPublisher, OutgoingRecord
+from schemas.codec import single_object_encoder
+from schemas.headers import RecordHeaders
+from schemas.normalise import normalise
+from schemas.store import END_OF_CALL_REPORT, default_store
 
-# A fresh secret per run: the bench's requests are signed exactly as Flireo signs them.
-SECRET = f"bench-{uuid.uuid4().hex}"
-PARTITIONS = 6
-WRK_TIMEOUT = "10s"
-_STARTUP_TIMEOUT = 60.0
 _HANDLED = 'callstream_consumer_records_handled_total{consumer="storage"}'
 _LAST_COMMIT = 'callstream_consumer_last_commit_timestamp_seconds{consumer="storage"}'
 _ACCEPTED = 'callstream_ingress_requests_total{outcome="accepted"}'
@@ -83,197 +82,8 @@ _REQUEST_SECONDS = "callstream_ingress_request_duration_seconds"
 _PUBLISH_SECONDS = "callstream_ingress_publish_duration_seconds"
 
 
-@dataclass
-class _Owned:
-    """Everything this run started, stopped in reverse order however the run ends."""
-
-    services: list[Service] = field(default_factory=list)
-    kafka: LocalKafka | None = None
-    postgres: PostgresServer | None = None
-
-
-class Bench:
-    def __init__(
-        self, options: BenchOptions, tmp: Path, http: aiohttp.ClientSession, out_prefix: Path
-    ) -> None:
-        self.o = options
-        self.out_prefix = out_prefix
-        self.tmp = tmp
-        self.http = http
-        self.owned = _Owned()
-        self.bootstrap = ""
-        self._broker: Watched | None = None
-        self.started = time.monotonic()
-        self.results = Results(meta={})
-        self.short, self.long = pool.templates(options.sample)
-
-    def say(self, message: str) -> None:
-        say(f"[{time.monotonic() - self.started:5.0f}s] {message}")
-
-    @property
-    def broker(self) -> Watched:
-        assert self._broker is not None
-        return self._broker
-
-    # -- what runs ----------------------------------------------------------------------------
-
-    async def start_broker(self) -> None:
-        self.say(f"starting a Kafka {KAFKA_VERSION} broker (KRaft) in {self.tmp / 'kafka'}")
-        kafka = LocalKafka(self.tmp / "kafka")
-        self.owned.kafka = kafka
-        self.bootstrap = await asyncio.to_thread(kafka.start, 120.0)
-        status = kafka.status()
-        assert status is not None
-        self._broker = Watched("broker", status.pid)
-
-    async def close(self) -> None:
-        for service in reversed(self.owned.services):
-            await asyncio.to_thread(service.stop)
-        self.owned.services.clear()
-        if self.owned.postgres is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.to_thread(self.owned.postgres.stop)
-            self.owned.postgres = None
-        if self.owned.kafka is not None:
-            await asyncio.to_thread(self.owned.kafka.stop)
-            self.owned.kafka = None
-
-    def _env(self, **extra: str) -> dict[str, str]:
-        # Nothing from the caller's environment may redirect a child to another broker or
-        # database, or change its behaviour (CALLSTREAM_RATE_LIMIT_PER_SECOND, say).
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("CALLSTREAM_", "KAFKA_"))}
-        env |= {
-            "KAFKA_BOOTSTRAP_SERVERS": self.bootstrap,
-            "CALLSTREAM_WEBHOOK_SECRET": SECRET,
-            "CALLSTREAM_LOG_LEVEL": "WARNING",
-            "CALLSTREAM_METRICS_HOST": HOST,
-            "CALLSTREAM_HOME": str(self.tmp / "home"),
-            "CALLSTREAM_TOPIC_PARTITIONS": str(PARTITIONS),
-        }
-        if self.o.pythonpath is not None:
-            env["PYTHONPATH"] = str(self.o.pythonpath.resolve())
-        return env | dict(self.o.env) | extra
-
-    def _spawn(
-        self, name: str, argv: list[str], env: Mapping[str, str], port: int, log: str = ""
-    ) -> Service:
-        service = spawn(name, argv, env, self.tmp / f"{log or name}.log", port)
-        self.owned.services.append(service)
-        return service
-
-    async def _stop(self, service: Service) -> None:
-        await asyncio.to_thread(service.stop)
-        with contextlib.suppress(ValueError):
-            self.owned.services.remove(service)
-
-    async def _wait_http(self, service: Service, path: str) -> None:
-        deadline = time.monotonic() + _STARTUP_TIMEOUT
-        while True:
-            if service.proc.poll() is not None:
-                raise RuntimeError(
-                    f"{service.name} exited with {service.proc.returncode} while starting:\n"
-                    f"{service.log_tail()}"
-                )
-            with contextlib.suppress(aiohttp.ClientError, OSError):
-                async with self.http.get(service.url + path) as resp:
-                    if resp.status == 200:
-                        return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{service.name} did not answer {path}:\n{service.log_tail()}")
-            await asyncio.sleep(0.05)
-
-    async def _metric(self, service: Service, series: str) -> float | None:
-        async with self.http.get(service.url + "/metrics") as resp:
-            text = await resp.text()
-        for line in text.splitlines():
-            if line.startswith(series + " "):
-                return float(line.rsplit(" ", 1)[1])
-        return None
-
-    async def _histogram(self, service: Service, name: str) -> dict[float, float]:
-        """A Prometheus histogram's cumulative bucket counts, by upper bound in seconds."""
-        async with self.http.get(service.url + "/metrics") as resp:
-            text = await resp.text()
-        buckets: dict[float, float] = {}
-        for line in text.splitlines():
-            if line.startswith(name + "_bucket{"):
-                bound = line.split('le="', 1)[1].split('"', 1)[0]
-                buckets[float(bound)] = float(line.rsplit(" ", 1)[1])
-        return buckets
-
-    async def _bench_count(self, service: Service) -> float:
-        async with self.http.get(service.url + "/bench-count") as resp:
-            return float(await resp.text())
-
-    async def _ensure_topic(self, topic: str) -> None:
-        from core.topicadmin import ensure_topics
-
-        settings = KafkaSettings(self.bootstrap, topic=topic, partitions=PARTITIONS)
-        await ensure_topics(settings, [topic])
-
-    async def start_ingress(self, topic: str, **env: str) -> Service:
-        port = free_port()
-        name = f"ingress-{topic.removeprefix('bench.')}"
-        service = self._spawn(
-            "ingress",
-            [sys.executable, "-m", "callstream", "ingress"],
-            self._env(
-                CALLSTREAM_INGRESS_HOST=HOST,
-                CALLSTREAM_INGRESS_PORT=str(port),
-                CALLSTREAM_TOPIC=topic,
-                CALLSTREAM_EVENTS_TOPIC=f"{topic}.events",
-                CALLSTREAM_SPOOL_DIR=str(self.tmp / f"spool-{name}"),
-                **env,
-            ),
-            port,
-            log=name,
-        )
-        await self._wait_http(service, "/readyz")
-        return service
-
-    async def start_baseline(self, kind: str) -> Service:
-        port = free_port()
-        argv = [sys.executable, "-m", "callstream.bench.baselines", kind, "--port", str(port)]
-        if kind == "naive":
-            await self._ensure_topic("bench.naive")
-            argv += ["--bootstrap", self.bootstrap, "--topic", "bench.naive"]
-        service = self._spawn(kind, argv, self._env(), port)
-        await self._wait_http(service, "/bench-count")
-        return service
-
-    def _consumer(self, topic: str, group: str, database: Mapping[str, str]) -> Service:
-        port = free_port()
-        return self._spawn(
-            "consumer",
-            [sys.executable, "-m", "callstream", "consumer", "storage"],
-            self._env(
-                CALLSTREAM_TOPIC=topic,
-                CALLSTREAM_GROUP_ID=group,
-                CALLSTREAM_STORAGE_PORT=str(port),
-                **database,
-            ),
-            port,
-        )
-
-    # -- closed loop: wrk ---------------------------------------------------------------------
-
-    def _wrk(self, script: Path, port: int, seconds: float, connections: int) -> list[str]:
-        return [
-            "wrk",
-            f"-t{self.o.threads}",
-            f"-c{connections}",
-            f"-d{max(1, round(seconds))}s",
-            f"--timeout={WRK_TIMEOUT}",
-            "-s",
-            str(script),
-            f"http://{HOST}:{port}{WEBHOOK_PATH}",
-        ]
-
-    def _wrk_script(self, name: str, template: pool.BodyTemplate, port: int) -> Path:
-        # Enough distinct call ids that a run cycles through each a few dozen times at most.
-        size = 4096 if template.size < 10_000 else 256
-        requests = pool.signed_requests(template, size, secret=SECRET, host=f"{HOST}:{port}")
-        return pool.write_wrk_script(self.tmp / f"wrk-{name}-{template.size}.lua", requests)
+class Bench(Harness):
+    """The phases, each one method; `run_bench` runs those asked for."""
 
     async def closed_loop(
         self,
@@ -298,7 +108,7 @@ class Bench:
                 run_measured, self._wrk(script, service.port, o.duration, o.connections)
             )
         window.close()
-        data = _wrk_summary(run)
+        data = wrk_summary(run)
         errors = data["errors"]
         seconds = data["duration_us"] / 1e6
         good = data["requests"] - errors["status"]
@@ -427,7 +237,7 @@ class Bench:
         window.close()
         server_after = [await self._histogram(ingress, name) for name in histograms]
         writes_after = await self._write_stats(consumer)
-        stored_at = await asyncio.to_thread(_stored_at, db)
+        stored_at = await asyncio.to_thread(stored_times, db)
         await self._stop(ingress)
         await self._stop(consumer)
 
@@ -451,7 +261,7 @@ class Bench:
             processes=window.usage(fixed.ok, [("openloop", run)]),
             stored_series=stored.rates(started),
             server_side={
-                label: _bucket_quantiles(before, after)
+                label: bucket_quantiles(before, after)
                 for label, before, after in zip(
                     ("ingress request (server side)", "Kafka acknowledgement (publish)"),
                     server_before,
@@ -471,12 +281,6 @@ class Bench:
 
     async def fill_topic(self, topic: str, count: int) -> float:
         """`count` reports on `topic`, encoded as the ingress encodes them, each its own call."""
-        from ingress.publisher import KafkaPublisher, OutgoingRecord
-        from schemas.codec import single_object_encoder
-        from schemas.headers import RecordHeaders
-        from schemas.normalise import normalise
-        from schemas.store import END_OF_CALL_REPORT, default_store
-
         await self._ensure_topic(topic)
         payload = orjson.loads(self.short.body)
         event = normalise(payload, received_at_ms=int(time.time() * 1000), request_id="bench")
@@ -532,7 +336,7 @@ class Bench:
         await self._wait_http(consumer, "/healthz")
         spy = None
         if profile is not None and (py_spy := profiling.find_py_spy()) is not None:
-            spy = py_spy_record(py_spy, consumer.proc.pid, 600, profile)
+            spy = py_spy_record(py_spy, consumer.pid, 600, profile)
         window = CpuWindow([consumer.watched(), self.broker, *extra])
         points: list[tuple[float, float]] = []
         first: tuple[float, float] | None = None
@@ -551,8 +355,8 @@ class Bench:
             if time.monotonic() > deadline:
                 note = f"timed out with {handled:,.0f} of {expected:,} handled"
                 break
-            if consumer.proc.poll() is not None:
-                note = f"consumer exited with {consumer.proc.returncode}"
+            if (code := consumer.poll()) is not None:
+                note = f"consumer exited with {code}"
                 break
             await asyncio.sleep(0.1)
         # The last batch's commit lands just after its records count as handled.
@@ -560,7 +364,7 @@ class Bench:
         last_commit = await self._metric(consumer, _LAST_COMMIT) or time.time()
         window.close()
         if spy is not None:
-            await asyncio.to_thread(_stop_py_spy, spy)
+            await asyncio.to_thread(spy.stop, 30.0, signal.SIGINT)
         rows = await count_rows()
         await self._stop(consumer)
         if first is None or last_commit <= first[0]:
@@ -583,7 +387,7 @@ class Bench:
             wall_seconds=round(last_commit - spawned, 2),
             rows=rows,
             processes=window.usage(int(handled)),
-            series=_smooth(series, 0.5),
+            series=smooth(series, 0.5),
             note=note,
         )
         self.say(f"  {run.rate_per_s:,.0f} records/s, {run.rows:,} rows")
@@ -601,7 +405,7 @@ class Bench:
         db = self.tmp / "catchup.db"
 
         async def sqlite_rows() -> int:
-            return await asyncio.to_thread(_sqlite_count, db)
+            return await asyncio.to_thread(sqlite_count, db)
 
         sqlite_env = {"CALLSTREAM_SQLITE_PATH": str(db)}
         for kind in ("catch-up", "replay"):
@@ -616,7 +420,7 @@ class Bench:
                 "postgresql",
                 topic,
                 {"CALLSTREAM_DATABASE_URL": dsn},
-                functools.partial(_postgres_count, dsn),
+                functools.partial(postgres_count, dsn),
                 [postgres],
             )
             self.results.consumers.append(run)
@@ -636,10 +440,6 @@ class Bench:
     # -- spool --------------------------------------------------------------------------------
 
     async def phase_spool(self) -> None:
-        if not (REPO_ROOT / "ingress" / "spool.py").exists():
-            self.results.spool_note = "not measured (ingress/spool.py does not exist yet)"
-            self.say(f"spool path: {self.results.spool_note}")
-            return
         # Kafka unreachable (a port nothing listens on): once the first reports have waited
         # out the ack deadline (shortened, so the warm-up covers it), every report goes
         # straight to the spool, fsync'd.
@@ -684,13 +484,13 @@ class Bench:
         await asyncio.to_thread(run_measured, self._wrk(script, ingress.port, 2, 32))
         collapsed = Path(f"{self.out_prefix}-ingress.collapsed")
         collapsed.parent.mkdir(parents=True, exist_ok=True)
-        spy = py_spy_record(py_spy, ingress.proc.pid, seconds + 1, collapsed)
+        spy = py_spy_record(py_spy, ingress.pid, seconds + 1, collapsed)
         try:
             run = await asyncio.to_thread(
                 run_measured, self._wrk(script, ingress.port, seconds, self.o.connections)
             )
         finally:
-            await asyncio.to_thread(_stop_py_spy, spy, seconds + 30)
+            await asyncio.to_thread(spy.stop, seconds + 30, signal.SIGINT)
         await self._stop(ingress)
         profiles["ingress"] = self._profile_summary(collapsed, run)
 
@@ -703,13 +503,13 @@ class Bench:
             if backend == "sqlite":
                 database = {"CALLSTREAM_SQLITE_PATH": str(db)}
                 rows: Callable[[], Awaitable[int]] = functools.partial(
-                    asyncio.to_thread, _sqlite_count, db
+                    asyncio.to_thread, sqlite_count, db
                 )
                 extra: list[Watched] = []
             else:
                 dsn, postgres = await self.start_postgres("callstream_profile")
                 database = {"CALLSTREAM_DATABASE_URL": dsn}
-                rows, extra = functools.partial(_postgres_count, dsn), [postgres]
+                rows, extra = functools.partial(postgres_count, dsn), [postgres]
             run_ = await self.consumer_run(
                 "catch-up (profiled)", backend, topic, database, rows, extra, profile=collapsed
             )
@@ -723,135 +523,12 @@ class Bench:
             return {"note": "py-spy wrote nothing (is ptrace allowed?)"}
         summary = profiling.summarise(collapsed)
         if run is not None:
-            data = _wrk_summary(run)
+            data = wrk_summary(run)
             good = data["requests"] - data["errors"]["status"]
             summary["reports_per_s_while_profiled"] = round(good / (data["duration_us"] / 1e6), 1)
         summary["collapsed_stacks"] = str(collapsed)
         say(f"{collapsed.name}\n{profiling.render(summary)}")
         return summary
-
-
-# -- helpers ------------------------------------------------------------------------------------
-
-
-def _wrk_summary(run: Measured) -> dict[str, Any]:
-    line = next((x for x in run.output.splitlines() if x.startswith("CALLSTREAM_WRK ")), None)
-    if line is None:
-        raise RuntimeError(f"wrk printed no summary (exit {run.exit_code}):\n{run.output}")
-    data: dict[str, Any] = orjson.loads(line.split(" ", 1)[1])
-    return data
-
-
-def _stop_py_spy(spy: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
-    """py-spy writes its output when it is interrupted (or its duration ends)."""
-    if spy.poll() is None:
-        spy.send_signal(signal.SIGINT)
-    try:
-        spy.wait(timeout)
-    except subprocess.TimeoutExpired:
-        spy.kill()
-        spy.wait()
-    if spy.stderr is not None:
-        spy.stderr.close()
-
-
-def _stored_at(db: Path) -> dict[str, float]:
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        rows = conn.execute("SELECT call_id, stored_at FROM call_reports").fetchall()
-    finally:
-        conn.close()
-    return {call_id: datetime.fromisoformat(stamp).timestamp() for call_id, stamp in rows}
-
-
-def _sqlite_count(db: Path) -> int:
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        return int(conn.execute("SELECT count(*) FROM call_reports").fetchone()[0])
-    finally:
-        conn.close()
-
-
-async def _postgres_count(dsn: str) -> int:
-    import asyncpg
-
-    conn = await asyncpg.connect(dsn)
-    try:
-        return int(await conn.fetchval("SELECT count(*) FROM call_reports"))
-    finally:
-        await conn.close()
-
-
-def _bucket_quantiles(
-    before: Mapping[float, float], after: Mapping[float, float]
-) -> dict[str, float]:
-    """Upper bounds (ms) of the buckets holding p50, p90 and p99 of what a histogram
-    observed between two scrapes."""
-    bounds = sorted(after)
-    counts = [after[b] - before.get(b, 0.0) for b in bounds]
-    total = counts[-1] if counts else 0.0
-    out: dict[str, float] = {}
-    for q in (50, 90, 99):
-        bound = next((b for b, c in zip(bounds, counts, strict=True) if c >= total * q / 100), None)
-        out[f"p{q}_at_most_ms"] = math.nan if bound is None or not total else bound * 1000
-    return out
-
-
-def _smooth(series: list[tuple[float, float]], window: float) -> list[tuple[float, float]]:
-    """Rates averaged over at least `window` seconds: 0.1 s polls are too jumpy to plot."""
-    out: list[tuple[float, float]] = []
-    bucket: list[float] = []
-    start: float | None = None
-    for t, rate in series:
-        start = t if start is None else start
-        bucket.append(rate)
-        if t - start >= window:
-            out.append((round(t, 2), round(sum(bucket) / len(bucket), 1)))
-            bucket, start = [], None
-    return out
-
-
-def _meta(options: BenchOptions, started_at: datetime) -> dict[str, Any]:
-    def version(name: str) -> str:
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            return "-"
-
-    cpu_model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    revision = "-"
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        revision = subprocess.run(
-            ["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        ).stdout.strip()
-    return {
-        "started_at": started_at.isoformat(timespec="seconds"),
-        "argv": sys.argv,
-        "options": {
-            name: str(getattr(options, name)) for name in BenchOptions.__dataclass_fields__
-        },
-        "cpus": os.cpu_count(),
-        "cpu_model": cpu_model,
-        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-        "loadavg_start": loadavg(),
-        "python": platform.python_version(),
-        "kafka": KAFKA_VERSION,
-        "git_revision": revision,
-        "versions": {
-            name: version(name)
-            for name in ("aiohttp", "aiokafka", "uvloop", "fastavro", "orjson", "asyncpg")
-        },
-        "signature_tolerance": "default 300 s: each pool is signed just before its run",
-    }
 
 
 @contextlib.asynccontextmanager
@@ -870,7 +547,7 @@ async def run_bench(options: BenchOptions) -> int:
     if shutil.which("wrk") is None:
         say("wrk is not installed: run scripts/install-system-deps (or apt-get install wrk)")
         return 2
-    if not options.sample.is_file():
+    if options.sample is not None and not options.sample.is_file():
         say(f"no sample report at {options.sample}: pass --sample FILE")
         return 2
     started_at = datetime.now(UTC)
@@ -883,7 +560,7 @@ async def run_bench(options: BenchOptions) -> int:
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http,
     ):
         bench = Bench(options, tmp, http, out_prefix)
-        bench.results.meta = _meta(options, started_at)
+        bench.results.meta = run_meta(options, started_at)
         phases: dict[str, Callable[[], Awaitable[None]]] = {
             "baselines": bench.phase_baselines,
             "ingress": bench.phase_ingress,
@@ -908,8 +585,6 @@ async def run_bench(options: BenchOptions) -> int:
     json_path = out_prefix.with_suffix(".json")
     write_json(results, json_path)
     try:
-        from callstream.bench.chart import write_chart
-
         chart_note = f", chart {write_chart(results, out_prefix.with_suffix('.png'))}"
     except ImportError:
         chart_note = " (no chart: pip install -e '.[bench]' for matplotlib)"

@@ -1,24 +1,30 @@
-"""The bench's child processes and what they cost: spawn, wait, stop, sample, account CPU."""
+"""The bench's child processes and what they cost (spawn, stop, sample, account CPU), and
+reading what a phase measured (wrk's summary, stored rows, histogram buckets)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import itertools
+import math
 import os
-import signal
-import socket
+import sqlite3
 import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import aiohttp
+import asyncpg
+import orjson
 
 from callstream.bench.procstat import Watched, cpu_seconds, machine_busy_seconds
 from callstream.bench.report import OTHERS, ProcessUsage
+from callstream.processes import ChildProcess
 
 HOST = "127.0.0.1"
 
@@ -27,52 +33,20 @@ def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
+class Service(ChildProcess):
+    """A long-running child (a server, a consumer) serving HTTP on `port`, with its log in the
+    bench's temp dir, which is also its working directory."""
 
-
-@dataclass
-class Service:
-    """A long-running child (a server, a consumer) with its log in the bench's temp dir."""
-
-    name: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-    port: int
+    def __init__(self, name: str, argv: list[str], env: Mapping[str, str], log: Path, port: int):
+        super().__init__(argv, env=env, log_file=log, cwd=log.parent, name=name)
+        self.port = port
 
     @property
     def url(self) -> str:
         return f"http://{HOST}:{self.port}"
 
     def watched(self) -> Watched:
-        return Watched(self.name, self.proc.pid)
-
-    def stop(self, timeout: float = 20.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-
-def spawn(name: str, argv: list[str], env: Mapping[str, str], log: Path, port: int) -> Service:
-    """Started with the log's directory as its working directory."""
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            argv, env=dict(env), cwd=log.parent, stdin=subprocess.DEVNULL, stdout=out, stderr=out
-        )
-    return Service(name, proc, log, port)
+        return Watched(self.name, self.pid)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,13 +75,12 @@ def run_measured(argv: list[str]) -> Measured:
     )
 
 
-def py_spy_record(py_spy: str, pid: int, seconds: int, out: Path) -> subprocess.Popen[bytes]:
-    """Collapsed stacks, per function, sampled without pausing the target."""
+def py_spy_record(py_spy: str, pid: int, seconds: int, out: Path) -> ChildProcess:
+    """Collapsed stacks, per function, sampled without pausing the target. Stop it with
+    SIGINT: py-spy writes its output when interrupted (or when its duration ends)."""
     argv = [py_spy, "record", "--pid", str(pid), "--rate", "250", "--duration", str(seconds)]
     argv += ["--format", "raw", "--function", "--nonblocking", "--output", str(out)]
-    return subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
+    return ChildProcess(argv, log_file=Path(os.devnull), name="py-spy").start()
 
 
 class CpuWindow:
@@ -204,3 +177,68 @@ class Sampler:
 
     def delta(self) -> float | None:
         return self.points[-1][1] - self.points[0][1] if len(self.points) >= 2 else None
+
+
+# -- reading what was measured ---------------------------------------------------------------
+
+
+def wrk_summary(run: Measured) -> dict[str, Any]:
+    line = next((x for x in run.output.splitlines() if x.startswith("CALLSTREAM_WRK ")), None)
+    if line is None:
+        raise RuntimeError(f"wrk printed no summary (exit {run.exit_code}):\n{run.output}")
+    data: dict[str, Any] = orjson.loads(line.split(" ", 1)[1])
+    return data
+
+
+def stored_times(db: Path) -> dict[str, float]:
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        rows = conn.execute("SELECT call_id, stored_at FROM call_reports").fetchall()
+    finally:
+        conn.close()
+    return {call_id: datetime.fromisoformat(stamp).timestamp() for call_id, stamp in rows}
+
+
+def sqlite_count(db: Path) -> int:
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return int(conn.execute("SELECT count(*) FROM call_reports").fetchone()[0])
+    finally:
+        conn.close()
+
+
+async def postgres_count(dsn: str) -> int:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return int(await conn.fetchval("SELECT count(*) FROM call_reports"))
+    finally:
+        await conn.close()
+
+
+def bucket_quantiles(
+    before: Mapping[float, float], after: Mapping[float, float]
+) -> dict[str, float]:
+    """Upper bounds (ms) of the buckets holding p50, p90 and p99 of what a histogram
+    observed between two scrapes."""
+    bounds = sorted(after)
+    counts = [after[b] - before.get(b, 0.0) for b in bounds]
+    total = counts[-1] if counts else 0.0
+    out: dict[str, float] = {}
+    for q in (50, 90, 99):
+        bound = next((b for b, c in zip(bounds, counts, strict=True) if c >= total * q / 100), None)
+        out[f"p{q}_at_most_ms"] = math.nan if bound is None or not total else bound * 1000
+    return out
+
+
+def smooth(series: list[tuple[float, float]], window: float) -> list[tuple[float, float]]:
+    """Rates averaged over at least `window` seconds: 0.1 s polls are too jumpy to plot."""
+    out: list[tuple[float, float]] = []
+    bucket: list[float] = []
+    start: float | None = None
+    for t, rate in series:
+        start = t if start is None else start
+        bucket.append(rate)
+        if t - start >= window:
+            out.append((round(t, 2), round(sum(bucket) / len(bucket), 1)))
+            bucket, start = [], None
+    return out

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from aiohttp import web
 from aiosmtpd.controller import Controller
 
 from callstream.ports import free_port, free_ports
+from callstream.processes import ChildProcess, callstream_argv
 from core.kafkasettings import KafkaSettings
 from tests.support.samples import SAMPLE
 
@@ -74,7 +74,7 @@ async def receivers() -> AsyncIterator[Receivers]:
 
 @dataclass
 class Pipeline:
-    process: subprocess.Popen[bytes]
+    process: ChildProcess
     env: dict[str, str]
     ingress_port: int
     metrics_port: int
@@ -128,24 +128,11 @@ rules:
         "CALLSTREAM_HOME": str(tmp_path / "home"),
     }
     log = tmp_path / "pipeline.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "callstream", "run"],
-            env=env,
-            cwd=tmp_path,
-            stderr=out,
-            stdout=out,
-        )
+    process = ChildProcess(callstream_argv("run"), env=env, log_file=log, cwd=tmp_path).start()
     try:
         yield Pipeline(process, env, ports["ingress"], ports["metrics"], tmp_path / "calls.db", log)
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        process.stop(grace=40)
 
 
 async def until(check: object, timeout: float = 60.0, what: str = "") -> None:

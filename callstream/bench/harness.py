@@ -1,0 +1,226 @@
+"""What the bench's phases stand on: the run's broker, PostgreSQL and child processes
+(each stopped however the run ends), their environment, and reading their /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+
+from callstream.bench import pool
+from callstream.bench.options import BenchOptions
+from callstream.bench.procstat import Watched
+from callstream.bench.report import Results
+from callstream.bench.services import HOST, Service, say
+from callstream.localkafka import KAFKA_VERSION, LocalKafka
+from callstream.localpg import PostgresServer
+from callstream.ports import free_port
+from core.kafkasettings import KafkaSettings
+from core.signing import WEBHOOK_PATH
+from core.topicadmin import ensure_topics
+
+# A fresh secret per run: the bench's requests are signed exactly as Flireo signs them.
+SECRET = f"bench-{uuid.uuid4().hex}"
+PARTITIONS = 6
+WRK_TIMEOUT = "10s"
+_STARTUP_TIMEOUT = 60.0
+
+
+@dataclass
+class _Owned:
+    """Everything this run started, stopped in reverse order however the run ends."""
+
+    services: list[Service] = field(default_factory=list)
+    kafka: LocalKafka | None = None
+    postgres: PostgresServer | None = None
+
+
+class Harness:
+    """The run's temp dir, HTTP session and everything it started."""
+
+    def __init__(
+        self, options: BenchOptions, tmp: Path, http: aiohttp.ClientSession, out_prefix: Path
+    ) -> None:
+        self.o = options
+        self.out_prefix = out_prefix
+        self.tmp = tmp
+        self.http = http
+        self.owned = _Owned()
+        self.bootstrap = ""
+        self._broker: Watched | None = None
+        self.started = time.monotonic()
+        self.results = Results(meta={})
+        self.short, self.long = pool.templates(options.sample)
+
+    def say(self, message: str) -> None:
+        say(f"[{time.monotonic() - self.started:5.0f}s] {message}")
+
+    @property
+    def broker(self) -> Watched:
+        assert self._broker is not None
+        return self._broker
+
+    # -- what runs ----------------------------------------------------------------------------
+
+    async def start_broker(self) -> None:
+        self.say(f"starting a Kafka {KAFKA_VERSION} broker (KRaft) in {self.tmp / 'kafka'}")
+        kafka = LocalKafka(self.tmp / "kafka")
+        self.owned.kafka = kafka
+        self.bootstrap = await asyncio.to_thread(kafka.start, 120.0)
+        status = kafka.status()
+        assert status is not None
+        self._broker = Watched("broker", status.pid)
+
+    async def close(self) -> None:
+        for service in reversed(self.owned.services):
+            await asyncio.to_thread(service.stop)
+        self.owned.services.clear()
+        if self.owned.postgres is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self.owned.postgres.stop)
+            self.owned.postgres = None
+        if self.owned.kafka is not None:
+            await asyncio.to_thread(self.owned.kafka.stop)
+            self.owned.kafka = None
+
+    def _env(self, **extra: str) -> dict[str, str]:
+        # Nothing from the caller's environment may redirect a child to another broker or
+        # database, or change its behaviour (CALLSTREAM_RATE_LIMIT_PER_SECOND, say).
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("CALLSTREAM_", "KAFKA_"))}
+        env |= {
+            "KAFKA_BOOTSTRAP_SERVERS": self.bootstrap,
+            "CALLSTREAM_WEBHOOK_SECRET": SECRET,
+            "CALLSTREAM_LOG_LEVEL": "WARNING",
+            "CALLSTREAM_METRICS_HOST": HOST,
+            "CALLSTREAM_HOME": str(self.tmp / "home"),
+            "CALLSTREAM_TOPIC_PARTITIONS": str(PARTITIONS),
+        }
+        if self.o.pythonpath is not None:
+            env["PYTHONPATH"] = str(self.o.pythonpath.resolve())
+        return env | dict(self.o.env) | extra
+
+    def _spawn(
+        self, name: str, argv: list[str], env: Mapping[str, str], port: int, log: str = ""
+    ) -> Service:
+        service = Service(name, argv, env, self.tmp / f"{log or name}.log", port).start()
+        self.owned.services.append(service)
+        return service
+
+    async def _stop(self, service: Service) -> None:
+        await asyncio.to_thread(service.stop)
+        with contextlib.suppress(ValueError):
+            self.owned.services.remove(service)
+
+    async def _wait_http(self, service: Service, path: str) -> None:
+        deadline = time.monotonic() + _STARTUP_TIMEOUT
+        while True:
+            if (code := service.poll()) is not None:
+                raise RuntimeError(
+                    f"{service.name} exited with {code} while starting:\n{service.log_tail()}"
+                )
+            with contextlib.suppress(aiohttp.ClientError, OSError):
+                async with self.http.get(service.url + path) as resp:
+                    if resp.status == 200:
+                        return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{service.name} did not answer {path}:\n{service.log_tail()}")
+            await asyncio.sleep(0.05)
+
+    async def _metric(self, service: Service, series: str) -> float | None:
+        async with self.http.get(service.url + "/metrics") as resp:
+            text = await resp.text()
+        for line in text.splitlines():
+            if line.startswith(series + " "):
+                return float(line.rsplit(" ", 1)[1])
+        return None
+
+    async def _histogram(self, service: Service, name: str) -> dict[float, float]:
+        """A Prometheus histogram's cumulative bucket counts, by upper bound in seconds."""
+        async with self.http.get(service.url + "/metrics") as resp:
+            text = await resp.text()
+        buckets: dict[float, float] = {}
+        for line in text.splitlines():
+            if line.startswith(name + "_bucket{"):
+                bound = line.split('le="', 1)[1].split('"', 1)[0]
+                buckets[float(bound)] = float(line.rsplit(" ", 1)[1])
+        return buckets
+
+    async def _bench_count(self, service: Service) -> float:
+        async with self.http.get(service.url + "/bench-count") as resp:
+            return float(await resp.text())
+
+    async def _ensure_topic(self, topic: str) -> None:
+        settings = KafkaSettings(self.bootstrap, topic=topic, partitions=PARTITIONS)
+        await ensure_topics(settings, [topic])
+
+    async def start_ingress(self, topic: str, **env: str) -> Service:
+        port = free_port()
+        name = f"ingress-{topic.removeprefix('bench.')}"
+        service = self._spawn(
+            "ingress",
+            [sys.executable, "-m", "callstream", "ingress"],
+            self._env(
+                CALLSTREAM_INGRESS_HOST=HOST,
+                CALLSTREAM_INGRESS_PORT=str(port),
+                CALLSTREAM_TOPIC=topic,
+                CALLSTREAM_EVENTS_TOPIC=f"{topic}.events",
+                CALLSTREAM_SPOOL_DIR=str(self.tmp / f"spool-{name}"),
+                **env,
+            ),
+            port,
+            log=name,
+        )
+        await self._wait_http(service, "/readyz")
+        return service
+
+    async def start_baseline(self, kind: str) -> Service:
+        port = free_port()
+        argv = [sys.executable, "-m", "callstream.bench.baselines", kind, "--port", str(port)]
+        if kind == "naive":
+            await self._ensure_topic("bench.naive")
+            argv += ["--bootstrap", self.bootstrap, "--topic", "bench.naive"]
+        service = self._spawn(kind, argv, self._env(), port)
+        await self._wait_http(service, "/bench-count")
+        return service
+
+    def _consumer(self, topic: str, group: str, database: Mapping[str, str]) -> Service:
+        port = free_port()
+        return self._spawn(
+            "consumer",
+            [sys.executable, "-m", "callstream", "consumer", "storage"],
+            self._env(
+                CALLSTREAM_TOPIC=topic,
+                CALLSTREAM_GROUP_ID=group,
+                CALLSTREAM_STORAGE_PORT=str(port),
+                **database,
+            ),
+            port,
+        )
+
+    # -- closed loop: wrk ---------------------------------------------------------------------
+
+    def _wrk(self, script: Path, port: int, seconds: float, connections: int) -> list[str]:
+        return [
+            "wrk",
+            f"-t{self.o.threads}",
+            f"-c{connections}",
+            f"-d{max(1, round(seconds))}s",
+            f"--timeout={WRK_TIMEOUT}",
+            "-s",
+            str(script),
+            f"http://{HOST}:{port}{WEBHOOK_PATH}",
+        ]
+
+    def _wrk_script(self, name: str, template: pool.BodyTemplate, port: int) -> Path:
+        # Enough distinct call ids that a run cycles through each a few dozen times at most.
+        size = 4096 if template.size < 10_000 else 256
+        requests = pool.signed_requests(template, size, secret=SECRET, host=f"{HOST}:{port}")
+        return pool.write_wrk_script(self.tmp / f"wrk-{name}-{template.size}.lua", requests)

@@ -1,0 +1,169 @@
+"""What `callstream replay --consumer` would do, worked out before anything changes: per
+partition, the group's committed offset, where the range starts and ends, and how many records
+lie between; and the plan rendered for the operator (and for --dry-run)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from callstream.consumerstatus import KafkaInspector
+
+
+def parse_time(text: str) -> datetime:
+    """ISO-8601 (`2025-08-20`, `2025-08-20T09:30`, `...Z`, `...+02:00`); UTC unless a zone
+    is given."""
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(f"not an ISO-8601 time: {text!r}") from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionPlan:
+    partition: int
+    beginning: int  # log start offset
+    end: int  # log end offset when planned
+    start: int  # first record at or after --from; `end` if there is none
+    stop: int  # first record at or after --to; `end` without --to or if there is none
+    committed: int | None  # the group's committed offset before the replay
+    # No partition's commit is past its log start: the group has handled nothing that is
+    # still retained (a new consumer, expired offsets, or a bounded replay's restore).
+    fresh_group: bool
+
+    @property
+    def count(self) -> int:
+        return max(self.stop - self.start, 0)
+
+    @property
+    def rewind_to(self) -> int | None:
+        """Where a replay without --to moves the group's offset; None: left alone.
+
+        A group that has consumed moves only backwards: moving it forward to --from would
+        skip records it has not handled yet, and it reaches the range by itself. A fresh
+        group would start at the log start; it starts at --from instead, which is how a new
+        consumer gets "last week" rather than everything retained.
+        """
+        if self.fresh_group:
+            return self.start
+        if self.committed is None or self.committed <= self.start:
+            return None
+        return self.start
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayPlan:
+    consumer: str
+    group_id: str
+    topic: str
+    since: datetime
+    until: datetime | None
+    partitions: tuple[PartitionPlan, ...]
+
+    @property
+    def total(self) -> int:
+        return sum(p.count for p in self.partitions)
+
+    @property
+    def numbers(self) -> list[int]:
+        return [p.partition for p in self.partitions]
+
+    def done(self, committed: Mapping[int, int]) -> int:
+        """Records of the range the group's commits have passed."""
+        return sum(
+            min(max(committed.get(p.partition, p.start) - p.start, 0), p.count)
+            for p in self.partitions
+        )
+
+    def finished(self, committed: Mapping[int, int]) -> bool:
+        return all(
+            p.count == 0 or committed.get(p.partition, p.start) >= p.stop for p in self.partitions
+        )
+
+
+async def plan_replay(
+    inspector: KafkaInspector,
+    consumer: str,
+    group_id: str,
+    topic: str,
+    since: datetime,
+    until: datetime | None,
+) -> ReplayPlan:
+    partitions = await inspector.partitions(topic)
+    beginning, end = await inspector.log_offsets(topic, partitions)
+    starts = await inspector.offsets_for_time(topic, partitions, since)
+    stops = await inspector.offsets_for_time(topic, partitions, until) if until is not None else {}
+    committed = await inspector.committed(group_id, topic, partitions)
+    fresh = all(committed.get(p, beginning[p]) <= beginning[p] for p in partitions)
+    plans = []
+    for p in partitions:
+        start = starts.get(p)
+        stop = stops.get(p)
+        plans.append(
+            PartitionPlan(
+                partition=p,
+                beginning=beginning[p],
+                end=end[p],
+                start=end[p] if start is None else start,
+                stop=end[p] if stop is None else stop,
+                committed=committed.get(p),
+                fresh_group=fresh,
+            )
+        )
+    return ReplayPlan(consumer, group_id, topic, since, until, tuple(plans))
+
+
+def render_plan(plan: ReplayPlan, *, bounded: bool) -> str:
+    window = f"from {plan.since.isoformat()}" + (
+        f" to {plan.until.isoformat()}" if plan.until is not None else " to the end"
+    )
+    lines = [
+        f"consumer {plan.consumer}, group {plan.group_id}, topic {plan.topic}",
+        f"records with Kafka timestamps {window}",
+    ]
+    rows = [("partition", "from-offset", "to-offset", "records", "committed", "after", "note")]
+    for p in plan.partitions:
+        after: int | None
+        if bounded:
+            after = p.committed if p.committed is not None else p.beginning
+        else:
+            after = p.rewind_to if p.rewind_to is not None else p.committed
+        rows.append(
+            (
+                str(p.partition),
+                str(p.start),
+                str(p.stop),
+                str(p.count),
+                "-" if p.committed is None else str(p.committed),
+                "-" if after is None else str(after),
+                _note(p, bounded=bounded),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(6)]
+    for row in rows:
+        cells = [cell.rjust(width) for cell, width in zip(row[:6], widths, strict=True)]
+        lines.append("  ".join([*cells, row[6]]).rstrip())
+    lines.append(f"total: {plan.total} records")
+    return "\n".join(lines) + "\n"
+
+
+def _note(p: PartitionPlan, *, bounded: bool) -> str:
+    notes = []
+    if p.start >= p.end:
+        notes.append("no record after --from: nothing to replay")
+    elif p.count == 0:
+        notes.append("no record between --from and --to")
+    elif p.start == p.beginning and p.beginning > 0:
+        # The first retained record is already inside the range, so older ones that were
+        # inside it too may be gone.
+        notes.append("starts at the log start: retention may have dropped part of the range")
+    if not bounded and p.fresh_group and p.start > p.beginning:
+        notes.append("new group: starts here instead of at the log start")
+    elif not bounded and p.count > 0:
+        if p.committed is None:
+            notes.append("no committed offset: the group reads from the log start anyway")
+        elif p.committed < p.start:
+            notes.append("group has not reached --from yet: left where it is")
+    return "; ".join(notes)
