@@ -14,7 +14,6 @@ from callstream.commandsettings import LocalBrokerSettings, LogSettings
 from consumers.registry import CONSUMERS
 from consumers.runner import RunnerSettings
 from consumers.service import ServiceSettings, port_setting
-from consumers.settings_catalogue import BY_CONSUMER
 from core.kafkasecurity import KafkaSecurity
 from core.kafkasettings import KafkaSettings
 from core.settings import Setting, declared
@@ -75,11 +74,11 @@ def sections() -> list[Section]:
             "every consumer (`callstream consumer NAME`)", _of(ServiceSettings, RunnerSettings)
         ),
     ]
-    for name in CONSUMERS:
+    for name, spec in CONSUMERS.items():
         found.append(
             Section(
                 f"{name} consumer",
-                (port_setting(name), *BY_CONSUMER.get(name, ())),
+                (port_setting(name), *(_of(spec.settings) if spec.settings else ())),
                 _ALERTING_NOTE if name == "alerting" else (),
             )
         )

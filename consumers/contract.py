@@ -57,3 +57,5 @@ class ConsumerSpec:
     #: where its /metrics and /healthz listen unless CALLSTREAM_METRICS_PORT says otherwise
     default_metrics_port: int
     description: str
+    #: its settings class (core.settings), whose variables .env.example lists
+    settings: type | None = None

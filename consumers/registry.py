@@ -6,7 +6,13 @@ from consumers import alerting, metrics, storage
 from consumers.contract import ConsumerSpec
 
 CONSUMERS: dict[str, ConsumerSpec] = {
-    "storage": ConsumerSpec(storage.build, 9101, "one row per call in SQLite or PostgreSQL"),
-    "alerting": ConsumerSpec(alerting.build, 9102, "notifications from YAML rules"),
-    "metrics": ConsumerSpec(metrics.build, 9103, "business metrics, counted once per call"),
+    "storage": ConsumerSpec(
+        storage.build, 9101, "one row per call in SQLite or PostgreSQL", storage.StorageSettings
+    ),
+    "alerting": ConsumerSpec(
+        alerting.build, 9102, "notifications from YAML rules", alerting.AlertingSettings
+    ),
+    "metrics": ConsumerSpec(
+        metrics.build, 9103, "business metrics, counted once per call", metrics.MetricsSettings
+    ),
 }

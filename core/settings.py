@@ -217,23 +217,3 @@ def _one_of(raw: str, allowed: tuple[Any, ...], env: str) -> Any:
         if str(choice).casefold() == raw.casefold():
             return choice
     raise SettingsError(f"{env}={raw!r} is not one of {', '.join(map(str, allowed))}")
-
-
-# -- the helpers the settings classes not yet declared this way still call -----------------
-
-
-def env_str(env: Mapping[str, str], name: str, default: str) -> str:
-    return str(Setting(name, "", default).read(env, str))
-
-
-def env_opt(env: Mapping[str, str], name: str) -> str | None:
-    value: str | None = Setting(name, "", None).read(env, str)
-    return value
-
-
-def env_int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0) -> int:
-    return int(Setting(name, "", default, minimum=minimum).read(env, int))
-
-
-def env_float(env: Mapping[str, str], name: str, default: float, *, minimum: float = 0.0) -> float:
-    return float(Setting(name, "", default, minimum=minimum).read(env, float))

@@ -31,7 +31,6 @@ from consumers.alerting import EmailChannel, load_rule_file
 from consumers.registry import CONSUMERS
 from consumers.runner_metrics import RunnerMetrics
 from consumers.service import port_setting
-from consumers.settings_catalogue import BY_CONSUMER
 from ingress.metrics import IngressMetrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,12 +53,6 @@ ENV_NAME = re.compile(r"^(?:CALLSTREAM|KAFKA)_[A-Z0-9_]+$")
 QUOTED_ENV_NAME = re.compile(r"[\"'](?P<name>(?:CALLSTREAM|KAFKA)_[A-Z0-9_]+)[\"']")
 # Quoted names of that shape that are Python names, not variables (localkafka's __all__).
 NOT_VARIABLES = frozenset({"KAFKA_VERSION"})
-# The modules whose settings are listed in consumers/settings_catalogue.py, not declared.
-CATALOGUED = {
-    "storage": "storage/settings.py",
-    "alerting": "alerting/settings.py",
-    "metrics": "metrics/settings.py",
-}
 # The consumers compose must run (each also has to be in consumers/registry.py).
 COMPOSE_CONSUMERS = ("storage", "alerting", "metrics")
 INGRESS_PORT = 8080
@@ -505,15 +498,6 @@ def test_code_spells_only_declared_variables() -> None:
         for path in sorted((ROOT / package).rglob("*.py")):
             unknown = quoted_variable_names(path) - variables_read_by_code()
             assert not unknown, f"{path.relative_to(ROOT)} spells undeclared {sorted(unknown)}"
-
-
-def test_catalogued_consumers_list_exactly_what_their_modules_read() -> None:
-    # Until their settings classes declare their fields, the catalogue is checked against
-    # the names each module spells.
-    assert set(BY_CONSUMER) == set(CATALOGUED)
-    for name, module in CATALOGUED.items():
-        spelled = quoted_variable_names(ROOT / "consumers" / module)
-        assert spelled == {setting.env for setting in BY_CONSUMER[name]}, module
 
 
 def test_env_example_lists_every_variable_the_code_reads() -> None:

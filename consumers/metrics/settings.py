@@ -1,21 +1,19 @@
 """Settings of the `metrics` consumer, read once by `MetricsSettings.from_env`: the
-CALLSTREAM_METRICS_* variables, each listed with its default and meaning in .env.example.
-In CALLSTREAM_METRICS_ASSISTANTS (``number=label``, comma-separated) spaces, dashes, dots
-and parentheses in numbers are ignored when matching; the state path is relative to the
-working directory; CALLSTREAM_METRICS_CONFIG names the YAML file of more fields to measure
-(consumers.metrics.config_file, examples/metrics.yaml).
+CALLSTREAM_METRICS_* variables. In CALLSTREAM_METRICS_ASSISTANTS (``number=label``,
+comma-separated) spaces, dashes, dots and parentheses in numbers are ignored when matching;
+the state path is relative to the working directory; CALLSTREAM_METRICS_CONFIG names the YAML
+file of more fields to measure (consumers.metrics.config_file, examples/metrics.yaml).
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from consumers.metrics.config_file import FieldMetric, load_fields
-from core.settings import SettingsError, env_float, env_opt, env_str
+from core.settings import EnvSettings, SettingsError, setting, settings_class
 
 OTHER_ASSISTANT = "other"
 _NUMBER = re.compile(r"^\+?[0-9]{2,20}$")
@@ -23,50 +21,73 @@ _NUMBER_SEPARATORS = str.maketrans("", "", " -.()")
 MAX_LABEL_LENGTH = 64
 
 
-# No slots: from_env reads the defaults back off the class.
-@dataclass(frozen=True)
-class MetricsSettings:
-    state_path: Path = Path(".callstream/metrics.db")
-    # (normalised number, label) pairs: a tuple keeps the settings truly immutable.
-    assistants: tuple[tuple[str, str], ...] = ()
-    success_threshold: float = 7.0
-    sentiment_key: str = "sentiment"
-    followup_key: str = "vervolgactie_nodig"
-    technical_problems_key: str = "technische_problemen"
-    fields: tuple[FieldMetric, ...] = ()
+@settings_class
+class MetricsSettings(EnvSettings):
+    state_path: Path = setting(
+        "CALLSTREAM_METRICS_STATE_PATH",
+        default=Path(".callstream/metrics.db"),
+        doc="SQLite ledger of counted call ids (each call is counted once, ever).",
+    )
+    assistant_list: str = setting(
+        "CALLSTREAM_METRICS_ASSISTANTS",
+        default="",
+        doc="Assistant numbers that get their own `assistant` label: "
+        '+31850835003=sales,+3120... Empty: all "other".',
+    )
+    success_threshold: float = setting(
+        "CALLSTREAM_METRICS_SUCCESS_THRESHOLD",
+        default=7.0,
+        doc="A numeric success evaluation at or above this is a success (7 for 1..10, 70 for "
+        "percentages).",
+    )
+    sentiment_key: str = setting(
+        "CALLSTREAM_METRICS_SENTIMENT_KEY",
+        default="sentiment",
+        doc="structured_data key holding the 0..10 sentiment score.",
+    )
+    followup_key: str = setting(
+        "CALLSTREAM_METRICS_FOLLOWUP_KEY",
+        default="vervolgactie_nodig",
+        doc="structured_data key that is true when the call needs a follow-up.",
+    )
+    technical_problems_key: str = setting(
+        "CALLSTREAM_METRICS_TECHNICAL_PROBLEMS_KEY",
+        default="technische_problemen",
+        doc="structured_data key that is true when the call had technical problems.",
+    )
+    config_path: Path | None = setting(
+        "CALLSTREAM_METRICS_CONFIG",
+        default=None,
+        doc="YAML file of more structured_data fields to measure (examples/metrics.yaml). "
+        "Empty: none.",
+    )
 
-    @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> MetricsSettings:
-        sentiment_key = env_str(env, "CALLSTREAM_METRICS_SENTIMENT_KEY", cls.sentiment_key)
-        followup_key = env_str(env, "CALLSTREAM_METRICS_FOLLOWUP_KEY", cls.followup_key)
-        technical_key = env_str(
-            env, "CALLSTREAM_METRICS_TECHNICAL_PROBLEMS_KEY", cls.technical_problems_key
-        )
-        builtin_keys = {sentiment_key, followup_key, technical_key}
-        if len(builtin_keys) < 3:
+    def __post_init__(self) -> None:
+        if len(self.builtin_keys) < 3:
             raise SettingsError(
                 "CALLSTREAM_METRICS_SENTIMENT_KEY, CALLSTREAM_METRICS_FOLLOWUP_KEY and "
                 "CALLSTREAM_METRICS_TECHNICAL_PROBLEMS_KEY must be three different keys"
             )
-        config_path = env_opt(env, "CALLSTREAM_METRICS_CONFIG")
-        return cls(
-            state_path=Path(env_str(env, "CALLSTREAM_METRICS_STATE_PATH", str(cls.state_path))),
-            assistants=parse_assistants(env.get("CALLSTREAM_METRICS_ASSISTANTS", "")),
-            success_threshold=_threshold(env),
-            sentiment_key=sentiment_key,
-            followup_key=followup_key,
-            technical_problems_key=technical_key,
-            fields=load_fields(Path(config_path), builtin_keys) if config_path else (),
-        )
+        if not math.isfinite(self.success_threshold):
+            raise SettingsError(
+                f"CALLSTREAM_METRICS_SUCCESS_THRESHOLD={self.success_threshold} is not finite"
+            )
+        _ = self.assistants, self.fields  # parsed now: a bad value stops the consumer at start-up
 
+    @property
+    def builtin_keys(self) -> set[str]:
+        return {self.sentiment_key, self.followup_key, self.technical_problems_key}
 
-def _threshold(env: Mapping[str, str]) -> float:
-    value = env_float(
-        env, "CALLSTREAM_METRICS_SUCCESS_THRESHOLD", MetricsSettings.success_threshold
-    )
-    if not math.isfinite(value):
-        raise SettingsError(f"CALLSTREAM_METRICS_SUCCESS_THRESHOLD={value} is not finite")
-    return value
+    @cached_property
+    def assistants(self) -> tuple[tuple[str, str], ...]:
+        """(normalised number, label) pairs: a tuple keeps the settings truly immutable."""
+        return parse_assistants(self.assistant_list)
+
+    @cached_property
+    def fields(self) -> tuple[FieldMetric, ...]:
+        if self.config_path is None:
+            return ()
+        return load_fields(self.config_path, self.builtin_keys)
 
 
 def normalise_number(number: str) -> str:
