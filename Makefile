@@ -39,6 +39,10 @@ lint: $(STAMP) ## ruff, mypy --strict and the layer rule (import-linter)
 test: system-deps $(STAMP) lint ## everything CI runs: system packages, lint, the whole test suite
 	$(BIN)/pytest
 
+.PHONY: test-unit
+test-unit: $(STAMP) ## the fast loop: tests that need no broker or database (seconds)
+	$(BIN)/pytest tests/unit
+
 .PHONY: bench
 bench: system-deps $(STAMP) ## measure throughput, latency and cost here (docs/performance.md; BENCH_ARGS=...)
 	$(BIN)/pip install -q -e '.[dev,bench]'

@@ -31,7 +31,7 @@ from aiokafka.errors import (
     for_code,
 )
 
-from consumers.registry import CONSUMERS
+from consumers.catalog import CONSUMERS
 from core.kafkasettings import KafkaSettings
 
 log = logging.getLogger(__name__)

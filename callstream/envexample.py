@@ -1,7 +1,7 @@
 """`.env.example`, generated from the settings declarations (`callstream settings
 --env-example`), so that the file lists exactly what the code reads, with its defaults.
 
-tests/test_deploy_static.py fails when the file in git differs from what this renders.
+tests/e2e/test_deploy_static.py fails when the file in git differs from what this renders.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from callstream.commandsettings import LocalBrokerSettings, LogSettings
-from consumers.registry import CONSUMERS
+from consumers.catalog import CONSUMERS
 from consumers.runner import RunnerSettings
 from consumers.service import ServiceSettings, port_setting
 from core.kafkasecurity import KafkaSecurity
@@ -28,7 +28,7 @@ _HEADER = """\
 # docker compose reads .env for the ${NAME:-default} values in docker-compose.yml; for a
 # local run, export the lines you change (set -a; . ./.env; set +a) before `callstream run`.
 # Generated from the settings declarations: edit those, then run
-# `callstream settings --env-example > .env.example` (tests/test_deploy_static.py checks it).
+# `callstream settings --env-example > .env.example` (tests/e2e/test_deploy_static.py checks it).
 """
 # Read by the code but not callstream's own, or named by the operator's rule file: shown as
 # documentation only.

@@ -34,11 +34,11 @@ from prometheus_client import CollectorRegistry
 
 from callstream.consumerstatus import KafkaInspector, TopicMissingError
 from callstream.replayplan import ReplayPlan, parse_time, plan_replay, render_plan
+from consumers.catalog import CONSUMERS
 from consumers.contract import Consumer, Delivery
-from consumers.registry import CONSUMERS
 from consumers.runner import Runner, RunnerSettings
-from consumers.runner_metrics import RunnerMetrics
 from consumers.storage import StorageSettings, open_backend
+from consumers.telemetry import RunnerMetrics
 from core.kafkasettings import KafkaSettings
 from core.offsets import commit_group_offsets
 from core.producer import durable_producer

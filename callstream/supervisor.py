@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from types import FrameType
 
 from callstream.processes import ChildProcess, callstream_argv
-from consumers.registry import CONSUMERS
+from consumers.catalog import CONSUMERS
 
 log = logging.getLogger(__name__)
 

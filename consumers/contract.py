@@ -32,7 +32,7 @@ class Delivery:
 
 
 class Consumer(ABC):
-    #: one name everywhere: module, registry key, CLI argument, consumer group, metric label
+    #: one name everywhere: module, catalog key, CLI argument, consumer group, metric label
     name: str
 
     async def start(self) -> None:  # noqa: B027 - optional hook
@@ -47,7 +47,7 @@ class Consumer(ABC):
 
 
 # How a service builds its consumer: settings parsed once from the environment, metrics
-# registered on the service's own registry.
+# registered on the service's own Prometheus CollectorRegistry.
 ConsumerFactory = Callable[[Mapping[str, str], CollectorRegistry], Consumer]
 
 

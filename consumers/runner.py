@@ -30,7 +30,7 @@ from aiokafka.errors import CommitFailedError, KafkaError
 
 from consumers.contract import REDRIVE_HEADER, Consumer, Delivery
 from consumers.errors import RetryableError
-from consumers.runner_metrics import RunnerMetrics
+from consumers.telemetry import RunnerMetrics
 from core.kafkasettings import KafkaSettings
 from core.producer import durable_producer
 from core.settings import EnvSettings, setting, settings_class
@@ -215,7 +215,7 @@ class Runner:
             except DecodeError:
                 raise
             except SchemaError as exc:
-                # The registry is unreachable: the record is fine, the world is not.
+                # The schema registry is unreachable: the record is fine, the world is not.
                 attempt += 1
                 await self._back_off(exc, attempt)
         if decoded.name != END_OF_CALL_REPORT:

@@ -10,9 +10,9 @@ from collections.abc import Mapping
 import aiohttp
 from prometheus_client import CollectorRegistry
 
-from consumers.registry import CONSUMERS
+from consumers.catalog import CONSUMERS
 from consumers.runner import Runner, RunnerSettings
-from consumers.runner_metrics import RunnerMetrics
+from consumers.telemetry import RunnerMetrics
 from core.kafkasettings import KafkaSettings
 from core.opsserver import ops_server
 from core.settings import EnvSettings, Setting, setting, settings_class
@@ -36,7 +36,7 @@ class ServiceSettings(EnvSettings):
 
 def port_setting(name: str) -> Setting:
     """CALLSTREAM_<NAME>_PORT: a variable per consumer, so that all run side by side on one
-    host, each defaulting to its registry port."""
+    host, each defaulting to its port in the catalog."""
     return Setting(
         f"CALLSTREAM_{name.upper().replace('-', '_')}_PORT",
         f"Port of the {name} consumer's /metrics and /healthz.",

@@ -1,7 +1,7 @@
 """Example consumer: forward each call's summary to a CRM's webhook.
 
 This is the whole of a consumer. To run it as a service, add one line to
-consumers/registry.py:
+consumers/catalog.py:
 
     "crm-forward": ConsumerSpec(crm_forward.build, 9104, "summaries to the CRM"),
 

@@ -23,7 +23,6 @@ from ingress import openapi, ratelimit
 from ingress.auth import Authenticator
 from ingress.body import decode_content, read_wire_body
 from ingress.errors import Problem, invalid
-from ingress.metrics import IngressMetrics
 from ingress.publisher import (
     DurablePublisher,
     OutgoingRecord,
@@ -31,6 +30,7 @@ from ingress.publisher import (
     RecordTooLarge,
 )
 from ingress.settings import IngressSettings
+from ingress.telemetry import IngressMetrics
 from schemas import jsonvalue
 from schemas.codec import Encoder, registry_encoder, single_object_encoder
 from schemas.errors import InvalidReport, SchemaError

@@ -3,7 +3,7 @@
 Built from the constants the handlers enforce (the normaliser's limits, event types and
 format markers, the header names) and from the running settings (body limit, nesting depth,
 signature tolerance, body timeout), so the description does not drift from the service;
-tests/test_openapi.py holds the running ingress to it with Schemathesis.
+tests/integration/test_openapi.py holds the running ingress to it with Schemathesis.
 `python -m ingress.openapi` prints the description for the default settings.
 
 Each payload shape is exclusive of the others (flat has no `message`; nested snake_case has

@@ -32,9 +32,9 @@ from core.kafkasettings import KafkaSettings
 from core.logs import Throttled
 from core.producer import durable_producer
 from core.topicadmin import ensure_topics
-from ingress.metrics import SpoolMetrics
 from ingress.settings import IngressSettings
 from ingress.spool import CrashPoint, Spool, Spooled, SpoolError, SpoolFull, crash
+from ingress.telemetry import SpoolMetrics
 
 log = logging.getLogger(__name__)
 

@@ -5,24 +5,13 @@ still mean "this report will reach every consumer". This module knows nothing ab
 stores opaque payloads, fsyncs them before `append` returns, and hands them back in arrival
 order until `commit` says they were delivered.
 
-Layout of the directory::
-
-    .lock                       flock'd by the one process that owns the spool
-    cursor                      drain progress: segment id, offset, CRC32 (fdatasync'd)
-    00000000000000000007.seg    segments: 8-byte magic, then frames, append-only
-    <segment>.<offset>.unreadable  bytes that failed their CRC, set aside for inspection
-
-A frame is ``u32 body length | u32 CRC32(body) | body`` and a body is
-``u64 spooled-at (Unix ms) | payload`` (big-endian). A write torn by a crash leaves a frame
-whose length runs past the end of the file or whose CRC does not match; opening the spool
-stops reading that segment there, so a torn tail is never mistaken for a record.
+The directory's layout and the frame format: ingress/spoolformat.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import fcntl
 import logging
 import os
@@ -35,9 +24,25 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Literal, NamedTuple
+from typing import Final, Literal
 
-from ingress.metrics import SpoolMetrics
+from ingress.spoolformat import (
+    CURSOR,
+    FRAME_OVERHEAD,
+    HEADER_BYTES,
+    MAGIC,
+    MAX_PAYLOAD_BYTES,
+    Entry,
+    Position,
+    encode_frame,
+    fsync_dir,
+    open_for_update,
+    scan_frames,
+    segment_name,
+    truncate_durably,
+    write_all,
+)
+from ingress.telemetry import SpoolMetrics
 
 log = logging.getLogger(__name__)
 
@@ -53,15 +58,6 @@ CRASH_POINTS: Final[tuple[CrashPoint, ...]] = (
 )
 CRASH_EXIT_CODE: Final = 99
 
-MAGIC: Final = b"CSSPOOL\x01"
-HEADER_BYTES: Final = len(MAGIC)
-_FRAME = struct.Struct(">II")
-_SPOOLED_AT = struct.Struct(">Q")
-_CURSOR = struct.Struct(">QQ")
-FRAME_OVERHEAD: Final = _FRAME.size + _SPOOLED_AT.size
-# A sanity bound for the length field: a corrupted length must not make open() allocate
-# gigabytes. Reports are at most ~1 MiB; this leaves room for any sane setting.
-MAX_PAYLOAD_BYTES: Final = 64 * 1024 * 1024
 # One group commit writes at most this much, so one huge burst cannot hold every caller
 # behind a single long write.
 MAX_BATCH_BYTES: Final = 8 * 1024 * 1024
@@ -86,17 +82,6 @@ class SpoolLocked(SpoolError):
     """Another process owns this spool directory."""
 
 
-class Position(NamedTuple):
-    segment: int
-    offset: int  # of the frame's first byte
-    size: int  # of the whole frame
-
-
-class _Entry(NamedTuple):
-    position: Position
-    spooled_at_ms: int
-
-
 @dataclass(frozen=True, slots=True)
 class Spooled:
     """A payload handed back for delivery; `payload` is None when its bytes failed the CRC
@@ -112,36 +97,6 @@ class _Pending:
     frame: bytes
     spooled_at_ms: int
     done: asyncio.Future[Position]
-
-
-def segment_name(segment: int) -> str:
-    return f"{segment:020d}.seg"
-
-
-def encode_frame(payload: bytes, spooled_at_ms: int) -> bytes:
-    body = _SPOOLED_AT.pack(spooled_at_ms) + payload
-    return _FRAME.pack(len(body), zlib.crc32(body)) + body
-
-
-def scan_frames(data: bytes | memoryview, start: int = HEADER_BYTES) -> tuple[list[_Entry], int]:
-    """Valid frames from `start`, and the offset where the valid prefix ends."""
-    view = memoryview(data)
-    entries: list[_Entry] = []
-    offset = start
-    while offset + _FRAME.size <= len(view):
-        length, crc = _FRAME.unpack_from(view, offset)
-        end = offset + _FRAME.size + length
-        if length < _SPOOLED_AT.size or length > MAX_PAYLOAD_BYTES + _SPOOLED_AT.size:
-            break
-        if end > len(view):
-            break
-        body = view[offset + _FRAME.size : end]
-        if zlib.crc32(body) != crc:
-            break
-        (spooled_at,) = _SPOOLED_AT.unpack_from(body)
-        entries.append(_Entry(Position(0, offset, end - offset), spooled_at))
-        offset = end
-    return entries, offset
 
 
 class Spool:
@@ -192,7 +147,7 @@ class Spool:
         self._queued_bytes = 0
         self._writing = 0
         self._writing_bytes = 0
-        self._pending: deque[_Entry] = deque()
+        self._pending: deque[Entry] = deque()
         self._pending_bytes = 0
         self._has_pending = asyncio.Event()
         self._wake = asyncio.Event()
@@ -265,8 +220,8 @@ class Spool:
         created = not directory.exists()
         directory.mkdir(parents=True, exist_ok=True)
         if created:
-            _fsync_dir(directory.parent)
-        lock_fd = _open_for_update(directory / ".lock")
+            fsync_dir(directory.parent)
+        lock_fd = open_for_update(directory / ".lock")
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -284,10 +239,10 @@ class Spool:
         directory = self.directory
         cursor_path = directory / "cursor"
         cursor_existed = cursor_path.exists()
-        self._cursor_fd = _open_for_update(cursor_path)
+        self._cursor_fd = open_for_update(cursor_path)
         cursor = self._read_cursor()
         segments = self._segment_ids()
-        pending: list[_Entry] = []
+        pending: list[Entry] = []
         for segment in segments:
             entries = self._recover_segment(segment)
             pending.extend(
@@ -320,7 +275,7 @@ class Spool:
                 self._pending_bytes,
             )
 
-    def _recover_segment(self, segment: int) -> list[_Entry]:
+    def _recover_segment(self, segment: int) -> list[Entry]:
         path = self.directory / segment_name(segment)
         data = path.read_bytes()
         if len(data) < HEADER_BYTES or data[:HEADER_BYTES] != MAGIC:
@@ -333,13 +288,13 @@ class Spool:
         if good_end < len(data):
             try:
                 self._set_aside(path, good_end, data[good_end:])
-                _truncate_durably(path, good_end)
+                truncate_durably(path, good_end)
             except OSError as exc:
                 # Every later open stops reading at the same place, so nothing is lost by
                 # leaving the torn tail where it is for now.
                 log.warning("spool: could not set aside the torn tail of %s (%s)", path.name, exc)
         return [
-            _Entry(Position(segment, e.position.offset, e.position.size), e.spooled_at_ms)
+            Entry(Position(segment, e.position.offset, e.position.size), e.spooled_at_ms)
             for e in entries
         ]
 
@@ -366,11 +321,11 @@ class Spool:
 
     def _read_cursor(self) -> Position:
         assert self._cursor_fd is not None
-        raw = os.pread(self._cursor_fd, _CURSOR.size + 4, 0)
-        if len(raw) == _CURSOR.size + 4:
-            (crc,) = struct.unpack_from(">I", raw, _CURSOR.size)
-            if zlib.crc32(raw[: _CURSOR.size]) == crc:
-                segment, offset = _CURSOR.unpack_from(raw)
+        raw = os.pread(self._cursor_fd, CURSOR.size + 4, 0)
+        if len(raw) == CURSOR.size + 4:
+            (crc,) = struct.unpack_from(">I", raw, CURSOR.size)
+            if zlib.crc32(raw[: CURSOR.size]) == crc:
+                segment, offset = CURSOR.unpack_from(raw)
                 return Position(segment, offset, 0)
         if raw.strip(b"\0"):
             log.warning("spool: cursor unreadable; draining from the oldest segment (duplicates)")
@@ -379,7 +334,7 @@ class Spool:
 
     def _write_cursor(self, cursor: Position) -> None:
         assert self._cursor_fd is not None
-        raw = _CURSOR.pack(cursor.segment, cursor.offset)
+        raw = CURSOR.pack(cursor.segment, cursor.offset)
         # Overwritten in place: a torn cursor fails its CRC and means "start from the oldest
         # segment", which costs duplicates, never records.
         os.pwrite(self._cursor_fd, raw + struct.pack(">I", zlib.crc32(raw)), 0)
@@ -391,9 +346,9 @@ class Spool:
         path = self.directory / segment_name(segment)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
         try:
-            _write_all(fd, MAGIC)
+            write_all(fd, MAGIC)
             self._sync(fd)
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         except BaseException:
             os.close(fd)
             with contextlib.suppress(OSError):
@@ -510,7 +465,7 @@ class Spool:
             self._last_failure = None
             self._failing = False
             for pending, position in zip(batch, positions, strict=True):
-                self._pending.append(_Entry(position, pending.spooled_at_ms))
+                self._pending.append(Entry(position, pending.spooled_at_ms))
                 self._pending_bytes += position.size
                 if not pending.done.done():
                     pending.done.set_result(position)
@@ -559,7 +514,7 @@ class Spool:
         except BaseException:
             for segment, offset in written:
                 with contextlib.suppress(OSError):
-                    _truncate_durably(self.directory / segment_name(segment), offset)
+                    truncate_durably(self.directory / segment_name(segment), offset)
                 if segment == self._active_id:
                     self._active_size = offset
             raise
@@ -571,7 +526,7 @@ class Spool:
         assert self._active_fd is not None
         data = b"".join(chunk)
         written.append((self._active_id, self._active_size - len(data)))
-        _write_all(self._active_fd, data)
+        write_all(self._active_fd, data)
         if self._crash_at == "spool-after-write-before-fsync":
             crash("spool-after-write-before-fsync")
         started = time.perf_counter()
@@ -598,7 +553,7 @@ class Spool:
 
     async def read(self, max_records: int, max_bytes: int) -> list[Spooled]:
         """The oldest pending payloads, in arrival order (at least one if any is pending)."""
-        entries: list[_Entry] = []
+        entries: list[Entry] = []
         size = 0
         for entry in self._pending:
             if entries and (len(entries) >= max_records or size + entry.position.size > max_bytes):
@@ -609,7 +564,7 @@ class Spool:
             return []
         return await asyncio.to_thread(self._read_entries, entries)
 
-    def _read_entries(self, entries: list[_Entry]) -> list[Spooled]:
+    def _read_entries(self, entries: list[Entry]) -> list[Spooled]:
         out: list[Spooled] = []
         fds: dict[int, int] = {}
         try:
@@ -686,42 +641,7 @@ class Spool:
     def _delete_segments(self, segments: list[int]) -> None:
         for segment in segments:
             (self.directory / segment_name(segment)).unlink(missing_ok=True)
-        _fsync_dir(self.directory)
-
-
-def _open_for_update(path: Path) -> int:
-    """Read-write, created if missing; read-only where the disk is, so a read-only spool
-    can still be read and drained (its progress is then not saved: a restart re-sends)."""
-    try:
-        return os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    except OSError as exc:
-        if exc.errno != errno.EROFS:
-            raise
-        return os.open(path, os.O_RDONLY)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
-
-
-def _truncate_durably(path: Path, size: int) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.ftruncate(fd, size)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_dir(self.directory)
 
 
 def crash(point: str) -> None:

@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from consumers.contract import Consumer, Delivery
 from consumers.runner import Runner, RunnerSettings
-from consumers.runner_metrics import RunnerMetrics
+from consumers.telemetry import RunnerMetrics
 from core.kafkasettings import KafkaSettings
 from schemas.codec import Decoder
 from schemas.store import default_store

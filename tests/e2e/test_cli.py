@@ -18,6 +18,7 @@ from core.kafkasettings import KafkaSettings
 from core.signing import WEBHOOK_PATH
 from tests.signing import signed
 from tests.support.cli import run_cli
+from tests.support.paths import REPO
 from tests.support.produce import produce_reports, sample_report
 from tests.support.topics import read_back
 
@@ -146,7 +147,7 @@ def test_settings_env_example_prints_the_checked_in_file() -> None:
     env = _env(CALLSTREAM_INGRESS_PORT="9999", CALLSTREAM_WEBHOOK_SECRET="not-shown")
     done = run_cli("settings", "--env-example", env=env)
     assert done.returncode == 0, done.stderr
-    assert done.stdout == (Path(__file__).resolve().parents[1] / ".env.example").read_text()
+    assert done.stdout == (REPO / ".env.example").read_text()
     assert "not-shown" not in done.stdout
 
 

@@ -28,12 +28,13 @@ from prometheus_client import CollectorRegistry
 
 from callstream.envexample import all_settings, render
 from consumers.alerting import EmailChannel, load_rule_file
-from consumers.registry import CONSUMERS
-from consumers.runner_metrics import RunnerMetrics
+from consumers.catalog import CONSUMERS
 from consumers.service import port_setting
-from ingress.metrics import IngressMetrics
+from consumers.telemetry import RunnerMetrics
+from ingress.telemetry import IngressMetrics
+from tests.support.paths import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
@@ -53,7 +54,7 @@ ENV_NAME = re.compile(r"^(?:CALLSTREAM|KAFKA)_[A-Z0-9_]+$")
 QUOTED_ENV_NAME = re.compile(r"[\"'](?P<name>(?:CALLSTREAM|KAFKA)_[A-Z0-9_]+)[\"']")
 # Quoted names of that shape that are Python names, not variables (localkafka's __all__).
 NOT_VARIABLES = frozenset({"KAFKA_VERSION"})
-# The consumers compose must run (each also has to be in consumers/registry.py).
+# The consumers compose must run (each also has to be in consumers/catalog.py).
 COMPOSE_CONSUMERS = ("storage", "alerting", "metrics")
 INGRESS_PORT = 8080
 # Series Prometheus makes itself rather than scraping them from callstream.
@@ -350,12 +351,12 @@ def test_compose_runs_the_ingress_and_every_consumer() -> None:
 
 def test_every_registered_consumer_runs_in_compose() -> None:
     missing = set(CONSUMERS) - set(consumer_services())
-    assert not missing, f"consumers/registry.py registers {missing}, compose does not run them"
+    assert not missing, f"consumers/catalog.py registers {missing}, compose does not run them"
 
 
 def test_every_compose_consumer_is_registered() -> None:
     unknown = set(consumer_services()) - set(CONSUMERS)
-    assert not unknown, f"compose runs {unknown}, which consumers/registry.py does not register"
+    assert not unknown, f"compose runs {unknown}, which consumers/catalog.py does not register"
 
 
 def test_consumer_services_carry_the_consumer_name() -> None:

@@ -40,7 +40,6 @@ from tests.support.cli import callstream
 from tests.support.produce import encode, sample_report
 from tests.support.runner import Recorder, eventually, running
 
-REPO = Path(__file__).resolve().parents[1]
 NOW = datetime.now(UTC).replace(microsecond=0)
 HOUR = timedelta(hours=1)
 

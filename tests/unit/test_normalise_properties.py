@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 from datetime import UTC, datetime, timedelta, timezone
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -28,9 +27,9 @@ from schemas.normalise import FIELDS, Normalised, SourceFormat, denormalise, nor
 from schemas.report import CallReport
 from schemas.store import END_OF_CALL_REPORT, FLIREO_EVENT, default_store
 from tests.support.jsontree import objects
+from tests.support.paths import DATA
 from tests.support.samples import SAMPLE
 
-DATA = Path(__file__).parent / "data"
 FIXTURES: dict[SourceFormat, Any] = {
     "FLAT": orjson.loads(SAMPLE.read_bytes()),
     "NESTED_CAMEL": orjson.loads((DATA / "nested-camel.json").read_bytes()),

@@ -21,14 +21,8 @@ from core.kafkasettings import KafkaSettings
 from core.settings import SettingsError
 from ingress.publisher import OutgoingRecord, decode_record, encode_record
 from ingress.settings import IngressSettings
-from ingress.spool import (
-    HEADER_BYTES,
-    Spool,
-    SpoolFull,
-    SpoolLocked,
-    SpoolWriteFailed,
-    segment_name,
-)
+from ingress.spool import Spool, SpoolFull, SpoolLocked, SpoolWriteFailed
+from ingress.spoolformat import HEADER_BYTES, segment_name
 from tests.support.disk import small_disk
 
 MiB = 1024 * 1024

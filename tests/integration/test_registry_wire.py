@@ -11,7 +11,6 @@ import dataclasses
 import io
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import aiohttp
 import fastavro
@@ -31,10 +30,11 @@ from schemas.report import CallReport
 from schemas.store import END_OF_CALL_REPORT, default_store
 from tests.conftest import TEST_SECRET, Client, start_ingress
 from tests.signing import signed
+from tests.support.paths import DATA
 from tests.support.registry import SchemaRegistryServer
 from tests.support.samples import SAMPLE
 
-NESTED_CAMEL = Path(__file__).parent / "data" / "nested-camel.json"
+NESTED_CAMEL = DATA / "nested-camel.json"
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import io
 import uuid
-from pathlib import Path
 
 import orjson
 from prometheus_client import CollectorRegistry
@@ -18,17 +17,15 @@ from callstream.consumerstatus import (
     consumers_command,
     render_table,
 )
-from consumers.registry import CONSUMERS
+from consumers.catalog import CONSUMERS
 from consumers.runner import Runner, RunnerSettings
-from consumers.runner_metrics import RunnerMetrics
+from consumers.telemetry import RunnerMetrics
 from core.kafkasettings import KafkaSettings
 from schemas.codec import Decoder
 from schemas.store import default_store
 from tests.support.cli import callstream
 from tests.support.produce import produce_reports, sample_report
 from tests.support.runner import Recorder, eventually
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def groups(**names: str) -> dict[str, tuple[str, str]]:

@@ -7,7 +7,6 @@ import dataclasses
 import gzip
 import io
 import time
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -24,10 +23,9 @@ from schemas.report import CallReport
 from schemas.store import default_store
 from tests.conftest import TEST_SECRET, Client, start_ingress, wait_drained
 from tests.signing import signed
+from tests.support.paths import DATA
 from tests.support.samples import SAMPLE
 from tests.support.topics import read_all, read_back
-
-DATA = Path(__file__).parent / "data"
 
 
 def _load(name: str) -> bytes:

@@ -44,8 +44,8 @@ from schemas.codec import Decoder, single_object_encoder
 from schemas.normalise import normalise
 from schemas.report import CallReport
 from schemas.store import END_OF_CALL_REPORT, default_store
+from tests.support.paths import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 SAMPLE: dict[str, Any] = orjson.loads(
     (REPO.parent / "shared" / "samples" / "end-of-call-report.json").read_bytes()
 )

@@ -10,7 +10,7 @@ import asyncio
 import pytest
 from aiohttp import web
 
-from consumers import registry as consumer_registry
+from consumers import catalog
 from consumers.contract import ConsumerSpec
 from consumers.runner import RunnerSettings
 from consumers.service import run_consumer
@@ -41,9 +41,9 @@ async def test_example_crm_consumer_forwards_every_report_once(
     await site.start()
     port = runner.addresses[0][1]
 
-    # The one registry line the docs ask for.
+    # The one catalog line the docs ask for.
     monkeypatch.setitem(
-        consumer_registry.CONSUMERS,
+        catalog.CONSUMERS,
         "crm-forward",
         ConsumerSpec(crm_forward.build, 0, "summaries to the CRM"),
     )

@@ -28,8 +28,8 @@ from schemas.codec import Decoder, single_object_encoder
 from schemas.normalise import normalise
 from schemas.report import CallReport
 from schemas.store import END_OF_CALL_REPORT, default_store
+from tests.support.paths import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 SAMPLE_PATH = REPO.parent / "shared" / "samples" / "end-of-call-report.json"
 NESTED_PATH = REPO / "tests" / "data" / "nested-camel.json"
 EXAMPLE_CONFIG = REPO / "examples" / "metrics.yaml"

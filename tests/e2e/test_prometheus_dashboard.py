@@ -16,9 +16,9 @@ import yaml
 
 from callstream.ports import free_port
 from callstream.processes import ChildProcess
+from tests.support.paths import REPO
 from tests.support.pipeline import Pipeline, Receivers, send_sample, until
 
-REPO = Path(__file__).resolve().parents[1]
 DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "callstream.json"
 SCRAPE_CONFIG = REPO / "deploy" / "prometheus" / "prometheus.yml"
 

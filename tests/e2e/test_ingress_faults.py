@@ -38,12 +38,12 @@ from tests.signing import signed
 from tests.support.disk import fill, set_read_only, small_disk
 from tests.support.faultproxy import FaultProxy
 from tests.support.kafka import private_broker
+from tests.support.paths import REPO
 from tests.support.produce import sample_report
 from tests.support.topics import read_all
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
 # Short, so a test spends little time waiting for Kafka to not answer.
 ACK_DEADLINE = 1.0
 

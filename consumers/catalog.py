@@ -1,4 +1,4 @@
-"""Every consumer callstream runs. Adding one: write its file, add one line here."""
+"""Every consumer callstream runs. Adding one: write its package, add one line here."""
 
 from __future__ import annotations
 

@@ -29,10 +29,10 @@ from core.kafkasettings import KafkaSettings
 from core.signing import WEBHOOK_PATH
 from tests.conftest import TEST_SECRET, Client
 from tests.signing import signed
+from tests.support.paths import REPO
 from tests.support.samples import SAMPLE
 from tests.support.topics import read_back
 
-REPO = Path(__file__).resolve().parents[1]
 JAVA_SOURCES = REPO / "tests" / "support" / "javaavro"
 SCHEMAS = REPO / "schemas" / "avro"
 MVN_TIMEOUT = 600.0
