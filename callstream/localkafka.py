@@ -28,7 +28,7 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -91,9 +91,12 @@ def default_home() -> Path:
 
 
 class LocalKafka(StartStop):
-    """One broker home. Instances are cheap handles: all state lives on disk in `home`."""
+    """One broker home. Instances are cheap handles: all state lives on disk in `home`.
 
-    node_id = 1
+    A node of a cluster (callstream.localcluster) is one of these with its own `node_id`,
+    the cluster's listeners in `extra_config`, and `format_args` for its SCRAM users; `port`
+    is then its plaintext inter-broker listener, which the readiness probe asks.
+    """
 
     def __init__(
         self,
@@ -102,12 +105,17 @@ class LocalKafka(StartStop):
         controller_port: int | None = None,
         version: str = KAFKA_VERSION,
         extra_config: Mapping[str, str] | None = None,
+        *,
+        node_id: int = 1,
+        format_args: Sequence[str] = (),
     ) -> None:
         self.home = Path(home).absolute()
         self.version = version
+        self.node_id = node_id
         self._port = port
         self._controller_port = controller_port
         self._extra_config = dict(extra_config or {})
+        self._format_args = tuple(format_args)
 
     @property
     def data_dir(self) -> Path:
@@ -285,7 +293,7 @@ class LocalKafka(StartStop):
             controller_port = free_port(avoid=port)
         cluster_id = state.get("cluster_id") or _read_meta_cluster_id(self.data_dir)
         if not isinstance(cluster_id, str) or not cluster_id:
-            cluster_id = _new_cluster_id()
+            cluster_id = new_cluster_id()
         state.update(
             port=port,
             controller_port=controller_port,
@@ -293,7 +301,7 @@ class LocalKafka(StartStop):
             node_id=self.node_id,
             kafka_version=self.version,
         )
-        _atomic_write(self.state_file, json.dumps(state, indent=2, sort_keys=True) + "\n")
+        atomic_write(self.state_file, json.dumps(state, indent=2, sort_keys=True) + "\n")
         return state
 
     def _write_config(self, state: Mapping[str, Any]) -> dict[str, str]:
@@ -334,7 +342,7 @@ class LocalKafka(StartStop):
             if "\n" in value or "\r" in value:
                 raise LocalKafkaError(f"config value for {key!r} must be a single line")
             lines.append(f"{key}={_escape_property(value)}")
-        _atomic_write(self.config_file, "\n".join(lines) + "\n")
+        atomic_write(self.config_file, "\n".join(lines) + "\n")
         return config
 
     def _write_log4j_config(self) -> None:
@@ -363,7 +371,7 @@ logger.request.level = WARN
 logger.request.additivity = false
 logger.request.appenderRef.file.ref = FILE
 """
-        _atomic_write(self.home / "log4j2.properties", text)
+        atomic_write(self.home / "log4j2.properties", text)
 
     def _jvm_args(self, java: str, libs: Path) -> list[str]:
         heap = LocalBrokerSettings.from_env(os.environ).heap_opts
@@ -397,6 +405,7 @@ logger.request.appenderRef.file.ref = FILE
             # A crash between writing bootstrap.checkpoint and meta.properties must not wedge
             # the home; re-formatting an already formatted dir is then a no-op.
             "--ignore-formatted",
+            *self._format_args,
         ]
         what = f"kafka-storage format in {self.home}"
         run_tool(cmd, what=what, timeout=_FORMAT_TIMEOUT_S, cwd=self.home)
@@ -427,7 +436,7 @@ logger.request.appenderRef.file.ref = FILE
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        _atomic_write(self.pid_file, f"{proc.pid}\n")
+        atomic_write(self.pid_file, f"{proc.pid}\n")
         node_id = int(config.get("node.id", self.node_id))
         try:
             self._wait_ready(
@@ -583,7 +592,7 @@ def _read_pid(path: Path) -> int | None:
 # -- file helpers ----------------------------------------------------------------------------
 
 
-def _new_cluster_id() -> str:
+def new_cluster_id() -> str:
     # Same shape as Kafka's Uuid.randomUuid().toString(): url-safe base64 without padding; a
     # leading '-' is avoided because the storage tool's argument parser would read it as a flag.
     while True:
@@ -611,7 +620,7 @@ def _escape_property(value: str) -> str:
     return value.replace("\\", "\\\\")
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)

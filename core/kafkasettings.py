@@ -46,11 +46,19 @@ class KafkaSettings(EnvSettings):
         doc="Partitions of the topics callstream creates at start-up (existing topics are left "
         "alone). They cap how many instances of one consumer can work in parallel.",
     )
-    replication_factor: int = setting(
+    replication_factor: int | None = setting(
         "CALLSTREAM_TOPIC_REPLICATION_FACTOR",
-        default=1,
+        default=None,
         minimum=1,
-        doc="Replication factor of the topics callstream creates (1 for a single broker).",
+        doc="Replication factor of the topics callstream creates. Empty: 3, or the number of "
+        "brokers if fewer.",
+    )
+    min_insync_replicas: int | None = setting(
+        "CALLSTREAM_TOPIC_MIN_INSYNC_REPLICAS",
+        default=None,
+        minimum=1,
+        doc="min.insync.replicas of the topics callstream creates: acks=all waits for this many. "
+        "Empty: one less than the replication factor (at least 1).",
     )
     retention_ms: int | None = setting(
         "CALLSTREAM_TOPIC_RETENTION_MS",

@@ -1,15 +1,20 @@
-"""Creating callstream's topics up front, with the configured partitions and retention.
+"""Creating callstream's topics up front, with the configured partitions, replication and
+retention, and saying how durable an existing topic is.
 
 Relying on broker auto-creation would leave the partition count and retention to broker
 defaults, and a consumer subscribed before the first report would not see the topic until
-its next metadata refresh.
+its next metadata refresh. Unless configured, a topic gets three replicas (or as many as
+there are brokers) and min.insync.replicas one less: acks=all then means "on two brokers",
+and one broker may fail without refusing writes.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from core.kafkasettings import KafkaSettings
@@ -17,14 +22,50 @@ from core.kafkasettings import KafkaSettings
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True, slots=True)
+class Durability:
+    """How an existing topic keeps what acks=all acknowledged."""
+
+    topic: str
+    brokers: int
+    replication_factor: int
+    min_insync_replicas: int
+    under_replicated: int  # partitions whose in-sync replicas are fewer than their replicas
+
+    def weakness(self) -> str | None:
+        """Why an acknowledged write could be lost, when it could; None when it cannot
+        (or on a single broker, where nothing better is possible)."""
+        if self.brokers <= 1:
+            return None
+        if self.replication_factor == 1:
+            return f"{self.topic} has 1 replica on a cluster of {self.brokers} brokers"
+        if self.min_insync_replicas <= 1:
+            return (
+                f"{self.topic} has min.insync.replicas={self.min_insync_replicas}: acks=all is"
+                " satisfied by one broker, which can fail before it replicates"
+            )
+        return None
+
+
+def replication_for(kafka: KafkaSettings, brokers: int) -> tuple[int, int]:
+    """(replication factor, min.insync.replicas) for a topic callstream creates."""
+    replicas = kafka.replication_factor or min(3, max(1, brokers))
+    return replicas, kafka.min_insync_replicas or max(1, replicas - 1)
+
+
 async def ensure_topics(kafka: KafkaSettings, names: list[str]) -> None:
     admin = AIOKafkaAdminClient(**kafka.client_kwargs() | {"client_id": "callstream-admin"})
     try:
         await admin.start()
         existing = set(await admin.list_topics())
-        configs = {} if kafka.retention_ms is None else {"retention.ms": str(kafka.retention_ms)}
+        if all(name in existing for name in names):
+            return
+        replicas, min_isr = replication_for(kafka, len((await admin.describe_cluster())["brokers"]))
+        configs = {"min.insync.replicas": str(min_isr)}
+        if kafka.retention_ms is not None:
+            configs["retention.ms"] = str(kafka.retention_ms)
         missing = [
-            NewTopic(name, kafka.partitions, kafka.replication_factor, topic_configs=configs)
+            NewTopic(name, kafka.partitions, replicas, topic_configs=configs)
             for name in names
             if name not in existing
         ]
@@ -35,6 +76,49 @@ async def ensure_topics(kafka: KafkaSettings, names: list[str]) -> None:
             name, code = topic_error[0], topic_error[1]
             if code not in (0, TopicAlreadyExistsError.errno):
                 raise KafkaError(f"creating topic {name} failed with error code {code}")
-        log.info("created topics %s", ", ".join(t.name for t in missing))
+        log.info(
+            "created topics %s (%d replicas, min.insync.replicas %d)",
+            ", ".join(t.name for t in missing),
+            replicas,
+            min_isr,
+        )
+    finally:
+        await admin.close()
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterView:
+    brokers: list[int]
+    controller: int | None
+    topics: list[Durability]  # those of the asked-for topics that exist
+
+
+async def describe(kafka: KafkaSettings, topics: list[str]) -> ClusterView:
+    """The brokers, the active controller, and how durable each existing topic is."""
+    admin = AIOKafkaAdminClient(**kafka.client_kwargs() | {"client_id": "callstream-admin"})
+    try:
+        await admin.start()
+        cluster = await admin.describe_cluster()
+        brokers = sorted(int(b["node_id"]) for b in cluster["brokers"])
+        existing = set(await admin.list_topics())
+        found = [t for t in topics if t in existing]
+        views = []
+        for described in await admin.describe_topics(found) if found else []:
+            name, partitions = described["topic"], described["partitions"]
+            [config] = await admin.describe_configs(
+                [ConfigResource(ConfigResourceType.TOPIC, name, {"min.insync.replicas": None})]
+            )
+            entries = config.resources[0][4]
+            views.append(
+                Durability(
+                    topic=name,
+                    brokers=len(brokers),
+                    replication_factor=min((len(p["replicas"]) for p in partitions), default=0),
+                    min_insync_replicas=next(int(e[1]) for e in entries),
+                    under_replicated=sum(len(p["isr"]) < len(p["replicas"]) for p in partitions),
+                )
+            )
+        controller = cluster.get("controller_id")
+        return ClusterView(brokers, None if controller in (None, -1) else int(controller), views)
     finally:
         await admin.close()
