@@ -1,6 +1,6 @@
 """Which format a payload is, and where each canonical field sits in it.
 
-Formats (research: /work/research/formats.md; README "The webhook"):
+Formats (docs/payload-formats.md has the full table of what lands where):
 
 * FLAT: Flireo's oldest docs (`eventType`, `callId`, `eventTimestamp`, ...). Its `analysis` is
   a Vapi-style wrapper `{summary, structuredData, successEvaluation}`.

@@ -1,5 +1,5 @@
 """What a request-response event asks for, read from each format, so the ingress can answer
-each tool call by its id (research: /work/research/formats.md §5).
+each tool call by its id (docs/payload-formats.md, "Events that expect a reply").
 
 Nothing here refuses: a tool call without a usable id cannot be answered by id, so it is
 left out of the answer, and the event itself is kept whole on the events topic anyway.

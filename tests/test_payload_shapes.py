@@ -1,7 +1,7 @@
 """Every documented payload shape, posted signed to a real ingress with a real broker behind it:
 the answer each sender expects, and for reports the typed values on the topic.
 
-The payloads are tests/data/payloads (written from the sources in /work/research/formats.md,
+The payloads are tests/data/payloads (written from the sources docs/payload-formats.md names,
 with made-up values); the expected values are those of tests/data/payloads/INDEX.md.
 """
 
