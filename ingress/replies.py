@@ -1,10 +1,11 @@
 """Answers to the events that expect one (assistant-request, tool-calls, ...), per format.
 
 What each sender documents as the neutral answer (table: docs/payload-formats.md, "Events
-that expect a reply"): nested Flireo takes `{}` as "use the saved agent"; flat Flireo and Vapi have no neutral
-assistant-request answer (an empty one fails or ends the call), so those get a 422 unless
-one is configured. Tool calls get the documented "this failed" shape for each call, so the
-model hears that the tool is unavailable instead of waiting out the deadline.
+that expect a reply"): nested Flireo takes `{}` as "use the saved agent"; flat Flireo and
+Vapi have no neutral assistant-request answer (an empty one fails or ends the call), so
+those get a 422 unless one is configured. Tool calls get the documented "this failed" shape
+for each call, so the model hears that the tool is unavailable instead of waiting out the
+deadline.
 """
 
 from __future__ import annotations
