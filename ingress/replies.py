@@ -43,7 +43,8 @@ class Replies:
         }
         self._nested_assistant = parsed(settings.assistant_request_reply)
         self._transfer = parsed(settings.transfer_destination_reply)
-        self._knowledge = parsed(settings.knowledge_base_reply)
+        knowledge = parsed(settings.knowledge_base_reply)
+        self._knowledge = {"documents": []} if knowledge is None else knowledge
         self._tool_text = settings.tool_call_reply
         self._answers: Final[dict[str, Callable[[Normalised, Any], JsonObject]]] = {
             "assistant-request": self._assistant_request,
@@ -88,7 +89,6 @@ class Replies:
         return self._transfer
 
     def _knowledge_base(self, event: Normalised, payload: Any) -> JsonObject:
-        assert self._knowledge is not None  # the setting has a default
         return self._knowledge
 
 

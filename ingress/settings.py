@@ -184,10 +184,13 @@ class IngressSettings(EnvSettings):
         doc="JSON object answering a Vapi transfer-destination-request. Empty: 422 (no neutral "
         "answer is documented).",
     )
-    knowledge_base_reply: str = setting(
+    # Empty by default rather than the JSON itself: a shell sourcing .env would strip the
+    # quotes out of an unquoted JSON value.
+    knowledge_base_reply: str | None = setting(
         "CALLSTREAM_KNOWLEDGE_BASE_REPLY",
-        default='{"documents":[]}',
-        doc="JSON object answering a Vapi knowledge-base-request. Default: no documents.",
+        default=None,
+        doc='JSON object answering a Vapi knowledge-base-request. Empty: {"documents": []}, no '
+        "documents.",
     )
     tool_call_reply: str = setting(
         "CALLSTREAM_TOOL_CALL_REPLY",

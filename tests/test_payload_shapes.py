@@ -326,3 +326,25 @@ def test_a_reply_that_is_not_a_json_object_stops_the_start_naming_its_variable(
     kafka = KafkaSettings(bootstrap_servers="127.0.0.1:9")
     with pytest.raises(SettingsError, match=variable):
         IngressSettings.from_env({variable: value}, kafka=kafka)
+
+
+@pytest.mark.parametrize(
+    ("event_type", "status", "body"),
+    [
+        ("knowledge-base-request", 200, {"documents": []}),
+        ("transfer-destination-request", 422, None),
+    ],
+)
+async def test_vapi_requests_without_a_fixture_get_their_neutral_answer_or_422(
+    ingress: Client, kafka: KafkaSettings, event_type: str, status: int, body: Any
+) -> None:
+    payload = orjson.dumps({"message": {"type": event_type, "call": {"id": "kb-1"}}})
+
+    resp = await ingress.post(WEBHOOK_PATH, data=payload, headers=signed(payload, TEST_SECRET))
+
+    assert resp.status == status
+    if body is not None:
+        assert await resp.json() == body
+    [landed] = await read_all(kafka, kafka.events_topic)
+    assert landed.decoded.record["call_id"] == "kb-1"
+    assert landed.decoded.record["source"]["format"] == "VAPI"
