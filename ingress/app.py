@@ -1,10 +1,12 @@
 """The ingress application: `create_app(settings)` builds it, handlers stay thin.
 
-POST /webhooks/flireo: authenticate -> read -> parse -> normalise -> encode -> publish.
+POST /webhooks/flireo: authenticate -> read -> parse -> normalise -> encode -> publish, then
+202, or for an event that expects a reply (assistant-request, tool-calls, ...) that reply.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -24,11 +26,13 @@ from ingress.auth import Authenticator
 from ingress.body import decode_content, read_wire_body
 from ingress.errors import Problem, invalid
 from ingress.publisher import (
+    Durable,
     DurablePublisher,
     OutgoingRecord,
     PublishUnavailable,
     RecordTooLarge,
 )
+from ingress.replies import Replies
 from ingress.settings import IngressSettings
 from ingress.telemetry import IngressMetrics
 from schemas import jsonvalue
@@ -46,6 +50,7 @@ PUBLISHER = web.AppKey("publisher", DurablePublisher)
 METRICS = web.AppKey("metrics", IngressMetrics)
 AUTH = web.AppKey("auth", Authenticator)
 ENCODERS = web.AppKey("encoders", dict[str, Encoder])
+REPLIES = web.AppKey("replies", Replies)
 REQUEST_ID = web.RequestKey("request_id", str)
 
 # aiohttp would otherwise inflate gzip bodies itself, before the signature (which covers
@@ -74,6 +79,7 @@ def create_app(
     durable = app[PUBLISHER]
     # Computed at scrape time, so the gauge is true even when nothing probes /readyz.
     app[METRICS].ready.set_function(lambda: 1.0 if durable.readiness().ready else 0.0)
+    app[REPLIES] = Replies(settings)
     app[AUTH] = Authenticator(
         settings.webhook_secrets, settings.shared_tokens, settings.signature_tolerance_seconds
     )
@@ -178,33 +184,17 @@ async def receive_webhook(request: web.Request) -> web.Response:
         event = normalise(payload, received_at_ms=int(time.time() * 1000), request_id=request_id)
     except InvalidReport as exc:
         raise invalid(exc.detail, exc.pointer) from exc
-    if event.kind == "request":
-        raise Problem(
-            422,
-            "unsupported-event",
-            "Event needs a reply callstream does not give",
-            f"{event.event_type} expects an answer within seconds (an assistant, tool results); "
-            "point this event's server URL at your assistant server, not at callstream",
-            pointer="/message/type" if event.source_format != "FLAT" else "/eventType",
-        )
     record = _outgoing(request.app, event, request_id)
     started = time.perf_counter()
-    try:
-        durable = await request.app[PUBLISHER].publish(record)
-    except RecordTooLarge as exc:
-        # Telling the sender to retry would be a lie: the same report can never fit.
-        raise Problem(413, "body-too-large", "Report too large", str(exc)) from exc
-    except PublishUnavailable as exc:
-        raise Problem(
-            503,
-            "unavailable",
-            "Not durable yet",
-            f"{exc}; the report was not kept, retry",
-            headers={"Retry-After": str(exc.retry_after)},
-        ) from exc
+    durable = await _publish(request.app, event, record)
     metrics.publish_duration.observe(time.perf_counter() - started)
-    metrics.outcome("accepted")
     metrics.event(event.event_type, event.source_format)
+    if event.kind == "request":
+        # Kept first, then answered: the answer is what the sender acts on within seconds.
+        response = request.app[REPLIES].answer(event, payload)
+        metrics.outcome("answered")
+        return response
+    metrics.outcome("accepted")
     return web.Response(
         status=202,
         body=orjson.dumps(
@@ -222,9 +212,35 @@ async def receive_webhook(request: web.Request) -> web.Response:
     )
 
 
+async def _publish(app: web.Application, event: Normalised, record: OutgoingRecord) -> Durable:
+    publisher = app[PUBLISHER]
+    try:
+        if event.kind != "request":
+            return await publisher.publish(record)
+        # The sender waits only seconds for a reply (Flireo 5 s): past the budget a 503
+        # arrives while it still listens, rather than an answer after it gave up.
+        deadline = app[SETTINGS].reply_deadline_seconds
+        try:
+            async with asyncio.timeout(deadline):
+                return await publisher.publish(record)
+        except TimeoutError as exc:
+            raise PublishUnavailable(
+                f"the event was not durable within the reply deadline of {deadline:g} s"
+            ) from exc
+    except RecordTooLarge as exc:
+        # Telling the sender to retry would be a lie: the same report can never fit.
+        raise Problem(413, "body-too-large", "Report too large", str(exc)) from exc
+    except PublishUnavailable as exc:
+        raise Problem(
+            503,
+            "unavailable",
+            "Not durable yet",
+            f"{exc}; the report was not kept, retry",
+            headers={"Retry-After": str(exc.retry_after)},
+        ) from exc
+
+
 def _outgoing(app: web.Application, event: Normalised, request_id: str) -> OutgoingRecord:
-    assert event.schema_name is not None
-    assert event.record is not None
     encoder = app[ENCODERS][event.schema_name]
     try:
         value = encoder.encode(event.record)

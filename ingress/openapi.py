@@ -65,8 +65,11 @@ def _schemas() -> dict[str, Any]:
     event_type = {
         "type": "string",
         "pattern": "^[a-z0-9][a-z0-9._-]{0,63}$",
-        # Request-response events need an answer callstream cannot give: refused with 422.
-        "not": {"enum": sorted(REQUEST_RESPONSE_TYPES)},
+        "description": (
+            "Request-response events (" + ", ".join(sorted(REQUEST_RESPONSE_TYPES)) + ") are "
+            "kept on the events topic and then answered (200) with what the sender documents "
+            "as neutral, or 422 where it documents none and none is configured."
+        ),
         "examples": [END_OF_CALL_REPORT_TYPE, "status-update"],
     }
     call_id = {
@@ -99,9 +102,10 @@ def _schemas() -> dict[str, Any]:
     flat = {
         "title": "Flat",
         "description": (
-            "The older documented shape. An end-of-call-report needs `callId` and "
-            "`eventTimestamp`; other notifications (status-update) need only `eventType` and "
-            "may name the call `callSession`."
+            "The older documented shape. An end-of-call-report needs `callId`; without "
+            "`eventTimestamp` it takes the receive time. Other notifications (status-update) "
+            "need only `eventType` and may name the call `callSession`; tool-calls times itself "
+            "with `eventTime`."
         ),
         "type": "object",
         "required": ["eventType"],
@@ -111,6 +115,7 @@ def _schemas() -> dict[str, Any]:
             "callId": _ref("CallId"),
             "callSession": _ref("CallId"),
             "eventTimestamp": _ref("EpochMillis"),
+            "eventTime": _ref("EpochMillis"),
             "fromCaller": _STRING | {"description": "The caller's number: personal data."},
             "toAssistant": _STRING,
             "transcriptText": _STRING,
@@ -128,7 +133,7 @@ def _schemas() -> dict[str, Any]:
             },
         },
         "if": is_report,
-        "then": {"required": ["callId", "eventTimestamp"]},
+        "then": {"required": ["callId"]},
     }
     return {
         "EventType": event_type,
@@ -240,7 +245,7 @@ def _nested(*, snake: bool) -> dict[str, Any]:
             "required": ["type"],
         },
         "then": {
-            "required": ["timestamp", "call"],
+            "required": ["call"],
             "properties": {"call": {"type": "object", "required": ["id"]}},
         },
     }
@@ -255,7 +260,13 @@ def _nested(*, snake: bool) -> dict[str, Any]:
     else:
         message["not"] = {"anyOf": markers}
         title = "NestedCamel"
-        description = 'The current shape in camelCase: `{"message": {"type", ...}}`.'
+        description = (
+            'The current shape in camelCase: `{"message": {"type", ...}}`. Vapi\'s nested shape '
+            "is read through this one too: without Flireo's `durationSeconds`/`summary`, a "
+            "message with `artifact`, `endedReason`, `startedAt`, `costs`, `call.orgId` or a "
+            "Vapi-only type is Vapi's, whose `analysis` is a wrapper "
+            "{summary, structuredData, successEvaluation}."
+        )
     return {
         "title": title,
         "description": description,
@@ -308,8 +319,9 @@ def _responses(settings: IngressSettings) -> dict[str, Any]:
         ),
         "UnprocessableContent": _problem(
             "The report breaks the contract (`invalid-report`; `pointer` names the field), or "
-            "it is a request-response event callstream cannot answer (`unsupported-event`: "
-            f"{', '.join(sorted(REQUEST_RESPONSE_TYPES))})."
+            "it is a request-response event without a neutral answer and none is configured "
+            "(`unsupported-event`: flat or Vapi assistant-request, transfer-destination-request;"
+            " the event is still kept on the events topic)."
         ),
         "TooManyRequests": _problem(
             "This source sent more than its rate allows (`rate-limited`); only when "
@@ -368,6 +380,16 @@ def _webhook(settings: IngressSettings) -> dict[str, Any]:
                 },
             },
             "responses": {
+                "200": {
+                    "description": (
+                        "The answer to a request-response event, given once the event is durable "
+                        "on the events topic: the configured or documented neutral reply "
+                        "(assistant-request: e.g. {}; tool-calls: a 'not available' result or "
+                        "error per call)."
+                    ),
+                    "headers": {"X-Request-Id": {"$ref": "#/components/headers/X-Request-Id"}},
+                    "content": {JSON: {"schema": {"type": "object"}}},
+                },
                 "202": {
                     "description": "Durable: Kafka (acks=all) or the ingress's local spool.",
                     "headers": {"X-Request-Id": {"$ref": "#/components/headers/X-Request-Id"}},

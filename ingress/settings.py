@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+import orjson
 
 from core.kafkasettings import KafkaSettings
 from core.secret import Secret
-from core.settings import EnvSettings, setting, settings_class
+from core.settings import EnvSettings, SettingsError, declared, setting, settings_class
 from ingress.spool import CrashPoint
+
+# The settings that hold a JSON object to answer a request-response event with.
+JSON_REPLIES = (
+    "assistant_request_reply",
+    "flat_assistant_request_reply",
+    "vapi_assistant_request_reply",
+    "transfer_destination_reply",
+    "knowledge_base_reply",
+)
 
 
 @settings_class
@@ -138,6 +150,71 @@ class IngressSettings(EnvSettings):
         "it).",
     )
 
+    # -- answers to request-response events (ingress/replies.py; formats.md §4, §5) -----------
+    # Flireo gives an assistant-request 5 s (flat: every webhook), a Vapi one 7.5 s; Vapi's
+    # other requests 20 s. The event is made durable before the answer, within this budget.
+    reply_deadline_seconds: float = setting(
+        "CALLSTREAM_REPLY_DEADLINE_SECONDS",
+        default=4.0,
+        minimum=0.1,
+        doc="Seconds a request-response event (assistant-request, tool-calls, ...) may take to "
+        "become durable before its answer; past it, 503. Keep it under the sender's 5 s.",
+    )
+    assistant_request_reply: str = setting(
+        "CALLSTREAM_ASSISTANT_REQUEST_REPLY",
+        default="{}",
+        doc="JSON object answering a nested Flireo assistant-request. {}: use the saved agent "
+        "(Flireo's documented neutral answer).",
+    )
+    flat_assistant_request_reply: str | None = setting(
+        "CALLSTREAM_FLAT_ASSISTANT_REQUEST_REPLY",
+        default=None,
+        doc="JSON object (a full assistant configuration) answering a flat Flireo "
+        "assistant-request. Empty: 422, as the flat docs have no neutral answer.",
+    )
+    vapi_assistant_request_reply: str | None = setting(
+        "CALLSTREAM_VAPI_ASSISTANT_REQUEST_REPLY",
+        default=None,
+        doc='JSON object answering a Vapi assistant-request, e.g. {"assistantId":"..."}. Empty: '
+        "422 (an empty answer would end the call).",
+    )
+    transfer_destination_reply: str | None = setting(
+        "CALLSTREAM_TRANSFER_DESTINATION_REPLY",
+        default=None,
+        doc="JSON object answering a Vapi transfer-destination-request. Empty: 422 (no neutral "
+        "answer is documented).",
+    )
+    # Empty by default rather than the JSON itself: a shell sourcing .env would strip the
+    # quotes out of an unquoted JSON value.
+    knowledge_base_reply: str | None = setting(
+        "CALLSTREAM_KNOWLEDGE_BASE_REPLY",
+        default=None,
+        doc='JSON object answering a Vapi knowledge-base-request. Empty: {"documents": []}, no '
+        "documents.",
+    )
+    tool_call_reply: str = setting(
+        "CALLSTREAM_TOOL_CALL_REPLY",
+        default="This tool is not available.",
+        doc="What each tool call of a tool-calls event is answered with (as its error, or as "
+        "its result where the format documents no error).",
+    )
+
+    def __post_init__(self) -> None:
+        # A reply that is not a JSON object would fail every call it answers: refuse it at
+        # start-up, naming the variable.
+        declarations = declared(type(self))
+        for name in JSON_REPLIES:
+            text = getattr(self, name)
+            if text is not None and not isinstance(_json_object(text), dict):
+                raise SettingsError(f"{declarations[name].env} must be a JSON object, e.g. {{}}")
+
     @property
     def authentication_required(self) -> bool:
         return bool(self.webhook_secrets or self.shared_tokens)
+
+
+def _json_object(text: str) -> Any:
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None

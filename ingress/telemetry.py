@@ -10,6 +10,7 @@ from schemas.normalise import FIELDS
 # allocates a labelled child, and so each series exists (at 0) from the first scrape.
 OUTCOMES = (
     "accepted",
+    "answered",  # a request-response event, kept and then answered with its reply
     "unauthorized",
     "invalid-json",
     "invalid-report",

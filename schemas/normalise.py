@@ -1,47 +1,81 @@
 """Map each Flireo payload format onto the canonical records, and back.
 
-Formats (see docs/formats.md):
+The formats, how one is told from another and where each field sits in each are in
+schemas/fieldmaps.py; the value converters in schemas/converters.py.
 
-* FLAT: the older documented shape (`eventType`, `callId`, `eventTimestamp`, ...).
-* NESTED_CAMEL / NESTED_SNAKE: the current shape, `{"message": {"type", "call": {"id"}, ...}}`,
-  spelled in camelCase in one version of Flireo's docs and snake_case in another.
-
-Every field has exactly one source path per format. Whatever the input holds beyond what
-the typed fields carry verbatim (unknown keys, nulls, a timestamp spelled differently from
-how it would be re-rendered) goes into `extra_json` as the difference between the input and
-its rebuild, so `denormalise(normalise(x).record) == x` for every valid `x`.
+A typed field is "verbatim" when it is written back to the one place it was read from.
+Whatever the input holds beyond what the verbatim fields carry (unknown keys, nulls, a
+timestamp spelled differently from how it would be re-rendered, the messages the typed turns
+were read from, a value read from a fallback place) goes into `extra_json` as the
+difference between the input and its rebuild, so `denormalise(normalise(x).record) == x`
+for every valid `x`. Fields that are not verbatim for a record (read from a fallback, or an
+event time the sender did not give) are named in its provenance, so the rebuild leaves them
+out.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 import orjson
 
 from schemas import jsonvalue
+from schemas.converters import (
+    EPOCH,
+    MAX_CALL_ID_LENGTH,
+    MAX_EVENT_TIME_MS,
+    MIN_EVENT_TIME_MS,
+    MISSING,
+    Field,
+    call_id,
+    epoch_ms,
+    event_type,
+    lookup,
+    peek,
+    pointer,
+    timestamp,
+)
 from schemas.errors import InvalidReport
+from schemas.fieldmaps import (
+    CAMEL_CASE_MARKERS,
+    FIELDS,
+    REPORT_FIELD_NAMES,
+    SNAKE_CASE_MARKERS,
+    SourceFormat,
+    detect_format,
+)
 from schemas.store import END_OF_CALL_REPORT, FLIREO_EVENT
+from schemas.turns import transcript_turns
 
-SourceFormat = Literal["FLAT", "NESTED_CAMEL", "NESTED_SNAKE"]
+__all__ = [
+    "CAMEL_CASE_MARKERS",
+    "END_OF_CALL_REPORT_TYPE",
+    "EPOCH",
+    "FIELDS",
+    "MAX_CALL_ID_LENGTH",
+    "MAX_EVENT_TIME_MS",
+    "MIN_EVENT_TIME_MS",
+    "REQUEST_RESPONSE_TYPES",
+    "SNAKE_CASE_MARKERS",
+    "Normalised",
+    "SourceFormat",
+    "denormalise",
+    "detect_format",
+    "normalise",
+]
+
 Kind = Literal["report", "event", "request"]
+EventTimeSource = Literal["sent", "received"]
 
 END_OF_CALL_REPORT_TYPE = "end-of-call-report"
 # These expect an answer the platform acts on within seconds (an assistant configuration,
-# tool results, a transfer target). callstream cannot produce one, so it says so with a 4xx
-# instead of acknowledging an answer it never gave.
+# tool results, a transfer target, documents). They are published like any other event and
+# then answered by the ingress (ingress/replies.py) with what the sender documents as neutral.
 REQUEST_RESPONSE_TYPES = frozenset(
     {"assistant-request", "tool-calls", "transfer-destination-request", "knowledge-base-request"}
 )
-_EVENT_TYPE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-MAX_CALL_ID_LENGTH = 256
-# Sanity window for event times: 2000-01-01 .. 2100-01-01 in epoch milliseconds (the
-# OpenAPI document states the same bounds).
-MIN_EVENT_TIME_MS, MAX_EVENT_TIME_MS = 946_684_800_000, 4_102_444_800_000
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,292 +84,136 @@ class Normalised:
     event_type: str
     source_format: SourceFormat
     call_id: str | None
-    schema_name: str | None  # None for request-response events, which are never published
-    record: dict[str, Any] | None
-
-
-# -- converters: (raw value, pointer) -> canonical value; and canonical -> raw ---------------
-
-Converter = Callable[[Any, str], Any]
-Renderer = Callable[[Any], Any]
-
-
-def _string(value: Any, pointer: str) -> str:
-    if not isinstance(value, str):
-        raise InvalidReport(pointer, f"must be a string, not {_json_type(value)}")
-    return value
-
-
-def _call_id(value: Any, pointer: str) -> str:
-    text = _string(value, pointer)
-    if not text.strip():
-        raise InvalidReport(pointer, "must not be empty")
-    if len(text) > MAX_CALL_ID_LENGTH:
-        raise InvalidReport(pointer, f"longer than {MAX_CALL_ID_LENGTH} characters")
-    return text
-
-
-def _event_type(value: Any, pointer: str) -> str:
-    text = _string(value, pointer)
-    if not _EVENT_TYPE.match(text):
-        raise InvalidReport(pointer, "must be a lower-case event name such as end-of-call-report")
-    return text
-
-
-def _epoch_ms(value: Any, pointer: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidReport(
-            pointer, f"must be an integer of epoch milliseconds, not {_json_type(value)}"
-        )
-    if not MIN_EVENT_TIME_MS <= value < MAX_EVENT_TIME_MS:
-        raise InvalidReport(pointer, "epoch milliseconds outside 2000..2100")
-    return value
-
-
-def _timestamp(value: Any, pointer: str) -> int:
-    """The nested format's ISO-8601 string; epoch milliseconds are accepted too."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return _epoch_ms(value, pointer)
-    text = _string(value, pointer)
-    try:
-        # RFC 3339 allows a lower-case t and z; the original spelling survives in extra_json.
-        parsed = datetime.fromisoformat(text.upper())
-    except ValueError:
-        raise InvalidReport(pointer, "must be an ISO-8601 timestamp") from None
-    if parsed.tzinfo is None:
-        raise InvalidReport(pointer, "timestamp must carry a zone (Z or +hh:mm)")
-    return _epoch_ms(round(parsed.timestamp() * 1000), pointer)
-
-
-def _render_iso(ms: int) -> str:
-    moment = datetime.fromtimestamp(ms / 1000, tz=UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
-
-
-def _number(value: Any, pointer: str) -> int | float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidReport(pointer, f"must be a number, not {_json_type(value)}")
-    if value < 0:
-        raise InvalidReport(pointer, "must not be negative")
-    return value
-
-
-def _scalar(value: Any, pointer: str) -> bool | int | float | str:
-    if not isinstance(value, bool | int | float | str):
-        raise InvalidReport(
-            pointer, f"must be a string, number or boolean, not {_json_type(value)}"
-        )
-    return value
-
-
-def _object_json(value: Any, pointer: str) -> str:
-    if not isinstance(value, dict):
-        raise InvalidReport(pointer, f"must be an object, not {_json_type(value)}")
-    return orjson.dumps(value).decode()
-
-
-def _same(value: Any) -> Any:
-    return value
-
-
-def _from_json(text: Any) -> Any:
-    return orjson.loads(text)
-
-
-def _pointer(path: tuple[str, ...]) -> str:
-    return "".join("/" + jsonvalue.escape(part) for part in path)
-
-
-@dataclass(frozen=True, slots=True)
-class _Field:
-    path: tuple[str, ...]
-    name: str
-    convert: Converter
-    render: Renderer = _same
-    required: bool = False
-    pointer: str = ""  # the JSON pointer of `path`, built once
-
-
-def _fields(*spec: tuple[tuple[str, ...], str, Converter, Renderer, bool]) -> tuple[_Field, ...]:
-    return tuple(_Field(*row, pointer=_pointer(row[0])) for row in spec)
-
-
-_FLAT = _fields(
-    (("eventType",), "event_type", _event_type, _same, True),
-    (("callId",), "call_id", _call_id, _same, True),
-    (("eventTimestamp",), "event_time", _epoch_ms, _same, True),
-    (("fromCaller",), "from_number", _string, _same, False),
-    (("toAssistant",), "to_number", _string, _same, False),
-    (("transcriptText",), "transcript", _string, _same, False),
-    (("summaryText",), "summary", _string, _same, False),
-    (("recordings", "linkStereo"), "recording_url", _string, _same, False),
-    (("callLengthSeconds",), "duration_seconds", _number, _same, False),
-    (("userMetadata",), "user_metadata_json", _object_json, _from_json, False),
-    (("analysis", "summary"), "analysis_summary", _string, _same, False),
-    (("analysis", "structuredData"), "structured_data_json", _object_json, _from_json, False),
-    (("analysis", "successEvaluation"), "success_evaluation", _scalar, _same, False),
-)
-
-
-def _nested(snake: bool) -> tuple[_Field, ...]:
-    def key(camel: str, snake_name: str) -> str:
-        return snake_name if snake else camel
-
-    return _fields(
-        (("message", "type"), "event_type", _event_type, _same, True),
-        (("message", "call", "id"), "call_id", _call_id, _same, True),
-        (("message", "timestamp"), "event_time", _timestamp, _render_iso, True),
-        (("message", "call", "type"), "call_type", _string, _same, False),
-        (("message", "call", "status"), "call_status", _string, _same, False),
-        (("message", key("endedReason", "ended_reason")), "ended_reason", _string, _same, False),
-        (("message", "customer", "number"), "from_number", _string, _same, False),
-        (
-            ("message", key("phoneNumber", "phone_number"), "number"),
-            "to_number",
-            _string,
-            _same,
-            False,
-        ),
-        (
-            ("message", key("phoneNumber", "phone_number"), "name"),
-            "assistant_name",
-            _string,
-            _same,
-            False,
-        ),
-        (
-            ("message", key("durationSeconds", "duration_seconds")),
-            "duration_seconds",
-            _number,
-            _same,
-            False,
-        ),
-        (("message", "transcript"), "transcript", _string, _same, False),
-        (("message", "summary"), "summary", _string, _same, False),
-        (("message", key("recordingUrl", "recording_url")), "recording_url", _string, _same, False),
-        # Flireo's docs: `analysis` is the user-defined object itself, no structuredData wrapper.
-        (("message", "analysis"), "structured_data_json", _object_json, _from_json, False),
-    )
-
-
-FIELDS: dict[SourceFormat, tuple[_Field, ...]] = {
-    "FLAT": _FLAT,
-    "NESTED_CAMEL": _nested(snake=False),
-    "NESTED_SNAKE": _nested(snake=True),
-}
-# Keys only the snake_case docs use; any of them marks a nested payload as snake_case (the
-# OpenAPI document tells the formats apart by the same keys).
-SNAKE_CASE_MARKERS = ("phone_number", "duration_seconds", "ended_reason", "recording_url")
-CAMEL_CASE_MARKERS = ("phoneNumber", "durationSeconds", "endedReason", "recordingUrl")
-
-
-def detect_format(payload: Any) -> SourceFormat:
-    if not isinstance(payload, dict):
-        raise InvalidReport("", f"body must be a JSON object, not {_json_type(payload)}")
-    message = payload.get("message")
-    if message is None and ("eventType" in payload or "callId" in payload):
-        return "FLAT"
-    if message is None:
-        raise InvalidReport(
-            "", "neither the nested format (a `message` object) nor the flat format (`eventType`)"
-        )
-    if not isinstance(message, dict):
-        raise InvalidReport("/message", f"must be an object, not {_json_type(message)}")
-    snake = sum(marker in message for marker in SNAKE_CASE_MARKERS)
-    camel = sum(marker in message for marker in CAMEL_CASE_MARKERS)
-    return "NESTED_SNAKE" if snake > camel else "NESTED_CAMEL"
-
-
-_MISSING = object()
-
-
-def _lookup(payload: dict[str, Any], path: tuple[str, ...]) -> Any:
-    node: Any = payload
-    for depth, part in enumerate(path):
-        if not isinstance(node, dict):
-            if node is None:
-                return _MISSING
-            raise InvalidReport(
-                _pointer(path[:depth]), f"must be an object, not {_json_type(node)}"
-            )
-        node = node.get(part, _MISSING)
-        if node is _MISSING:
-            return _MISSING
-    return node
+    schema_name: str
+    record: dict[str, Any]
 
 
 def normalise(payload: Any, *, received_at_ms: int, request_id: str) -> Normalised:
     """Validate one webhook payload and build the record to publish (or say why not)."""
     source_format = detect_format(payload)
     fields = FIELDS[source_format]
-    event_type = _event_type(_required(payload, fields[0]), fields[0].pointer)
-    provenance = {"format": source_format, "received_at": received_at_ms, "request_id": request_id}
+    type_field = fields[0]
+    raw_type = lookup(payload, type_field.path)
+    if raw_type is MISSING or raw_type is None:
+        raise InvalidReport(type_field.pointer, "is required")
+    kind_of_event = event_type(raw_type, type_field.pointer)
+    provenance: dict[str, Any] = {
+        "format": source_format,
+        "received_at": received_at_ms,
+        "request_id": request_id,
+    }
+    if kind_of_event != END_OF_CALL_REPORT_TYPE:
+        kind: Kind = "request" if kind_of_event in REQUEST_RESPONSE_TYPES else "event"
+        return _event(payload, kind, kind_of_event, source_format, provenance)
 
-    if event_type in REQUEST_RESPONSE_TYPES:
-        return Normalised("request", event_type, source_format, None, None, None)
-    if event_type != END_OF_CALL_REPORT_TYPE:
-        return _generic_event(payload, event_type, source_format, provenance)
-
-    record: dict[str, Any] = {}
-    for field in fields:
-        raw = _lookup(payload, field.path)
-        if raw is _MISSING or raw is None:
-            if field.required:
-                raise InvalidReport(field.pointer, "is required")
-            record[field.name] = None
-            continue
-        record[field.name] = field.convert(raw, field.pointer)
-    record.setdefault("assistant_name", None)
-    record.setdefault("ended_reason", None)
-    record.setdefault("call_type", None)
-    record.setdefault("call_status", None)
+    record, derived = _typed(payload, fields)
+    if record["event_time"] is None:
+        # Keyed by call id, ordered by receipt: better than losing the report for good.
+        record["event_time"] = received_at_ms
+        provenance["event_time_source"] = "received"
+    else:
+        provenance["event_time_source"] = "sent"
+    record["transcript_turns"] = transcript_turns(payload, source_format, record["transcript"])
+    if record["duration_seconds"] is None and source_format == "VAPI":
+        # Vapi has no duration field: its report says when the call started and ended.
+        record["duration_seconds"] = _seconds_between(record["started_at"], record["ended_at"])
+    provenance["derived_fields"] = derived or None
+    record["source"] = provenance
     extra = jsonvalue.difference(payload, _rebuild(record, fields))
     record["extra_json"] = orjson.dumps(extra).decode() if extra else None
-    record["source"] = provenance
     return Normalised(
-        "report", event_type, source_format, record["call_id"], END_OF_CALL_REPORT, record
+        "report", kind_of_event, source_format, record["call_id"], END_OF_CALL_REPORT, record
     )
 
 
-def _required(payload: dict[str, Any], field: _Field) -> Any:
-    value = _lookup(payload, field.path)
-    if value is _MISSING or value is None:
-        raise InvalidReport(field.pointer, "is required")
-    return value
+def _typed(payload: dict[str, Any], fields: tuple[Field, ...]) -> tuple[dict[str, Any], list[str]]:
+    """Each field's value (None when absent), and the names of those read from a fallback."""
+    record: dict[str, Any] = dict.fromkeys(REPORT_FIELD_NAMES)
+    derived: list[str] = []
+    for field in fields:
+        raw = lookup(payload, field.path)
+        if raw is not MISSING and raw is not None:
+            record[field.name] = field.convert(raw, field.pointer)
+            continue
+        if field.required:
+            raise InvalidReport(field.pointer, "is required")
+        fallback = _fallback(payload, field)
+        if fallback is not MISSING:
+            record[field.name] = fallback
+            derived.append(field.name)
+    return record, derived
 
 
-def _generic_event(
+def _fallback(payload: dict[str, Any], field: Field) -> Any:
+    """The first fallback place that holds a value the field can take. A value that does not
+    convert is just not used: it stays in extra_json, and nothing promised it was typed."""
+    for path in field.fallbacks:
+        raw = peek(payload, path)
+        if raw is MISSING or raw is None:
+            continue
+        try:
+            return field.convert(raw, pointer(path))
+        except InvalidReport:
+            continue
+    return MISSING
+
+
+def _seconds_between(started: int | None, ended: int | None) -> int | float | None:
+    if started is None or ended is None or ended < started:
+        return None
+    millis = ended - started
+    return millis // 1000 if millis % 1000 == 0 else millis / 1000
+
+
+def _event(
     payload: dict[str, Any],
-    event_type: str,
+    kind: Kind,
+    event_name: str,
     source_format: SourceFormat,
     provenance: dict[str, Any],
 ) -> Normalised:
-    # status-update names the call `callSession` in the flat docs.
+    # The flat docs name the call `callSession` in status-update and time tool-calls with
+    # `eventTime`; assistant-request carries neither a call id nor a time.
     if source_format == "FLAT":
-        call_id_path: tuple[str, ...] = ("callId",) if "callId" in payload else ("callSession",)
-        time_path: tuple[str, ...] = ("eventTimestamp",)
+        call_id_paths: tuple[tuple[str, ...], ...] = (("callId",), ("callSession",))
+        time_paths: tuple[tuple[str, ...], ...] = (("eventTimestamp",), ("eventTime",))
+        convert = epoch_ms
     else:
-        call_id_path, time_path = ("message", "call", "id"), ("message", "timestamp")
-    raw_id = _lookup(payload, call_id_path)
-    call_id = None if raw_id in (_MISSING, None) else _call_id(raw_id, _pointer(call_id_path))
-    raw_time = _lookup(payload, time_path)
-    convert = _epoch_ms if source_format == "FLAT" else _timestamp
-    event_time = None if raw_time in (_MISSING, None) else convert(raw_time, _pointer(time_path))
+        call_id_paths, time_paths = (("message", "call", "id"),), (("message", "timestamp"),)
+        convert = timestamp
+    id_path, raw_id = _first(payload, call_id_paths)
+    the_call_id = None if raw_id is MISSING else call_id(raw_id, pointer(id_path))
+    time_path, raw_time = _first(payload, time_paths)
+    event_time = None if raw_time is MISSING else convert(raw_time, pointer(time_path))
     record = {
-        "event_type": event_type,
-        "call_id": call_id,
+        "event_type": event_name,
+        "call_id": the_call_id,
         "event_time": event_time,
         "body_json": orjson.dumps(payload).decode(),
         "source": provenance,
     }
-    return Normalised("event", event_type, source_format, call_id, FLIREO_EVENT, record)
+    return Normalised(kind, event_name, source_format, the_call_id, FLIREO_EVENT, record)
 
 
-def _rebuild(record: dict[str, Any], fields: tuple[_Field, ...]) -> dict[str, Any]:
+def _first(
+    payload: dict[str, Any], paths: tuple[tuple[str, ...], ...]
+) -> tuple[tuple[str, ...], Any]:
+    for path in paths:
+        value = lookup(payload, path)
+        if value is not MISSING and value is not None:
+            return path, value
+    return paths[0], MISSING
+
+
+def _rebuild(record: dict[str, Any], fields: tuple[Field, ...]) -> dict[str, Any]:
+    source = record["source"]
+    skip = set(source.get("derived_fields") or ())
+    if source.get("event_time_source") == "received":
+        skip.add("event_time")
     out: dict[str, Any] = {}
     for field in fields:
         value = record.get(field.name)
-        if value is None:
+        if value is None or field.name in skip:
             continue
         if isinstance(value, datetime):
             value = (value - EPOCH) // timedelta(milliseconds=1)
@@ -347,24 +225,11 @@ def _rebuild(record: dict[str, Any], fields: tuple[_Field, ...]) -> dict[str, An
 
 
 def denormalise(record: dict[str, Any]) -> dict[str, Any]:
-    """The payload exactly as the sender posted it, from a decoded EndOfCallReport record."""
+    """The payload exactly as the sender posted it, from a decoded EndOfCallReport record
+    of any schema version."""
     source_format = record["source"]["format"]
     if source_format not in FIELDS:
         raise ValueError(f"record from an unknown source format {source_format!r}")
     rebuilt = _rebuild(record, FIELDS[source_format])
     extra = record.get("extra_json")
     return jsonvalue.merge(rebuilt, orjson.loads(extra)) if extra else rebuilt
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    return "an object"

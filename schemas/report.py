@@ -11,6 +11,9 @@ import orjson
 from schemas.normalise import EPOCH, denormalise
 
 JsonObject = dict[str, Any]
+# How a Turn record decodes (schemas/avro, `transcript_turns`): role, text, start_ms, end_ms,
+# seconds_from_start; JSON-ready as it is.
+Turn = dict[str, Any]
 
 
 def _aware(value: datetime | int) -> datetime:
@@ -21,6 +24,10 @@ def _aware(value: datetime | int) -> datetime:
 
 def _parse(text: str | None) -> Any:
     return None if text is None else orjson.loads(text)
+
+
+def _optional_time(value: datetime | int | None) -> datetime | None:
+    return None if value is None else _aware(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,10 +49,22 @@ class CallReport:
     success_evaluation: bool | int | float | str | None
     structured_data: JsonObject | None
     user_metadata: JsonObject | None
+    # since v3 (None in records written before it)
+    started_at: datetime | None
+    ended_at: datetime | None
+    cost: int | float | None
+    costs: list[JsonObject] | None
+    agent_id: str | None
+    agent_name: str | None
+    transcript_turns: list[Turn] | None
     extra: JsonObject | None
     source_format: str
     received_at: datetime
     request_id: str
+    # "sent": event_time is the sender's; "received": the sender gave none, so it is the
+    # receive time (records before v3 always had a sender's time).
+    event_time_source: str
+    derived_fields: list[str] | None
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> CallReport:
@@ -68,22 +87,33 @@ class CallReport:
             success_evaluation=record.get("success_evaluation"),
             structured_data=_parse(record.get("structured_data_json")),
             user_metadata=_parse(record.get("user_metadata_json")),
+            started_at=_optional_time(record.get("started_at")),
+            ended_at=_optional_time(record.get("ended_at")),
+            cost=record.get("cost"),
+            costs=_parse(record.get("costs_json")),
+            agent_id=record.get("agent_id"),
+            agent_name=record.get("agent_name"),
+            transcript_turns=record.get("transcript_turns"),
             extra=_parse(record.get("extra_json")),
             source_format=source["format"],
             received_at=_aware(source["received_at"]),
             request_id=source["request_id"],
+            event_time_source=source.get("event_time_source") or "sent",
+            derived_fields=source.get("derived_fields"),
         )
 
     def to_record(self) -> dict[str, Any]:
         """The Avro-shaped record again (for re-publishing from storage)."""
         fields = asdict(self)
-        for name in ("structured_data", "user_metadata", "extra"):
+        for name in ("structured_data", "user_metadata", "costs", "extra"):
             value = fields.pop(name)
             fields[f"{name}_json"] = None if value is None else orjson.dumps(value).decode()
         fields["source"] = {
             "format": fields.pop("source_format"),
             "received_at": fields.pop("received_at"),
             "request_id": fields.pop("request_id"),
+            "event_time_source": fields.pop("event_time_source"),
+            "derived_fields": fields.pop("derived_fields"),
         }
         return fields
 
@@ -96,4 +126,7 @@ class CallReport:
         out = asdict(self)
         out["event_time"] = self.event_time.isoformat().replace("+00:00", "Z")
         out["received_at"] = self.received_at.isoformat().replace("+00:00", "Z")
+        for name in ("started_at", "ended_at"):
+            moment = getattr(self, name)
+            out[name] = None if moment is None else moment.isoformat().replace("+00:00", "Z")
         return out

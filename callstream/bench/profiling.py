@@ -24,7 +24,16 @@ _RULES: tuple[tuple[str, tuple[str, ...] | None, tuple[str, ...]], ...] = (
     ("Avro decode", None, ("schemas/codec.py", "fastavro")),
     ("report model (schemas/report.py)", None, ("schemas/report.py",)),
     ("normalise", ("difference", "same", "merge"), ("schemas/jsonvalue.py",)),
-    ("normalise", None, ("schemas/normalise.py",)),
+    (
+        "normalise",
+        None,
+        (
+            "schemas/normalise.py",
+            "schemas/converters.py",
+            "schemas/fieldmaps.py",
+            "schemas/turns.py",
+        ),
+    ),
     ("JSON parse + bounds check", None, ("schemas/jsonvalue.py",)),
     ("signature (HMAC)", None, ("ingress/auth.py", "hmac.py")),
     ("publish wrapper (ingress/publisher.py)", None, ("ingress/publisher.py",)),

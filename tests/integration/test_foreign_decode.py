@@ -144,7 +144,7 @@ async def test_java_decodes_what_the_ingress_published(
 
     code, out, err = await run("java", "-jar", str(java_decoder), str(raw), str(SCHEMAS))
     assert code == 0, err
-    assert "schema: end_of_call_report.v2.avsc" in err
+    assert "schema: end_of_call_report.v3.avsc" in err
     record = orjson.loads(out)
     sample = orjson.loads(body)
     assert record["call_id"] == sample["callId"]

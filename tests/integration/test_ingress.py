@@ -226,22 +226,6 @@ BAD_INPUTS: list[tuple[str, bytes, dict[str, str], int, str, str | None]] = [
         "/eventType",
     ),
     (
-        "assistant-request",
-        _mutated(("eventType",), "assistant-request"),
-        {},
-        422,
-        "unsupported-event",
-        "/eventType",
-    ),
-    (
-        "tool-calls",
-        b'{"message":{"type":"tool-calls","call":{"id":"x"}}}',
-        {},
-        422,
-        "unsupported-event",
-        "/message/type",
-    ),
-    (
         "nested without call id",
         b'{"message":{"type":"end-of-call-report","timestamp":"2025-12-13T12:05:30Z"}}',
         {},

@@ -166,6 +166,7 @@ async def test_openapi_json_is_the_description_of_this_ingress(
         "NestedSnakePayload",
     ]
     assert set(webhook["responses"]) == {
+        "200",
         "202",
         "400",
         "401",

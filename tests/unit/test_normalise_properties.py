@@ -34,21 +34,29 @@ FIXTURES: dict[SourceFormat, Any] = {
     "FLAT": orjson.loads(SAMPLE.read_bytes()),
     "NESTED_CAMEL": orjson.loads((DATA / "nested-camel.json").read_bytes()),
     "NESTED_SNAKE": orjson.loads((DATA / "nested-snake.json").read_bytes()),
+    "VAPI": orjson.loads((DATA / "payloads" / "vapi-end-of-call.json").read_bytes()),
 }
 STATUS_UPDATE = orjson.loads((DATA / "status-update.json").read_bytes())
 # Every key the normalisers give meaning to. Generated extra keys avoid these, so that an
 # "unknown key" never turns into a known field with a random value (or a different format).
 RESERVED = frozenset(
-    {part for fields in FIELDS.values() for f in fields for part in f.path}
+    {
+        part
+        for fields in FIELDS.values()
+        for f in fields
+        for path in (f.path, *f.fallbacks)
+        for part in path
+    }
     | {"message", "eventType", "callId", "callSession", "phone_number", "phoneNumber"}
     | {"ended_reason", "endedReason", "duration_seconds", "durationSeconds"}
-    | {"recording_url", "recordingUrl"}
+    | {"recording_url", "recordingUrl", "messages", "orgId", "toolWithToolCallList"}
 )
 # Containers whose every field is optional: nulling one is still a valid report.
 OPTIONAL_CONTAINERS: dict[SourceFormat, tuple[tuple[str, ...], ...]] = {
     "FLAT": (("recordings",), ("analysis",)),
     "NESTED_CAMEL": (("message", "phoneNumber"), ("message", "customer")),
     "NESTED_SNAKE": (("message", "phone_number"), ("message", "customer")),
+    "VAPI": (("message", "phoneNumber"), ("message", "customer"), ("message", "artifact")),
 }
 _MIN_TIME = datetime(2000, 1, 2, tzinfo=UTC)
 _MAX_TIME = datetime(2099, 12, 30, tzinfo=UTC)
@@ -105,8 +113,12 @@ def _value_for(name: str, source_format: SourceFormat) -> st.SearchStrategy[Any]
         return st.text(min_size=1, max_size=40).filter(str.strip)
     if name == "event_time":
         return epoch_ms if source_format == "FLAT" else (iso_timestamps() | epoch_ms)
-    if name == "duration_seconds":
+    if name in ("started_at", "ended_at"):
+        return iso_timestamps() | epoch_ms
+    if name in ("duration_seconds", "cost"):
         return durations
+    if name == "costs_json":
+        return st.lists(json_objects, max_size=3)
     if name == "success_evaluation":
         return st.booleans() | int64s | finite_floats | st.text(max_size=20)
     if name in ("structured_data_json", "user_metadata_json"):

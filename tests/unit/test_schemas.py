@@ -27,8 +27,14 @@ from tests.support.samples import SAMPLE
 PUBLISHED_FINGERPRINTS = {
     ("end_of_call_report", 1): "cc841cd5034933c6",
     ("end_of_call_report", 2): "8d9aebf3eb605541",
+    ("end_of_call_report", 3): "121662857cedbb63",
     ("flireo_event", 1): "60b933dd85524ad6",
+    ("flireo_event", 2): "4b024fc5cff50b62",
 }
+DATA = Path(__file__).parent / "data"
+# Records the v2 ingress (commit c54424d) wrote from the payloads in tests/data: what sits on
+# topics today, before v3 mapped Vapi's shape and the new fields.
+V2_RECORDS: dict[str, dict[str, Any]] = orjson.loads((DATA / "v2-records.json").read_bytes())
 
 
 def _json(name: str, version: int) -> dict[str, Any]:
@@ -313,9 +319,48 @@ def test_current_reader_reads_records_written_with_v1() -> None:
     assert (decoded.name, decoded.writer_version) == (END_OF_CALL_REPORT, 1)
     assert decoded.record["ended_reason"] is None
     assert decoded.record["assistant_name"] is None
-    assert decoded.record.keys() == {f["name"] for f in _json(END_OF_CALL_REPORT, 2)["fields"]}
+    current = store.current(END_OF_CALL_REPORT).version
+    assert decoded.record.keys() == {
+        f["name"] for f in _json(END_OF_CALL_REPORT, current)["fields"]
+    }
     report = CallReport.from_record(decoded.record)
     assert report.source_payload() == orjson.loads(SAMPLE.read_bytes())
+    assert report.event_time_source == "sent"
+
+
+@pytest.mark.parametrize("fixture", sorted(V2_RECORDS))
+def test_records_the_v2_ingress_wrote_still_decode_and_rebuild_their_payload(
+    fixture: str,
+) -> None:
+    store = default_store()
+    v2 = store.versions(END_OF_CALL_REPORT)[1]
+    body = io.BytesIO()
+    fastavro.schemaless_writer(body, v2.parsed, V2_RECORDS[fixture])
+    payload_file = DATA / fixture if (DATA / fixture).exists() else DATA / "payloads" / fixture
+
+    decoded = Decoder(store).decode_local(SINGLE_OBJECT_MAGIC + v2.fingerprint + body.getvalue())
+
+    assert decoded.writer_version == 2
+    report = CallReport.from_record(decoded.record)
+    # New fields read as their defaults; what v2 left in extra_json still rebuilds the input.
+    assert (report.started_at, report.cost, report.transcript_turns) == (None, None, None)
+    assert report.event_time_source == "sent"
+    assert report.source_payload() == orjson.loads(payload_file.read_bytes())
+
+
+def test_v2_reader_reads_a_v3_vapi_record_with_the_unknown_format_as_unknown() -> None:
+    store = default_store()
+    v2, current = store.versions(END_OF_CALL_REPORT)[1], store.current(END_OF_CALL_REPORT)
+    payload = orjson.loads((DATA / "payloads" / "vapi-end-of-call.json").read_bytes())
+    record = normalise(payload, received_at_ms=1, request_id="req-1").record
+    wire = single_object_encoder(current).encode(record)
+
+    old = fastavro.schemaless_reader(io.BytesIO(wire[10:]), current.parsed, v2.parsed)
+
+    assert isinstance(old, dict)
+    assert old["source"]["format"] == "UNKNOWN"  # the enum's default: VAPI is new in v3
+    assert old["ended_reason"] == "assistant-ended-call"
+    assert "started_at" not in old
 
 
 def test_v1_reader_reads_records_written_with_the_current_version() -> None:
@@ -450,8 +495,8 @@ def test_store_serves_the_highest_version_as_current(tmp_path: Path) -> None:
     for path in AVRO_DIR.glob("end_of_call_report.v*.avsc"):
         shutil.copy(path, tmp_path)
     store = SchemaStore(tmp_path)
-    assert [v.version for v in store.versions(END_OF_CALL_REPORT)] == [1, 2]
-    assert store.current(END_OF_CALL_REPORT).version == 2
+    assert [v.version for v in store.versions(END_OF_CALL_REPORT)] == [1, 2, 3]
+    assert store.current(END_OF_CALL_REPORT).version == 3
     with pytest.raises(SchemaError, match="no schema named"):
         store.versions("flireo_event")
 
