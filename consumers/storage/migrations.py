@@ -82,6 +82,22 @@ SQLITE_MIGRATIONS: Final = _check_migrations(
                 " WHERE from_number IS NOT NULL",
             ),
         ),
+        Migration(
+            2,
+            "the fields of report schema v3: start and end, cost, agent, transcript turns",
+            (
+                "ALTER TABLE call_reports ADD COLUMN started_at TEXT",
+                "ALTER TABLE call_reports ADD COLUMN ended_at TEXT",
+                "ALTER TABLE call_reports ADD COLUMN cost REAL",
+                "ALTER TABLE call_reports ADD COLUMN costs TEXT",
+                "ALTER TABLE call_reports ADD COLUMN agent_id TEXT",
+                "ALTER TABLE call_reports ADD COLUMN agent_name TEXT",
+                "ALTER TABLE call_reports ADD COLUMN transcript_turns TEXT",
+                "ALTER TABLE call_reports ADD COLUMN event_time_source"
+                " TEXT NOT NULL DEFAULT 'sent'",
+                "ALTER TABLE call_reports ADD COLUMN derived_fields TEXT",
+            ),
+        ),
     )
 )
 
@@ -154,6 +170,24 @@ POSTGRES_MIGRATIONS: Final = _check_migrations(
                 # its report unstorable.
                 "CREATE INDEX call_reports_from_number_idx ON call_reports"
                 " USING hash (from_number)",
+            ),
+        ),
+        Migration(
+            2,
+            "the fields of report schema v3: start and end, cost, agent, transcript turns",
+            (
+                """
+                ALTER TABLE call_reports
+                    ADD COLUMN started_at timestamptz,
+                    ADD COLUMN ended_at timestamptz,
+                    ADD COLUMN cost double precision,
+                    ADD COLUMN costs jsonb,
+                    ADD COLUMN agent_id text,
+                    ADD COLUMN agent_name text,
+                    ADD COLUMN transcript_turns jsonb,
+                    ADD COLUMN event_time_source text NOT NULL DEFAULT 'sent',
+                    ADD COLUMN derived_fields jsonb
+                """,
             ),
         ),
     )

@@ -32,6 +32,7 @@ class StoredReport(CallReport):
 # strings apart. Offsets outgrow 32 bits, so every integer column is written as 64-bit.
 _KINDS: Final[dict[object, Kind]] = {
     datetime: "time",
+    datetime | None: "time",
     str: "text",
     str | None: "text",
     int | float | None: "real",

@@ -44,7 +44,7 @@ from schemas.codec import Decoder, single_object_encoder
 from schemas.normalise import normalise
 from schemas.report import CallReport
 from schemas.store import END_OF_CALL_REPORT, default_store
-from tests.support.paths import REPO
+from tests.support.paths import DATA, REPO
 
 SAMPLE: dict[str, Any] = orjson.loads(
     (REPO.parent / "shared" / "samples" / "end-of-call-report.json").read_bytes()
@@ -307,6 +307,25 @@ async def test_nested_report_fills_the_columns_only_it_has(consumer: StorageCons
     assert "futureField" in orjson.dumps(stored.extra).decode()
 
 
+async def test_a_vapi_report_fills_the_columns_of_schema_v3(consumer: StorageConsumer) -> None:
+    """Start and end times, cost, the agent and the transcript as turns, each in a column
+    of its own type, in both databases."""
+    payload = orjson.loads((DATA / "payloads" / "vapi-end-of-call.json").read_bytes())
+    await consumer.handle([deliver(payload)])
+
+    stored = await consumer.backend.fetch("b7c8d9e0-f1a2-4b3c-9d4e-5f6a7b8c9d0e")
+    assert stored is not None
+    assert stored.started_at == datetime(2026, 1, 7, 8, 0, 0, tzinfo=UTC)
+    assert stored.ended_at == datetime(2026, 1, 7, 8, 0, 23, tzinfo=UTC)
+    assert (stored.cost, stored.agent_name) == (0.0405, "Mila")
+    assert stored.agent_id == "a1b2c3d4-e5f6-4a7b-8c9d-0e1f2a3b4c5d"
+    assert stored.ended_reason == "assistant-ended-call"
+    assert stored.event_time_source == "sent"
+    assert stored.transcript_turns is not None
+    assert len(stored.transcript_turns) == 5
+    assert {turn["role"] for turn in stored.transcript_turns} <= {"user", "assistant"}
+
+
 async def test_sqlite_keeps_nul_characters_as_they_are(tmp_path: Path) -> None:
     env = {"CALLSTREAM_SQLITE_PATH": str(tmp_path / "nul.db")}
     delivery = deliver(flat(transcriptText="AI: hallo\x00daar", structured={"k\x00": "v\x00"}))
@@ -532,7 +551,7 @@ async def test_start_with_postgres_down_defers_migrations_to_the_first_batch(
             await consumer.handle([deliver(flat())])
         postgres_restarted.start()
         await consumer.handle([deliver(flat())])
-        assert await consumer.backend.applied_migrations() == [1]
+        assert await consumer.backend.applied_migrations() == [1, 2]
     finally:
         await consumer.stop()
 
@@ -604,7 +623,7 @@ async def test_instances_starting_at_once_migrate_once(storage_env: dict[str, st
     try:
         await asyncio.gather(*(c.start() for c in consumers))
         await asyncio.gather(*(c.handle([deliver(flat())]) for c in consumers))
-        assert await consumers[0].backend.applied_migrations() == [1]
+        assert await consumers[0].backend.applied_migrations() == [1, 2]
         assert await consumers[0].backend.count() == 4
     finally:
         await asyncio.gather(*(c.stop() for c in consumers))

@@ -24,7 +24,6 @@ from core.kafkasettings import KafkaSettings
 from tests.support.samples import SAMPLE
 
 SECRET = "e2e-webhook-secret-5f1c"
-REPO = Path(__file__).resolve().parents[1]
 
 
 class _Mailbox:

@@ -21,6 +21,7 @@ from schemas.headers import RecordHeaders
 from schemas.normalise import normalise
 from schemas.report import CallReport
 from schemas.store import AVRO_DIR, END_OF_CALL_REPORT, SchemaStore, default_store
+from tests.support.paths import DATA
 from tests.support.samples import SAMPLE
 
 # What records already on topics name their writer schema by: these must never change.
@@ -31,7 +32,7 @@ PUBLISHED_FINGERPRINTS = {
     ("flireo_event", 1): "60b933dd85524ad6",
     ("flireo_event", 2): "4b024fc5cff50b62",
 }
-DATA = Path(__file__).parent / "data"
+
 # Records the v2 ingress (commit c54424d) wrote from the payloads in tests/data: what sits on
 # topics today, before v3 mapped Vapi's shape and the new fields.
 V2_RECORDS: dict[str, dict[str, Any]] = orjson.loads((DATA / "v2-records.json").read_bytes())

@@ -26,9 +26,10 @@ from ingress.settings import IngressSettings
 from schemas.report import CallReport
 from tests.conftest import TEST_SECRET, Client, start_ingress
 from tests.signing import signed
+from tests.support.paths import DATA
 from tests.support.topics import Landed, read_all
 
-PAYLOADS = Path(__file__).parent / "data" / "payloads"
+PAYLOADS = DATA / "payloads"
 RECEIVED = "receive time"
 
 
