@@ -38,6 +38,7 @@ from consumers.errors import PermanentError, RetryableError
 from consumers.service import run_consumer
 from consumers.storage import StorageSettings, sha256_hex
 from core import logs
+from core.kafkadiagnosis import KafkaUnreachable, explain
 from core.kafkasettings import BOOTSTRAP, KafkaSettings
 from core.settings import SettingsError, field_from_env
 from core.signing import WEBHOOK_PATH
@@ -56,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         # A configuration mistake is the operator's to fix: say what, without a traceback.
         print(f"callstream {args.command}: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KafkaUnreachable as exc:
+        print(f"callstream {args.command}: cannot use Kafka: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
@@ -228,7 +232,14 @@ def kafka_settings(env: Mapping[str, str], *, start_local: bool) -> KafkaSetting
                 )
             bootstrap = status.bootstrap
     local = {} if bootstrap is None else {"bootstrap_servers": bootstrap}
-    return KafkaSettings.from_env(env, **local)
+    kafka = KafkaSettings.from_env(env, **local)
+    if kafka.security.protocol != "PLAINTEXT":
+        # A rejected password or an untrusted certificate never heals by retrying: say so
+        # now, in one line, rather than in a retry loop's log.
+        reason = asyncio.run(explain(kafka.bootstrap_servers, kafka.security))
+        if reason is not None:
+            raise KafkaUnreachable(reason)
+    return kafka
 
 
 def _cmd_kafka(args: argparse.Namespace, env: Mapping[str, str]) -> int:

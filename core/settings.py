@@ -157,6 +157,33 @@ def field_from_env(cls: type[Any], name: str, env: Mapping[str, str]) -> Any:
     return declared(cls)[name].read(env, typing.get_type_hints(cls)[name])
 
 
+def to_env(settings: object) -> dict[str, str]:
+    """The variables that make `from_env` give back `settings` (unset ones left out):
+    for handing a service's settings to a child process as its environment. Settings
+    nested in a field (KafkaSettings.security) are included."""
+    env: dict[str, str] = {}
+    assert dataclasses.is_dataclass(settings) and not isinstance(settings, type)
+    decls = declared(type(settings))
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        if f.name in decls:
+            if value is not None and value != ():
+                env[decls[f.name].env] = _render(value)
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            env |= to_env(value)
+    return env
+
+
+def _render(value: object) -> str:
+    if isinstance(value, Secret):
+        return value.reveal()
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return ",".join(_render(item) for item in value)
+    return str(value)
+
+
 class EnvSettings:
     """Mixin for a frozen dataclass of declared settings: `Settings.from_env(env, ...)`."""
 

@@ -31,7 +31,7 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from core.kafkasettings import KafkaSettings
 from core.logs import Throttled
 from core.producer import durable_producer
-from core.topicadmin import ensure_topics
+from core.topicadmin import describe, ensure_topics
 from ingress.settings import IngressSettings
 from ingress.spool import CrashPoint, Spool, Spooled, SpoolError, SpoolFull, crash
 from ingress.telemetry import SpoolMetrics
@@ -112,6 +112,7 @@ class KafkaPublisher:
         self._closed = asyncio.Event()
         self._last_failure: float | None = None
         self._retiring: set[asyncio.Task[None]] = set()
+        self._warned_durability = False
 
     async def start(self) -> None:
         """Connect in the background: the ingress must come up (and say it is not ready)
@@ -164,9 +165,20 @@ class KafkaPublisher:
     async def _create_topics(self) -> None:
         try:
             await ensure_topics(self._kafka, [self._kafka.topic, self._kafka.events_topic])
+            view = await describe(self._kafka, [self._kafka.topic])
         except KafkaError as exc:
             # Not fatal: a broker with auto-creation still takes the records.
-            log.warning("could not create topics (%s)", exc)
+            log.warning("could not create or describe topics (%s)", exc)
+            return
+        for topic in view.topics:
+            weakness = topic.weakness()
+            if weakness is not None and not self._warned_durability:
+                self._warned_durability = True
+                log.warning(
+                    "ACKNOWLEDGED REPORTS CAN BE LOST: %s; a 2xx then promises less than it"
+                    " says (docs/kafka.md: durability)",
+                    weakness,
+                )
 
     def check_fits(self, record: OutgoingRecord) -> None:
         """Raises KafkaRejected for a record the producer would refuse as too large, so such

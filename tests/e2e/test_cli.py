@@ -16,6 +16,7 @@ import orjson
 from callstream.ports import free_port
 from core.kafkasettings import KafkaSettings
 from core.signing import WEBHOOK_PATH
+from schemas.store import END_OF_CALL_REPORT, default_store
 from tests.signing import signed
 from tests.support.cli import run_cli
 from tests.support.paths import REPO
@@ -39,7 +40,7 @@ async def test_tail_prints_decoded_reports_as_json_lines(kafka: KafkaSettings) -
     assert record["schema"] == "end_of_call_report"
     assert record["record"]["call_id"] == call_id
     assert record["record"]["structured_data"]["sentiment"] == 9
-    assert record["writer_version"] == 2
+    assert record["writer_version"] == default_store().current(END_OF_CALL_REPORT).version
 
 
 async def test_kafka_start_status_stop(tmp_path: Path) -> None:

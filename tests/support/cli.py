@@ -9,17 +9,14 @@ import sys
 from pathlib import Path
 
 from core.kafkasettings import KafkaSettings
+from core.settings import to_env
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 async def callstream(kafka: KafkaSettings, *args: str) -> tuple[int, str, str]:
     """Exit code, stdout and stderr of `callstream ARGS` pointed at `kafka`."""
-    env = os.environ | {
-        "KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
-        "CALLSTREAM_TOPIC": kafka.topic,
-        "CALLSTREAM_LOG_LEVEL": "WARNING",
-    }
+    env = os.environ | to_env(kafka) | {"CALLSTREAM_LOG_LEVEL": "WARNING"}
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",

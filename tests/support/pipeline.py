@@ -21,6 +21,7 @@ from aiosmtpd.controller import Controller
 from callstream.ports import free_port, free_ports
 from callstream.processes import ChildProcess, callstream_argv
 from core.kafkasettings import KafkaSettings
+from core.settings import to_env
 from tests.support.samples import SAMPLE
 
 SECRET = "e2e-webhook-secret-5f1c"
@@ -107,9 +108,7 @@ rules:
     ports = dict(zip(("ingress", "storage", "alerting", "metrics"), free_ports(4), strict=True))
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("CALLSTREAM_")},
-        "KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
-        "CALLSTREAM_TOPIC": kafka.topic,
-        "CALLSTREAM_EVENTS_TOPIC": kafka.events_topic,
+        **to_env(kafka),
         "CALLSTREAM_WEBHOOK_SECRET": SECRET,
         "CALLSTREAM_INGRESS_PORT": str(ports["ingress"]),
         "CALLSTREAM_INGRESS_HOST": "127.0.0.1",
