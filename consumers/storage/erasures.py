@@ -227,18 +227,11 @@ class ErasureLog:
 
 def _entries(dialect: Dialect) -> Script[list[Erasure]]:
     rows = (yield dialect.statement(_ENTRIES, returns_rows=True)).rows
+    read = dialect.read_time
+    # The columns in Erasure's order; only the times differ between the databases.
     return [
-        Erasure(
-            id=int(entry),
-            requested_at=dialect.read_time(requested),
-            completed_at=None if completed is None else dialect.read_time(completed),
-            kind=kind,
-            phone_sha256=phone,
-            call_id_sha256=call,
-            older_than_seconds=older,
-            rows_deleted=deleted,
-        )
-        for entry, requested, completed, kind, phone, call, older, deleted in rows
+        Erasure(entry, read(requested), None if completed is None else read(completed), *rest)
+        for entry, requested, completed, *rest in rows
     ]
 
 
