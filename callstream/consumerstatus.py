@@ -14,9 +14,8 @@ import asyncio
 import logging
 import sys
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
-from types import TracebackType
 from typing import Any, Self, TextIO, TypeVar
 
 import orjson
@@ -109,16 +108,7 @@ class ConsumerStatus:
             "members": self.group.members,
             "topic": self.topic,
             "lag": self.lag,
-            "partitions": [
-                {
-                    "partition": p.partition,
-                    "beginning": p.beginning,
-                    "end": p.end,
-                    "committed": p.committed,
-                    "lag": p.lag,
-                }
-                for p in self.partitions
-            ],
+            "partitions": [asdict(p) | {"lag": p.lag} for p in self.partitions],
         }
 
 
@@ -126,15 +116,9 @@ class KafkaInspector:
     """Looks, never changes: an admin client and a consumer without a group."""
 
     def __init__(self, kafka: KafkaSettings) -> None:
-        self._kafka = kafka
-        self._admin = AIOKafkaAdminClient(
-            **kafka.client_kwargs() | {"client_id": "callstream-inspector"}
-        )
-        self._reader = AIOKafkaConsumer(
-            **kafka.client_kwargs() | {"client_id": "callstream-inspector"},
-            group_id=None,
-            enable_auto_commit=False,
-        )
+        client = kafka.client_kwargs() | {"client_id": "callstream-inspector"}
+        self._admin = AIOKafkaAdminClient(**client)
+        self._reader = AIOKafkaConsumer(**client, group_id=None, enable_auto_commit=False)
 
     async def __aenter__(self) -> Self:
         try:
@@ -142,16 +126,11 @@ class KafkaInspector:
             await self._reader.start()
         except BaseException:
             # A client that failed to start still holds a connection pool to close.
-            await self.__aexit__(None, None, None)
+            await self.__aexit__()
             raise
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         try:
             await self._reader.stop()
         finally:

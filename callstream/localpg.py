@@ -35,7 +35,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import quote
 
 from callstream.lifecycle import StartStop
@@ -182,11 +182,8 @@ def _processes_in(directory: Path) -> list[int]:
     to list them before the kill, which would race with fresh backend forks.
     """
     target = str(directory)
-    pids: list[int] = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and _process_cwd(int(entry.name)) == target:
-            pids.append(int(entry.name))
-    return pids
+    pids = (int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit())
+    return [pid for pid in pids if _process_cwd(pid) == target]
 
 
 # Servers started by this process and not yet stopped. A strong reference on purpose:
@@ -265,8 +262,7 @@ class PostgresServer(StartStop):
         """
         if self.running:
             raise PostgresServerError(f"{self!r} is already running")
-        if self._proc is not None:
-            self._reap_unexpected_exit()
+        self._reap_unexpected_exit()
         bindir = find_bindir()
         user = _ServerUser.for_current_process()
         for attempt in range(1, _START_ATTEMPTS + 1):
@@ -419,11 +415,16 @@ class PostgresServer(StartStop):
             if not user.can_search(st):
                 os.chmod(directory, stat.S_IMODE(st.st_mode) | stat.S_IXOTH)
 
-    def _server_env(self, user: _ServerUser) -> dict[str, str]:
+    def _as_server(self, user: _ServerUser) -> dict[str, Any]:
+        """subprocess arguments that run a server binary as `user`, in base_dir."""
+        env = {"PATH": os.environ.get("PATH", os.defpath), "HOME": user.home, "LC_ALL": "C"}
         return {
-            "PATH": os.environ.get("PATH", os.defpath),
-            "HOME": user.home,
-            "LC_ALL": "C",
+            "env": env,
+            "cwd": self.base_dir,
+            "user": user.uid,
+            "group": user.gid,
+            "extra_groups": user.groups,
+            "stdin": subprocess.DEVNULL,
         }
 
     def _initdb(self, bindir: Path, user: _ServerUser) -> None:
@@ -440,17 +441,7 @@ class PostgresServer(StartStop):
             "--no-instructions",
         ]  # fmt: skip
         result = subprocess.run(
-            cmd,
-            env=self._server_env(user),
-            cwd=self.base_dir,
-            user=user.uid,
-            group=user.gid,
-            extra_groups=user.groups,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=False,
+            cmd, **self._as_server(user), capture_output=True, text=True, timeout=300, check=False
         )
         if result.returncode != 0:
             output = result.stdout + result.stderr
@@ -494,12 +485,7 @@ class PostgresServer(StartStop):
         with open(self.log_path, "ab") as log:
             proc = subprocess.Popen(
                 self._server_command(bindir),
-                env=self._server_env(user),
-                cwd=self.base_dir,
-                user=user.uid,
-                group=user.gid,
-                extra_groups=user.groups,
-                stdin=subprocess.DEVNULL,
+                **self._as_server(user),
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )

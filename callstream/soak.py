@@ -18,8 +18,8 @@ up) and reports:
     lost          acknowledged but not stored: must be 0, and the exit status says so
     peak memory   VmHWM of each process (the highest of its incarnations)
 
-When the ingress has a spool (ingress.spool) it spools to a directory in the run's home
-(CALLSTREAM_SPOOL_DIR), so a broker outage becomes acknowledged-and-spooled, not 503s.
+The ingress spools to a directory in the run's home (CALLSTREAM_SPOOL_DIR), so a broker
+outage becomes acknowledged-and-spooled, not 503s.
 Traffic goes only to 127.0.0.1, and every loop is bounded by --minutes.
 """
 
@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib.util
 import json
 import os
 import random
@@ -456,10 +455,8 @@ async def soak(opts: Options) -> int:
     topic = f"soak.{run_id}.end-of-call-report"
     secret = secrets.token_hex(16)
     db = home / "storage.db"
-    spooling = importlib.util.find_spec("ingress.spool") is not None
     print(
-        f"callstream soak: {opts.minutes:g} min at {opts.rate:g}/s, seed {opts.seed}, "
-        f"spool {'on' if spooling else 'absent'}, home {home}",
+        f"callstream soak: {opts.minutes:g} min at {opts.rate:g}/s, seed {opts.seed}, home {home}",
         flush=True,
     )
     broker = Broker(home / "kafka")
@@ -477,7 +474,8 @@ async def soak(opts: Options) -> int:
         "CALLSTREAM_STORAGE_PORT": str(storage_port),
         "CALLSTREAM_SQLITE_PATH": str(db),
         "CALLSTREAM_HOME": str(home),
-    } | ({"CALLSTREAM_SPOOL_DIR": str(home / "spool")} if spooling else {})
+        "CALLSTREAM_SPOOL_DIR": str(home / "spool"),
+    }
     ingress = Service("ingress", ["ingress"], env, logs, ingress_port)
     storage = Service("storage", ["consumer", "storage"], env, logs, storage_port)
     p = Pipeline(broker, ingress, storage, time.monotonic())
@@ -517,11 +515,9 @@ async def soak(opts: Options) -> int:
         ingress.stop()
         storage.stop()
         broker.stop()
-    return _account(opts, p, tally, db, copies, scrapers, settled, home, own_peak=_own_peak())
-
-
-def _own_peak() -> int:
-    return vm_hwm_kib(os.getpid())
+    return _account(
+        opts, p, tally, db, copies, scrapers, settled, home, own_peak=vm_hwm_kib(os.getpid())
+    )
 
 
 async def _until_ready(readyz: str, timeout: float = 120.0) -> None:

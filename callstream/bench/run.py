@@ -402,28 +402,26 @@ class Bench(Harness):
 
     async def phase_catch_up(self) -> None:
         topic = await self._filled_topic()
-        db = self.tmp / "catchup.db"
+        for backend in self._backends():
+            database, rows, extra = await self._storage(backend, "catchup")
+            for kind in ("catch-up", "replay"):
+                run = await self.consumer_run(kind, backend, topic, database, rows, extra)
+                self.results.consumers.append(run)
 
-        async def sqlite_rows() -> int:
-            return await asyncio.to_thread(sqlite_count, db)
+    def _backends(self) -> tuple[str, ...]:
+        return ("sqlite", "postgresql") if self.o.postgres else ("sqlite",)
 
-        sqlite_env = {"CALLSTREAM_SQLITE_PATH": str(db)}
-        for kind in ("catch-up", "replay"):
-            run = await self.consumer_run(kind, "sqlite", topic, sqlite_env, sqlite_rows, [])
-            self.results.consumers.append(run)
-        if not self.o.postgres:
-            return
-        dsn, postgres = await self.start_postgres("callstream_bench")
-        for kind in ("catch-up", "replay"):
-            run = await self.consumer_run(
-                kind,
-                "postgresql",
-                topic,
-                {"CALLSTREAM_DATABASE_URL": dsn},
-                functools.partial(postgres_count, dsn),
-                [postgres],
-            )
-            self.results.consumers.append(run)
+    async def _storage(
+        self, backend: str, name: str
+    ) -> tuple[dict[str, str], Callable[[], Awaitable[int]], list[Watched]]:
+        """A new database for the storage consumer: its environment, how to count its rows,
+        and the processes besides the consumer to watch."""
+        if backend == "sqlite":
+            db = self.tmp / f"{name}.db"
+            rows = functools.partial(asyncio.to_thread, sqlite_count, db)
+            return {"CALLSTREAM_SQLITE_PATH": str(db)}, rows, []
+        dsn, postgres = await self.start_postgres(f"callstream_{name}")
+        return {"CALLSTREAM_DATABASE_URL": dsn}, functools.partial(postgres_count, dsn), [postgres]
 
     async def start_postgres(self, database: str) -> tuple[str, Watched]:
         """A DSN for a new, empty database on the run's throwaway cluster."""
@@ -495,21 +493,9 @@ class Bench(Harness):
         profiles["ingress"] = self._profile_summary(collapsed, run)
 
         topic = await self._filled_topic()
-        db = self.tmp / "profile.db"
-        for backend in ("sqlite", "postgresql"):
-            if backend == "postgresql" and not self.o.postgres:
-                continue
+        for backend in self._backends():
             collapsed = Path(f"{self.out_prefix}-consumer-{backend}.collapsed")
-            if backend == "sqlite":
-                database = {"CALLSTREAM_SQLITE_PATH": str(db)}
-                rows: Callable[[], Awaitable[int]] = functools.partial(
-                    asyncio.to_thread, sqlite_count, db
-                )
-                extra: list[Watched] = []
-            else:
-                dsn, postgres = await self.start_postgres("callstream_profile")
-                database = {"CALLSTREAM_DATABASE_URL": dsn}
-                rows, extra = functools.partial(postgres_count, dsn), [postgres]
+            database, rows, extra = await self._storage(backend, "profile")
             run_ = await self.consumer_run(
                 "catch-up (profiled)", backend, topic, database, rows, extra, profile=collapsed
             )

@@ -7,10 +7,10 @@ from consumers.storage.connections import classify_postgres as classify_postgres
 from consumers.storage.consumer import StorageConsumer as StorageConsumer
 from consumers.storage.consumer import StorageMetrics as StorageMetrics
 from consumers.storage.consumer import build as build
-from consumers.storage.erasures import DDL_LOCK_KEY as DDL_LOCK_KEY
-from consumers.storage.erasures import POSTGRES_DDL as POSTGRES_DDL
-from consumers.storage.erasures import SQLITE_DDL as SQLITE_DDL
-from consumers.storage.erasures import WRITE_FENCE_KEY as WRITE_FENCE_KEY
+from consumers.storage.erasures import Erasure as Erasure
+from consumers.storage.erasures import ErasureKind as ErasureKind
+from consumers.storage.erasures import ErasureLog as ErasureLog
+from consumers.storage.erasures import erasure_log as erasure_log
 from consumers.storage.erasures import sha256_hex as sha256_hex
 from consumers.storage.migrations import POSTGRES_MIGRATIONS as POSTGRES_MIGRATIONS
 from consumers.storage.migrations import SQLITE_MIGRATIONS as SQLITE_MIGRATIONS

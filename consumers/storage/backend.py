@@ -13,7 +13,7 @@ from typing import Any, Final, Self
 from consumers.contract import Delivery
 from consumers.storage import erasures
 from consumers.storage.connections import Connection, PostgresConnection, SqliteConnection
-from consumers.storage.migrations import APPLIED
+from consumers.storage.migrations import APPLIED, schema
 from consumers.storage.rows import NAMES, StoredReport
 from consumers.storage.settings import BackendName, StorageSettings
 from consumers.storage.statements import Script, one
@@ -150,5 +150,5 @@ class StorageBackend:
 def open_backend(settings: StorageSettings) -> StorageBackend:
     """The backend `settings` name, not yet connected (use `async with` or `open()`)."""
     if settings.database_url is not None:
-        return StorageBackend(PostgresConnection(settings.database_url.reveal()))
-    return StorageBackend(SqliteConnection(settings.sqlite_path))
+        return StorageBackend(PostgresConnection(settings.database_url.reveal(), schema))
+    return StorageBackend(SqliteConnection(settings.sqlite_path, schema))

@@ -9,7 +9,9 @@ out of resources is `RetryableError`; content it refuses is `PermanentError`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
+from collections.abc import AsyncIterator, Callable, Iterable
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, TypeAlias, TypeVar
@@ -19,13 +21,17 @@ import asyncpg
 from consumers import sqlite_file
 from consumers.errors import PermanentError, RetryableError
 from consumers.sqlite_file import SqliteThread
-from consumers.storage.dialects import POSTGRES, SQLITE
-from consumers.storage.migrations import schema
+from consumers.storage.dialects import POSTGRES, SQLITE, Dialect
 from consumers.storage.statements import Result, Script
 
 _T = TypeVar("_T")
 if TYPE_CHECKING:
     _PgConnection: TypeAlias = asyncpg.pool.PoolConnectionProxy[asyncpg.Record]
+
+# The scripts that make a database ready for a connection's user, each run in a
+# transaction of its own when it connects: the storage schema and the erasure log for the
+# backend, the erasure log alone for `callstream erase` (consumers.storage.erasures).
+Schema = Callable[[Dialect], Iterable[Script[None]]]
 
 
 # -- SQLite -------------------------------------------------------------------------------
@@ -74,8 +80,11 @@ class SqliteConnection:
 
     dialect = SQLITE
 
-    def __init__(self, path: Path, *, busy_timeout: timedelta = timedelta(seconds=5)) -> None:
+    def __init__(
+        self, path: Path, schema: Schema, *, busy_timeout: timedelta = timedelta(seconds=5)
+    ) -> None:
         self.path = Path(path)
+        self._schema = schema
         self._busy_timeout = busy_timeout.total_seconds()
         self._db = SqliteThread("callstream-sqlite", self._connect, classify_sqlite)
 
@@ -86,7 +95,7 @@ class SqliteConnection:
             # batch of 500 reports writes ~2 MB, so the default checkpointed (and fsync'd
             # the database file) inside every second COMMIT.
             conn.execute("PRAGMA wal_autocheckpoint = 8192")
-            for script in schema(SQLITE):
+            for script in self._schema(SQLITE):
                 with sqlite_file.transaction(conn):
                     _drive_sqlite(conn, script)
         except BaseException:
@@ -115,6 +124,10 @@ class SqliteConnection:
         except UnicodeEncodeError as exc:
             # A string with lone surrogates cannot be UTF-8; retrying cannot help.
             raise PermanentError(f"SQLite refused the batch: {exc.reason}") from exc
+
+    def lock(self, key: int) -> contextlib.AbstractAsyncContextManager[None]:
+        """Nothing: writers to one SQLite file already take turns on its write lock."""
+        return contextlib.nullcontext()
 
 
 # -- PostgreSQL ---------------------------------------------------------------------------
@@ -200,12 +213,14 @@ class PostgresConnection:
     def __init__(
         self,
         dsn: str,
+        schema: Schema,
         *,
         max_connections: int = 4,
         connect_timeout: float = 10.0,
-        command_timeout: float = 60.0,
+        command_timeout: float | None = 60.0,
     ) -> None:
         self._dsn = dsn
+        self._schema = schema
         self._max_connections = max_connections
         self._connect_timeout = connect_timeout
         self._command_timeout = command_timeout
@@ -234,7 +249,7 @@ class PostgresConnection:
                     )
                 if not self._migrated:
                     async with self._pool.acquire() as conn:
-                        for script in schema(POSTGRES):
+                        for script in self._schema(POSTGRES):
                             async with conn.transaction():
                                 await _drive_postgres(conn, script)
                     self._migrated = True
@@ -269,5 +284,30 @@ class PostgresConnection:
         except _PG_ERRORS as exc:
             raise classify_postgres(exc) from exc
 
+    @contextlib.asynccontextmanager
+    async def lock(self, key: int) -> AsyncIterator[None]:
+        """Hold the advisory lock `key` exclusively until the block ends: a session lock on
+        a connection of its own, so that work on other connections commits while it is
+        held, and closing the connection releases it."""
+        try:
+            conn = await asyncpg.connect(
+                self._dsn, timeout=self._connect_timeout, server_settings=_KEEPALIVES
+            )
+        except _PG_ERRORS as exc:
+            raise classify_postgres(exc) from exc
+        try:
+            await conn.execute("SELECT pg_advisory_lock($1)", key)
+            yield
+        finally:
+            await conn.close()
+
+
+# For a lock held while others wait on it: if this host vanishes, the server drops the
+# lock (and the waiting writes go on) within half a minute, not after hours.
+_KEEPALIVES: Final = {
+    "tcp_keepalives_idle": "10",
+    "tcp_keepalives_interval": "5",
+    "tcp_keepalives_count": "3",
+}
 
 Connection = SqliteConnection | PostgresConnection

@@ -1,5 +1,6 @@
 """What SQLite and PostgreSQL spell differently: placeholders, the batch upsert, column
-types and values, advisory locks. Everything else about storage is written once."""
+types and values, advisory locks, the id of an inserted row, compaction. Everything else
+about storage is written once."""
 
 from __future__ import annotations
 
@@ -74,6 +75,17 @@ class Dialect(ABC):
     @abstractmethod
     def upsert(self, rows: Sequence[tuple[Any, ...]], stored_at: datetime) -> Statement: ...
 
+    @abstractmethod
+    def compact(self) -> Script[bool]:
+        """Make deleted rows' bytes go away (or at least become reusable); False if the
+        database was too busy to finish. Outside a transaction."""
+
+    def insert_id(self, sql: str, *params: Any) -> Script[int]:
+        """`sql`, an INSERT of one row into a table with an `id` key, and that row's id."""
+        return int(
+            (yield self.statement(f"{sql} RETURNING id", *params, returns_rows=True)).rows[0][0]
+        )
+
     def time(self, moment: datetime) -> Any:
         return moment
 
@@ -144,6 +156,18 @@ class SqliteDialect(Dialect):
         stamp = self.time(stored_at)
         return Statement(_SQLITE_UPSERT, tuple((*row, stamp) for row in rows), many=True)
 
+    def insert_id(self, sql: str, *params: Any) -> Script[int]:
+        # Not RETURNING, which would need SQLite 3.35.
+        yield self.statement(sql, *params)
+        return int((yield Statement("SELECT last_insert_rowid()", returns_rows=True)).rows[0][0])
+
+    def compact(self) -> Script[bool]:
+        # VACUUM rewrites the file without the freed pages; the checkpoint then moves the
+        # rewrite out of the WAL and truncates it, so no old page image survives in either.
+        yield Statement("VACUUM")
+        busy = (yield Statement("PRAGMA wal_checkpoint(TRUNCATE)", returns_rows=True)).rows[0][0]
+        return not busy
+
 
 _PG_ARRAY_TYPES: Final[dict[Kind, str]] = {
     "time": "timestamptz",
@@ -188,6 +212,12 @@ class PostgresDialect(Dialect):
     def upsert(self, rows: Sequence[tuple[Any, ...]], stored_at: datetime) -> Statement:
         columns = [list(column) for column in zip(*rows, strict=True)]
         return Statement(_PG_UPSERT, (*columns, stored_at))
+
+    def compact(self) -> Script[bool]:
+        # Plain VACUUM: the dead rows' space becomes reusable without the exclusive lock
+        # VACUUM FULL would hold against the storage consumer.
+        yield Statement("VACUUM call_reports")
+        return True
 
 
 SQLITE: Final = SqliteDialect()

@@ -1,7 +1,9 @@
-"""The erasure log's schema, and the rule that an erasure outlives the copies still on Kafka.
+"""The erasure log: its schema, how erasures are recorded, and the rule that an erasure
+outlives the copies still on Kafka.
 
 `callstream erase` deletes a person's reports from storage and records the erasure in an
-`erasures` table in the same database, with its selectors as SHA-256. Copies of those
+`erasures` table in the same database, with its selectors as SHA-256 (`ErasureLog`: an
+entry before anything is deleted, completed afterwards). Copies of those
 reports can still arrive afterwards: a replay of the topic, a late redelivery, a dead-letter
 re-drive. The storage consumer therefore checks every batch against the log inside its
 write transaction and does not store a report an erasure covers.
@@ -22,15 +24,25 @@ rolling, and the next scheduled purge removes an old report that came back.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Iterable
+import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Final
+from datetime import UTC, datetime, timedelta
+from typing import Final, Literal, TypeVar
 
+from consumers.errors import PermanentError, RetryableError
+from consumers.storage.connections import Connection, PostgresConnection, SqliteConnection
 from consumers.storage.dialects import Dialect
-from consumers.storage.settings import BackendName
-from consumers.storage.statements import Script
+from consumers.storage.settings import BackendName, StorageSettings
+from consumers.storage.statements import Script, one
 from schemas.report import CallReport
+
+log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+ErasureKind = Literal["phone", "call", "phone+call", "retention"]
 
 SQLITE_DDL: Final = """
 CREATE TABLE IF NOT EXISTS erasures (
@@ -69,6 +81,17 @@ _SINCE: Final = (
     " WHERE id > ? AND kind <> 'retention' ORDER BY id"
 )
 _DDL: Final[dict[BackendName, str]] = {"sqlite": SQLITE_DDL, "postgresql": POSTGRES_DDL}
+_BEGIN: Final = (
+    "INSERT INTO erasures (requested_at, kind, phone_sha256, call_id_sha256,"
+    " older_than_seconds) VALUES (?, ?, ?, ?, ?)"
+)
+_COMPLETE: Final = "UPDATE erasures SET completed_at = ?, rows_deleted = ? WHERE id = ?"
+_ENTRIES: Final = (
+    "SELECT id, requested_at, completed_at, kind, phone_sha256, call_id_sha256,"
+    " older_than_seconds, rows_deleted FROM erasures ORDER BY id"
+)
+# An operator's command waits out a busy consumer longer than the consumer waits for it.
+_SQLITE_BUSY_TIMEOUT: Final = timedelta(seconds=30)
 
 
 def ensure_log(dialect: Dialect) -> Script[None]:
@@ -126,3 +149,101 @@ class Erased:
         # see StorageBackend.erase.
         phone = sha256_hex(report.from_number.replace("\x00", "").strip())
         return phone in self.phones or (phone, call) in self.pairs
+
+
+# -- recording erasures -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Erasure:
+    """One row of the erasure log."""
+
+    id: int
+    requested_at: datetime
+    completed_at: datetime | None
+    kind: ErasureKind
+    phone_sha256: str | None
+    call_id_sha256: str | None
+    older_than_seconds: int | None
+    rows_deleted: int | None
+
+
+class ErasureLog:
+    """Where erasures are recorded: the storage database itself. Each call connects, makes
+    sure the table exists (`ensure_log` only: no migration) and disconnects, so the log
+    holds nothing between calls and works while the storage consumer runs."""
+
+    def __init__(self, connect: Callable[[], Connection]) -> None:
+        self._connect = connect
+
+    async def begin(
+        self,
+        kind: ErasureKind,
+        *,
+        phone_sha256: str | None = None,
+        call_id_sha256: str | None = None,
+        older_than_seconds: int | None = None,
+    ) -> int:
+        """Record that an erasure is starting; its id. Written before anything is deleted,
+        so a crash midway leaves an entry without `completed_at`, never a silent deletion."""
+        now = datetime.now(UTC)
+        return await self._run(
+            lambda d: d.insert_id(
+                _BEGIN, d.time(now), kind, phone_sha256, call_id_sha256, older_than_seconds
+            )
+        )
+
+    async def complete(self, entry: int, rows: int) -> None:
+        now = datetime.now(UTC)
+        await self._run(lambda d: one(d.statement(_COMPLETE, d.time(now), rows, entry)))
+
+    def fenced(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """The exclusive side of the write fence (see above): held from before the log entry
+        until the rows are deleted, so that no storage write can slip a covered report in
+        between."""
+        return self._connect().lock(WRITE_FENCE_KEY)
+
+    async def entries(self) -> list[Erasure]:
+        return await self._run(_entries, transaction=False)
+
+    async def compact(self) -> bool:
+        """Dialect.compact; False too if the database refused, which leaves the deletion
+        itself intact."""
+        try:
+            return await self._run(lambda d: d.compact(), transaction=False)
+        except (RetryableError, PermanentError) as exc:
+            log.warning("could not compact the storage database now (%s); run again", exc)
+            return False
+
+    async def _run(
+        self, script: Callable[[Dialect], Script[_T]], *, transaction: bool = True
+    ) -> _T:
+        connection = self._connect()
+        try:
+            return await connection.run(script(connection.dialect), transaction=transaction)
+        finally:
+            await connection.close()
+
+
+def _entries(dialect: Dialect) -> Script[list[Erasure]]:
+    rows = (yield dialect.statement(_ENTRIES, returns_rows=True)).rows
+    read = dialect.read_time
+    # The columns in Erasure's order; only the times differ between the databases.
+    return [
+        Erasure(entry, read(requested), None if completed is None else read(completed), *rest)
+        for entry, requested, completed, *rest in rows
+    ]
+
+
+def _log_only(dialect: Dialect) -> tuple[Script[None]]:
+    return (ensure_log(dialect),)
+
+
+def erasure_log(settings: StorageSettings) -> ErasureLog:
+    """The log in the database `settings` name. No command timeout on PostgreSQL: a
+    VACUUM of a large table takes as long as it takes."""
+    if settings.database_url is not None:
+        dsn = settings.database_url.reveal()
+        return ErasureLog(lambda: PostgresConnection(dsn, _log_only, command_timeout=None))
+    path = settings.sqlite_path
+    return ErasureLog(lambda: SqliteConnection(path, _log_only, busy_timeout=_SQLITE_BUSY_TIMEOUT))

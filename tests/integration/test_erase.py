@@ -24,13 +24,14 @@ import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 
-from callstream.erase import erase, erasure_log, parse_age, purge
+from callstream.erase import erase, parse_age, purge
 from callstream.localpg import PostgresServer
 from consumers.contract import Delivery
 from consumers.storage import (
     StorageBackend,
     StorageConsumer,
     StorageSettings,
+    erasure_log,
     open_backend,
     sha256_hex,
 )
