@@ -162,7 +162,8 @@ def to_env(settings: object) -> dict[str, str]:
     for handing a service's settings to a child process as its environment. Settings
     nested in a field (KafkaSettings.security) are included."""
     env: dict[str, str] = {}
-    assert dataclasses.is_dataclass(settings) and not isinstance(settings, type)
+    assert dataclasses.is_dataclass(settings)
+    assert not isinstance(settings, type)
     decls = declared(type(settings))
     for f in dataclasses.fields(settings):
         value = getattr(settings, f.name)

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaProducer
 from prometheus_client import CollectorRegistry
 
 from callstream.consumerstatus import KafkaInspector
@@ -30,6 +29,7 @@ from consumers.runner import RunnerSettings
 from consumers.storage import StorageBackend, StorageSettings, open_backend
 from core.kafkasettings import KafkaSettings
 from core.offsets import commit_group_offsets
+from core.producer import durable_producer
 from core.signing import WEBHOOK_PATH
 from core.topicadmin import ensure_topics
 from core.topicreader import RawRecord, read_topic
@@ -56,9 +56,7 @@ async def produce_at(
 ) -> list[str]:
     """Publish reports as the ingress does, but with the given Kafka timestamps."""
     await ensure_topics(kafka, [kafka.topic])
-    producer = AIOKafkaProducer(
-        bootstrap_servers=kafka.bootstrap_servers, acks="all", enable_idempotence=True
-    )
+    producer = durable_producer(kafka, "test-replay-fill")
     await producer.start()
     ids = []
     try:

@@ -56,7 +56,7 @@ def running(
 
 async def committed(kafka: KafkaSettings, group: str) -> int:
     """Sum of the group's committed offsets over the topic's partitions."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap_servers)
+    admin = AIOKafkaAdminClient(**kafka.client_kwargs())
     await admin.start()
     try:
         offsets = await admin.list_consumer_group_offsets(group)
