@@ -520,16 +520,22 @@ async def test_ingress_stops_promptly_and_loses_nothing_when_the_broker_is_gone(
 
 
 async def post_under_load(
-    client: Client, calls: list[str], stop: asyncio.Event, senders: int = 8
+    client: Client,
+    calls: list[str],
+    stop: asyncio.Event,
+    senders: int = 8,
+    *,
+    fresh_calls: bool = False,
 ) -> list[Sent]:
-    """`senders` concurrent posters, each round-robin over `calls` one request at a time,
-    until `stop` is set; every outcome is kept (in acknowledgement order per sender)."""
+    """`senders` concurrent posters, each round-robin over `calls` (or each report a call
+    of its own) one request at a time, until `stop` is set; every outcome is kept (in
+    acknowledgement order per sender)."""
     sent: list[Sent] = []
 
     async def sender(n: int) -> None:
         i = 0
         while not stop.is_set():
-            call_id = calls[(n + i) % len(calls)]
+            call_id = str(uuid.uuid4()) if fresh_calls else calls[(n + i) % len(calls)]
             sent.append(await post(client, WEBHOOK_PATH, call_id, f"load-{n}-{i:05d}"))
             i += 1
             await asyncio.sleep(0.02)

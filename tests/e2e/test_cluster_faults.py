@@ -1,0 +1,178 @@
+"""Faults on a replicated cluster under steady signed load: three KRaft nodes (replication
+factor 3, min.insync.replicas 2), the real ingress and the real storage consumer.
+
+Oracle for every scenario: every report that got a 2xx is in storage, exactly one row per
+call; no report that got a 503 is; the spool ends empty; new reports go straight to Kafka
+again once the cluster is whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sqlite3
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+
+import pytest
+from aiokafka.admin import AIOKafkaAdminClient
+from prometheus_client import CollectorRegistry
+
+from callstream.localcluster import LocalCluster
+from consumers.storage import build as build_storage
+from core.kafkasettings import KafkaSettings
+from core.signing import WEBHOOK_PATH
+from core.topicadmin import describe
+from tests.conftest import Client, start_ingress, wait_drained
+from tests.e2e.test_ingress_faults import Sent, post_series, post_under_load, settings_for
+from tests.support.cluster import cluster_topics, local_cluster
+from tests.support.runner import eventually, running
+
+pytestmark = pytest.mark.slow
+
+# A killed leader's partitions wait for the controller to fence it (broker session timeout)
+# before a new leader takes them: long enough for reports to go through the spool.
+OUTAGE_SECONDS = 8.0
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    with local_cluster(tmp_path_factory.mktemp("faults") / "cluster") as started:
+        yield started
+
+
+class Harness:
+    def __init__(self, cluster: LocalCluster, kafka: KafkaSettings, db: Path) -> None:
+        self.cluster = cluster
+        self.kafka = kafka
+        self.db = db
+
+    async def leader_of_partition_zero(self) -> int:
+        admin = AIOKafkaAdminClient(**self.kafka.client_kwargs())
+        await admin.start()
+        try:
+            [topic] = await admin.describe_topics([self.kafka.topic])
+        finally:
+            await admin.close()
+        [zero] = [p for p in topic["partitions"] if p["partition"] == 0]
+        return int(zero["leader"])
+
+    async def controller(self) -> int:
+        view = await describe(self.kafka, [])
+        assert view.controller is not None
+        return view.controller
+
+    async def whole(self) -> bool:
+        view = await describe(self.kafka, [self.kafka.topic])
+        return len(view.brokers) == 3 and all(t.under_replicated == 0 for t in view.topics)
+
+    def stored(self) -> list[str]:
+        with contextlib.closing(sqlite3.connect(self.db)) as conn:
+            return [row[0] for row in conn.execute("select call_id from call_reports")]
+
+
+@pytest.fixture
+async def harness(cluster: LocalCluster, tmp_path: Path) -> AsyncIterator[Harness]:
+    kafka = cluster_topics(cluster, "faults")
+    db = tmp_path / "calls.db"
+    env = {"CALLSTREAM_SQLITE_PATH": str(db)}
+    async with running(build_storage(env, CollectorRegistry()), kafka, f"g-{uuid.uuid4().hex}"):
+        yield Harness(cluster, kafka, db)
+    # Whatever a scenario broke, the next one starts on a whole cluster.
+    await asyncio.to_thread(cluster.start)
+
+
+async def under_load(
+    harness: Harness, tmp_path: Path, faults: Callable[[], Awaitable[None]]
+) -> list[Sent]:
+    """Signed reports, each a call of its own, from before `faults` until after the cluster
+    is whole again; then the oracle."""
+    client = await start_ingress(
+        settings_for(harness.kafka, tmp_path / "spool", kafka_ack_deadline_seconds=2.0)
+    )
+    try:
+        await wait_ready(client)
+        stop = asyncio.Event()
+        load = asyncio.create_task(post_under_load(client, [], stop, senders=4, fresh_calls=True))
+        try:
+            await asyncio.sleep(3)
+            await faults()
+            await eventually(harness.whole, timeout=120)
+            await asyncio.sleep(3)
+        finally:
+            stop.set()
+            sent = await load
+        after = await post_series(
+            client, WEBHOOK_PATH, "after", 3, [str(uuid.uuid4()) for _ in range(3)]
+        )
+        await wait_drained(client, timeout=120)
+        assert {(s.status, s.durable) for s in after} == {(202, "kafka")}
+    finally:
+        await client.close()
+    acknowledged = {s.call_id for s in sent + after if 200 <= s.status < 300}
+    refused = {s.call_id for s in sent if s.status == 503}
+    await eventually(lambda: acknowledged <= set(harness.stored()), timeout=120)
+    stored = harness.stored()
+    assert len(stored) == len(set(stored))
+    assert not refused & set(stored), "a report that got a 503 was stored"
+    spooled = sum(s.durable == "spool" for s in sent)
+    print(
+        f"{len(sent)} sent, {len(acknowledged)} acknowledged, {spooled} spooled, "
+        f"{len(refused)} refused"
+    )
+    return sent
+
+
+async def wait_ready(client: Client) -> None:
+    async def ready() -> bool:
+        return (await client.get("/readyz")).status == 200
+
+    await eventually(ready, timeout=60)
+
+
+async def test_leader_killed_then_a_second_broker_then_both_back(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """SIGKILL the leader of partition 0, later a second node (so min.insync.replicas is not
+    met and acks=all cannot be had), then bring both back."""
+
+    async def faults() -> None:
+        first = await harness.leader_of_partition_zero()
+        harness.cluster.kill_node(first)
+        await asyncio.sleep(OUTAGE_SECONDS)
+        second = next(n for n in (1, 2, 3) if n != first)
+        harness.cluster.kill_node(second)
+        await asyncio.sleep(OUTAGE_SECONDS)
+        await asyncio.gather(
+            asyncio.to_thread(harness.cluster.start_node, first),
+            asyncio.to_thread(harness.cluster.start_node, second),
+        )
+
+    sent = await under_load(harness, tmp_path, faults)
+    assert any(s.durable == "spool" for s in sent), "min ISR unmet should have spooled reports"
+
+
+async def test_rolling_restart_of_every_node(harness: Harness, tmp_path: Path) -> None:
+    """Each node stopped gracefully and started again in turn, waiting for the cluster to
+    be whole between them, as an operator upgrading it would."""
+
+    async def faults() -> None:
+        for node in (1, 2, 3):
+            await asyncio.to_thread(harness.cluster.stop_node, node)
+            await asyncio.sleep(2)
+            await asyncio.to_thread(harness.cluster.start_node, node)
+            await eventually(harness.whole, timeout=120)
+
+    await under_load(harness, tmp_path, faults)
+
+
+async def test_the_active_controller_killed(harness: Harness, tmp_path: Path) -> None:
+    async def faults() -> None:
+        controller = await harness.controller()
+        harness.cluster.kill_node(controller, signal.SIGKILL)
+        await asyncio.sleep(OUTAGE_SECONDS)
+        await asyncio.to_thread(harness.cluster.start_node, controller)
+
+    await under_load(harness, tmp_path, faults)
