@@ -46,7 +46,7 @@ from core.topicadmin import ensure_topics
 from schemas.codec import CONFLUENT_MAGIC, SINGLE_OBJECT_MAGIC, Decoder
 from schemas.errors import DecodeError, SchemaError
 from schemas.headers import RecordHeaders
-from schemas.registry import RegistryClient
+from schemas.registry import registry_client
 from schemas.report import CallReport
 from schemas.store import default_store
 
@@ -273,7 +273,7 @@ async def _replay_window(
             kafka,
             settings,
             RunnerMetrics(registry, consumer.name),
-            Decoder(default_store(), _registry_client(kafka, session)),
+            Decoder(default_store(), registry_client(kafka, session)),
         )
         runner_stop = asyncio.Event()
         task = asyncio.create_task(runner.run(runner_stop), name=f"replay-{consumer.name}")
@@ -371,10 +371,6 @@ async def _restore(
         f"{listing}\n"
     )
     return False
-
-
-def _registry_client(kafka: KafkaSettings, session: aiohttp.ClientSession) -> RegistryClient | None:
-    return RegistryClient(kafka.schema_registry_url, session) if kafka.schema_registry_url else None
 
 
 # -- re-publishing from the storage archive ------------------------------------------------
@@ -570,5 +566,5 @@ async def _from_storage(
             err=err,
             dry_run=dry_run,
             stop=stop,
-            decoder=Decoder(default_store(), _registry_client(kafka, s)),
+            decoder=Decoder(default_store(), registry_client(kafka, s)),
         )

@@ -11,7 +11,7 @@ from core.kafkasettings import KafkaSettings
 from core.topicreader import read_topic
 from schemas.codec import Decoder
 from schemas.errors import DecodeError
-from schemas.registry import RegistryClient
+from schemas.registry import registry_client
 from schemas.report import CallReport
 from schemas.store import END_OF_CALL_REPORT, default_store
 
@@ -26,11 +26,7 @@ async def tail(
     out: TextIO,
 ) -> int:
     async with aiohttp.ClientSession() as session:
-        registry = (
-            RegistryClient(kafka.schema_registry_url, session)
-            if kafka.schema_registry_url
-            else None
-        )
+        registry = registry_client(kafka, session)
         decoder = Decoder(default_store(), registry)
         async for raw in read_topic(
             kafka,

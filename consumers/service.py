@@ -17,7 +17,7 @@ from core.kafkasettings import KafkaSettings
 from core.opsserver import ops_server
 from core.settings import EnvSettings, Setting, setting, settings_class
 from schemas.codec import Decoder
-from schemas.registry import RegistryClient
+from schemas.registry import registry_client
 from schemas.store import default_store
 
 log = logging.getLogger(__name__)
@@ -66,17 +66,13 @@ async def run_consumer(
     host = ServiceSettings.from_env(env).host
     port = port_setting(name).read(env, int)
     async with aiohttp.ClientSession() as session:
-        registry_client = (
-            RegistryClient(kafka.schema_registry_url, session)
-            if kafka.schema_registry_url
-            else None
-        )
+        schemas = registry_client(kafka, session)
         runner = Runner(
             consumer,
             kafka,
             settings,
             RunnerMetrics(registry, name),
-            Decoder(default_store(), registry_client),
+            Decoder(default_store(), schemas),
         )
 
         def health() -> dict[str, object]:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Final, Self
 
 from core.kafkasecurity import KafkaSecurity
+from core.secret import Secret
 from core.settings import EnvSettings, declared, setting, settings_class
 
 DEFAULT_TOPIC = "flireo.end-of-call-report"
@@ -36,6 +38,23 @@ class KafkaSettings(EnvSettings):
         doc="Confluent-compatible schema registry (Karapace, Confluent, Apicurio "
         ".../apis/ccompat/v7). Empty: records carry the schema fingerprint (Avro single-object "
         "encoding), no registry.",
+    )
+    schema_registry_username: str | None = setting(
+        "CALLSTREAM_SCHEMA_REGISTRY_USERNAME",
+        default=None,
+        doc="Basic auth user of the schema registry (Confluent Cloud: the registry API key).",
+    )
+    schema_registry_password: Secret | None = setting(
+        "CALLSTREAM_SCHEMA_REGISTRY_PASSWORD",
+        default=None,
+        secret=True,
+        doc="Basic auth password of the schema registry (Confluent Cloud: the API secret).",
+    )
+    schema_registry_cafile: Path | None = setting(
+        "CALLSTREAM_SCHEMA_REGISTRY_CAFILE",
+        default=None,
+        doc="PEM file of the CA that signed the registry's certificate. Empty: the system's "
+        "trust store.",
     )
     client_id: str = "callstream"
     # Partitions cap how many instances of one consumer can share the work.

@@ -40,7 +40,7 @@ from schemas.codec import Encoder, registry_encoder, single_object_encoder
 from schemas.errors import InvalidReport, SchemaError
 from schemas.headers import RecordHeaders
 from schemas.normalise import Normalised, normalise
-from schemas.registry import RegistryClient
+from schemas.registry import registry_client
 from schemas.store import END_OF_CALL_REPORT, FLIREO_EVENT, SchemaStore, default_store
 
 log = logging.getLogger(__name__)
@@ -117,10 +117,9 @@ async def _encoders(
     settings: IngressSettings, store: SchemaStore, session: aiohttp.ClientSession
 ) -> dict[str, Encoder]:
     topics = {END_OF_CALL_REPORT: settings.kafka.topic, FLIREO_EVENT: settings.kafka.events_topic}
-    url = settings.kafka.schema_registry_url
-    if url is None:
+    client = registry_client(settings.kafka, session)
+    if client is None:
         return {name: single_object_encoder(store.current(name)) for name in topics}
-    client = RegistryClient(url, session)
     return {
         name: await registry_encoder(store.current(name), client, f"{topic}-value")
         for name, topic in topics.items()

@@ -11,6 +11,7 @@ import dataclasses
 import io
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import aiohttp
 import fastavro
@@ -19,17 +20,19 @@ import orjson
 import pytest
 
 from core.kafkasettings import KafkaSettings
+from core.secret import Secret
 from core.signing import WEBHOOK_PATH
 from core.topicreader import RawRecord, read_topic
 from ingress.settings import IngressSettings
 from schemas.codec import CONFLUENT_MAGIC, Decoder
-from schemas.errors import UnknownSchemaError
+from schemas.errors import SchemaError, UnknownSchemaError
 from schemas.headers import RecordHeaders
-from schemas.registry import RegistryClient
+from schemas.registry import RegistryClient, registry_client
 from schemas.report import CallReport
 from schemas.store import END_OF_CALL_REPORT, default_store
 from tests.conftest import TEST_SECRET, Client, start_ingress
 from tests.signing import signed
+from tests.support.authproxy import AuthProxy
 from tests.support.paths import DATA
 from tests.support.registry import SchemaRegistryServer
 from tests.support.samples import SAMPLE
@@ -193,3 +196,55 @@ async def test_registry_record_written_with_v1_decodes_into_the_current_shape(
     assert decoded.record["duration_seconds"] == 12
     assert decoded.record["ended_reason"] is None
     assert decoded.record["assistant_name"] is None
+
+
+@pytest.fixture
+async def guarded_registry(registry_url: str, tmp_path: Path) -> AsyncIterator[AuthProxy]:
+    proxy = AuthProxy(registry_url, tmp_path / "tls", "registry-key", "registry-secret")
+    await proxy.start()
+    try:
+        yield proxy
+    finally:
+        await proxy.stop()
+
+
+def _guarded(kafka: KafkaSettings, proxy: AuthProxy, password: str) -> KafkaSettings:
+    return dataclasses.replace(
+        kafka,
+        schema_registry_url=proxy.url,
+        schema_registry_username="registry-key",
+        schema_registry_password=Secret(password),
+        schema_registry_cafile=proxy.tls.ca_cert,
+    )
+
+
+async def test_a_registry_behind_tls_and_basic_auth_is_used_with_its_credentials(
+    ingress_settings: IngressSettings, kafka: KafkaSettings, guarded_registry: AuthProxy
+) -> None:
+    """Oracle: the ingress registers and frames with the guarded registry (trusting its CA,
+    sending its credentials), and a consumer's decoder resolves the id through it too."""
+    guarded = _guarded(kafka, guarded_registry, "registry-secret")
+    client = await start_ingress(dataclasses.replace(ingress_settings, kafka=guarded))
+    try:
+        await _post(client, SAMPLE.read_bytes())
+    finally:
+        await client.close()
+    [raw] = await _records(kafka, 1)
+    assert raw.value[0] == CONFLUENT_MAGIC[0]
+    async with aiohttp.ClientSession() as session:
+        decoded = await Decoder(default_store(), registry_client(guarded, session)).decode(
+            raw.value
+        )
+    assert decoded.record["call_id"] == orjson.loads(SAMPLE.read_bytes())["callId"]
+    assert guarded_registry.refused == 0
+
+
+async def test_a_wrong_registry_password_is_refused_with_the_registry_s_answer(
+    kafka: KafkaSettings, guarded_registry: AuthProxy
+) -> None:
+    async with aiohttp.ClientSession() as session:
+        client = registry_client(_guarded(kafka, guarded_registry, "wrong"), session)
+        assert client is not None
+        with pytest.raises(SchemaError, match="HTTP 401"):
+            await client.register("guarded-value", '"string"')
+    assert guarded_registry.refused == 1
