@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -26,7 +28,13 @@ from core.kafkasettings import KafkaSettings
 from core.signing import WEBHOOK_PATH
 from core.topicadmin import describe
 from tests.conftest import Client, start_ingress, wait_drained
-from tests.e2e.test_ingress_faults import Sent, post_series, post_under_load, settings_for
+from tests.e2e.test_ingress_faults import (
+    Sent,
+    post_series,
+    post_under_load,
+    settings_for,
+    wait_durable,
+)
 from tests.support.cluster import cluster_topics, local_cluster
 from tests.support.runner import eventually, running
 
@@ -176,3 +184,30 @@ async def test_the_active_controller_killed(harness: Harness, tmp_path: Path) ->
         await asyncio.to_thread(harness.cluster.start_node, controller)
 
     await under_load(harness, tmp_path, faults)
+
+
+@pytest.mark.parametrize(
+    ("replicas", "min_isr", "warned"),
+    [(1, 1, True), (3, 1, True), (3, 2, False)],
+    ids=["one replica", "min.insync.replicas 1", "three replicas, two in sync"],
+)
+async def test_the_ingress_warns_once_when_its_topic_can_lose_acknowledged_writes(
+    cluster: LocalCluster,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    replicas: int,
+    min_isr: int,
+    warned: bool,
+) -> None:
+    kafka = replace(
+        cluster_topics(cluster, "weak"), replication_factor=replicas, min_insync_replicas=min_isr
+    )
+    with caplog.at_level(logging.WARNING, logger="ingress.publisher"):
+        client = await start_ingress(settings_for(kafka, tmp_path / "spool"))
+        try:
+            # Connected: the topics were created and looked at before that.
+            await wait_durable(client, "kafka")
+        finally:
+            await client.close()
+    warnings = [r for r in caplog.records if "ACKNOWLEDGED REPORTS CAN BE LOST" in r.getMessage()]
+    assert len(warnings) == (1 if warned else 0), [r.getMessage() for r in warnings]
