@@ -20,7 +20,7 @@ import json
 import secrets
 import signal
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
 
@@ -51,6 +51,8 @@ class Layout:
     client_ports: list[int]
     controller_ports: list[int]
     password: str
+    # sasl_ssl clusters also take clients by mutual TLS (a client certificate, no SASL).
+    mtls_ports: list[int] = field(default_factory=list)
 
     @property
     def replication_factor(self) -> int:
@@ -100,7 +102,7 @@ class LocalCluster:
                 )
             return layout
         brokers, security = self._wanted
-        ports = free_ports(3 * brokers)
+        ports = free_ports(4 * brokers)
         client = ports[:brokers] if security == "plaintext" else ports[brokers : 2 * brokers]
         layout = Layout(
             brokers=brokers,
@@ -108,8 +110,9 @@ class LocalCluster:
             cluster_id=new_cluster_id(),
             internal_ports=ports[:brokers],
             client_ports=client,
-            controller_ports=ports[2 * brokers :],
+            controller_ports=ports[2 * brokers : 3 * brokers],
             password=secrets.token_urlsafe(18),
+            mtls_ports=[] if security == "plaintext" else ports[3 * brokers :],
         )
         self.home.mkdir(parents=True, exist_ok=True)
         atomic_write(self.state_file, json.dumps(asdict(layout), indent=2) + "\n")
@@ -119,6 +122,20 @@ class LocalCluster:
     @property
     def bootstrap(self) -> str:
         return ",".join(f"{_HOST}:{port}" for port in self.layout().client_ports)
+
+    @property
+    def mtls_bootstrap(self) -> str:
+        return ",".join(f"{_HOST}:{port}" for port in self.layout().mtls_ports)
+
+    def mtls_security(self) -> KafkaSecurity:
+        """A client that authenticates with its certificate (the cluster's CA signed it)."""
+        files = ensure_tls_files(self.tls_dir)
+        return KafkaSecurity(
+            protocol="SSL",
+            ssl_cafile=files.ca_cert,
+            ssl_certfile=files.client_cert,
+            ssl_keyfile=files.client_key,
+        )
 
     def security(self) -> KafkaSecurity:
         layout = self.layout()
@@ -223,7 +240,8 @@ class LocalCluster:
         }
         format_args: list[str] = []
         if layout.security == "sasl_ssl":
-            config |= _sasl_ssl_config(self.tls_dir, layout.password, internal, client, controller)
+            ports = (internal, client, layout.mtls_ports[i], controller)
+            config |= _sasl_ssl_config(self.tls_dir, layout.password, *ports)
             for mechanism in ("SCRAM-SHA-512", "SCRAM-SHA-256"):
                 format_args += [
                     "--add-scram",
@@ -248,19 +266,23 @@ class LocalCluster:
 
 
 def _sasl_ssl_config(
-    tls: Path, password: str, internal: int, client: int, controller: int
+    tls: Path, password: str, internal: int, client: int, mtls: int, controller: int
 ) -> dict[str, str]:
-    """Clients on SASL_SSL (SCRAM, and PLAIN for services that only offer it); the nodes
-    among themselves and the readiness probe on a plaintext listener of loopback."""
+    """Clients on SASL_SSL (SCRAM, and PLAIN for services that only offer it) or on mutual
+    TLS; the nodes among themselves and the readiness probe on a plaintext listener of
+    loopback."""
     return {
         "listeners": (
             f"PLAINTEXT://{_HOST}:{internal},SASL_SSL://{_HOST}:{client},"
-            f"CONTROLLER://{_HOST}:{controller}"
+            f"MTLS://{_HOST}:{mtls},CONTROLLER://{_HOST}:{controller}"
         ),
-        "advertised.listeners": f"PLAINTEXT://{_HOST}:{internal},SASL_SSL://{_HOST}:{client}",
+        "advertised.listeners": (
+            f"PLAINTEXT://{_HOST}:{internal},SASL_SSL://{_HOST}:{client},MTLS://{_HOST}:{mtls}"
+        ),
         "listener.security.protocol.map": (
-            "PLAINTEXT:PLAINTEXT,SASL_SSL:SASL_SSL,CONTROLLER:PLAINTEXT"
+            "PLAINTEXT:PLAINTEXT,SASL_SSL:SASL_SSL,MTLS:SSL,CONTROLLER:PLAINTEXT"
         ),
+        "listener.name.mtls.ssl.client.auth": "required",
         "sasl.enabled.mechanisms": "SCRAM-SHA-512,SCRAM-SHA-256,PLAIN",
         # PLAIN for the services that offer nothing else (Confluent Cloud's API keys).
         "listener.name.sasl_ssl.plain.sasl.jaas.config": (

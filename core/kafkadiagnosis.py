@@ -13,6 +13,7 @@ import ssl
 
 from aiokafka.conn import create_conn
 from aiokafka.errors import SaslAuthenticationFailed, UnsupportedSaslMechanismError
+from aiokafka.protocol.metadata import MetadataRequest
 
 from core.kafkasecurity import KafkaSecurity
 
@@ -76,5 +77,18 @@ async def _probe(host: str, port: int, security: KafkaSecurity, timeout: float) 
             f"Kafka at {where} did not answer as a {security.protocol} listener: check"
             " KAFKA_SECURITY_PROTOCOL"
         )
-    conn.close()
+    try:
+        # With mutual TLS the server refuses a missing certificate only after the handshake,
+        # on the first request (TLS 1.3), so one request is what proves the connection.
+        async with asyncio.timeout(timeout):
+            await conn.send(MetadataRequest([]))
+    except Exception as exc:  # whatever the first request dies of, it is the diagnosis
+        if "certificate required" in str(exc).lower() or "CERTIFICATE_REQUIRED" in str(exc):
+            return (
+                f"Kafka at {where} wants a client certificate: set KAFKA_SSL_CERTFILE and"
+                " KAFKA_SSL_KEYFILE (mutual TLS)"
+            )
+        return "unreachable"
+    finally:
+        conn.close()
     return None

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
 import sys
 import uuid
 from pathlib import Path
@@ -157,3 +158,51 @@ def test_a_bad_setting_is_a_configuration_error_naming_the_variable() -> None:
     done = run_cli("ingress", env=env)
     assert done.returncode == 2
     assert "CALLSTREAM_MAX_JSON_DEPTH=1 is below the minimum 2" in done.stderr
+
+
+async def test_kafka_cluster_start_env_status_node_stop_start(tmp_path: Path) -> None:
+    """The commands a newcomer types for a secured cluster: start three nodes, take the
+    environment, look at the status, stop and start one node, stop it all."""
+    env = _env(CALLSTREAM_HOME=str(tmp_path / "home"))
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return run_cli("kafka", *args, env=env, timeout=240)
+
+    started = await asyncio.to_thread(cli, "start", "--brokers", "3", "--security", "sasl_ssl")
+    try:
+        assert started.returncode == 0, started.stderr
+        bootstrap = started.stdout.strip().splitlines()[-1]
+        assert len(bootstrap.split(",")) == 3
+        exported = await asyncio.to_thread(cli, "env")
+        assert exported.returncode == 0, exported.stderr
+        lines = dict(
+            line.removeprefix("export ").split("=", 1) for line in exported.stdout.splitlines()
+        )
+        assert lines["KAFKA_BOOTSTRAP_SERVERS"] == bootstrap
+        assert lines["KAFKA_SECURITY_PROTOCOL"] == "SASL_SSL"
+        assert lines["KAFKA_SASL_MECHANISM"] == "SCRAM-SHA-512"
+        assert await asyncio.to_thread(Path(lines["KAFKA_SSL_CAFILE"]).is_file)
+        # What `eval "$(callstream kafka env)"` gives a command: a secured connection.
+        client_env = env | {k: v.strip("'") for k, v in lines.items()}
+        listed = await asyncio.to_thread(run_cli, "consumers", "--json", env=client_env)
+        assert listed.returncode == 0, listed.stderr
+
+        status = await asyncio.to_thread(cli, "status")
+        assert status.returncode == 0, status.stderr
+        assert "node 1: running" in status.stdout
+        assert "brokers in the cluster: [1, 2, 3]" in status.stdout
+        assert "active controller: node" in status.stdout
+
+        stopped = await asyncio.to_thread(cli, "stop", "--node", "2")
+        assert stopped.returncode == 0, stopped.stderr
+        status = await asyncio.to_thread(cli, "status")
+        assert "node 2: stopped" in status.stdout
+        restarted = await asyncio.to_thread(cli, "start", "--node", "2")
+        assert restarted.returncode == 0, restarted.stderr
+        assert "node 2: running" in (await asyncio.to_thread(cli, "status")).stdout
+    finally:
+        done = await asyncio.to_thread(cli, "stop")
+    assert done.returncode == 0, done.stderr
+    assert "running" not in (await asyncio.to_thread(cli, "status")).stdout.replace(
+        "not running", ""
+    )

@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 
@@ -33,6 +34,7 @@ from tests.integration.test_replay import (
 from tests.support.cli import run_cli
 from tests.support.cluster import cluster_topics, local_cluster
 from tests.support.produce import produce_reports, sample_report
+from tests.support.topics import read_all
 
 pytestmark = pytest.mark.slow
 
@@ -67,7 +69,7 @@ async def test_tail_over_sasl_ssl(kafka: KafkaSettings) -> None:
 
 def _with(kafka: KafkaSettings, **security: object) -> KafkaSettings:
     fields = {name: getattr(kafka.security, name) for name in KafkaSecurity.__dataclass_fields__}
-    return KafkaSettings(kafka.bootstrap_servers, security=KafkaSecurity(**fields | security))
+    return replace(kafka, security=KafkaSecurity(**fields | security))
 
 
 @pytest.mark.parametrize(
@@ -91,3 +93,22 @@ async def test_a_refused_connection_is_one_line_naming_the_setting(
     assert named in lines[0]
     assert "Traceback" not in done.stderr
     assert "not-the-password" not in done.stderr
+
+
+async def test_mutual_tls_with_a_client_certificate_and_without_one(
+    secured: LocalCluster, kafka: KafkaSettings
+) -> None:
+    """The cluster's MTLS listener takes clients by their certificate alone: with one, a
+    report goes there and back; without one, the refusal is one line naming the setting."""
+    with_cert = replace(
+        kafka, bootstrap_servers=secured.mtls_bootstrap, security=secured.mtls_security()
+    )
+    [call_id] = await produce_reports(with_cert, [sample_report()])
+    [landed] = await read_all(with_cert, with_cert.topic)
+    assert landed.raw.key == call_id.encode()
+
+    without = _with(with_cert, ssl_certfile=None, ssl_keyfile=None)
+    done = await asyncio.to_thread(run_cli, "tail", "--max", "1", env=_cli_env(without), timeout=60)
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert "KAFKA_SSL_CERTFILE" in done.stderr
+    assert "Traceback" not in done.stderr
