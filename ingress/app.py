@@ -32,6 +32,7 @@ from ingress.publisher import (
     PublishUnavailable,
     RecordTooLarge,
 )
+from ingress.replays import RecentDeliveries, delivery_key
 from ingress.replies import Replies
 from ingress.settings import IngressSettings
 from ingress.telemetry import IngressMetrics
@@ -51,6 +52,7 @@ METRICS = web.AppKey("metrics", IngressMetrics)
 AUTH = web.AppKey("auth", Authenticator)
 ENCODERS = web.AppKey("encoders", dict[str, Encoder])
 REPLIES = web.AppKey("replies", Replies)
+RECENT = web.AppKey("recent", RecentDeliveries)
 REQUEST_ID = web.RequestKey("request_id", str)
 
 # aiohttp would otherwise inflate gzip bodies itself, before the signature (which covers
@@ -83,6 +85,8 @@ def create_app(
     app[AUTH] = Authenticator(
         settings.webhook_secrets, settings.shared_tokens, settings.signature_tolerance_seconds
     )
+    # A timestamp is accepted this far on either side of the server's clock.
+    app[RECENT] = RecentDeliveries(2.0 * settings.signature_tolerance_seconds)
     app.cleanup_ctx.append(_resources(store or default_store()))
     app.router.add_post(WEBHOOK_PATH, receive_webhook)
     app.router.add_get("/healthz", healthz)
@@ -172,7 +176,19 @@ async def receive_webhook(request: web.Request) -> web.Response:
     metrics = request.app[METRICS]
     wire = await read_wire_body(request, settings.max_body_bytes, settings.body_timeout_seconds)
     metrics.received_bytes.inc(len(wire))
-    request.app[AUTH].check(request.headers, wire)
+    how = request.app[AUTH].check(request.headers, wire)
+    key = delivery_key(request.headers) if how == "signature" else None
+    if key is None:
+        return await _accept(request, wire)
+    response, replayed = await request.app[RECENT].answer(key, lambda: _accept(request, wire))
+    if replayed:
+        metrics.outcome("replayed")
+    return response
+
+
+async def _accept(request: web.Request, wire: bytes) -> web.Response:
+    settings = request.app[SETTINGS]
+    metrics = request.app[METRICS]
     body = decode_content(wire, request.headers.get("Content-Encoding"), settings.max_body_bytes)
     try:
         payload = jsonvalue.parse(body, max_depth=settings.max_json_depth)

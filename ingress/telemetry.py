@@ -11,6 +11,7 @@ from schemas.normalise import FIELDS
 OUTCOMES = (
     "accepted",
     "answered",  # a request-response event, kept and then answered with its reply
+    "replayed",  # a signed request sent again: the first answer again, nothing published
     "unauthorized",
     "invalid-json",
     "invalid-report",

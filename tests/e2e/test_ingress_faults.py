@@ -84,14 +84,18 @@ class Sent:
     retry_after: str | None = None
 
 
-def report(call_id: str) -> bytes:
-    return orjson.dumps(sample_report(call_id))
+def report(call_id: str, request_id: str = "") -> bytes:
+    """A delivery of its own: two identical signed bodies in one second would be one
+    delivery sent twice, which the ingress answers once."""
+    payload = sample_report(call_id)
+    payload["userMetadata"] = {"delivery": request_id}
+    return orjson.dumps(payload)
 
 
 async def post(
     http: aiohttp.ClientSession | Client, url: str, call_id: str, request_id: str
 ) -> Sent:
-    body = report(call_id)
+    body = report(call_id, request_id)
     headers = signed(body, TEST_SECRET) | {"X-Request-Id": request_id}
     async with http.post(url, data=body, headers=headers) as resp:
         answer = await resp.json(content_type=None)

@@ -28,6 +28,7 @@ from ingress.settings import IngressSettings
 from tests.conftest import TEST_SECRET, Client, start_ingress
 from tests.signing import signed
 from tests.support.samples import SAMPLE
+from tests.support.topics import read_all
 
 BODY_TIMEOUT = 1.5
 LIMIT = 1_000_000
@@ -486,3 +487,37 @@ async def test_keys_that_only_look_repeated_are_accepted(
 ) -> None:
     status, _, answer = await post(hostile, _report_with(tail))
     assert status == 202, (name, answer)
+
+
+# -- a signed request sent again ---------------------------------------------------------------
+
+
+async def test_a_replayed_signed_request_gets_the_same_202_and_is_published_once(
+    hostile: Client, hostile_settings: IngressSettings
+) -> None:
+    """Oracle: the same signed bytes posted again (some at once, some later, within the
+    tolerance) all get the first 202, word for word, and the topic holds one record; the
+    same report signed anew (a resend) is a second delivery."""
+    body = _fresh_report()
+    headers = signed(body, TEST_SECRET)
+
+    async def send(with_headers: dict[str, str]) -> tuple[int, bytes]:
+        resp = await hostile.post(WEBHOOK_PATH, data=body, headers=with_headers)
+        return resp.status, await resp.read()
+
+    at_once = await asyncio.gather(*(send(headers) for _ in range(5)))
+    later = [await send(headers) for _ in range(5)]
+    assert {status for status, _ in at_once + later} == {202}
+    assert len({answer for _, answer in at_once + later}) == 1
+    metrics = await (await hostile.get("/metrics")).text()
+    assert 'callstream_ingress_requests_total{outcome="replayed"} 9.0' in metrics
+
+    call_id = orjson.loads(body)["callId"]
+    kafka = hostile_settings.kafka
+    assert [r.raw.key for r in await read_all(kafka, kafka.topic)] == [call_id.encode()]
+
+    resent = signed(body, TEST_SECRET, at=time.time() + 1)
+    status, answer = await send(resent)
+    assert status == 202
+    assert orjson.loads(answer)["requestId"] != orjson.loads(later[0][1])["requestId"]
+    assert len(await read_all(kafka, kafka.topic)) == 2

@@ -1,0 +1,104 @@
+"""A signed request sent again within the signature's tolerance is the same delivery: it
+gets the answer the first one got, and is not published a second time.
+
+Anyone who saw a signed request can replay it for as long as its timestamp is accepted;
+without this, every replay would be one more record for every consumer (storage absorbs
+it, alerting and metrics would not). A genuine resend is signed anew, with a new
+timestamp, and stays a new delivery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from core.signing import SIGNATURE_HEADER, SIGNATURE_PREFIX, TIMESTAMP_HEADER
+
+# Bounds the memory a flood of distinct signed requests can take (a few hundred bytes each).
+MAX_REMEMBERED = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    status: int
+    body: bytes
+    content_type: str
+
+
+@dataclass(slots=True)
+class _Seen:
+    expires: float
+    answer: asyncio.Future[_Answer]
+
+
+def delivery_key(headers: Mapping[str, str]) -> str | None:
+    """What identifies one signed delivery: its timestamp and signature."""
+    signature = headers.get(SIGNATURE_HEADER)
+    timestamp = headers.get(TIMESTAMP_HEADER)
+    if not signature or not timestamp:
+        return None
+    return f"{timestamp.strip()}:{signature.strip().lower().removeprefix(SIGNATURE_PREFIX)}"
+
+
+class RecentDeliveries:
+    def __init__(self, window_seconds: float, max_remembered: int = MAX_REMEMBERED) -> None:
+        self._window = window_seconds
+        self._max = max_remembered
+        self._seen: OrderedDict[str, _Seen] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    async def answer(
+        self, key: str, handle: Callable[[], Awaitable[web.Response]]
+    ) -> tuple[web.Response, bool]:
+        """The response for this delivery, and whether it is a replay of an earlier one.
+
+        A replay that arrives while the first is still being handled waits for it. Only a
+        2xx is remembered: a refused or failed request may be tried again as it was."""
+        now = time.monotonic()
+        self._forget_expired(now)
+        seen = self._seen.get(key)
+        if seen is not None:
+            # Waiting does not consume the answer: other replays may wait on it too.
+            await asyncio.wait({seen.answer})
+            # Cancelled: the first was not accepted, so this one is handled on its own.
+            if not seen.answer.cancelled():
+                kept = seen.answer.result()
+                replayed = web.Response(
+                    status=kept.status, body=kept.body, content_type=kept.content_type
+                )
+                return replayed, True
+        answer: asyncio.Future[_Answer] = asyncio.get_running_loop().create_future()
+        self._seen[key] = _Seen(now + self._window, answer)
+        while len(self._seen) > self._max:
+            self._seen.popitem(last=False)
+        try:
+            response = await handle()
+        except BaseException:
+            self._drop(key, answer)
+            raise
+        body = response.body
+        if 200 <= response.status < 300 and isinstance(body, bytes):
+            answer.set_result(_Answer(response.status, body, response.content_type))
+        else:
+            self._drop(key, answer)
+        return response, False
+
+    def _drop(self, key: str, answer: asyncio.Future[_Answer]) -> None:
+        answer.cancel()
+        current = self._seen.get(key)
+        if current is not None and current.answer is answer:
+            del self._seen[key]
+
+    def _forget_expired(self, now: float) -> None:
+        while self._seen:
+            key, oldest = next(iter(self._seen.items()))
+            if oldest.expires > now:
+                return
+            del self._seen[key]
