@@ -56,6 +56,12 @@ class IngressSettings(EnvSettings):
         minimum=1,
         doc="How old (seconds) a signed request's timestamp may be.",
     )
+    replay_detection: bool = setting(
+        "CALLSTREAM_REPLAY_DETECTION",
+        default=True,
+        doc="A signed request sent again within the tolerance gets the first answer and is "
+        "not published again. Off only where something in front already drops replays.",
+    )
     # A two-hour call's transcript is ~150 kB; Kafka's default record limit is 1 MiB.
     max_body_bytes: int = setting(
         "CALLSTREAM_MAX_BODY_BYTES",

@@ -13,6 +13,7 @@ import math
 import time
 import zlib
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -520,4 +521,19 @@ async def test_a_replayed_signed_request_gets_the_same_202_and_is_published_once
     status, answer = await send(resent)
     assert status == 202
     assert orjson.loads(answer)["requestId"] != orjson.loads(later[0][1])["requestId"]
+    assert len(await read_all(kafka, kafka.topic)) == 2
+
+
+async def test_with_replay_detection_off_a_replay_is_published_again(
+    hostile_settings: IngressSettings,
+) -> None:
+    client = await start_ingress(replace(hostile_settings, replay_detection=False))
+    try:
+        body = _fresh_report()
+        headers = signed(body, TEST_SECRET)
+        for _ in range(2):
+            assert (await client.post(WEBHOOK_PATH, data=body, headers=headers)).status == 202
+    finally:
+        await client.close()
+    kafka = hostile_settings.kafka
     assert len(await read_all(kafka, kafka.topic)) == 2
