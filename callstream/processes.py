@@ -33,12 +33,15 @@ class ChildProcess:
         log_file: Path | None = None,
         cwd: Path | None = None,
         name: str | None = None,
+        new_session: bool = False,
     ) -> None:
         self.argv = list(argv)
         self.env = None if env is None else dict(env)
         self.log_file = log_file
         self.cwd = cwd
         self.name = name or Path(self.argv[0]).name
+        # A session of its own: a terminal's Ctrl-C (or a test run's) does not reach it.
+        self.new_session = new_session
         self._popen: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Self:
@@ -47,7 +50,13 @@ class ChildProcess:
             stdin = None if out is None else subprocess.DEVNULL
             stderr = None if out is None else subprocess.STDOUT
             self._popen = subprocess.Popen(
-                self.argv, env=self.env, cwd=self.cwd, stdin=stdin, stdout=out, stderr=stderr
+                self.argv,
+                env=self.env,
+                cwd=self.cwd,
+                stdin=stdin,
+                stdout=out,
+                stderr=stderr,
+                start_new_session=self.new_session,
             )
         return self
 

@@ -113,7 +113,8 @@ def normalise(payload: Any, *, received_at_ms: int, request_id: str) -> Normalis
         provenance["event_time_source"] = "received"
     else:
         provenance["event_time_source"] = "sent"
-    record["transcript_turns"] = transcript_turns(payload, source_format, record["transcript"])
+    turns = transcript_turns(payload, source_format, record["transcript"])
+    record["transcript_turns_json"] = None if turns is None else orjson.dumps(turns).decode()
     if record["duration_seconds"] is None and source_format == "VAPI":
         # Vapi has no duration field: its report says when the call started and ended.
         record["duration_seconds"] = _seconds_between(record["started_at"], record["ended_at"])

@@ -11,7 +11,7 @@ import orjson
 from schemas.normalise import EPOCH, denormalise
 
 JsonObject = dict[str, Any]
-# How a Turn record decodes (schemas/avro, `transcript_turns`): role, text, start_ms, end_ms,
+# One spoken turn, as transcript_turns_json holds it: role, text, start_ms, end_ms,
 # seconds_from_start; JSON-ready as it is.
 Turn = dict[str, Any]
 
@@ -93,7 +93,7 @@ class CallReport:
             costs=_parse(record.get("costs_json")),
             agent_id=record.get("agent_id"),
             agent_name=record.get("agent_name"),
-            transcript_turns=record.get("transcript_turns"),
+            transcript_turns=_parse(record.get("transcript_turns_json")),
             extra=_parse(record.get("extra_json")),
             source_format=source["format"],
             received_at=_aware(source["received_at"]),

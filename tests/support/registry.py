@@ -31,10 +31,10 @@ import urllib.error
 import urllib.request
 import weakref
 from pathlib import Path
-from typing import IO
 
 from callstream.lifecycle import StartStop
 from callstream.ports import free_ports
+from callstream.processes import ChildProcess
 
 APICURIO_VERSION = "3.3.3"
 MAVEN_ARTIFACT = f"io.apicurio:apicurio-registry-app:{APICURIO_VERSION}:tar.gz:all"
@@ -195,8 +195,7 @@ class SchemaRegistryServer(StartStop):
     def __init__(self, work_dir: Path) -> None:
         self.work_dir = work_dir
         self.log_path = work_dir / "schema-registry.log"
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
+        self._proc: ChildProcess | None = None
         self._url: str | None = None
 
     @property
@@ -251,17 +250,11 @@ class SchemaRegistryServer(StartStop):
             "-jar",
             _RUN_JAR,
         ]
-        self._log = self.log_path.open("ab")
-        self._log.write(f"\n--- {' '.join(command)}\n".encode())
-        self._log.flush()
-        self._proc = subprocess.Popen(
-            command,
-            cwd=dist,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        with self.log_path.open("a") as log:
+            log.write(f"\n--- {' '.join(command)}\n")
+        self._proc = ChildProcess(
+            command, cwd=dist, log_file=self.log_path, name="schema registry", new_session=True
+        ).start()
         _RUNNING.add(self)
 
     def _wait_ready(self, http_port: int, deadline: float) -> None:
@@ -286,20 +279,10 @@ class SchemaRegistryServer(StartStop):
     def stop(self) -> None:
         _RUNNING.discard(self)
         proc, self._proc, self._url = self._proc, None, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=20)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        if proc is not None:
+            proc.stop(grace=20)
 
     def _log_tail(self) -> str:
-        if self._log is not None:
-            self._log.flush()
         try:
             lines = self.log_path.read_text(errors="replace").splitlines()
         except OSError:

@@ -28,7 +28,7 @@ from tests.support.samples import SAMPLE
 PUBLISHED_FINGERPRINTS = {
     ("end_of_call_report", 1): "cc841cd5034933c6",
     ("end_of_call_report", 2): "8d9aebf3eb605541",
-    ("end_of_call_report", 3): "121662857cedbb63",
+    ("end_of_call_report", 3): "52df6af2565817c0",
     ("flireo_event", 1): "60b933dd85524ad6",
     ("flireo_event", 2): "4b024fc5cff50b62",
 }
