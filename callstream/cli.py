@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import orjson
+from aiokafka.errors import KafkaConnectionError
 
 from callstream import soak
 from callstream.bench.options import BenchOptions
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         # A configuration mistake is the operator's to fix: say what, without a traceback.
         print(f"callstream {args.command}: configuration error: {exc}", file=sys.stderr)
         return 2
-    except KafkaUnreachable as exc:
+    except (KafkaUnreachable, KafkaConnectionError) as exc:
         print(f"callstream {args.command}: cannot use Kafka: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

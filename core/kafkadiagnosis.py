@@ -12,7 +12,11 @@ import asyncio
 import ssl
 
 from aiokafka.conn import create_conn
-from aiokafka.errors import SaslAuthenticationFailed, UnsupportedSaslMechanismError
+from aiokafka.errors import (
+    KafkaConnectionError,
+    SaslAuthenticationFailed,
+    UnsupportedSaslMechanismError,
+)
 from aiokafka.protocol.metadata import MetadataRequest
 
 from core.kafkasecurity import KafkaSecurity
@@ -68,6 +72,8 @@ async def _probe(host: str, port: int, security: KafkaSecurity, timeout: float) 
             f"TLS with Kafka at {where} failed ({exc.reason}): check KAFKA_SECURITY_PROTOCOL="
             f"{security.protocol} against the listener's protocol"
         )
+    except KafkaConnectionError:
+        return _closed(where, security)
     except (TimeoutError, ConnectionError, OSError):
         return "unreachable"
     except (AssertionError, EOFError):
@@ -82,13 +88,20 @@ async def _probe(host: str, port: int, security: KafkaSecurity, timeout: float) 
         # on the first request (TLS 1.3), so one request is what proves the connection.
         async with asyncio.timeout(timeout):
             await conn.send(MetadataRequest([]))
-    except Exception as exc:  # whatever the first request dies of, it is the diagnosis
-        if "certificate required" in str(exc).lower() or "CERTIFICATE_REQUIRED" in str(exc):
-            return (
-                f"Kafka at {where} wants a client certificate: set KAFKA_SSL_CERTFILE and"
-                " KAFKA_SSL_KEYFILE (mutual TLS)"
-            )
-        return "unreachable"
+    except Exception:  # whatever the first request dies of, it is the diagnosis
+        return _closed(where, security)
     finally:
         conn.close()
     return None
+
+
+def _closed(where: str, security: KafkaSecurity) -> str:
+    if security.uses_tls and security.ssl_certfile is None:
+        # The server's "certificate required" alert rarely reaches the client: all it sees
+        # is the connection closing after the handshake.
+        return (
+            f"Kafka at {where} closed the TLS connection after the handshake, as a listener"
+            " that wants a client certificate does: set KAFKA_SSL_CERTFILE and"
+            " KAFKA_SSL_KEYFILE (mutual TLS)"
+        )
+    return "unreachable"

@@ -47,7 +47,10 @@ async def test_run_pipeline_stores_alerts_and_counts_a_report_once(
 
         await until(counted, what="the metric")
 
-        # The same report again (Flireo retrying after a timeout, say).
+        # The same report again (Flireo retrying after a timeout, say): signed anew, so at
+        # least a second later; the same signed request again would be a replay, answered
+        # without publishing.
+        await asyncio.sleep(1.1)
         again = await asyncio.to_thread(send_sample, pipeline)
         assert again.returncode == 0, again.stderr
 

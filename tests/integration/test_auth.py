@@ -53,8 +53,9 @@ async def test_signature_matrix_and_nothing_published_for_refusals(
     assert await read_back(kafka, kafka.topic, idle=1.0) == []
 
     for name, headers in [
-        ("plain hex", signed(sample_bytes, TEST_SECRET)),
-        ("sha256= prefix", signed(sample_bytes, TEST_SECRET, prefixed=True)),
+        ("plain hex", signed(sample_bytes, TEST_SECRET, at=now)),
+        # A second apart: the same signature in both spellings is one delivery, sent twice.
+        ("sha256= prefix", signed(sample_bytes, TEST_SECRET, at=now + 1, prefixed=True)),
         ("milliseconds timestamp", _signed_ms(sample_bytes, TEST_SECRET)),
     ]:
         got, answer = await _post(ingress, sample_bytes, headers)
