@@ -310,8 +310,8 @@ def _cluster_status(cluster: LocalCluster, env: Mapping[str, str]) -> int:
         print(f"node {number}: {'running' if running else 'stopped'}{pid}")
     if not any(state is not None and state.running for _, state in states):
         return 1
-    topics = field_from_env(KafkaSettings, "topic", env)
-    kafka = KafkaSettings(cluster.bootstrap, topic=topics, security=cluster.security())
+    topic = field_from_env(KafkaSettings, "topic", env)
+    kafka = KafkaSettings(cluster.bootstrap, topic=topic, security=cluster.security())
     names = [kafka.topic, kafka.events_topic, kafka.dlq_topic]
     view = _run_async(describe(kafka, names))
     print(f"brokers in the cluster: {view.brokers}; active controller: node {view.controller}")

@@ -72,7 +72,7 @@ Durable = Literal["kafka", "spool"]
 
 
 @dataclass(frozen=True, slots=True)
-class Delivery:
+class BatchOutcome:
     """How many leading records of a batch every in-sync replica has, and why the next one
     is not (None when all are)."""
 
@@ -216,7 +216,7 @@ class KafkaPublisher:
             error = KafkaNotAcknowledged if retry else KafkaRejected
             raise error(f"Kafka refused the record: {type(exc).__name__}") from exc
 
-    async def publish_many(self, records: Sequence[OutgoingRecord], timeout: float) -> Delivery:
+    async def publish_many(self, records: Sequence[OutgoingRecord], timeout: float) -> BatchOutcome:
         """Publish in order; say how many leading records every in-sync replica has.
 
         Records after the first unacknowledged one may have landed too; the caller sends
@@ -250,8 +250,8 @@ class KafkaPublisher:
             acked += 1
         if acked < len(records):
             self._last_failure = time.monotonic()
-            return Delivery(acked, error or TimeoutError())
-        return Delivery(acked, None)
+            return BatchOutcome(acked, error or TimeoutError())
+        return BatchOutcome(acked, None)
 
     def _watch(self, producer: AIOKafkaProducer, future: asyncio.Future[object]) -> None:
         """Every outcome is retrieved (none is logged as never retrieved, even after its

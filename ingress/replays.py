@@ -51,9 +51,6 @@ class RecentDeliveries:
         self._max = max_remembered
         self._seen: OrderedDict[str, _Seen] = OrderedDict()
 
-    def __len__(self) -> int:
-        return len(self._seen)
-
     async def answer(
         self, key: str, handle: Callable[[], Awaitable[web.Response]]
     ) -> tuple[web.Response, bool]:
