@@ -7,9 +7,11 @@ call: a SQLite file (`CALLSTREAM_ALERT_STATE_PATH`) records what was sent, so re
 and replays stay quiet (the one crash window is described in consumers/alerting/state.py).
 
 Alerts of a batch are sent concurrently, each channel behind its own token bucket. An
-alert a channel keeps refusing is dead-lettered (a row in `alert_dead_letters`) without
-holding up other channels or rules. `handle` returns when every alert of the batch is sent
-or dead-lettered; it raises RetryableError only when the state database is unavailable.
+alert a channel keeps refusing is dead-lettered (a row in `alert_dead_letters`, keeping what
+the alert said) without holding up other channels or rules; `callstream alerts retry` sends
+it again later (consumers/alerting/redelivery.py). `handle` returns when every alert of the
+batch is sent or dead-lettered; it raises RetryableError only when the state database is
+unavailable.
 
 Messages never carry a full phone number, the recording URL, or any URL at all; summary
 and transcript excerpt are cut short.
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
 
-from consumers.alerting.channels import senders_for
+from consumers.alerting.channels import AlertContext, senders_for
 from consumers.alerting.delivery import AlertMetrics, Delivered, Undeliverable, buckets_for, deliver
 from consumers.alerting.egress import GuardedHttp
 from consumers.alerting.message import build_context
@@ -63,7 +65,7 @@ class AlertingConsumer(Consumer):
         self._buckets = buckets_for(channels)
         # Outcomes that happened but could not be written (state DB failed afterwards):
         # written first on the next call, so the redelivered batch does not re-send them.
-        self._unrecorded: dict[AlertKey, Delivered | Undeliverable] = {}
+        self._unrecorded: dict[AlertKey, tuple[Delivered | Undeliverable, AlertContext]] = {}
 
     async def start(self) -> None:
         await self._state.open()
@@ -159,12 +161,14 @@ class AlertingConsumer(Consumer):
                 },
             )
         try:
-            await self._record(key, outcome)
+            await self._record(key, outcome, context)
         except StateUnavailable:
-            self._unrecorded[key] = outcome
+            self._unrecorded[key] = (outcome, context)
             raise
 
-    async def _record(self, key: AlertKey, outcome: Delivered | Undeliverable) -> None:
+    async def _record(
+        self, key: AlertKey, outcome: Delivered | Undeliverable, context: AlertContext
+    ) -> None:
         if isinstance(outcome, Delivered):
             await self._state.mark_sent(key, outcome.attempts)
         else:
@@ -174,11 +178,12 @@ class AlertingConsumer(Consumer):
                 reason=outcome.reason,
                 detail=outcome.detail,
                 attempts=outcome.attempts,
+                context=context,  # what `callstream alerts retry` sends again
             )
 
     async def _write_unrecorded(self) -> None:
-        for key, outcome in list(self._unrecorded.items()):
-            await self._record(key, outcome)
+        for key, (outcome, context) in list(self._unrecorded.items()):
+            await self._record(key, outcome, context)
             del self._unrecorded[key]
 
 

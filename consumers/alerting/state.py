@@ -13,6 +13,13 @@ lost alert. Alerting prefers a rare duplicate to silence; generic webhooks carry
 `alert_id` (and e-mails a stable Message-ID) so receivers can drop the duplicate. Keys
 already `sent` or `dead_lettered` answer `done` and are not sent again.
 
+A dead-lettered alert keeps what it said (the privacy-safe alert context, as JSON) in its
+`alert_dead_letters` row, so `callstream alerts retry` can send that same alert again later
+(consumers/alerting/redelivery.py). A retry claims the dead letter (`retry_started_at`)
+rather than the notification, whose status stays `dead_lettered` until the retry delivers:
+the consumer keeps answering `done` for it, so a replay running beside a retry never sends
+the alert a second time.
+
 The file is opened and used as consumers.sqlite_file describes: a commit is on disk before
 it returns, and one thread owns the connection.
 """
@@ -21,15 +28,19 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Final, Literal, NamedTuple, TypeAlias
+from typing import Any, Final, Literal, NamedTuple, TypeAlias
+
+import orjson
 
 from consumers import sqlite_file
+from consumers.alerting.channels import AlertContext
 from consumers.sqlite_file import SqliteThread
 
 ClaimStatus: TypeAlias = Literal["new", "resend", "done"]
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS alert_notifications (
@@ -52,10 +63,26 @@ CREATE TABLE IF NOT EXISTS alert_dead_letters (
     reason       TEXT    NOT NULL,
     detail       TEXT    NOT NULL,
     attempts     INTEGER NOT NULL,
-    created_at   TEXT    NOT NULL
+    created_at   TEXT    NOT NULL,
+    context          TEXT,     -- the alert as sent (JSON); NULL if dead-lettered before v2
+    retry_started_at TEXT,     -- a retry is sending it (or was, until it was interrupted)
+    retries          INTEGER NOT NULL DEFAULT 0,
+    retried_at       TEXT,     -- when the last retry finished
+    retry_error      TEXT,     -- why the last retry failed; NULL once one delivered
+    resolved_at      TEXT      -- a retry delivered it
 );
 CREATE INDEX IF NOT EXISTS alert_dead_letters_call ON alert_dead_letters (call_id);
 """
+
+# v1 -> v2: the dead-letter columns a retry needs, added to a file an older release laid out.
+_V2_DEAD_LETTER_COLUMNS: Final = (
+    ("context", "TEXT"),
+    ("retry_started_at", "TEXT"),
+    ("retries", "INTEGER NOT NULL DEFAULT 0"),
+    ("retried_at", "TEXT"),
+    ("retry_error", "TEXT"),
+    ("resolved_at", "TEXT"),
+)
 
 
 class StateUnavailable(Exception):
@@ -68,8 +95,115 @@ class AlertKey(NamedTuple):
     channel: str
 
 
+def _iso(moment: datetime) -> str:
+    # One fixed format (UTC, milliseconds, Z), so stored times compare as text.
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return _iso(datetime.now(UTC))
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """An alert given up on, what it said, and what retries made of it."""
+
+    id: int
+    key: AlertKey
+    channel_type: str
+    reason: str
+    detail: str
+    attempts: int
+    created_at: str
+    context: AlertContext | None  # None: dead-lettered by a release that did not keep it
+    retry_started_at: str | None
+    retries: int
+    retried_at: str | None
+    retry_error: str | None
+    resolved_at: str | None
+
+    @property
+    def error(self) -> str:
+        """The latest reason it was not delivered."""
+        return self.retry_error or f"{self.reason}: {self.detail}"
+
+
+@dataclass(frozen=True, slots=True)
+class AlertRecord:
+    """One (rule, call, channel) and the latest dead letter for it, if any."""
+
+    key: AlertKey
+    status: str
+    attempts: int
+    claims: int
+    created_at: str
+    updated_at: str
+    dead_letter: DeadLetter | None
+
+
+_DEAD_LETTER_COLUMNS: Final = (
+    "d.id, d.rule, d.call_id, d.channel, d.channel_type, d.reason, d.detail, d.attempts,"
+    " d.created_at, d.context, d.retry_started_at, d.retries, d.retried_at, d.retry_error,"
+    " d.resolved_at"
+)
+# Built from the constant column list above, never from input: S608 does not apply.
+_HISTORY: Final = (
+    "SELECT n.rule, n.call_id, n.channel, n.status, n.attempts, n.claims,"  # noqa: S608
+    f" n.created_at, n.updated_at, {_DEAD_LETTER_COLUMNS}"
+    " FROM alert_notifications n LEFT JOIN alert_dead_letters d ON d.id = ("
+    "   SELECT max(x.id) FROM alert_dead_letters x"
+    "   WHERE x.call_id = n.call_id AND x.rule = n.rule AND x.channel = n.channel)"
+    " WHERE n.updated_at >= ? AND (? = 0 OR n.status = 'dead_lettered')"
+    " ORDER BY n.updated_at, n.rule, n.call_id, n.channel"
+)
+_DEAD_LETTER: Final = f"SELECT {_DEAD_LETTER_COLUMNS} FROM alert_dead_letters d WHERE d.id = ?"  # noqa: S608
+_UNRESOLVED: Final = (
+    f"SELECT {_DEAD_LETTER_COLUMNS} FROM alert_dead_letters d"  # noqa: S608
+    " JOIN alert_notifications n"
+    "   ON n.rule = d.rule AND n.call_id = d.call_id AND n.channel = d.channel"
+    " WHERE d.resolved_at IS NULL AND n.status = 'dead_lettered'"
+    " AND d.created_at >= ? ORDER BY d.id"
+)
+
+
+def _dead_letter(row: Sequence[Any]) -> DeadLetter:
+    return DeadLetter(
+        id=int(row[0]),
+        key=AlertKey(str(row[1]), str(row[2]), str(row[3])),
+        channel_type=str(row[4]),
+        reason=str(row[5]),
+        detail=str(row[6]),
+        attempts=int(row[7]),
+        created_at=str(row[8]),
+        context=None if row[9] is None else decode_context(str(row[9])),
+        retry_started_at=row[10],
+        retries=int(row[11]),
+        retried_at=row[12],
+        retry_error=row[13],
+        resolved_at=row[14],
+    )
+
+
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    # Judged by the columns present, not by user_version: a crash between the stamp and the
+    # ALTERs, or two processes opening the file at once, must still end with every column.
+    with sqlite_file.transaction(conn):
+        present = {str(row[1]) for row in conn.execute("PRAGMA table_info(alert_dead_letters)")}
+        for name, declaration in _V2_DEAD_LETTER_COLUMNS:
+            if name not in present:
+                conn.execute(f"ALTER TABLE alert_dead_letters ADD COLUMN {name} {declaration}")
+
+
+def encode_context(context: AlertContext) -> str:
+    return orjson.dumps(
+        {"alert_id": context.alert_id, "values": context.values, "payload": context.payload}
+    ).decode()
+
+
+def decode_context(text: str) -> AlertContext:
+    data: dict[str, Any] = orjson.loads(text)
+    values = {str(name): str(value) for name, value in data["values"].items()}
+    return AlertContext(str(data["alert_id"]), values, dict(data["payload"]))
 
 
 def _status(conn: sqlite3.Connection, key: AlertKey) -> str | None:
@@ -93,13 +227,19 @@ class AlertState:
         await self._db.close()
 
     def _connect(self) -> sqlite3.Connection:
-        return sqlite_file.connect_laid_out(
+        conn = sqlite_file.connect_laid_out(
             self._path,
             busy_timeout=self._busy_timeout,
             version=SCHEMA_VERSION,
             ddl=_SCHEMA,
             what=f"alert state {self._path}",
         )
+        try:
+            _add_missing_columns(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
     def _unavailable(self, exc: Exception) -> Exception:
         return StateUnavailable(f"alert state {self._path}: {exc}")
@@ -145,7 +285,14 @@ class AlertState:
         await self._db.run(work)
 
     async def mark_dead_lettered(
-        self, key: AlertKey, *, channel_type: str, reason: str, detail: str, attempts: int
+        self,
+        key: AlertKey,
+        *,
+        channel_type: str,
+        reason: str,
+        detail: str,
+        attempts: int,
+        context: AlertContext,
     ) -> None:
         def work(conn: sqlite3.Connection) -> None:
             now = _now()
@@ -157,11 +304,115 @@ class AlertState:
                 )
                 conn.execute(
                     "INSERT INTO alert_dead_letters (rule, call_id, channel, channel_type,"
-                    " reason, detail, attempts, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (*key, channel_type, reason, detail, attempts, now),
+                    " reason, detail, attempts, created_at, context)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (*key, channel_type, reason, detail, attempts, now, encode_context(context)),
                 )
 
         await self._db.run(work)
 
     async def status(self, key: AlertKey) -> str | None:
         return await self._db.run(lambda conn: _status(conn, key))
+
+    async def history(self, *, since: datetime | None, failed_only: bool) -> list[AlertRecord]:
+        """Every (rule, call, channel) changed since `since`, oldest change first."""
+
+        def work(conn: sqlite3.Connection) -> list[AlertRecord]:
+            rows = conn.execute(
+                _HISTORY,
+                ("" if since is None else _iso(since), int(failed_only)),
+            ).fetchall()
+            return [
+                AlertRecord(
+                    AlertKey(row[0], row[1], row[2]),
+                    status=str(row[3]),
+                    attempts=int(row[4]),
+                    claims=int(row[5]),
+                    created_at=str(row[6]),
+                    updated_at=str(row[7]),
+                    dead_letter=None if row[8] is None else _dead_letter(row[8:]),
+                )
+                for row in rows
+            ]
+
+        return await self._db.run(work)
+
+    async def dead_letter(self, dead_letter_id: int) -> DeadLetter | None:
+        def work(conn: sqlite3.Connection) -> DeadLetter | None:
+            row = conn.execute(
+                _DEAD_LETTER,
+                (dead_letter_id,),
+            ).fetchone()
+            return None if row is None else _dead_letter(row)
+
+        return await self._db.run(work)
+
+    async def unresolved_dead_letters(self, *, since: datetime | None) -> list[DeadLetter]:
+        """Dead letters given up on since `since` that no retry has delivered, oldest first."""
+
+        def work(conn: sqlite3.Connection) -> list[DeadLetter]:
+            rows = conn.execute(
+                _UNRESOLVED,
+                ("" if since is None else _iso(since),),
+            ).fetchall()
+            return [_dead_letter(row) for row in rows]
+
+        return await self._db.run(work)
+
+    async def claim_retry(self, dead_letter_id: int, *, stale_before: datetime) -> bool:
+        """Take this dead letter for one retry; False if it is delivered, or if another retry
+        started it after `stale_before` (that one may still be sending)."""
+
+        def work(conn: sqlite3.Connection) -> bool:
+            with sqlite_file.transaction(conn):
+                cursor = conn.execute(
+                    "UPDATE alert_dead_letters SET retry_started_at = ?"
+                    " WHERE id = ? AND resolved_at IS NULL"
+                    " AND (retry_started_at IS NULL OR retry_started_at < ?)"
+                    " AND EXISTS (SELECT 1 FROM alert_notifications n"
+                    "   WHERE n.rule = alert_dead_letters.rule"
+                    "   AND n.call_id = alert_dead_letters.call_id"
+                    "   AND n.channel = alert_dead_letters.channel"
+                    "   AND n.status = 'dead_lettered')",
+                    (_now(), dead_letter_id, _iso(stale_before)),
+                )
+                return cursor.rowcount == 1
+
+        return await self._db.run(work)
+
+    async def retry_delivered(self, dead_letter: DeadLetter, attempts: int) -> None:
+        def work(conn: sqlite3.Connection) -> None:
+            now = _now()
+            with sqlite_file.transaction(conn):
+                conn.execute(
+                    "UPDATE alert_dead_letters SET resolved_at = ?, retried_at = ?,"
+                    " retries = retries + 1, retry_started_at = NULL, retry_error = NULL"
+                    " WHERE id = ?",
+                    (now, now, dead_letter.id),
+                )
+                conn.execute(
+                    "UPDATE alert_notifications SET status = 'sent', attempts = ?, updated_at = ?"
+                    " WHERE rule = ? AND call_id = ? AND channel = ?",
+                    (attempts, now, *dead_letter.key),
+                )
+
+        await self._db.run(work)
+
+    async def retry_failed(self, dead_letter: DeadLetter, error: str, attempts: int) -> None:
+        def work(conn: sqlite3.Connection) -> None:
+            now = _now()
+            with sqlite_file.transaction(conn):
+                conn.execute(
+                    "UPDATE alert_dead_letters SET retried_at = ?, retries = retries + 1,"
+                    " retry_started_at = NULL, retry_error = ? WHERE id = ?",
+                    (now, error, dead_letter.id),
+                )
+                # attempts 0: nothing was sent (the channel is gone); keep the last count.
+                conn.execute(
+                    "UPDATE alert_notifications"
+                    " SET attempts = CASE WHEN ? > 0 THEN ? ELSE attempts END, updated_at = ?"
+                    " WHERE rule = ? AND call_id = ? AND channel = ?",
+                    (attempts, attempts, now, *dead_letter.key),
+                )
+
+        await self._db.run(work)
