@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import orjson
 from aiokafka.errors import KafkaConnectionError
 
-from callstream import soak
+from callstream import alerts, soak
 from callstream.bench.options import BenchOptions
 from callstream.bench.options import add_arguments as add_bench_arguments
 from callstream.bench.run import run_bench
@@ -168,6 +168,51 @@ def _parser() -> argparse.ArgumentParser:
     redrive.add_argument("--consumer", metavar="NAME", required=True)
     redrive.add_argument("--dry-run", action="store_true", help="count them, send nothing")
     redrive.set_defaults(func=_cmd_dlq_redrive)
+
+    alerts_cmd = sub.add_parser(
+        "alerts",
+        help="alerts the alerting consumer sent or gave up on; send the given-up ones again",
+        description="Run with the alerting consumer's settings (CALLSTREAM_ALERT_STATE_PATH, "
+        "CALLSTREAM_ALERT_RULES). Examples: `callstream alerts list --failed --since -2h`; "
+        "`callstream alerts retry --dry-run`, then `callstream alerts retry`. "
+        "See docs/operations.md#failed-alerts.",
+    )
+    alerts_actions = alerts_cmd.add_subparsers(dest="action", required=True)
+    alerts_list = alerts_actions.add_parser(
+        "list", help="every alert: rule, channel, call, status, error, attempts, times"
+    )
+    alerts_list.add_argument(
+        "--failed", action="store_true", help="only alerts given up on, e.g. `alerts list --failed`"
+    )
+    alerts_list.add_argument(
+        "--since",
+        metavar="TIME",
+        help="changed since an ISO time or an age back from now: 2026-12-01T09:00Z, -2h, -7d",
+    )
+    alerts_list.add_argument(
+        "--json", action="store_true", help="one JSON object per line, e.g. `--json | jq .error`"
+    )
+    alerts_list.set_defaults(func=alerts.list_command)
+    alerts.accept_ages(alerts_list)
+    alerts_retry = alerts_actions.add_parser(
+        "retry",
+        help="send given-up alerts again, once each, with the same alert_id",
+        description="Without --id or --since: every alert given up on and not yet resent.",
+    )
+    which = alerts_retry.add_mutually_exclusive_group()
+    which.add_argument(
+        "--id", type=int, metavar="ID", help="one dead letter, as `alerts list` numbers it: --id 3"
+    )
+    which.add_argument(
+        "--since",
+        metavar="TIME",
+        help="given up since an ISO time or an age back from now: 2026-12-01T09:00Z, -2h, -7d",
+    )
+    alerts_retry.add_argument(
+        "--dry-run", action="store_true", help="show what would be sent, e.g. `retry --dry-run`"
+    )
+    alerts_retry.set_defaults(func=alerts.retry_command)
+    alerts.accept_ages(alerts_retry)
 
     bench = sub.add_parser(
         "bench",

@@ -1,0 +1,196 @@
+"""`callstream alerts list` and `callstream alerts retry`: what the alerting consumer sent or
+gave up on, read from its state file (CALLSTREAM_ALERT_STATE_PATH), and sending what it
+gave up on again through the rule file's channels (consumers/alerting/redelivery.py).
+
+Both read the same settings as the alerting consumer, so run them with its environment.
+Their own errors (no state file, an unknown dead letter, a bad --since) are one line on
+stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from callstream.erase import parse_age
+from callstream.replayplan import parse_time
+from consumers.alerting import AlertingSettings, load_rule_file
+from consumers.alerting.redelivery import Redelivery, RetryResult, UnknownDeadLetter, failed
+from consumers.alerting.state import AlertRecord, AlertState, DeadLetter, StateUnavailable
+
+
+class _CommandError(Exception):
+    """One line for the operator; exit code 2."""
+
+
+def parse_since(text: str, *, now: datetime | None = None) -> datetime:
+    """An ISO time (UTC unless a zone is given) or an age back from now: `-2h`, `-7d`."""
+    text = text.strip()
+    try:
+        if text.startswith("-"):
+            return (now or datetime.now(UTC)) - parse_age(text[1:])
+        return parse_time(text)
+    except ValueError:
+        raise _CommandError(
+            f"--since {text!r}: give an ISO time (2026-12-01T09:00Z) or an age back from now"
+            " (-90m, -2h, -7d)"
+        ) from None
+
+
+def accept_ages(parser: argparse.ArgumentParser) -> None:
+    """Let `--since -2h` through: argparse takes any other word starting with "-" for an
+    option (only `-2`, `-2.5` pass as negative numbers), and `--since=-2h` is easy to miss."""
+    parser._negative_number_matcher = re.compile(r"^-\d+[smhdw]?$|^-\d*\.\d+$")
+
+
+def _since(args: argparse.Namespace) -> datetime | None:
+    return None if args.since is None else parse_since(args.since)
+
+
+def _existing_state(settings: AlertingSettings) -> None:
+    # Opening would create an empty file: a wrong path must say so instead of listing nothing.
+    if not settings.state_path.is_file():
+        raise _CommandError(
+            f"no alert state file at {settings.state_path} (CALLSTREAM_ALERT_STATE_PATH):"
+            " run this with the alerting consumer's settings"
+        )
+
+
+def _fail(command: str, exc: Exception) -> int:
+    message = " ".join(str(exc).split())
+    print(f"callstream alerts {command}: {message}", file=sys.stderr)
+    return 2
+
+
+# -- list ---------------------------------------------------------------------------------
+
+
+def list_command(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    settings = AlertingSettings.from_env(env)
+    try:
+        since = _since(args)
+        _existing_state(settings)
+        records = asyncio.run(_history(settings, since, failed_only=args.failed))
+    except (_CommandError, StateUnavailable) as exc:
+        return _fail("list", exc)
+    if args.json:
+        for record in records:
+            sys.stdout.write(orjson.dumps(record_json(record)).decode() + "\n")
+        return 0
+    if not records:
+        print("no failed alerts" if args.failed else "no alerts")
+        return 0
+    _print_table([_row(record) for record in records])
+    return 0
+
+
+async def _history(
+    settings: AlertingSettings, since: datetime | None, *, failed_only: bool
+) -> list[AlertRecord]:
+    state = AlertState(settings.state_path, busy_timeout=settings.state_busy_timeout)
+    await state.open()
+    try:
+        return await state.history(since=since, failed_only=failed_only)
+    finally:
+        await state.close()
+
+
+def record_json(record: AlertRecord) -> dict[str, Any]:
+    """One (rule, call, channel) for `--json`."""
+    dead_letter = record.dead_letter
+    return {
+        "rule": record.key.rule,
+        "channel": record.key.channel,
+        "call_id": record.key.call_id,
+        "status": record.status,
+        "error": None if dead_letter is None or record.status == "sent" else dead_letter.error,
+        "attempts": record.attempts,
+        "claims": record.claims,
+        "created_at": record.created_at,
+        "updated_at": record.updated_at,
+        "dead_letter_id": None if dead_letter is None else dead_letter.id,
+        "channel_type": None if dead_letter is None else dead_letter.channel_type,
+        "retries": 0 if dead_letter is None else dead_letter.retries,
+        "retried_at": None if dead_letter is None else dead_letter.retried_at,
+    }
+
+
+def _row(record: AlertRecord) -> list[str]:
+    fields = record_json(record)
+    dead_letter = fields["dead_letter_id"]
+    return [
+        fields["updated_at"],
+        fields["status"],
+        "" if dead_letter is None else f"#{dead_letter}",
+        record.key.rule,
+        record.key.channel,
+        record.key.call_id,
+        str(fields["attempts"]),
+        fields["error"] or "",
+    ]
+
+
+def _print_table(rows: Sequence[list[str]]) -> None:
+    header = ["UPDATED", "STATUS", "DEAD", "RULE", "CHANNEL", "CALL", "ATTEMPTS", "ERROR"]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header) - 1)]
+    for row in [header, *rows]:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
+        print("  ".join([*cells, row[-1]]).rstrip())
+
+
+# -- retry --------------------------------------------------------------------------------
+
+
+def retry_command(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    settings = AlertingSettings.from_env(env)
+    try:
+        since = _since(args)
+        _existing_state(settings)
+        if settings.rules_path is None:
+            raise _CommandError(
+                "CALLSTREAM_ALERT_RULES is not set: a retry sends through the rule file's channels"
+            )
+        rules = load_rule_file(settings.rules_path, env)
+        results = asyncio.run(_retry(Redelivery(settings, rules), args, since))
+    except (_CommandError, StateUnavailable, UnknownDeadLetter) as exc:
+        return _fail("retry", exc)
+    for result in results:
+        print(_result_line(result))
+    print(_summary(results, dry_run=args.dry_run))
+    return 1 if failed(results) else 0
+
+
+async def _retry(
+    redelivery: Redelivery, args: argparse.Namespace, since: datetime | None
+) -> list[RetryResult]:
+    async with redelivery:
+        return await redelivery.retry(dead_letter_id=args.id, since=since, dry_run=args.dry_run)
+
+
+def _describe(dead_letter: DeadLetter) -> str:
+    key = dead_letter.key
+    return f"#{dead_letter.id} rule={key.rule} channel={key.channel} call={key.call_id}"
+
+
+def _result_line(result: RetryResult) -> str:
+    line = f"{result.outcome:<10}  {_describe(result.dead_letter)}"
+    if result.outcome == "sent":
+        return f"{line} ({result.attempts} attempt(s))"
+    return f"{line}: {result.detail}" if result.detail else line
+
+
+def _summary(results: Sequence[RetryResult], *, dry_run: bool) -> str:
+    if not results:
+        return "nothing to retry"
+    counts: dict[str, int] = {}
+    for result in results:
+        counts[result.outcome] = counts.get(result.outcome, 0) + 1
+    told = ", ".join(f"{count} {outcome}" for outcome, count in counts.items())
+    return f"dry run, nothing sent: {told}" if dry_run else told
