@@ -15,10 +15,12 @@ import os
 import sqlite3
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from email import message_from_bytes, policy
+from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +28,13 @@ import orjson
 import pytest
 import yaml
 from aiohttp import web
+from aiosmtpd.controller import Controller
 from prometheus_client import CollectorRegistry
 
+from callstream.ports import free_port
 from consumers.alerting import AlertState, build
 from core.kafkasettings import KafkaSettings
+from tests.support.alerting import email_channel
 from tests.support.cli import run_cli
 from tests.support.produce import produce_reports, sample_report
 from tests.support.runner import eventually, running
@@ -85,10 +90,14 @@ def write_rules(path: Path, channels: dict[str, Any]) -> None:
     path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
 
 
-def alerting_env(tmp_path: Path, hook: Hook) -> dict[str, str]:
-    """The alerting consumer's settings: the commands run with the same ones."""
+def alerting_env(
+    tmp_path: Path, hook: Hook, channels: dict[str, Any] | None = None
+) -> dict[str, str]:
+    """The alerting consumer's settings (one rule notifying `channels`, by default the hook):
+    the commands run with the same ones."""
     rules = tmp_path / "rules.yaml"
-    write_rules(rules, {"hook": {"type": "webhook", "url": hook.url, "secret_env": "HOOK_SECRET"}})
+    hook_channel = {"type": "webhook", "url": hook.url, "secret_env": "HOOK_SECRET"}
+    write_rules(rules, channels or {"hook": hook_channel})
     return {
         "CALLSTREAM_ALERT_RULES": str(rules),
         "CALLSTREAM_ALERT_STATE_PATH": str(tmp_path / "alerting.db"),
@@ -288,6 +297,58 @@ async def test_a_retry_interrupted_mid_send_is_taken_over_only_once_its_budget_h
     assert code == 0, err
     assert out.startswith("sent        #1 rule=happy-caller channel=hook")
     assert len(hook.delivered()) == 1
+
+
+class RefusingMailbox:
+    """An SMTP server's handler: "try again later" (451) while `broken`; keeps every message
+    it was offered, taken or not."""
+
+    def __init__(self) -> None:
+        self.broken = True
+        self.offered: list[tuple[str, EmailMessage]] = []
+
+    async def handle_DATA(self, server: object, session: object, envelope: Any) -> str:
+        message = message_from_bytes(envelope.content, policy=policy.default)
+        assert isinstance(message, EmailMessage)
+        answer = "451 4.3.0 try again later" if self.broken else "250 OK"
+        self.offered.append((answer, message))
+        return answer
+
+
+@pytest.fixture
+def mailbox() -> Iterator[tuple[RefusingMailbox, int]]:
+    handler = RefusingMailbox()
+    controller = Controller(handler, hostname="127.0.0.1", port=free_port())
+    controller.start()
+    try:
+        yield handler, controller.port
+    finally:
+        controller.stop()
+
+
+async def test_a_given_up_e_mail_is_sent_again_with_its_message_id(
+    tmp_path: Path, kafka: KafkaSettings, hook: Hook, mailbox: tuple[RefusingMailbox, int]
+) -> None:
+    handler, port = mailbox
+    alerting = alerting_env(tmp_path, hook, {"mail": email_channel(port)})
+    env = cli_env(alerting)
+    await dead_lettered_by_the_consumer(kafka, alerting, hook)
+    assert [answer[:3] for answer, _ in handler.offered] == ["451", "451"]
+    code, out, _ = await alerts(env, "list", "--failed", "--json")
+    [failed] = json_lines(out)
+    assert (failed["channel_type"], failed["error"][:15]) == ("email", "smtp_temporary:")
+
+    handler.broken = False
+    code, out, err = await alerts(env, "retry")
+    assert code == 0, out + err
+    assert out.startswith("sent        #1 rule=happy-caller channel=mail")
+    (_, first), (_, second), (taken, resent) = handler.offered
+    assert taken == "250 OK"
+    assert resent["Message-ID"] == first["Message-ID"] == second["Message-ID"]
+    assert resent["Message-ID"].endswith("@callstream.alerting>")
+    assert resent["Subject"] == first["Subject"]
+    assert resent.get_content() == first.get_content()
+    assert CALLER not in resent.as_string()
 
 
 @pytest.mark.parametrize(

@@ -54,6 +54,7 @@ from schemas.codec import Decoder, single_object_encoder
 from schemas.normalise import normalise
 from schemas.report import CallReport
 from schemas.store import END_OF_CALL_REPORT, default_store
+from tests.support.alerting import email_channel as email
 from tests.support.paths import REPO
 
 SAMPLE_PATH = REPO.parent / "shared" / "samples" / "end-of-call-report.json"
@@ -224,18 +225,6 @@ def slack(url: str, **extra: Any) -> dict[str, Any]:
 
 def webhook(url: str, **extra: Any) -> dict[str, Any]:
     return {"type": "webhook", "url": url, "secret_env": "TEST_WEBHOOK_SECRET", **extra}
-
-
-def email(port: int, **extra: Any) -> dict[str, Any]:
-    return {
-        "type": "email",
-        "host": "127.0.0.1",
-        "port": port,
-        "starttls": False,
-        "from": "alerts@callstream.test",
-        "to": ["ops@callstream.test"],
-        **extra,
-    }
 
 
 def rule_file(tmp_path: Path, channels: Mapping[str, Any], when: Any = "sentiment > 5") -> Path:
