@@ -371,6 +371,39 @@ def test_errors_are_one_line_and_exit_code_2(
     assert not (tmp_path / "missing").exists()  # a wrong path is not created
 
 
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"not a database at all, but a stray file" * 100, "file is not a database"),
+        (None, "has layout v3, newer than this release's v2"),
+    ],
+)
+def test_a_state_file_it_cannot_read_is_one_line_and_exit_code_2(
+    tmp_path: Path, content: bytes | None, message: str
+) -> None:
+    path = tmp_path / "alerting.db"
+    if content is None:
+        with closing(sqlite3.connect(path)) as conn:
+            conn.execute("PRAGMA user_version = 3")
+    else:
+        path.write_bytes(content)
+    rules = tmp_path / "rules.yaml"
+    hook = {"type": "webhook", "url": "http://127.0.0.1:9/hook", "secret_env": "HOOK_SECRET"}
+    write_rules(rules, {"hook": hook})
+    env = cli_env(
+        {
+            "CALLSTREAM_ALERT_STATE_PATH": str(path),
+            "CALLSTREAM_ALERT_RULES": str(rules),
+            "HOOK_SECRET": SECRET,
+        }
+    )
+    for command in ("list", "retry"):
+        done = run_cli("alerts", command, env=env)
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert done.stderr.count("\n") == 1, done.stderr
+        assert message in done.stderr
+
+
 async def test_an_unknown_dead_letter_id_is_one_line_and_exit_code_2(
     tmp_path: Path, hook: Hook
 ) -> None:
