@@ -69,6 +69,8 @@ class Dialect(ABC):
             "time": self.read_time,
             "json": orjson.loads,
             "bytes": bytes,
+            # SQLite has no boolean type: it gives back the 1 or 0 it was given.
+            "bool": bool,
         }
         self._decoders = tuple((c, decoders[k]) for c, k in COLUMNS if k in decoders)
 
@@ -97,9 +99,6 @@ class Dialect(ABC):
         return value
 
     def json(self, value: Any) -> str:
-        # A NaN or infinite success_evaluation (possible in Avro, impossible in the JSON
-        # webhooks) becomes JSON null here because JSON has no spelling for it; `record`
-        # keeps the real value.
         return orjson.dumps(value).decode()
 
     def lock(self, key: int, *, shared: bool = False) -> Script[None]:
@@ -174,6 +173,7 @@ _PG_ARRAY_TYPES: Final[dict[Kind, str]] = {
     "real": "float8",
     "bytes": "bytea",
     "int": "int8",
+    "bool": "bool",
 }
 # One statement for the whole batch: each column travels as one array parameter, so the
 # statement is prepared once per connection whatever the batch size, and one round trip

@@ -98,6 +98,35 @@ SQLITE_MIGRATIONS: Final = _check_migrations(
                 "ALTER TABLE call_reports ADD COLUMN derived_fields TEXT",
             ),
         ),
+        Migration(
+            3,
+            "success_evaluation as plain text, and its typed twin success",
+            (
+                "ALTER TABLE call_reports ADD COLUMN success INTEGER",
+                # One UPDATE: every SET reads the row as it was, JSON text. A JSON string
+                # loses its quotes; true, false and numbers are already spelt as the new
+                # rows spell them (consumers.storage.rows.evaluation_text). The trimmed
+                # spaces are the ASCII ones that rows.success_flag trims.
+                """
+                UPDATE call_reports SET
+                    success = CASE json_type(success_evaluation)
+                        WHEN 'true' THEN 1
+                        WHEN 'false' THEN 0
+                        WHEN 'text' THEN CASE lower(trim(json_extract(success_evaluation, '$'),
+                                                         ' ' || char(9, 10, 11, 12, 13)))
+                            WHEN 'true' THEN 1
+                            WHEN 'false' THEN 0
+                        END
+                    END,
+                    success_evaluation = CASE json_type(success_evaluation)
+                        WHEN 'text' THEN json_extract(success_evaluation, '$')
+                        WHEN 'null' THEN NULL
+                        ELSE success_evaluation
+                    END
+                WHERE success_evaluation IS NOT NULL
+                """,
+            ),
+        ),
     )
 )
 
@@ -188,6 +217,29 @@ POSTGRES_MIGRATIONS: Final = _check_migrations(
                     ADD COLUMN event_time_source text NOT NULL DEFAULT 'sent',
                     ADD COLUMN derived_fields jsonb
                 """,
+            ),
+        ),
+        Migration(
+            3,
+            "success_evaluation as plain text, and its typed twin success",
+            (
+                "ALTER TABLE call_reports ADD COLUMN success boolean",
+                # #>> '{}' is a JSON scalar's text: a string without its quotes, true,
+                # false and numbers as the new rows spell them.
+                r"""
+                UPDATE call_reports SET success = CASE
+                    WHEN jsonb_typeof(success_evaluation) = 'boolean'
+                        THEN (success_evaluation #>> '{}')::boolean
+                    WHEN jsonb_typeof(success_evaluation) = 'string'
+                        AND lower(btrim(success_evaluation #>> '{}', E' \t\n\r\f\x0b'))
+                            IN ('true', 'false')
+                        THEN lower(btrim(success_evaluation #>> '{}', E' \t\n\r\f\x0b'))
+                            = 'true'
+                END
+                WHERE success_evaluation IS NOT NULL
+                """,
+                "ALTER TABLE call_reports ALTER COLUMN success_evaluation TYPE text"
+                " USING success_evaluation #>> '{}'",
             ),
         ),
     )
