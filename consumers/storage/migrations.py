@@ -127,6 +127,37 @@ SQLITE_MIGRATIONS: Final = _check_migrations(
                 """,
             ),
         ),
+        Migration(
+            4,
+            "call_events: each call's status updates, its timeline",
+            (
+                # One row per status update as delivered: the request id is the ingress's
+                # own for each request (or the sender's X-Request-Id), so a redelivery, a
+                # replay or a second publish of one request hits the key and adds nothing.
+                """
+                CREATE TABLE call_events (
+                    call_id TEXT NOT NULL,
+                    request_id TEXT NOT NULL,
+                    event_type TEXT NOT NULL,
+                    event_time TEXT NOT NULL,
+                    event_time_source TEXT NOT NULL,
+                    received_at TEXT NOT NULL,
+                    status TEXT,
+                    ended_reason TEXT,
+                    error TEXT,
+                    from_number TEXT,
+                    source_format TEXT NOT NULL,
+                    kafka_partition INTEGER NOT NULL,
+                    kafka_offset INTEGER NOT NULL,
+                    stored_at TEXT NOT NULL,
+                    PRIMARY KEY (call_id, request_id)
+                )
+                """,
+                "CREATE INDEX call_events_event_time_idx ON call_events (event_time)",
+                "CREATE INDEX call_events_from_number_idx ON call_events (from_number)"
+                " WHERE from_number IS NOT NULL",
+            ),
+        ),
     )
 )
 
@@ -240,6 +271,34 @@ POSTGRES_MIGRATIONS: Final = _check_migrations(
                 """,
                 "ALTER TABLE call_reports ALTER COLUMN success_evaluation TYPE text"
                 " USING success_evaluation #>> '{}'",
+            ),
+        ),
+        Migration(
+            4,
+            "call_events: each call's status updates, its timeline",
+            (
+                # The key and the indexes as in SQLite's migration 4 (why: there).
+                """
+                CREATE TABLE call_events (
+                    call_id text COLLATE "C" NOT NULL,
+                    request_id text NOT NULL,
+                    event_type text NOT NULL,
+                    event_time timestamptz NOT NULL,
+                    event_time_source text NOT NULL,
+                    received_at timestamptz NOT NULL,
+                    status text,
+                    ended_reason text,
+                    error text,
+                    from_number text,
+                    source_format text NOT NULL,
+                    kafka_partition integer NOT NULL,
+                    kafka_offset bigint NOT NULL,
+                    stored_at timestamptz NOT NULL,
+                    PRIMARY KEY (call_id, request_id)
+                )
+                """,
+                "CREATE INDEX call_events_event_time_idx ON call_events (event_time)",
+                "CREATE INDEX call_events_from_number_idx ON call_events USING hash (from_number)",
             ),
         ),
     )
