@@ -10,10 +10,12 @@ from contextlib import closing
 from typing import Any
 
 import asyncpg
+import orjson
 import pytest
 
 from consumers.storage import StorageConsumer
 from consumers.storage.migrations import MIGRATIONS
+from consumers.storage.rows import evaluation_text, success_flag
 from consumers.storage.settings import BackendName
 from tests.integration.test_storage import deliver, flat
 from tests.support.storage import raw_row, running
@@ -102,6 +104,10 @@ OLD_ROWS: dict[str, tuple[str | None, str | None, bool | None]] = {
     "word": ('"Good"', "Good", None),
     "numeric-string": ('"8"', "8", None),
     "quote-inside": ('"say \\"yes\\""', 'say "yes"', None),
+    "spaced": ('" TRUE\\t\\n"', " TRUE\t\n", True),
+    "fullwidth": ('"\uff34\uff32\uff35\uff25"', "\uff34\uff32\uff35\uff25", None),
+    "no-break-space": ('"\u00a0true"', "\u00a0true", None),
+    "score": ("8.5", "8.5", None),
     "none": (None, None, None),
 }
 _OLD_INSERT = (
@@ -149,6 +155,10 @@ async def test_migration_turns_json_text_into_plain_text_and_fills_success(
                 call,
             )
             assert row == (text, None if success is None else int(success)), call
+            # What a new row would hold for the same value.
+            if text is not None:
+                sent = orjson.loads(OLD_ROWS[call][0] or "null")
+                assert (evaluation_text(sent), success_flag(sent)) == (text, success), call
         # New rows go in beside the converted ones.
         await migrated.handle([deliver(flat(str(uuid.uuid4())))])
         (trues,) = await raw_row(
