@@ -130,8 +130,7 @@ class StorageBackend:
         covers = self._erased.covers_call
         kept = [(d, u) for d, u in updates if not covers(u.call_id, u.from_number)]
         rows = timeline.rows(self._dialect, kept)
-        statement = timeline.insert(self._dialect, rows, stored_at)
-        written = (yield statement).count if rows else 0
+        written = (yield timeline.insert(self._dialect, rows, stored_at)).count if rows else 0
         return EventsWritten(written, len(updates) - len(kept), ignored)
 
     async def timeline(self, call_id: str) -> list[StoredStatus]:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from datetime import UTC, datetime
 from typing import Any
 
@@ -145,3 +146,16 @@ def test_a_web_call_update_has_no_caller_number() -> None:
 )
 def test_no_status_update_from_an_update_without_a_call_or_another_event(name: str) -> None:
     assert status_update(event_of(payload(name))) is None
+
+
+def test_a_record_without_a_known_format_is_read_by_the_shape_of_its_body() -> None:
+    # UNKNOWN is what a reader sees for a format symbol its schema does not know.
+    flat = dataclasses.replace(
+        event_of(payload("flireo-flat-status-update-debugging.json")), source_format="UNKNOWN"
+    )
+    vapi = dataclasses.replace(
+        event_of(payload("vapi-status-update.json")), source_format="UNKNOWN"
+    )
+
+    assert status_update(flat) == EXPECTED["flireo-flat-status-update-debugging.json"]
+    assert status_update(vapi) == EXPECTED["vapi-status-update.json"]
