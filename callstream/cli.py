@@ -480,7 +480,8 @@ def _cmd_erase(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         if value
     ]
     print(
-        f"erased {outcome.rows} stored report(s) ({', '.join(selectors)}); erasure #{outcome.entry}"
+        f"erased {outcome.rows} stored row(s), reports and status updates"
+        f" ({', '.join(selectors)}); erasure #{outcome.entry}"
     )
     if outcome.rows == 0 and args.phone:
         print("no match: numbers are matched exactly as stored, e.g. +31612345678", file=sys.stderr)
@@ -500,7 +501,8 @@ def _cmd_purge(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         print(f"callstream purge: nothing purged: {exc}", file=sys.stderr)
         return 1
     print(
-        f"purged {outcome.rows} stored report(s) older than {args.older_than};"
+        f"purged {outcome.rows} stored row(s), reports and status updates, older than"
+        f" {args.older_than};"
         f" erasure #{outcome.entry}"
     )
     _warn_about_kafka(env, outcome.compacted)

@@ -42,7 +42,7 @@ def parse_age(text: str) -> timedelta:
 @dataclass(frozen=True, slots=True)
 class Outcome:
     entry: int  # id in the erasure log
-    rows: int
+    rows: int  # deleted from call_reports and call_events together
     compacted: bool  # False: deleted and logged, but the space is not compacted yet
 
 
@@ -69,7 +69,7 @@ async def erase(
         await erasures.complete(entry, rows)
         compacted = await erasures.compact()
     log.info(
-        "erased %d report(s) by %s (phone %s), erasure #%d",
+        "erased %d row(s) (reports and status updates) by %s (phone %s), erasure #%d",
         rows,
         kind,
         mask_phone(phone) if phone else "-",
@@ -89,7 +89,12 @@ async def purge(settings: StorageSettings, older_than: timedelta) -> Outcome:
         rows = await backend.purge_older_than(older_than)
         await erasures.complete(entry, rows)
         compacted = await erasures.compact() if rows else True
-    log.info("purged %d report(s) older than %s, erasure #%d", rows, older_than, entry)
+    log.info(
+        "purged %d row(s) (reports and status updates) older than %s, erasure #%d",
+        rows,
+        older_than,
+        entry,
+    )
     return Outcome(entry, rows, compacted)
 
 

@@ -12,6 +12,9 @@ Poll a batch, decode it, hand the reports to the consumer, commit only after it 
 * Stopping (SIGTERM) finishes the batch, commits, and leaves the group.
 * A record re-driven from the dead-letter topic for another consumer (``redrive-for``
   header) is passed over and committed with the rest.
+* A consumer that `reads_events` gets the events topic too, in the same group and on the
+  same terms: one subscription, each batch split by topic, the reports handed to `handle`
+  and then the events to `handle_events`, one commit for both once both returned.
 """
 
 from __future__ import annotations
@@ -24,11 +27,12 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 
-from consumers.contract import REDRIVE_HEADER, Consumer, Delivery
+from consumers.contract import REDRIVE_HEADER, Consumer, Delivery, EventDelivery
 from consumers.errors import RetryableError
 from consumers.telemetry import RunnerMetrics
 from core.kafkasettings import KafkaSettings
@@ -37,12 +41,14 @@ from core.settings import EnvSettings, setting, settings_class
 from core.topicadmin import ensure_topics
 from schemas.codec import Decoder
 from schemas.errors import DecodeError, SchemaError
+from schemas.events import FlireoEvent
 from schemas.report import CallReport
-from schemas.store import END_OF_CALL_REPORT
+from schemas.store import END_OF_CALL_REPORT, FLIREO_EVENT
 
 log = logging.getLogger(__name__)
 
 MAX_POLL_INTERVAL_MS = 15 * 60 * 1000
+_D = TypeVar("_D", Delivery, EventDelivery)
 
 
 @settings_class
@@ -136,13 +142,16 @@ class Runner:
             max_poll_interval_ms=MAX_POLL_INTERVAL_MS,
         )
         dlq = durable_producer(self._kafka, f"callstream-{self._consumer.name}-dlq")
+        topics = [self._settings.topic]
+        if self._consumer.reads_events:
+            topics.append(self._kafka.events_topic)
         await self._consumer.start()
         try:
-            await ensure_topics(self._kafka, [self._settings.topic, self._kafka.dlq_topic])
+            await ensure_topics(self._kafka, [*topics, self._kafka.dlq_topic])
             await dlq.start()
             await kc.start()
             self._kc, self._dlq = kc, dlq
-            kc.subscribe([self._settings.topic], listener=_Listener(self))
+            kc.subscribe(topics, listener=_Listener(self))
             self.running = True
             await self._loop(kc)
         finally:
@@ -183,22 +192,41 @@ class Runner:
     async def _process(self, fetched: Sequence[_Fetched]) -> None:
         self._metrics.consumed.inc(len(fetched))
         deliveries: list[Delivery] = []
+        events: list[EventDelivery] = []
         poison: list[tuple[_Fetched, Exception]] = []
         for record in fetched:
             if not self._meant_for_us(record):
                 self._metrics.skipped.inc()
                 continue
             try:
-                deliveries.append(await self._decode(record))
+                if record.topic == self._settings.topic:
+                    deliveries.append(await self._decode(record))
+                else:
+                    events.append(await self._decode_event(record))
             except DecodeError as undecodable:
                 poison.append((record, undecodable))
         by_position = {(f.topic, f.partition, f.offset): f for f in fetched}
-        for delivery, failure in await self._handle(deliveries):
-            poison.append(
-                (by_position[(delivery.topic, delivery.partition, delivery.offset)], failure)
-            )
+        failed = [
+            ((d.topic, d.partition, d.offset), exc)
+            for d, exc in await self._handle(deliveries, self._consumer.handle)
+        ]
+        self._observe_delays(deliveries, {position for position, _ in failed})
+        failed += [
+            ((e.topic, e.partition, e.offset), exc)
+            for e, exc in await self._handle(events, self._consumer.handle_events)
+        ]
+        poison += [(by_position[position], exc) for position, exc in failed]
         for record, exc in poison:
             await self._dead_letter(record, exc)
+
+    def _observe_delays(
+        self, deliveries: Sequence[Delivery], failed: set[tuple[str, int, int]]
+    ) -> None:
+        now = datetime.now(UTC)
+        for delivery in deliveries:
+            if (delivery.topic, delivery.partition, delivery.offset) not in failed:
+                delay = (now - delivery.report.event_time).total_seconds()
+                self._metrics.end_to_end_delay.observe(max(delay, 0.0))
 
     def _meant_for_us(self, record: _Fetched) -> bool:
         for name, value in record.headers:
@@ -207,6 +235,23 @@ class Runner:
         return True
 
     async def _decode(self, record: _Fetched) -> Delivery:
+        decoded = await self._decoded(record, END_OF_CALL_REPORT, "end-of-call-report")
+        try:
+            report = CallReport.from_record(decoded)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DecodeError(f"record does not form a report: {exc}") from exc
+        return Delivery(report, record.topic, record.partition, record.offset, record.value)
+
+    async def _decode_event(self, record: _Fetched) -> EventDelivery:
+        decoded = await self._decoded(record, FLIREO_EVENT, "events")
+        try:
+            event = FlireoEvent.from_record(decoded)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DecodeError(f"record does not form an event: {exc}") from exc
+        return EventDelivery(event, record.topic, record.partition, record.offset, record.value)
+
+    async def _decoded(self, record: _Fetched, expected: str, topic: str) -> dict[str, Any]:
+        """The record's fields, if it is an `expected` record; DecodeError if it is not."""
         attempt = 0
         while True:
             try:
@@ -218,22 +263,20 @@ class Runner:
                 # The schema registry is unreachable: the record is fine, the world is not.
                 attempt += 1
                 await self._back_off(exc, attempt)
-        if decoded.name != END_OF_CALL_REPORT:
-            raise DecodeError(f"a {decoded.name} record on the end-of-call-report topic")
-        try:
-            report = CallReport.from_record(decoded.record)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise DecodeError(f"record does not form a report: {exc}") from exc
-        return Delivery(report, record.topic, record.partition, record.offset, record.value)
+        if decoded.name != expected:
+            raise DecodeError(f"a {decoded.name} record on the {topic} topic")
+        return decoded.record
 
-    async def _handle(self, deliveries: Sequence[Delivery]) -> list[tuple[Delivery, Exception]]:
+    async def _handle(
+        self, deliveries: Sequence[_D], handler: Callable[[Sequence[_D]], Awaitable[None]]
+    ) -> list[tuple[_D, Exception]]:
         """Handle with retries; returns the records that failed permanently."""
         if not deliveries:
             return []
         attempt = 0
         while True:
             try:
-                await self._consumer.handle(deliveries)
+                await handler(deliveries)
             except RetryableError as exc:
                 attempt += 1
                 self._metrics.failed.inc()
@@ -254,16 +297,12 @@ class Runner:
                     return [(d, exc)]
                 # Find the culprits one by one; the handler is idempotent, so the records it
                 # already handled in the failed attempt come to no harm.
-                failures: list[tuple[Delivery, Exception]] = []
+                failures: list[tuple[_D, Exception]] = []
                 for delivery in deliveries:
-                    failures += await self._handle([delivery])
+                    failures += await self._handle([delivery], handler)
                 return failures
             self._metrics.retrying.set(0)
             self._metrics.handled.inc(len(deliveries))
-            now = datetime.now(UTC)
-            for delivery in deliveries:
-                delay = (now - delivery.report.event_time).total_seconds()
-                self._metrics.end_to_end_delay.observe(max(delay, 0.0))
             return []
 
     async def _back_off(self, exc: Exception, attempt: int) -> None:

@@ -260,3 +260,35 @@ def _spelling(message: dict[str, Any]) -> SourceFormat:
     snake = sum(marker in message for marker in SNAKE_CASE_MARKERS)
     camel = sum(marker in message for marker in CAMEL_CASE_MARKERS)
     return "NESTED_SNAKE" if snake > camel else "NESTED_CAMEL"
+
+
+# -- status-update --------------------------------------------------------------------------
+
+Path = tuple[str, ...]
+# Where a status update's facts sit, first place first (schemas.events reads them from the
+# kept body). Flat names the call `callSession` (the normaliser reads it) and its debugging
+# status carries the error as `debugging-artifact`; Flireo's nested updates put the status
+# in `call.status` and may add `error`; Vapi's put it in `message.status` with `endedReason`
+# beside it, and repeat both inside `call`. Every nested format gets every nested spelling:
+# an update is too small for its format to be told apart reliably.
+_NESTED_STATUS: dict[str, tuple[Path, ...]] = {
+    "status": (("message", "status"), ("message", "call", "status")),
+    "ended_reason": tuple(
+        (*where, name)
+        for where in (("message",), ("message", "call"))
+        for name in ("endedReason", "ended_reason", "end_reason")
+    ),
+    "error": (("message", "error"),),
+    "from_number": (("message", "customer", "number"), ("message", "call", "customer", "number")),
+}
+STATUS_UPDATE_PATHS: dict[SourceFormat, dict[str, tuple[Path, ...]]] = {
+    "FLAT": {
+        "status": (("status",),),
+        "ended_reason": (("endedReason",),),
+        "error": (("error",), ("debugging-artifact",)),
+        "from_number": (("fromCaller",),),
+    },
+    "NESTED_CAMEL": _NESTED_STATUS,
+    "NESTED_SNAKE": _NESTED_STATUS,
+    "VAPI": _NESTED_STATUS,
+}

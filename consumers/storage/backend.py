@@ -1,6 +1,7 @@
 """The storage backend: what the consumer, `callstream erase` and replays do with stored
 reports, written once for SQLite (default, no server) and PostgreSQL: one row per call in
-`call_reports`, the newest version of its report by (event_time, received_at).
+`call_reports`, the newest version of its report by (event_time, received_at), and each
+call's status updates in `call_events` (consumers.storage.timeline).
 """
 
 from __future__ import annotations
@@ -10,13 +11,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Self
 
-from consumers.contract import Delivery
-from consumers.storage import erasures
+from consumers.contract import Delivery, EventDelivery
+from consumers.storage import erasures, timeline
 from consumers.storage.connections import Connection, PostgresConnection, SqliteConnection
 from consumers.storage.migrations import APPLIED, schema
 from consumers.storage.rows import NAMES, StoredReport
 from consumers.storage.settings import BackendName, StorageSettings
-from consumers.storage.statements import Script, one
+from consumers.storage.statements import Script, Statement, one
+from consumers.storage.timeline import StoredStatus
+from schemas.events import StatusUpdate
 
 # Rows per page for iter_records: large enough to stream fast, small enough that no
 # connection or transaction stays open while the caller works through a page.
@@ -33,12 +36,20 @@ _FETCH: Final = f"SELECT {', '.join(NAMES)} FROM call_reports WHERE call_id = ?"
 # The caller's number is from_number in every format (FLAT fromCaller, nested
 # customer.number); to_number is the assistant's line, shared by every caller, so matching
 # it would erase other people's calls. Both given: rows matching both, the narrower reading
-# of an erasure request.
-_ERASE: Final = {
-    (True, False): "DELETE FROM call_reports WHERE from_number = ?",
-    (False, True): "DELETE FROM call_reports WHERE call_id = ?",
-    (True, True): "DELETE FROM call_reports WHERE from_number = ? AND call_id = ?",
-}
+# of an erasure request. A call's status updates go with it: those that carry the number
+# themselves, and those of the calls whose report does (deleted first, while the report
+# that names the caller is still there).
+_ERASE_REPORTS: Final = "DELETE FROM call_reports WHERE from_number = ?"
+_ERASE_CALL_REPORT: Final = "DELETE FROM call_reports WHERE call_id = ?"
+_ERASE_EVENTS: Final = (
+    "DELETE FROM call_events WHERE (from_number = ?"
+    " OR call_id IN (SELECT call_id FROM call_reports WHERE from_number = ?))"
+)
+_ERASE_CALL_EVENTS: Final = "DELETE FROM call_events WHERE call_id = ?"
+_PURGE: Final = (
+    "DELETE FROM call_reports WHERE event_time < ?",
+    "DELETE FROM call_events WHERE event_time < ?",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +58,15 @@ class Written:
 
     rows: int  # inserted or changed
     erased: int  # not stored: an erasure covers them (consumers.storage.erasures)
+
+
+@dataclass(frozen=True, slots=True)
+class EventsWritten:
+    """What one `write_events` did with its batch."""
+
+    rows: int  # status updates stored
+    erased: int  # status updates an erasure covers
+    ignored: int  # other event types, and status updates that name no call
 
 
 def _aware(moment: datetime, what: str) -> datetime:
@@ -87,6 +107,38 @@ class StorageBackend:
         written = (yield self._dialect.upsert(rows, stored_at)).count if rows else 0
         return Written(written, len(batch) - len(kept))
 
+    async def write_events(
+        self, batch: Sequence[EventDelivery], stored_at: datetime
+    ) -> EventsWritten:
+        """Add the status updates in `batch` to their calls' timelines in one transaction,
+        leaving out those an erasure covers. One already stored (a redelivery, a replay)
+        changes nothing and counts in no figure."""
+        updates = timeline.status_updates(batch)
+        ignored = len(batch) - len(updates)
+        if not updates:
+            return EventsWritten(0, 0, ignored)
+        script = self._insert_events(updates, stored_at, ignored)
+        return await self.connection.run(script, transaction=True)
+
+    def _insert_events(
+        self,
+        updates: Sequence[tuple[EventDelivery, StatusUpdate]],
+        stored_at: datetime,
+        ignored: int,
+    ) -> Script[EventsWritten]:
+        yield from erasures.read_log(self._dialect, self._erased)
+        covers = self._erased.covers_call
+        kept = [(d, u) for d, u in updates if not covers(u.call_id, u.from_number)]
+        rows = timeline.rows(self._dialect, kept)
+        written = (yield timeline.insert(self._dialect, rows, stored_at)).count if rows else 0
+        return EventsWritten(written, len(updates) - len(kept), ignored)
+
+    async def timeline(self, call_id: str) -> list[StoredStatus]:
+        """The status updates of `call_id`, oldest first."""
+        statement = timeline.timeline_query(self._dialect, call_id)
+        rows = (await self.connection.run(one(statement))).rows
+        return [timeline.stored(self._dialect, row) for row in rows]
+
     async def fetch(self, call_id: str) -> StoredReport | None:
         rows = await self._query(_FETCH, self._dialect.text(call_id))
         return self._dialect.stored(rows[0]) if rows else None
@@ -95,12 +147,24 @@ class StorageBackend:
         return int((await self._query("SELECT count(*) FROM call_reports"))[0][0])
 
     async def erase(self, phone: str | None, call_id: str | None) -> int:
-        """Delete the calls from `phone` and/or with `call_id`; how many rows went."""
-        sql = _ERASE.get((phone is not None, call_id is not None))
-        if sql is None:
+        """Delete the calls from `phone` and/or with `call_id`, reports and status updates;
+        how many rows went (of both)."""
+        text = self._dialect.text
+        if phone is not None and call_id is not None:
+            statements = [
+                (f"{_ERASE_EVENTS} AND call_id = ?", text(phone), text(phone), text(call_id)),
+                (f"{_ERASE_REPORTS} AND call_id = ?", text(phone), text(call_id)),
+            ]
+        elif phone is not None:
+            statements = [
+                (_ERASE_EVENTS, text(phone), text(phone)),
+                (_ERASE_REPORTS, text(phone)),
+            ]
+        elif call_id is not None:
+            statements = [(_ERASE_CALL_EVENTS, text(call_id)), (_ERASE_CALL_REPORT, text(call_id))]
+        else:
             raise ValueError("erase needs a phone number, a call id, or both")
-        params = [self._dialect.text(v) for v in (phone, call_id) if v is not None]
-        return await self._delete(sql, *params)
+        return await self._delete(*(self._dialect.statement(*s) for s in statements))
 
     async def purge_older_than(self, age: timedelta) -> int:
         """Delete calls whose event_time is more than `age` ago; how many rows went."""
@@ -108,7 +172,7 @@ class StorageBackend:
             # A zero or negative age would delete every call, which is never what retention means.
             raise ValueError(f"retention age must be positive, not {age}")
         cutoff = self._dialect.time(datetime.now(UTC) - age)
-        return await self._delete("DELETE FROM call_reports WHERE event_time < ?", cutoff)
+        return await self._delete(*(self._dialect.statement(sql, cutoff) for sql in _PURGE))
 
     async def iter_records(
         self, since: datetime, until: datetime | None = None
@@ -135,9 +199,9 @@ class StorageBackend:
         statement = self._dialect.statement(sql, *params, returns_rows=True)
         return (await self.connection.run(one(statement))).rows
 
-    async def _delete(self, sql: str, *params: Any) -> int:
-        statement = self._dialect.statement(sql, *params)
-        return (await self.connection.run(one(statement), transaction=True)).count
+    async def _delete(self, *statements: Statement) -> int:
+        """Run `statements` in one transaction; how many rows they deleted together."""
+        return await self.connection.run(_deleting(statements), transaction=True)
 
     async def __aenter__(self) -> Self:
         await self.open()
@@ -145,6 +209,13 @@ class StorageBackend:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
+
+
+def _deleting(statements: Sequence[Statement]) -> Script[int]:
+    deleted = 0
+    for statement in statements:
+        deleted += (yield statement).count
+    return deleted
 
 
 def open_backend(settings: StorageSettings) -> StorageBackend:

@@ -1,4 +1,5 @@
-"""storage: keep every call's newest report in SQL, for queries, erasure and replays.
+"""storage: keep every call's newest report in SQL, for queries, erasure and replays, and
+each call's status updates (from the events topic) as its timeline.
 
 SQLite in a local file by default; PostgreSQL when CALLSTREAM_DATABASE_URL is set (see
 `consumers.storage.settings`). The backend, its schema and its migrations live beside this
@@ -14,7 +15,7 @@ from datetime import UTC, datetime
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from consumers.contract import Consumer, Delivery
+from consumers.contract import Consumer, Delivery, EventDelivery
 from consumers.errors import RetryableError
 from consumers.storage.backend import StorageBackend, open_backend
 from consumers.storage.settings import BackendName, StorageSettings
@@ -45,6 +46,20 @@ class StorageMetrics:
             registry=registry,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
         ).labels(backend)
+        self.call_events_written = counter(
+            "callstream_storage_call_events_written_total",
+            "Status updates added to a call's timeline (call_events).",
+        )
+        events_skipped = Counter(
+            "callstream_storage_events_skipped_total",
+            "Records of the events topic not added to a timeline, by reason: another event"
+            " type or no call id (ignored), already stored (duplicate), or erased.",
+            ("backend", "reason"),
+            registry=registry,
+        )
+        self.events_ignored = events_skipped.labels(backend, "ignored")
+        self.events_duplicate = events_skipped.labels(backend, "duplicate")
+        self.events_erased = events_skipped.labels(backend, "erased")
 
 
 class StorageConsumer(Consumer):
@@ -52,6 +67,7 @@ class StorageConsumer(Consumer):
     and redeliveries are harmless."""
 
     name = "storage"
+    reads_events = True
 
     def __init__(self, backend: StorageBackend, registry: CollectorRegistry) -> None:
         self.backend = backend
@@ -79,6 +95,17 @@ class StorageConsumer(Consumer):
         self._metrics.erased.inc(written.erased)
         # Superseded versions within the batch count here too: they changed nothing.
         self._metrics.duplicates.inc(len(batch) - written.rows - written.erased)
+
+    async def handle_events(self, batch: Sequence[EventDelivery]) -> None:
+        if not batch:
+            return
+        written = await self.backend.write_events(batch, stored_at=datetime.now(UTC))
+        self._metrics.call_events_written.inc(written.rows)
+        self._metrics.events_ignored.inc(written.ignored)
+        self._metrics.events_erased.inc(written.erased)
+        self._metrics.events_duplicate.inc(
+            len(batch) - written.rows - written.erased - written.ignored
+        )
 
 
 def build(env: Mapping[str, str], registry: CollectorRegistry) -> StorageConsumer:

@@ -69,11 +69,25 @@ class Dialect(ABC):
             "time": self.read_time,
             "json": orjson.loads,
             "bytes": bytes,
+            # SQLite has no boolean type: it gives back the 1 or 0 it was given.
+            "bool": bool,
         }
         self._decoders = tuple((c, decoders[k]) for c, k in COLUMNS if k in decoders)
 
     @abstractmethod
     def upsert(self, rows: Sequence[tuple[Any, ...]], stored_at: datetime) -> Statement: ...
+
+    @abstractmethod
+    def insert_new(
+        self,
+        table: str,
+        columns: Sequence[tuple[str, Kind]],
+        key: Sequence[str],
+        rows: Sequence[tuple[Any, ...]],
+        stored_at: datetime,
+    ) -> Statement:
+        """Insert `rows` (values already converted, the last column `stored_at` left out)
+        into `table`, leaving alone those whose `key` is already there."""
 
     @abstractmethod
     def compact(self) -> Script[bool]:
@@ -97,9 +111,6 @@ class Dialect(ABC):
         return value
 
     def json(self, value: Any) -> str:
-        # A NaN or infinite success_evaluation (possible in Avro, impossible in the JSON
-        # webhooks) becomes JSON null here because JSON has no spelling for it; `record`
-        # keeps the real value.
         return orjson.dumps(value).decode()
 
     def lock(self, key: int, *, shared: bool = False) -> Script[None]:
@@ -156,6 +167,22 @@ class SqliteDialect(Dialect):
         stamp = self.time(stored_at)
         return Statement(_SQLITE_UPSERT, tuple((*row, stamp) for row in rows), many=True)
 
+    def insert_new(
+        self,
+        table: str,
+        columns: Sequence[tuple[str, Kind]],
+        key: Sequence[str],
+        rows: Sequence[tuple[Any, ...]],
+        stored_at: datetime,
+    ) -> Statement:
+        names = ", ".join(name for name, _ in columns)
+        sql = (
+            f"INSERT INTO {table} ({names}) VALUES ({', '.join('?' * len(columns))})"  # noqa: S608
+            f" ON CONFLICT ({', '.join(key)}) DO NOTHING"
+        )
+        stamp = self.time(stored_at)
+        return Statement(sql, tuple((*row, stamp) for row in rows), many=True)
+
     def insert_id(self, sql: str, *params: Any) -> Script[int]:
         # Not RETURNING, which would need SQLite 3.35.
         yield self.statement(sql, *params)
@@ -174,6 +201,7 @@ _PG_ARRAY_TYPES: Final[dict[Kind, str]] = {
     "real": "float8",
     "bytes": "bytea",
     "int": "int8",
+    "bool": "bool",
 }
 # One statement for the whole batch: each column travels as one array parameter, so the
 # statement is prepared once per connection whatever the batch size, and one round trip
@@ -213,10 +241,33 @@ class PostgresDialect(Dialect):
         columns = [list(column) for column in zip(*rows, strict=True)]
         return Statement(_PG_UPSERT, (*columns, stored_at))
 
+    def insert_new(
+        self,
+        table: str,
+        columns: Sequence[tuple[str, Kind]],
+        key: Sequence[str],
+        rows: Sequence[tuple[Any, ...]],
+        stored_at: datetime,
+    ) -> Statement:
+        # One array parameter per column, as the upsert above does.
+        *row_columns, _ = columns
+        arrays = ", ".join(
+            f"${i}::{_PG_ARRAY_TYPES.get(kind, 'text')}[]"
+            for i, (_, kind) in enumerate(row_columns, 1)
+        )
+        sql = (
+            f"INSERT INTO {table} ({', '.join(name for name, _ in columns)})"  # noqa: S608
+            f" SELECT u.*, ${len(columns)} FROM unnest({arrays})"
+            f" AS u({', '.join(name for name, _ in row_columns)})"
+            f" ON CONFLICT ({', '.join(key)}) DO NOTHING"
+        )
+        values = [list(column) for column in zip(*rows, strict=True)]
+        return Statement(sql, (*values, stored_at))
+
     def compact(self) -> Script[bool]:
         # Plain VACUUM: the dead rows' space becomes reusable without the exclusive lock
         # VACUUM FULL would hold against the storage consumer.
-        yield Statement("VACUUM call_reports")
+        yield Statement("VACUUM call_reports, call_events")
         return True
 
 

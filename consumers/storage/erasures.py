@@ -1,12 +1,13 @@
 """The erasure log: its schema, how erasures are recorded, and the rule that an erasure
 outlives the copies still on Kafka.
 
-`callstream erase` deletes a person's reports from storage and records the erasure in an
+`callstream erase` deletes a person's reports, and the status updates of their calls
+(`call_events`), from storage and records the erasure in an
 `erasures` table in the same database, with its selectors as SHA-256 (`ErasureLog`: an
 entry before anything is deleted, completed afterwards). Copies of those
 reports can still arrive afterwards: a replay of the topic, a late redelivery, a dead-letter
 re-drive. The storage consumer therefore checks every batch against the log inside its
-write transaction and does not store a report an erasure covers.
+write transaction and does not store a report or status update an erasure covers.
 
 The check cannot miss an erasure that runs at the same moment as a write:
 
@@ -136,18 +137,23 @@ class Erased:
             self.last_id = max(self.last_id, int(str(entry_id)))
 
     def covers(self, report: CallReport) -> bool:
+        return self.covers_call(report.call_id, report.from_number)
+
+    def covers_call(self, call_id: str, from_number: str | None) -> bool:
+        """Whether an erasure selects the call `call_id` from `from_number`: a report, or a
+        status update of its timeline (which carries the caller's number as reports do)."""
         if not (self.phones or self.calls or self.pairs):
             return False  # the usual case: nothing erased, nothing to hash
         # As stored: PostgreSQL keeps text without NUL characters, and a selector from the
         # command line cannot hold one.
-        call = sha256_hex(report.call_id.replace("\x00", ""))
+        call = sha256_hex(call_id.replace("\x00", ""))
         if call in self.calls:
             return True
-        if report.from_number is None:
+        if from_number is None:
             return False
         # Erasing by phone matches the caller's number (from_number) exactly as stored;
         # see StorageBackend.erase.
-        phone = sha256_hex(report.from_number.replace("\x00", "").strip())
+        phone = sha256_hex(from_number.replace("\x00", "").strip())
         return phone in self.phones or (phone, call) in self.pairs
 
 

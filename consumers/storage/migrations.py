@@ -98,6 +98,66 @@ SQLITE_MIGRATIONS: Final = _check_migrations(
                 "ALTER TABLE call_reports ADD COLUMN derived_fields TEXT",
             ),
         ),
+        Migration(
+            3,
+            "success_evaluation as plain text, and its typed twin success",
+            (
+                "ALTER TABLE call_reports ADD COLUMN success INTEGER",
+                # One UPDATE: every SET reads the row as it was, JSON text. A JSON string
+                # loses its quotes; true, false and numbers are already spelt as the new
+                # rows spell them (consumers.storage.rows.evaluation_text). The trimmed
+                # spaces are the ASCII ones that rows.success_flag trims.
+                """
+                UPDATE call_reports SET
+                    success = CASE json_type(success_evaluation)
+                        WHEN 'true' THEN 1
+                        WHEN 'false' THEN 0
+                        WHEN 'text' THEN CASE lower(trim(json_extract(success_evaluation, '$'),
+                                                         ' ' || char(9, 10, 11, 12, 13)))
+                            WHEN 'true' THEN 1
+                            WHEN 'false' THEN 0
+                        END
+                    END,
+                    success_evaluation = CASE json_type(success_evaluation)
+                        WHEN 'text' THEN json_extract(success_evaluation, '$')
+                        WHEN 'null' THEN NULL
+                        ELSE success_evaluation
+                    END
+                WHERE success_evaluation IS NOT NULL
+                """,
+            ),
+        ),
+        Migration(
+            4,
+            "call_events: each call's status updates, its timeline",
+            (
+                # One row per status update as delivered: the request id is the ingress's
+                # own for each request (or the sender's X-Request-Id), so a redelivery, a
+                # replay or a second publish of one request hits the key and adds nothing.
+                """
+                CREATE TABLE call_events (
+                    call_id TEXT NOT NULL,
+                    request_id TEXT NOT NULL,
+                    event_type TEXT NOT NULL,
+                    event_time TEXT NOT NULL,
+                    event_time_source TEXT NOT NULL,
+                    received_at TEXT NOT NULL,
+                    status TEXT,
+                    ended_reason TEXT,
+                    error TEXT,
+                    from_number TEXT,
+                    source_format TEXT NOT NULL,
+                    kafka_partition INTEGER NOT NULL,
+                    kafka_offset INTEGER NOT NULL,
+                    stored_at TEXT NOT NULL,
+                    PRIMARY KEY (call_id, request_id)
+                )
+                """,
+                "CREATE INDEX call_events_event_time_idx ON call_events (event_time)",
+                "CREATE INDEX call_events_from_number_idx ON call_events (from_number)"
+                " WHERE from_number IS NOT NULL",
+            ),
+        ),
     )
 )
 
@@ -188,6 +248,57 @@ POSTGRES_MIGRATIONS: Final = _check_migrations(
                     ADD COLUMN event_time_source text NOT NULL DEFAULT 'sent',
                     ADD COLUMN derived_fields jsonb
                 """,
+            ),
+        ),
+        Migration(
+            3,
+            "success_evaluation as plain text, and its typed twin success",
+            (
+                "ALTER TABLE call_reports ADD COLUMN success boolean",
+                # #>> '{}' is a JSON scalar's text: a string without its quotes, true,
+                # false and numbers as the new rows spell them.
+                r"""
+                UPDATE call_reports SET success = CASE
+                    WHEN jsonb_typeof(success_evaluation) = 'boolean'
+                        THEN (success_evaluation #>> '{}')::boolean
+                    WHEN jsonb_typeof(success_evaluation) = 'string'
+                        AND lower(btrim(success_evaluation #>> '{}', E' \t\n\r\f\x0b'))
+                            IN ('true', 'false')
+                        THEN lower(btrim(success_evaluation #>> '{}', E' \t\n\r\f\x0b'))
+                            = 'true'
+                END
+                WHERE success_evaluation IS NOT NULL
+                """,
+                "ALTER TABLE call_reports ALTER COLUMN success_evaluation TYPE text"
+                " USING success_evaluation #>> '{}'",
+            ),
+        ),
+        Migration(
+            4,
+            "call_events: each call's status updates, its timeline",
+            (
+                # The key and the indexes as in SQLite's migration 4 (why: there).
+                """
+                CREATE TABLE call_events (
+                    call_id text COLLATE "C" NOT NULL,
+                    request_id text NOT NULL,
+                    event_type text NOT NULL,
+                    event_time timestamptz NOT NULL,
+                    event_time_source text NOT NULL,
+                    received_at timestamptz NOT NULL,
+                    status text,
+                    ended_reason text,
+                    error text,
+                    from_number text,
+                    source_format text NOT NULL,
+                    kafka_partition integer NOT NULL,
+                    kafka_offset bigint NOT NULL,
+                    stored_at timestamptz NOT NULL,
+                    PRIMARY KEY (call_id, request_id)
+                )
+                """,
+                "CREATE INDEX call_events_event_time_idx ON call_events (event_time)",
+                "CREATE INDEX call_events_from_number_idx ON call_events USING hash (from_number)",
             ),
         ),
     )

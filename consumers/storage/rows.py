@@ -1,21 +1,29 @@
 """One row of `call_reports` per call: its columns are `CallReport`'s fields, so a field
 added to the report cannot be forgotten by the upsert or by the reading back. The typed
 columns are a queryable copy; `record`, the report as it sat on the topic, is the truth that
-replays re-publish."""
+replays re-publish.
+
+`success_evaluation` is the one column kept differently from its field: as plain text
+(`true`, `8`, `Good`), because a query compares it with a literal, and JSON text (`"true"`
+with its quotes) matched none. Its typed twin `success` says what a pass/fail rubric
+answered (docs/payload-formats.md, "Stored columns")."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import operator
 from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any, Final, Literal, get_type_hints
 
+import orjson
+
 from consumers.contract import Delivery
 from schemas.report import CallReport
 
 # How a column is kept: each dialect maps a kind onto its own types and conversions.
-Kind = Literal["text", "time", "real", "json", "bytes", "int"]
+Kind = Literal["text", "time", "real", "json", "bytes", "int", "bool"]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -25,11 +33,12 @@ class StoredReport(CallReport):
     record: bytes
     kafka_partition: int
     kafka_offset: int
+    # True or false when success_evaluation is a boolean or the word true/false; else None.
+    success: bool | None
     stored_at: datetime
 
 
-# Objects, and success_evaluation's union, are JSON: it keeps booleans, numbers and
-# strings apart. Offsets outgrow 32 bits, so every integer column is written as 64-bit.
+# Objects are JSON. Offsets outgrow 32 bits, so every integer column is written as 64-bit.
 _KINDS: Final[dict[object, Kind]] = {
     datetime: "time",
     datetime | None: "time",
@@ -38,19 +47,55 @@ _KINDS: Final[dict[object, Kind]] = {
     int | float | None: "real",
     bytes: "bytes",
     int: "int",
+    bool | None: "bool",
 }
+# Columns kept otherwise than their field's type says (see the module's docstring).
+_AS_TEXT: Final = frozenset({"success_evaluation"})
 _HINTS: Final = get_type_hints(StoredReport)
 # Every column in row order. `stored_at` comes last: it is bound once per batch.
 COLUMNS: Final[tuple[tuple[str, Kind], ...]] = tuple(
-    (f.name, _KINDS.get(_HINTS[f.name], "json")) for f in dataclasses.fields(StoredReport)
+    (f.name, "text" if f.name in _AS_TEXT else _KINDS.get(_HINTS[f.name], "json"))
+    for f in dataclasses.fields(StoredReport)
 )
 NAMES: Final = tuple(name for name, _ in COLUMNS)
 _report_values: Final = operator.attrgetter(*(f.name for f in dataclasses.fields(CallReport)))
+_EVALUATION: Final = NAMES.index("success_evaluation")
+# What the migration to plain text trims too (SQL's trim knows no Unicode spaces).
+_ASCII_SPACE: Final = " \t\n\r\x0b\x0c"
+
+
+def evaluation_text(evaluation: bool | int | float | str) -> str:
+    """success_evaluation as its column holds it: a string as sent, anything else as JSON
+    spells it (`true`, `7`, `0.5`), which is what the migration from JSON text gives too."""
+    if isinstance(evaluation, str):
+        return evaluation
+    if isinstance(evaluation, float) and not math.isfinite(evaluation):
+        # Only Avro can carry these (JSON has no spelling); Python's is as good as any.
+        return repr(evaluation)
+    return orjson.dumps(evaluation).decode()
+
+
+def success_flag(evaluation: bool | int | float | str | None) -> bool | None:
+    """The `success` column: a boolean as it is, the word true or false in any ASCII case
+    and without surrounding spaces as that boolean, anything else (a score, a grade,
+    nothing) None. Numbers are not guessed at: whether 7 passes is the rubric's business."""
+    if isinstance(evaluation, bool):
+        return evaluation
+    if isinstance(evaluation, str):
+        word = evaluation.strip(_ASCII_SPACE)
+        if word.isascii() and word.lower() in ("true", "false"):
+            return word.lower() == "true"
+    return None
 
 
 def row_values(delivery: Delivery) -> list[Any]:
     """The row for one delivery as Python values, in COLUMNS order without `stored_at`."""
-    return [*_report_values(delivery.report), delivery.value, delivery.partition, delivery.offset]
+    values = [*_report_values(delivery.report)]
+    evaluation = values[_EVALUATION]
+    if evaluation is not None:
+        values[_EVALUATION] = evaluation_text(evaluation)
+    success = success_flag(evaluation)
+    return [*values, delivery.value, delivery.partition, delivery.offset, success]
 
 
 def _version(report: CallReport) -> tuple[datetime, datetime]:

@@ -353,7 +353,9 @@ async def test_erase_and_purge_commands(settings: StorageSettings, backend: Stor
 
     erased = cli(settings, "erase", "--phone", ALICE)
     assert erased.returncode == 0, erased.stderr
-    assert erased.stdout.startswith("erased 1 stored report(s) (phone sha256 ")
+    assert erased.stdout.startswith(
+        "erased 1 stored row(s), reports and status updates (phone sha256 "
+    )
     assert "flireo.test-erase and flireo.test-erase.dlq" in erased.stderr
     assert "retention" in erased.stderr
     # Neither the output nor the (JSON, masked) log repeats the number.
@@ -362,7 +364,9 @@ async def test_erase_and_purge_commands(settings: StorageSettings, backend: Stor
 
     purged = cli(settings, "purge", "--older-than", "365d")
     assert purged.returncode == 0, purged.stderr
-    assert purged.stdout.startswith("purged 1 stored report(s) older than 365d")
+    assert purged.stdout.startswith(
+        "purged 1 stored row(s), reports and status updates, older than 365d"
+    )
     assert await backend.fetch(old) is None
     kinds = [entry.kind for entry in await erasure_log(settings).entries()]
     assert kinds == ["phone", "retention"]

@@ -15,8 +15,8 @@ import itertools
 import random
 import sqlite3
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from contextlib import asynccontextmanager, closing
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import closing
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,7 @@ from schemas.normalise import normalise
 from schemas.report import CallReport
 from schemas.store import END_OF_CALL_REPORT, default_store
 from tests.support.paths import DATA, REPO
+from tests.support.storage import fresh_database, raw_row, running
 
 SAMPLE: dict[str, Any] = orjson.loads(
     (REPO.parent / "shared" / "samples" / "end-of-call-report.json").read_bytes()
@@ -57,7 +58,6 @@ TOPIC = "flireo.end-of-call-report"
 ENCODER = single_object_encoder(default_store().current(END_OF_CALL_REPORT))
 DECODER = Decoder(default_store())
 _OFFSETS = itertools.count()
-BACKENDS = ("sqlite", "postgresql")
 
 
 # -- building deliveries -------------------------------------------------------------------
@@ -102,50 +102,6 @@ def ms(moment: datetime) -> int:
 # -- fixtures ------------------------------------------------------------------------------
 
 
-@pytest.fixture(params=BACKENDS)
-def backend_name(request: pytest.FixtureRequest) -> str:
-    name: str = request.param
-    return name
-
-
-@pytest.fixture
-def storage_env(
-    backend_name: str, request: pytest.FixtureRequest, tmp_path: Path
-) -> dict[str, str]:
-    if backend_name == "sqlite":
-        return {"CALLSTREAM_SQLITE_PATH": str(tmp_path / "state" / "callstream.db")}
-    return {"CALLSTREAM_DATABASE_URL": fresh_database(request.getfixturevalue("postgres"))}
-
-
-def fresh_database(server: PostgresServer) -> str:
-    return server.create_database(f"storage_{uuid.uuid4().hex[:16]}")
-
-
-@pytest.fixture
-def registry() -> CollectorRegistry:
-    return CollectorRegistry()
-
-
-@asynccontextmanager
-async def running(
-    env: Mapping[str, str], registry: CollectorRegistry | None = None
-) -> AsyncIterator[StorageConsumer]:
-    consumer = build(env, registry or CollectorRegistry())
-    await consumer.start()
-    try:
-        yield consumer
-    finally:
-        await consumer.stop()
-
-
-@pytest.fixture
-async def consumer(
-    storage_env: dict[str, str], registry: CollectorRegistry
-) -> AsyncIterator[StorageConsumer]:
-    async with running(storage_env, registry) as started:
-        yield started
-
-
 @pytest.fixture
 def postgres_restarted(postgres: PostgresServer) -> Iterator[PostgresServer]:
     """The session server, for tests that stop it: always running again afterwards."""
@@ -154,19 +110,6 @@ def postgres_restarted(postgres: PostgresServer) -> Iterator[PostgresServer]:
     finally:
         if not postgres.running:
             postgres.start()
-
-
-async def raw_row(env: Mapping[str, str], sqlite_sql: str, pg_sql: str, *params: Any) -> Any:
-    """One row straight from the database, bypassing the backend's own reading."""
-    url = env.get("CALLSTREAM_DATABASE_URL")
-    if url is None:
-        with closing(sqlite3.connect(env["CALLSTREAM_SQLITE_PATH"])) as lite:
-            return lite.execute(sqlite_sql, params).fetchone()
-    conn = await asyncpg.connect(url, timeout=10)
-    try:
-        return tuple(await conn.fetchrow(pg_sql, *params) or ())
-    finally:
-        await conn.close()
 
 
 def metric(registry: CollectorRegistry, name: str, backend: str) -> float:
@@ -254,39 +197,6 @@ async def test_columns_hold_the_reports_values_with_their_types(
         assert row == ("2025-08-27T11:40:20.944000Z", "real", "blob", "di", "null")
     else:
         assert row == ("timestamp with time zone", "double precision", "bytea", "di", "null")
-
-
-@pytest.mark.parametrize(
-    ("evaluation", "sqlite_type", "pg_type"),
-    [
-        ("true", "text", "string"),
-        (True, "true", "boolean"),
-        (False, "false", "boolean"),
-        (7, "integer", "number"),
-        (0.5, "real", "number"),
-    ],
-)
-async def test_success_evaluation_keeps_its_json_type(
-    consumer: StorageConsumer,
-    storage_env: dict[str, str],
-    backend_name: str,
-    evaluation: Any,
-    sqlite_type: str,
-    pg_type: str,
-) -> None:
-    delivery = deliver(flat(evaluation=evaluation))
-    await consumer.handle([delivery])
-
-    stored = await consumer.backend.fetch(delivery.report.call_id)
-    assert stored is not None
-    assert stored.success_evaluation == evaluation
-    assert type(stored.success_evaluation) is type(evaluation)
-    (raw_type,) = await raw_row(
-        storage_env,
-        "SELECT json_type(success_evaluation) FROM call_reports",
-        "SELECT jsonb_typeof(success_evaluation) FROM call_reports",
-    )
-    assert raw_type == (sqlite_type if backend_name == "sqlite" else pg_type)
 
 
 async def test_nested_report_fills_the_columns_only_it_has(consumer: StorageConsumer) -> None:
@@ -551,7 +461,9 @@ async def test_start_with_postgres_down_defers_migrations_to_the_first_batch(
             await consumer.handle([deliver(flat())])
         postgres_restarted.start()
         await consumer.handle([deliver(flat())])
-        assert await consumer.backend.applied_migrations() == [1, 2]
+        assert await consumer.backend.applied_migrations() == [
+            m.version for m in POSTGRES_MIGRATIONS
+        ]
     finally:
         await consumer.stop()
 
@@ -623,7 +535,10 @@ async def test_instances_starting_at_once_migrate_once(storage_env: dict[str, st
     try:
         await asyncio.gather(*(c.start() for c in consumers))
         await asyncio.gather(*(c.handle([deliver(flat())]) for c in consumers))
-        assert await consumers[0].backend.applied_migrations() == [1, 2]
+        known = (
+            SQLITE_MIGRATIONS if "CALLSTREAM_SQLITE_PATH" in storage_env else POSTGRES_MIGRATIONS
+        )
+        assert await consumers[0].backend.applied_migrations() == [m.version for m in known]
         assert await consumers[0].backend.count() == 4
     finally:
         await asyncio.gather(*(c.stop() for c in consumers))
