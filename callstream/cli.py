@@ -25,7 +25,7 @@ from callstream.bench.options import BenchOptions
 from callstream.bench.options import add_arguments as add_bench_arguments
 from callstream.bench.run import run_bench
 from callstream.commandsettings import LogSettings
-from callstream.consumerstatus import consumers_command
+from callstream.consumerstatus import consumers_command, registered_consumers
 from callstream.dlq import list_command, redrive_command
 from callstream.envexample import render as render_env_example
 from callstream.erase import erase, parse_age, purge
@@ -35,7 +35,8 @@ from callstream.replay import ReplayRequest, replay_command
 from callstream.sender import post_report
 from callstream.supervisor import run_pipeline
 from callstream.tail import tail
-from consumers.errors import PermanentError, RetryableError
+from consumers.catalog import lookup
+from consumers.errors import ConsumerRegistryError, PermanentError, RetryableError
 from consumers.service import run_consumer
 from consumers.storage import StorageSettings, sha256_hex
 from core import logs
@@ -58,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         # A configuration mistake is the operator's to fix: say what, without a traceback.
         print(f"callstream {args.command}: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except ConsumerRegistryError as exc:
+        print(f"callstream {args.command}: {exc}", file=sys.stderr)
         return 2
     except (KafkaUnreachable, KafkaConnectionError) as exc:
         print(f"callstream {args.command}: cannot use Kafka: {exc}", file=sys.stderr)
@@ -119,7 +123,7 @@ def _parser() -> argparse.ArgumentParser:
     tail.set_defaults(func=_cmd_tail)
 
     consumers = sub.add_parser(
-        "consumers", help="registered consumers: group, state, members and lag"
+        "consumers", help="registered consumers: origin, group, state, members and lag"
     )
     consumers.add_argument("--json", action="store_true", help="JSON for machines")
     consumers.set_defaults(func=_cmd_consumers)
@@ -331,6 +335,7 @@ def _cmd_ingress(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 
 def _cmd_consumer(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    lookup(args.name)  # an unknown name is told before any broker is looked for
     return _run_async(run_consumer(args.name, env, kafka_settings(env, start_local=False)))
 
 
@@ -388,8 +393,9 @@ def _cmd_tail(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 
 def _cmd_consumers(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    watched = registered_consumers()  # a name clash is told before any broker is looked for
     kafka = kafka_settings(env, start_local=False)
-    return _run_async(consumers_command(kafka, sys.stdout, as_json=args.json))
+    return _run_async(consumers_command(kafka, sys.stdout, as_json=args.json, consumers=watched))
 
 
 def _cmd_replay(args: argparse.Namespace, env: Mapping[str, str]) -> int:

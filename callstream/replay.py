@@ -34,7 +34,7 @@ from prometheus_client import CollectorRegistry
 
 from callstream.consumerstatus import KafkaInspector, TopicMissingError
 from callstream.replayplan import ReplayPlan, parse_time, plan_replay, render_plan
-from consumers.catalog import CONSUMERS
+from consumers.catalog import registered
 from consumers.contract import Consumer, Delivery
 from consumers.runner import Runner, RunnerSettings
 from consumers.storage import StorageSettings, open_backend
@@ -168,10 +168,12 @@ async def replay_consumer(
     Without `until` only the group's offsets move; with it the range is handled here.
     Returns an exit code; refuses (EXIT_REFUSED, nothing changed) while the group has members.
     """
-    spec = CONSUMERS.get(consumer)
-    if spec is None:
-        err.write(f"no consumer named {consumer!r}; registered: {', '.join(sorted(CONSUMERS))}\n")
+    known = registered()
+    found = known.get(consumer)
+    if found is None:
+        err.write(f"no consumer named {consumer!r}; registered: {', '.join(sorted(known))}\n")
         return EXIT_REFUSED
+    spec = found.spec
     if until is not None and until <= since:
         err.write("--to must be later than --from\n")
         return EXIT_REFUSED
