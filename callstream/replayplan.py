@@ -9,15 +9,25 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from callstream.consumerstatus import KafkaInspector
+from callstream.erase import parse_age
 
 
-def parse_time(text: str) -> datetime:
-    """ISO-8601 (`2025-08-20`, `2025-08-20T09:30`, `...Z`, `...+02:00`); UTC unless a zone
-    is given."""
+def parse_time(text: str, *, now: datetime | None = None) -> datetime:
+    """ISO-8601 (`2025-08-20`, `2025-08-20T09:30`, `...Z`, `...+02:00`), UTC unless a zone
+    is given; or a time back from now (`-7d`, `-2h`, `-30m`, `-90s`, `-2w`), as
+    kafka-consumer-groups --by-duration counts back."""
+    text = text.strip()
+    if text.startswith("-"):
+        try:
+            return (now or datetime.now(UTC)) - parse_age(text[1:])
+        except ValueError:
+            raise ValueError(f"not a time back from now such as -7d, -2h, -30m: {text!r}") from None
     try:
-        moment = datetime.fromisoformat(text.strip())
+        moment = datetime.fromisoformat(text)
     except ValueError:
-        raise ValueError(f"not an ISO-8601 time: {text!r}") from None
+        raise ValueError(
+            f"not an ISO-8601 time: {text!r} (or one back from now, such as -2h)"
+        ) from None
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
