@@ -31,12 +31,18 @@ class _Child:
     next_start: float = 0.0
 
 
-def run_pipeline(env: Mapping[str, str], *, with_consumers: bool) -> int:
-    services = [("ingress", ["ingress"])]
+def services(*, with_consumers: bool) -> list[tuple[str, list[str]]]:
+    """Each child's name and `callstream` arguments: the ingress, then every consumer."""
+    found = [("ingress", ["ingress"])]
     if with_consumers:
-        services += [(name, ["consumer", name]) for name in registered()]
+        found += [(name, ["consumer", name]) for name in registered()]
+    return found
+
+
+def run_pipeline(env: Mapping[str, str], *, with_consumers: bool) -> int:
     children = [
-        _Child(ChildProcess(callstream_argv(*args), env=env, name=name)) for name, args in services
+        _Child(ChildProcess(callstream_argv(*args), env=env, name=name))
+        for name, args in services(with_consumers=with_consumers)
     ]
     stopping = False
 

@@ -21,6 +21,7 @@ import orjson
 import pytest
 from aiohttp import web
 
+from callstream.supervisor import services
 from core.kafkasettings import KafkaSettings
 from core.settings import to_env
 from tests.support.cli import run_cli
@@ -72,6 +73,15 @@ async def test_installed_consumer_is_listed_with_its_package_and_version(
     assert listed["crm-forward"]["group_id"] == "callstream-crm-forward"
     assert listed["crm-forward"]["description"] == "summaries to the CRM"
     assert listed["storage"]["origin"] == "built-in"
+
+
+@pytest.mark.usefixtures("crm_forward_installed")
+def test_callstream_run_starts_the_installed_consumer_with_the_built_in_ones() -> None:
+    assert services(with_consumers=True) == [
+        ("ingress", ["ingress"]),
+        *[(name, ["consumer", name]) for name in ("storage", "alerting", "metrics")],
+        ("crm-forward", ["consumer", "crm-forward"]),
+    ]
 
 
 @pytest.mark.usefixtures("crm_forward_installed")
