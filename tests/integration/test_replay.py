@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 from prometheus_client import CollectorRegistry
 
 from callstream.consumerstatus import KafkaInspector
@@ -48,6 +49,12 @@ HOUR = timedelta(hours=1)
 
 
 # -- helpers -------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _in_a_scratch_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A replay that moves offsets saves the ones it replaced in the working directory."""
+    monkeypatch.chdir(tmp_path)
 
 
 def ms(moment: datetime) -> int:
