@@ -11,7 +11,7 @@ from typing import Any
 
 # `--from -2h`: argparse takes a value starting with "-" for an option and refuses it.
 _DASH_VALUED = frozenset({"--from", "--to"})
-_BACK_FROM_NOW = re.compile(r"^-\d+[a-z]+$")
+_BACK_FROM_NOW = re.compile(r"^-(\d+[a-z]+|P[0-9DTHMS]+)$", re.IGNORECASE)
 
 
 def dash_values(argv: list[str]) -> list[str]:

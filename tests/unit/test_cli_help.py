@@ -73,9 +73,9 @@ def test_the_top_level_help_has_examples_and_a_version(capsys: pytest.CaptureFix
 
 
 def test_a_time_back_from_now_after_from_is_kept_as_its_value() -> None:
-    argv = ["replay", "--consumer", "storage", "--from", "-7d", "--to", "-2h", "--dry-run"]
+    argv = ["replay", "--consumer", "storage", "--from", "-7d", "--to", "-PT2H", "--dry-run"]
     args = _parser().parse_args(dash_values(argv))
-    assert (args.since, args.until, args.dry_run) == ("-7d", "-2h", True)
+    assert (args.since, args.until, args.dry_run) == ("-7d", "-PT2H", True)
     # An option that happens to follow --from is left for argparse to judge.
     assert dash_values(["--from", "--dry-run"]) == ["--from", "--dry-run"]
 
@@ -85,8 +85,13 @@ def test_relative_times_count_back_from_now() -> None:
     assert parse_time("-7d", now=now) == now - timedelta(days=7)
     assert parse_time("-2h", now=now) == now - timedelta(hours=2)
     assert parse_time("-30m", now=now) == now - timedelta(minutes=30)
-    with pytest.raises(ValueError, match="back from now"):
-        parse_time("-2x", now=now)
+    # kafka-consumer-groups --by-duration's own spelling.
+    assert parse_time("-P7D", now=now) == now - timedelta(days=7)
+    assert parse_time("-PT2H30M", now=now) == now - timedelta(hours=2, minutes=30)
+    assert parse_time("-P1DT1S", now=now) == now - timedelta(days=1, seconds=1)
+    for wrong in ("-2x", "-P", "-PT", "-P2H"):
+        with pytest.raises(ValueError, match="back from now"):
+            parse_time(wrong, now=now)
 
 
 def test_env_file_fills_in_what_the_environment_does_not_set(tmp_path: Path) -> None:
