@@ -13,7 +13,7 @@ name of a built-in consumer or of another package's.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import re
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 
@@ -22,6 +22,8 @@ from consumers.contract import ConsumerSpec
 from consumers.errors import ConsumerRegistryError
 
 ENTRY_POINT_GROUP = "callstream.consumers"
+# One name everywhere: it becomes a group id, a metric label and part of a variable's name.
+_NAME = re.compile(r"[a-z][a-z0-9]*(-[a-z0-9]+)*")
 BUILT_IN = "built-in"
 
 #: The consumers shipped with callstream: the ones compose runs and .env.example lists.
@@ -45,16 +47,15 @@ class Registered:
     origin: str
 
 
-def registered(found: Iterable[EntryPoint] | None = None) -> dict[str, Registered]:
+def registered() -> dict[str, Registered]:
     """The built-in consumers, then those of installed packages, by name.
 
     Raises ConsumerRegistryError when a package's name clashes with a built-in or with
-    another package's, or its entry point is not a ConsumerSpec: running either of two
-    consumers under one name would mix their groups, offsets and metrics.
+    another package's (running two consumers under one name would mix their groups, offsets
+    and metrics), is not a name that can become a variable and a group, or its entry point
+    is not a ConsumerSpec.
     """
-    points = sorted(
-        entry_points(group=ENTRY_POINT_GROUP) if found is None else found, key=lambda p: p.name
-    )
+    points = sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda p: p.name)
     # Every name is checked before anything is imported: a clash is the problem to report,
     # even when one of the two packages would not import.
     origins = {name: BUILT_IN for name in CONSUMERS}
@@ -64,8 +65,13 @@ def registered(found: Iterable[EntryPoint] | None = None) -> dict[str, Registere
         if taken is not None:
             raise ConsumerRegistryError(
                 f"consumer name {point.name!r} of {origin} clashes with the"
-                f" {taken} consumer {point.name!r}; rename one of the entry points"
-                f" in [project.entry-points.{ENTRY_POINT_GROUP!r}]"
+                f" {taken} consumer {point.name!r}; rename the entry point in"
+                f' [project.entry-points."{ENTRY_POINT_GROUP}"]'
+            )
+        if not _NAME.fullmatch(point.name):
+            raise ConsumerRegistryError(
+                f"consumer name {point.name!r} of {origin} is not lower-case letters, digits"
+                " and dashes; it names a consumer group and CALLSTREAM_<NAME>_PORT"
             )
         origins[point.name] = origin
     out = {name: Registered(spec, BUILT_IN) for name, spec in CONSUMERS.items()}
@@ -79,7 +85,7 @@ def registered(found: Iterable[EntryPoint] | None = None) -> dict[str, Registere
             ) from exc
         if not isinstance(spec, ConsumerSpec):
             raise ConsumerRegistryError(
-                f"consumer {point.name!r} of {origin}: {point.value} is a"
+                f"consumer {point.name!r} of {origin}: {point.value} is of type"
                 f" {type(spec).__name__}, not a consumers.contract.ConsumerSpec"
             )
         out[point.name] = Registered(spec, origin)

@@ -16,7 +16,7 @@ from callstream.ports import free_port
 from core.kafkasettings import KafkaSettings
 from core.settings import to_env
 from core.signing import WEBHOOK_PATH
-from tests.support.cli import run_cli
+from tests.support.cli import one_line_error, run_cli
 from tests.support.paths import DATA, REPO
 
 REPORT = DATA / "status-update.json"
@@ -25,13 +25,6 @@ REPORT = DATA / "status-update.json"
 def _env(**extra: str) -> dict[str, str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("CALLSTREAM_", "KAFKA_"))}
     return base | extra
-
-
-def one_line_error(done: subprocess.CompletedProcess[str]) -> str:
-    assert done.returncode == 2, (done.returncode, done.stderr)
-    assert "Traceback" not in done.stderr
-    [line] = done.stderr.splitlines()
-    return line
 
 
 def test_version_names_the_installed_release() -> None:

@@ -24,7 +24,7 @@ from aiohttp import web
 from callstream.supervisor import services
 from core.kafkasettings import KafkaSettings
 from core.settings import to_env
-from tests.support.cli import run_cli
+from tests.support.cli import one_line_error, run_cli
 from tests.support.paths import REPO
 from tests.support.produce import produce_reports, sample_report
 
@@ -149,9 +149,7 @@ def _fake_distribution(site: Path, name: str, entry_points: str) -> None:
 
 def test_a_package_consumer_named_like_a_built_in_is_a_one_line_error(tmp_path: Path) -> None:
     _fake_distribution(tmp_path, "storage-lookalike", "storage = storage_lookalike:SPEC")
-    done = run_cli("consumer", "storage", env=_env(PYTHONPATH=str(tmp_path)))
-    assert done.returncode == 2
-    [line] = done.stderr.splitlines()
+    line = one_line_error(run_cli("consumer", "storage", env=_env(PYTHONPATH=str(tmp_path))))
     assert "'storage'" in line
     assert "storage-lookalike 9.9" in line
     assert "built-in" in line
@@ -160,8 +158,20 @@ def test_a_package_consumer_named_like_a_built_in_is_a_one_line_error(tmp_path: 
 def test_two_packages_with_one_consumer_name_is_a_one_line_error(tmp_path: Path) -> None:
     _fake_distribution(tmp_path, "first-pkg", "crm = first_pkg:SPEC")
     _fake_distribution(tmp_path, "second-pkg", "crm = second_pkg:SPEC")
-    done = run_cli("consumers", env=_env(PYTHONPATH=str(tmp_path)))
-    assert done.returncode == 2
-    [line] = done.stderr.splitlines()
+    line = one_line_error(run_cli("consumers", env=_env(PYTHONPATH=str(tmp_path))))
     assert "first-pkg 9.9" in line
     assert "second-pkg 9.9" in line
+
+
+def test_an_entry_point_that_is_not_a_consumer_spec_is_a_one_line_error(tmp_path: Path) -> None:
+    _fake_distribution(tmp_path, "not-a-spec", "odd = not_a_spec:SPEC")
+    (tmp_path / "not_a_spec.py").write_text("SPEC = 42\n")
+    line = one_line_error(run_cli("consumer", "odd", env=_env(PYTHONPATH=str(tmp_path))))
+    assert "'odd' of not-a-spec 9.9" in line
+    assert "is of type int, not a consumers.contract.ConsumerSpec" in line
+
+
+def test_a_consumer_name_that_cannot_name_a_variable_is_a_one_line_error(tmp_path: Path) -> None:
+    _fake_distribution(tmp_path, "dotted", "crm.forward = dotted:SPEC")
+    line = one_line_error(run_cli("consumers", env=_env(PYTHONPATH=str(tmp_path))))
+    assert "'crm.forward' of dotted 9.9 is not lower-case letters" in line
