@@ -33,6 +33,7 @@ lint: $(STAMP) ## ruff, mypy --strict and the layer rule (import-linter)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/mypy examples/crm-forward/crm_forward.py  # a package of its own, outside the tree's
 	$(BIN)/lint-imports
 
 .PHONY: test

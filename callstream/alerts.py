@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import re
 import sys
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import orjson
 
-from callstream.erase import parse_age
 from callstream.replayplan import parse_time
 from consumers.alerting import AlertingSettings, load_rule_file
 from consumers.alerting.redelivery import Redelivery, RetryResult, UnknownDeadLetter, failed
@@ -32,22 +30,13 @@ class _CommandError(Exception):
 
 def parse_since(text: str, *, now: datetime | None = None) -> datetime:
     """An ISO time (UTC unless a zone is given) or an age back from now: `-2h`, `-7d`."""
-    text = text.strip()
     try:
-        if text.startswith("-"):
-            return (now or datetime.now(UTC)) - parse_age(text[1:])
-        return parse_time(text)
+        return parse_time(text, now=now)
     except ValueError:
         raise _CommandError(
             f"--since {text!r}: give an ISO time (2026-12-01T09:00Z) or an age back from now"
             " (-90m, -2h, -7d)"
         ) from None
-
-
-def accept_ages(parser: argparse.ArgumentParser) -> None:
-    """Let `--since -2h` through: argparse takes any other word starting with "-" for an
-    option (only `-2`, `-2.5` pass as negative numbers), and `--since=-2h` is easy to miss."""
-    parser._negative_number_matcher = re.compile(r"^-\d+[smhdw]?$|^-\d*\.\d+$")
 
 
 def _since(args: argparse.Namespace) -> datetime | None:

@@ -17,6 +17,7 @@ from collections.abc import Coroutine, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+import aiohttp
 import orjson
 from aiokafka.errors import KafkaConnectionError
 
@@ -24,10 +25,12 @@ from callstream import alerts, soak
 from callstream.bench.options import BenchOptions
 from callstream.bench.options import add_arguments as add_bench_arguments
 from callstream.bench.run import run_bench
+from callstream.clihelp import HelpFormatter, command, dash_values, examples, version
 from callstream.commandsettings import LogSettings
-from callstream.consumerstatus import consumers_command
+from callstream.consumerstatus import consumers_command, registered_consumers
 from callstream.dlq import list_command, redrive_command
 from callstream.envexample import render as render_env_example
+from callstream.envfile import with_env_file
 from callstream.erase import erase, parse_age, purge
 from callstream.localcluster import SECURITY_CHOICES, LocalCluster, is_cluster_home
 from callstream.localkafka import LocalKafka, default_home, ensure_broker
@@ -35,7 +38,8 @@ from callstream.replay import ReplayRequest, replay_command
 from callstream.sender import post_report
 from callstream.supervisor import run_pipeline
 from callstream.tail import tail
-from consumers.errors import PermanentError, RetryableError
+from consumers.catalog import lookup
+from consumers.errors import ConsumerRegistryError, PermanentError, RetryableError
 from consumers.service import run_consumer
 from consumers.storage import StorageSettings, sha256_hex
 from core import logs
@@ -50,40 +54,84 @@ from ingress.settings import IngressSettings
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
-    env = os.environ
-    logs.configure(LogSettings.from_env(env).level, service=f"callstream-{args.command}")
+    args = parser.parse_args(dash_values(sys.argv[1:] if argv is None else argv))
+    env: Mapping[str, str] = os.environ
     try:
+        if args.command == "run":
+            env = with_env_file(env)
+        logs.configure(LogSettings.from_env(env).level, service=f"callstream-{args.command}")
         return int(args.func(args, env))
     except SettingsError as exc:
         # A configuration mistake is the operator's to fix: say what, without a traceback.
-        print(f"callstream {args.command}: configuration error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(args, f"configuration error: {exc}")
+    except ConsumerRegistryError as exc:
+        return _fail(args, str(exc))
     except (KafkaUnreachable, KafkaConnectionError) as exc:
-        print(f"callstream {args.command}: cannot use Kafka: {exc}", file=sys.stderr)
-        return 2
+        return _fail(args, f"cannot use Kafka: {exc}")
+    except aiohttp.ClientConnectionError as exc:  # an OSError too: before that one
+        return _fail(args, f"cannot connect: {exc}")
+    except FileNotFoundError as exc:
+        return _fail(args, f"no such file: {exc.filename}")
+    except OSError as exc:
+        return _fail(args, f"{exc.filename or 'cannot'}: {exc.strerror or exc}")
+    except SystemExit as exc:
+        # Deeper layers stop with a sentence (`raise SystemExit("no broker: ...")`).
+        if isinstance(exc.code, str):
+            return _fail(args, exc.code)
+        raise
     except KeyboardInterrupt:
         return 130
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="callstream", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def _fail(args: argparse.Namespace, message: str) -> int:
+    """One line on stderr and exit code 2, as argparse does for a bad command line."""
+    line = "; ".join(part.strip() for part in message.strip().splitlines() if part.strip())
+    print(f"callstream {args.command}: {line}", file=sys.stderr)
+    return 2
 
-    run = sub.add_parser(
-        "run", help="the whole pipeline: local broker if needed, ingress, consumers"
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="callstream",
+        description=__doc__,
+        epilog=examples(
+            "callstream run                      # the whole pipeline on this machine",
+            "callstream consumers                # every consumer, its lag and origin",
+            "callstream replay --consumer storage --from -2h --dry-run",
+            "callstream SUBCOMMAND --help        # each subcommand's options and examples",
+        ),
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=version())
+    sub = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
+
+    run = command(
+        sub,
+        "run",
+        "the whole pipeline: local broker if needed, ingress, consumers",
+        "callstream run                      # ./.env is read first when there is one",
+        "callstream run --no-consumers       # only the ingress, e.g. to fill the topic",
+        "KAFKA_BOOTSTRAP_SERVERS=kafka:9092 callstream run",
+        description="The ingress and every registered consumer (built-in or from an installed"
+        " package) as child processes, restarted when they die. Without"
+        " KAFKA_BOOTSTRAP_SERVERS a local broker is started. A .env file in the working"
+        " directory is read first; variables already set in the environment win over it.",
     )
     run.add_argument("--no-consumers", action="store_true", help="start only the ingress")
     run.set_defaults(func=_cmd_run)
 
-    kafka = sub.add_parser(
+    kafka = command(
+        sub,
         "kafka",
-        help="a local Kafka: one KRaft broker, or a cluster (--brokers 3), plaintext or secured",
-        description="Examples: `callstream kafka start`; `callstream kafka start --brokers 3"
-        ' --security sasl_ssl`, then `eval "$(callstream kafka env)"`; `callstream kafka stop'
-        " --node 2` and `start --node 2` to try a failure by hand.",
+        "a local Kafka: one KRaft broker, or a cluster (--brokers 3), plaintext or secured",
+        "callstream kafka start",
+        "callstream kafka start --brokers 3 --security sasl_ssl",
+        'eval "$(callstream kafka env)"     # point this shell at it',
+        "callstream kafka stop --node 2      # then `start --node 2`: a failure by hand",
     )
-    kafka.add_argument("action", choices=["start", "stop", "status", "env"])
+    kafka.add_argument(
+        "action", choices=["start", "stop", "status", "env"], help="what to do with it"
+    )
     kafka.add_argument(
         "--brokers", type=int, help="start a cluster of this many nodes (3 for replication)"
     )
@@ -95,15 +143,33 @@ def _parser() -> argparse.ArgumentParser:
     kafka.add_argument("--node", type=int, help="start or stop only this node of the cluster")
     kafka.set_defaults(func=_cmd_kafka)
 
-    ingress = sub.add_parser("ingress", help="the webhook ingress service")
+    ingress = command(
+        sub,
+        "ingress",
+        "the webhook ingress service",
+        "callstream ingress",
+        "CALLSTREAM_INGRESS_PORT=8080 CALLSTREAM_WEBHOOK_SECRET=... callstream ingress",
+    )
     ingress.set_defaults(func=_cmd_ingress)
 
-    consumer = sub.add_parser("consumer", help="run one consumer service")
+    consumer = command(
+        sub,
+        "consumer",
+        "run one consumer service",
+        "callstream consumer storage",
+        "callstream consumer crm-forward     # one an installed package registered",
+    )
     consumer.add_argument("name", help="a registered consumer (see `callstream consumers`)")
     consumer.set_defaults(func=_cmd_consumer)
 
-    send = sub.add_parser("send", help="sign and post a report file to the ingress")
-    send.add_argument("file", type=Path)
+    send = command(
+        sub,
+        "send",
+        "sign and post a report file to the ingress",
+        "callstream send report.json --fresh-id",
+        f"callstream send report.json --gzip --url https://ingress.example.com{WEBHOOK_PATH}",
+    )
+    send.add_argument("file", type=Path, help="a JSON report, as Flireo sends it")
     send.add_argument(
         "--url", help=f"default: http://127.0.0.1:$CALLSTREAM_INGRESS_PORT{WEBHOOK_PATH}"
     )
@@ -111,23 +177,45 @@ def _parser() -> argparse.ArgumentParser:
     send.add_argument("--fresh-id", action="store_true", help="give the report a new call id")
     send.set_defaults(func=_cmd_send)
 
-    tail = sub.add_parser("tail", help="print decoded events from a topic as JSON lines")
+    tail = command(
+        sub,
+        "tail",
+        "print decoded events from a topic as JSON lines",
+        "callstream tail --max 10",
+        "callstream tail --follow --from-end | jq .record.call_id",
+    )
     tail.add_argument("--topic", help="default: $CALLSTREAM_TOPIC")
     tail.add_argument("--follow", "-f", action="store_true", help="keep waiting for new records")
     tail.add_argument("--max", type=int, default=None, help="stop after this many records")
     tail.add_argument("--from-end", action="store_true", help="only records arriving from now on")
     tail.set_defaults(func=_cmd_tail)
 
-    consumers = sub.add_parser(
-        "consumers", help="registered consumers: group, state, members and lag"
+    consumers = command(
+        sub,
+        "consumers",
+        "registered consumers: origin, group, state, members and lag",
+        "callstream consumers",
+        "callstream consumers --json | jq -r 'select(.lag > 0) | .name'",
+        description="Every consumer callstream can run: the built-in ones and those installed"
+        " packages register under the `callstream.consumers` entry point (ORIGIN: the"
+        " package and its version), with their group's state, members and lag.",
     )
-    consumers.add_argument("--json", action="store_true", help="JSON for machines")
+    consumers.add_argument(
+        "--json", action="store_true", help="one JSON line per consumer, for machines"
+    )
     consumers.set_defaults(func=_cmd_consumers)
 
-    replay = sub.add_parser(
+    replay = command(
+        sub,
         "replay",
-        help="re-handle a time range through one consumer, or re-publish it from storage",
-        description="Times are ISO-8601, UTC unless a zone is given. See docs/replay.md.",
+        "re-handle a time range through one consumer, or re-publish it from storage",
+        "callstream replay --consumer storage --from -2h --dry-run",
+        "callstream replay --consumer alerting --from 2025-09-01T09:00Z --to 2025-09-02",
+        "callstream replay --restore replay-callstream-storage-20250901T100000Z.offsets.json",
+        "callstream replay --from-storage --from -7d",
+        description="Times are ISO-8601, UTC unless a zone is given, or back from now: -7d,"
+        " -2h, -30m. Without --to, the group's offsets move and the ones replaced are saved"
+        " to a file that --restore puts back. See docs/replay.md.",
     )
     source = replay.add_mutually_exclusive_group(required=True)
     source.add_argument("--consumer", metavar="NAME", help="replay through this consumer's group")
@@ -136,8 +224,14 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="re-publish stored reports (by event time) onto the topic",
     )
+    source.add_argument(
+        "--restore",
+        metavar="FILE",
+        type=Path,
+        help="put a group's offsets back from the file an earlier replay saved",
+    )
     replay.add_argument(
-        "--from", dest="since", metavar="TIME", required=True, help="start of the range"
+        "--from", dest="since", metavar="TIME", help="start of the range: 2025-09-01, -2h"
     )
     replay.add_argument(
         "--to",
@@ -145,59 +239,82 @@ def _parser() -> argparse.ArgumentParser:
         metavar="TIME",
         help="end of the range, exclusive (without it, --consumer only moves the group)",
     )
+    replay.add_argument(
+        "--offsets-file",
+        metavar="FILE",
+        type=Path,
+        help="where to save the offsets replaced (default: replay-GROUP-TIME.offsets.json)",
+    )
     replay.add_argument("--dry-run", action="store_true", help="show the plan, change nothing")
     replay.set_defaults(func=_cmd_replay)
 
-    dlq = sub.add_parser(
+    dlq = command(
+        sub,
         "dlq",
-        help="the dead-letter topic: list it, re-drive a consumer's records (docs/operations.md)",
+        "the dead-letter topic: list it, re-drive a consumer's records (docs/operations.md)",
+        "callstream dlq list",
+        "callstream dlq redrive --consumer storage --dry-run",
     )
-    dlq_actions = dlq.add_subparsers(dest="action", required=True)
-    dlq_list = dlq_actions.add_parser(
-        "list", help="dead letters per consumer and error type, and how many wait for a re-drive"
+    dlq_actions = dlq.add_subparsers(dest="action", required=True, metavar="ACTION")
+    dlq_list = command(
+        dlq_actions,
+        "list",
+        "dead letters per consumer and error type, and how many wait for a re-drive",
+        "callstream dlq list --consumer alerting",
+        "callstream dlq list --json | jq -r .error",
     )
     dlq_list.add_argument("--consumer", metavar="NAME", help="only this consumer's")
     dlq_list.add_argument(
         "--json", action="store_true", help="one JSON line per dead letter, with its error"
     )
     dlq_list.set_defaults(func=_cmd_dlq_list)
-    redrive = dlq_actions.add_parser(
+    redrive = command(
+        dlq_actions,
         "redrive",
-        help="put a consumer's dead letters back on their topic, for that consumer only",
+        "put a consumer's dead letters back on their topic, for that consumer only",
+        "callstream dlq redrive --consumer storage --dry-run",
+        "callstream dlq redrive --consumer storage",
     )
-    redrive.add_argument("--consumer", metavar="NAME", required=True)
+    redrive.add_argument(
+        "--consumer", metavar="NAME", required=True, help="the consumer whose records to re-drive"
+    )
     redrive.add_argument("--dry-run", action="store_true", help="count them, send nothing")
     redrive.set_defaults(func=_cmd_dlq_redrive)
 
-    alerts_cmd = sub.add_parser(
+    alerts_cmd = command(
+        sub,
         "alerts",
-        help="alerts the alerting consumer sent or gave up on; send the given-up ones again",
-        description="Run with the alerting consumer's settings (CALLSTREAM_ALERT_STATE_PATH, "
-        "CALLSTREAM_ALERT_RULES). Examples: `callstream alerts list --failed --since -2h`; "
-        "`callstream alerts retry --dry-run`, then `callstream alerts retry`. "
-        "See docs/operations.md#failed-alerts.",
+        "alerts the alerting consumer sent or gave up on; send the given-up ones again",
+        "callstream alerts list --failed --since -2h",
+        "callstream alerts retry --dry-run",
+        description="Alerts the alerting consumer sent or gave up on. Run with the alerting "
+        "consumer's settings (CALLSTREAM_ALERT_STATE_PATH, CALLSTREAM_ALERT_RULES); see "
+        "docs/operations.md#failed-alerts.",
     )
-    alerts_actions = alerts_cmd.add_subparsers(dest="action", required=True)
-    alerts_list = alerts_actions.add_parser(
-        "list", help="every alert: rule, channel, call, status, error, attempts, times"
+    alerts_actions = alerts_cmd.add_subparsers(dest="action", required=True, metavar="ACTION")
+    alerts_list = command(
+        alerts_actions,
+        "list",
+        "every alert: rule, channel, call, status, error, attempts, times",
+        "callstream alerts list --failed",
+        "callstream alerts list --since -7d --json | jq -r .error",
     )
-    alerts_list.add_argument(
-        "--failed", action="store_true", help="only alerts given up on, e.g. `alerts list --failed`"
-    )
+    alerts_list.add_argument("--failed", action="store_true", help="only alerts given up on")
     alerts_list.add_argument(
         "--since",
         metavar="TIME",
         help="changed since an ISO time or an age back from now: 2026-12-01T09:00Z, -2h, -7d",
     )
-    alerts_list.add_argument(
-        "--json", action="store_true", help="one JSON object per line, e.g. `--json | jq .error`"
-    )
+    alerts_list.add_argument("--json", action="store_true", help="one JSON object per line")
     alerts_list.set_defaults(func=alerts.list_command)
-    alerts.accept_ages(alerts_list)
-    alerts_retry = alerts_actions.add_parser(
+    alerts_retry = command(
+        alerts_actions,
         "retry",
-        help="send given-up alerts again, once each, with the same alert_id",
-        description="Without --id or --since: every alert given up on and not yet resent.",
+        "send given-up alerts again, once each, with the same alert_id",
+        "callstream alerts retry --dry-run",
+        "callstream alerts retry --id 3",
+        description="Send given-up alerts again, once each, with the same alert_id. Without "
+        "--id or --since: every alert given up on and not yet resent.",
     )
     which = alerts_retry.add_mutually_exclusive_group()
     which.add_argument(
@@ -209,14 +326,16 @@ def _parser() -> argparse.ArgumentParser:
         help="given up since an ISO time or an age back from now: 2026-12-01T09:00Z, -2h, -7d",
     )
     alerts_retry.add_argument(
-        "--dry-run", action="store_true", help="show what would be sent, e.g. `retry --dry-run`"
+        "--dry-run", action="store_true", help="show what would be sent, send nothing"
     )
     alerts_retry.set_defaults(func=alerts.retry_command)
-    alerts.accept_ages(alerts_retry)
 
-    bench = sub.add_parser(
+    bench = command(
+        sub,
         "bench",
-        help="measure throughput, latency and cost on this machine (docs/performance.md)",
+        "measure throughput, latency and cost on this machine (docs/performance.md)",
+        "callstream bench --quick            # check the bench itself works",
+        "callstream bench --phases wrk,catchup",
     )
     add_bench_arguments(bench)
     bench.set_defaults(func=_cmd_bench)
@@ -225,14 +344,18 @@ def _parser() -> argparse.ArgumentParser:
         "soak",
         help="steady load through the real processes while faults are injected (not a test)",
         description=soak.__doc__,
+        epilog=examples("callstream soak --minutes 10", "callstream soak --minutes 60 --seed 7"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     soak.add_arguments(soak_run)
     soak_run.set_defaults(func=_cmd_soak)
 
-    erase = sub.add_parser(
+    erase = command(
+        sub,
         "erase",
-        help="delete a person's reports from storage and record it (docs/privacy.md)",
+        "delete a person's reports from storage and record it (docs/privacy.md)",
+        "callstream erase --phone +31612345678",
+        "callstream erase --call 0b9c3f52-6c1e-4c55-9d2b-2f3a1f6e8a11",
         description="Both options: only calls matching both. The Kafka topic keeps its copy "
         "until its retention passes; see docs/privacy.md.",
     )
@@ -240,15 +363,23 @@ def _parser() -> argparse.ArgumentParser:
     erase.add_argument("--call", metavar="ID", help="one call id")
     erase.set_defaults(func=_cmd_erase)
 
-    purge = sub.add_parser(
-        "purge", help="delete stored reports older than an age, for retention (docs/privacy.md)"
+    purge = command(
+        sub,
+        "purge",
+        "delete stored reports older than an age, for retention (docs/privacy.md)",
+        "callstream purge --older-than 30d",
     )
     purge.add_argument(
         "--older-than", metavar="AGE", required=True, help="by event time: 30d, 12h, 90m, 2w"
     )
     purge.set_defaults(func=_cmd_purge)
 
-    settings = sub.add_parser("settings", help="the environment variables callstream reads")
+    settings = command(
+        sub,
+        "settings",
+        "the environment variables callstream reads",
+        "callstream settings --env-example > .env",
+    )
     settings.add_argument(
         "--env-example",
         action="store_true",
@@ -376,6 +507,7 @@ def _cmd_ingress(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 
 def _cmd_consumer(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    lookup(args.name)  # an unknown name is told before any broker is looked for
     return _run_async(run_consumer(args.name, env, kafka_settings(env, start_local=False)))
 
 
@@ -433,12 +565,23 @@ def _cmd_tail(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 
 def _cmd_consumers(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    watched = registered_consumers()  # a name clash is told before any broker is looked for
     kafka = kafka_settings(env, start_local=False)
-    return _run_async(consumers_command(kafka, sys.stdout, as_json=args.json))
+    return _run_async(consumers_command(kafka, sys.stdout, as_json=args.json, consumers=watched))
 
 
 def _cmd_replay(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    request = ReplayRequest(args.consumer, args.since, args.until, args.dry_run, args.from_storage)
+    if args.restore is None and args.since is None:
+        raise SystemExit("--from TIME is required with --consumer and --from-storage")
+    request = ReplayRequest(
+        args.consumer,
+        args.since,
+        args.until,
+        args.dry_run,
+        args.from_storage,
+        restore=args.restore,
+        offsets_file=args.offsets_file,
+    )
     return _run_async(replay_command(request, env, kafka_settings(env, start_local=False)))
 
 

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import datetime
-from typing import Any, Self, TextIO, TypeVar
+from typing import Any, NamedTuple, Self, TextIO, TypeVar
 
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -30,7 +30,7 @@ from aiokafka.errors import (
     for_code,
 )
 
-from consumers.catalog import CONSUMERS
+from consumers.catalog import BUILT_IN, registered
 from core.kafkasettings import KafkaSettings
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,14 @@ class PartitionLag:
         return max(self.end - max(position, self.beginning), 0)
 
 
+class Watched(NamedTuple):
+    """A consumer `callstream consumers` reports on."""
+
+    group_id: str
+    description: str
+    origin: str = BUILT_IN  # or the package that registered it, "name version"
+
+
 @dataclass(frozen=True, slots=True)
 class ConsumerStatus:
     name: str
@@ -94,6 +102,7 @@ class ConsumerStatus:
     topic: str
     group: GroupState
     partitions: tuple[PartitionLag, ...]
+    origin: str = BUILT_IN
 
     @property
     def lag(self) -> int:
@@ -103,6 +112,7 @@ class ConsumerStatus:
         return {
             "name": self.name,
             "description": self.description,
+            "origin": self.origin,
             "group_id": self.group.group_id,
             "state": self.group.state,
             "members": self.group.members,
@@ -238,33 +248,38 @@ async def _retrying(call: Callable[[], Awaitable[_T]]) -> _T:
 
 
 async def consumer_statuses(
-    kafka: KafkaSettings, consumers: Mapping[str, tuple[str, str]]
+    kafka: KafkaSettings, consumers: Mapping[str, Watched]
 ) -> list[ConsumerStatus]:
-    """`consumers`: name -> (group id, description), in the order to report them."""
+    """`consumers`: by name, in the order to report them."""
     async with KafkaInspector(kafka) as inspector:
         out = []
-        for name, (group_id, description) in consumers.items():
-            group = await inspector.group(group_id)
-            lags = await inspector.lags(group_id, kafka.topic)
-            out.append(ConsumerStatus(name, description, kafka.topic, group, lags))
+        for name, watched in consumers.items():
+            group = await inspector.group(watched.group_id)
+            lags = await inspector.lags(watched.group_id, kafka.topic)
+            out.append(
+                ConsumerStatus(name, watched.description, kafka.topic, group, lags, watched.origin)
+            )
         return out
 
 
-def registered_consumers() -> dict[str, tuple[str, str]]:
-    return {name: (default_group_id(name), spec.description) for name, spec in CONSUMERS.items()}
+def registered_consumers() -> dict[str, Watched]:
+    return {
+        name: Watched(default_group_id(name), found.spec.description, found.origin)
+        for name, found in registered().items()
+    }
 
 
 def render_table(statuses: Iterable[ConsumerStatus]) -> str:
-    rows = [("CONSUMER", "GROUP", "STATE", "MEMBERS", "LAG")]
+    rows = [("CONSUMER", "GROUP", "STATE", "MEMBERS", "LAG", "ORIGIN")]
     rows += [
-        (s.name, s.group.group_id, s.group.state, str(s.group.members), str(s.lag))
+        (s.name, s.group.group_id, s.group.state, str(s.group.members), str(s.lag), s.origin)
         for s in statuses
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = []
     for row in rows:
         cells = [
-            cell.rjust(width) if i >= 3 else cell.ljust(width)
+            cell.rjust(width) if i in (3, 4) else cell.ljust(width)
             for i, (cell, width) in enumerate(zip(row, widths, strict=True))
         ]
         lines.append("  ".join(cells).rstrip())
@@ -272,7 +287,8 @@ def render_table(statuses: Iterable[ConsumerStatus]) -> str:
 
 
 def render_json(statuses: Iterable[ConsumerStatus]) -> str:
-    return orjson.dumps([s.to_json() for s in statuses], option=orjson.OPT_INDENT_2).decode() + "\n"
+    """JSON lines: one consumer per line, so `jq`, `grep` and a line-reading script all work."""
+    return "".join(orjson.dumps(s.to_json()).decode() + "\n" for s in statuses)
 
 
 async def consumers_command(
@@ -280,7 +296,7 @@ async def consumers_command(
     out: TextIO,
     *,
     as_json: bool,
-    consumers: Mapping[str, tuple[str, str]] | None = None,
+    consumers: Mapping[str, Watched] | None = None,
 ) -> int:
     try:
         statuses = await consumer_statuses(kafka, consumers or registered_consumers())

@@ -25,8 +25,9 @@ _HEADER = """\
 # Every environment variable callstream reads, with its default. Copy to .env and edit.
 #
 # An empty value means "unset": the code then uses the default described in the comment.
-# docker compose reads .env for the ${NAME:-default} values in docker-compose.yml; for a
-# local run, export the lines you change (set -a; . ./.env; set +a) before `callstream run`.
+# docker compose reads .env for the ${NAME:-default} values in docker-compose.yml, and
+# `callstream run` reads it too (a variable set in the environment wins over the file);
+# `callstream ingress` and `callstream consumer` read only the environment.
 # Generated from the settings declarations: edit those, then run
 # `callstream settings --env-example > .env.example` (tests/e2e/test_deploy_static.py checks it).
 """

@@ -3,7 +3,8 @@ reports back on the topic from the storage archive once retention has dropped th
 
 * ``--consumer NAME --from T``: moves the committed offsets of the consumer's group back to
   the first record at or after T (a new group: forward, instead of the log start); the next
-  `callstream consumer NAME` handles everything from there.
+  `callstream consumer NAME` handles everything from there. The offsets it replaced go to a
+  file first, which ``--restore FILE`` puts back.
 * ``--consumer NAME --from T --to U``: handles exactly the records in [T, U) here and now,
   through the same Runner and the same consumer code, then puts the group's committed
   offsets back where they were.
@@ -25,7 +26,8 @@ import sys
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 import aiohttp
@@ -33,8 +35,9 @@ from aiokafka.errors import CommitFailedError, KafkaError
 from prometheus_client import CollectorRegistry
 
 from callstream.consumerstatus import KafkaInspector, TopicMissingError
+from callstream.replayoffsets import SavedOffsets, default_path, restore_command, save
 from callstream.replayplan import ReplayPlan, parse_time, plan_replay, render_plan
-from consumers.catalog import CONSUMERS
+from consumers.catalog import registered
 from consumers.contract import Consumer, Delivery
 from consumers.runner import Runner, RunnerSettings
 from consumers.storage import StorageSettings, open_backend
@@ -162,16 +165,21 @@ async def replay_consumer(
     stop: asyncio.Event | None = None,
     registry: CollectorRegistry | None = None,
     progress_interval: float = 1.0,
+    offsets_file: Path | None = None,
 ) -> int:
     """Replay [since, until) of `settings.topic` through `consumer` in `settings.group_id`.
 
-    Without `until` only the group's offsets move; with it the range is handled here.
+    Without `until` only the group's offsets move (the ones replaced are saved in
+    `offsets_file`, by default a new file in the working directory); with it the range is
+    handled here.
     Returns an exit code; refuses (EXIT_REFUSED, nothing changed) while the group has members.
     """
-    spec = CONSUMERS.get(consumer)
-    if spec is None:
-        err.write(f"no consumer named {consumer!r}; registered: {', '.join(sorted(CONSUMERS))}\n")
+    known = registered()
+    found = known.get(consumer)
+    if found is None:
+        err.write(f"no consumer named {consumer!r}; registered: {', '.join(sorted(known))}\n")
         return EXIT_REFUSED
+    spec = found.spec
     if until is not None and until <= since:
         err.write("--to must be later than --from\n")
         return EXIT_REFUSED
@@ -196,7 +204,8 @@ async def replay_consumer(
             out.write("dry run: nothing changed\n")
             return EXIT_OK
         if until is None:
-            return await _rewind(kafka, plan, consumer, out, err)
+            path = offsets_file or default_path(group_id)
+            return await _rewind(kafka, plan, consumer, path, out, err)
         if plan.total == 0:
             out.write("nothing to replay: the group's offsets were not touched\n")
             return EXIT_OK
@@ -224,15 +233,24 @@ def _active_message(group_id: str, state: str, members: int, consumer: str) -> s
 
 
 async def _rewind(
-    kafka: KafkaSettings, plan: ReplayPlan, consumer: str, out: TextIO, err: TextIO
+    kafka: KafkaSettings,
+    plan: ReplayPlan,
+    consumer: str,
+    offsets_file: Path,
+    out: TextIO,
+    err: TextIO,
 ) -> int:
     moves = {p.partition: r for p in plan.partitions if (r := p.rewind_to) is not None}
     if not moves:
         out.write("nothing to move: the group's offsets were not touched\n")
         return EXIT_OK
+    replaced = {p.partition: p.committed for p in plan.partitions if p.partition in moves}
+    saved = SavedOffsets(plan.group_id, plan.topic, replaced, datetime.now(UTC))
+    await asyncio.to_thread(save, offsets_file, saved)
     try:
         await commit_group_offsets(kafka, plan.group_id, plan.topic, moves)
     except CommitFailedError:
+        await asyncio.to_thread(offsets_file.unlink, missing_ok=True)
         err.write(f"refusing to replay: group {plan.group_id} became active; nothing was changed\n")
         return EXIT_REFUSED
     ahead = sum(p.end - p.start for p in plan.partitions if p.partition in moves)
@@ -240,6 +258,8 @@ async def _rewind(
         f"moved group {plan.group_id} on {len(moves)} partition(s): the next"
         f" `callstream consumer {consumer}` handles {ahead} record(s) from --from on,"
         " then carries on with new ones\n"
+        f"the offsets it replaced are in {offsets_file}; to undo, stop the consumer and run"
+        f" `callstream replay --restore {offsets_file}`\n"
     )
     return EXIT_OK
 
@@ -498,10 +518,12 @@ async def _acked(pending: list[asyncio.Future[Any]]) -> int:
 @dataclass(frozen=True, slots=True)
 class ReplayRequest:
     consumer: str | None
-    since: str
+    since: str | None  # None only with `restore`
     until: str | None
     dry_run: bool
     from_storage: bool
+    restore: Path | None = None
+    offsets_file: Path | None = None
 
 
 async def replay_command(
@@ -511,7 +533,18 @@ async def replay_command(
     out: TextIO = sys.stdout,
     err: TextIO = sys.stderr,
 ) -> int:
+    if request.restore is not None:
+        try:
+            return await restore_command(kafka, request.restore, out, err)
+        except (OSError, ValueError) as exc:
+            err.write(f"callstream replay --restore: {exc}\n")
+            return EXIT_REFUSED
+        except KafkaError as exc:
+            err.write(f"callstream replay --restore: Kafka at {kafka.bootstrap_servers}: {exc}\n")
+            return EXIT_FAILED
     try:
+        if request.since is None:
+            raise ValueError("--from is required (or --restore FILE)")
         since = parse_time(request.since)
         until = parse_time(request.until) if request.until is not None else None
     except ValueError as exc:
@@ -537,6 +570,7 @@ async def replay_command(
             err=err,
             dry_run=request.dry_run,
             stop=stop,
+            offsets_file=request.offsets_file,
         )
     except KafkaError as exc:
         err.write(f"callstream replay: Kafka at {kafka.bootstrap_servers}: {exc}\n")

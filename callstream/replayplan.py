@@ -4,21 +4,45 @@ lie between; and the plan rendered for the operator (and for --dry-run)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from callstream.consumerstatus import KafkaInspector
+from callstream.erase import parse_age
+
+# kafka-consumer-groups --by-duration's own spelling, ISO-8601 durations: -P7D, -PT2H30M.
+_ISO_DURATION = re.compile(r"^-P(?:(\d+)D)?(?:T(?:(\d+)H)?(?:(\d+)M)?(?:(\d+)S)?)?$")
 
 
-def parse_time(text: str) -> datetime:
-    """ISO-8601 (`2025-08-20`, `2025-08-20T09:30`, `...Z`, `...+02:00`); UTC unless a zone
-    is given."""
+def parse_time(text: str, *, now: datetime | None = None) -> datetime:
+    """ISO-8601 (`2025-08-20`, `2025-08-20T09:30`, `...Z`, `...+02:00`), UTC unless a zone
+    is given; or a time back from now, as kafka-consumer-groups --by-duration counts back:
+    `-7d`, `-2h`, `-30m`, `-90s`, `-2w`, or in its own spelling `-P7D`, `-PT2H30M`."""
+    text = text.strip()
+    if text.startswith("-"):
+        return (now or datetime.now(UTC)) - _back(text)
     try:
-        moment = datetime.fromisoformat(text.strip())
+        moment = datetime.fromisoformat(text)
     except ValueError:
-        raise ValueError(f"not an ISO-8601 time: {text!r}") from None
+        raise ValueError(
+            f"not an ISO-8601 time: {text!r} (or one back from now, such as -2h)"
+        ) from None
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _back(text: str) -> timedelta:
+    iso = _ISO_DURATION.match(text.upper())
+    if iso is not None and any(iso.groups()):
+        days, hours, minutes, seconds = (int(part or 0) for part in iso.groups())
+        return timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
+    try:
+        return parse_age(text[1:])
+    except ValueError:
+        raise ValueError(
+            f"not a time back from now such as -7d, -2h, -30m or -PT2H: {text!r}"
+        ) from None
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,5 @@
-"""`callstream run`: the ingress and every registered consumer as child processes.
+"""`callstream run`: the ingress and every registered consumer (built-in or from an
+installed package) as child processes.
 
 Each child is the same process a deployment would run on its own (`callstream ingress`,
 `callstream consumer NAME`), so local runs exercise the real service boundaries. A child
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from types import FrameType
 
 from callstream.processes import ChildProcess, callstream_argv
-from consumers.catalog import CONSUMERS
+from consumers.catalog import registered
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +31,18 @@ class _Child:
     next_start: float = 0.0
 
 
-def run_pipeline(env: Mapping[str, str], *, with_consumers: bool) -> int:
-    services = [("ingress", ["ingress"])]
+def services(*, with_consumers: bool) -> list[tuple[str, list[str]]]:
+    """Each child's name and `callstream` arguments: the ingress, then every consumer."""
+    found = [("ingress", ["ingress"])]
     if with_consumers:
-        services += [(name, ["consumer", name]) for name in CONSUMERS]
+        found += [(name, ["consumer", name]) for name in registered()]
+    return found
+
+
+def run_pipeline(env: Mapping[str, str], *, with_consumers: bool) -> int:
     children = [
-        _Child(ChildProcess(callstream_argv(*args), env=env, name=name)) for name, args in services
+        _Child(ChildProcess(callstream_argv(*args), env=env, name=name))
+        for name, args in services(with_consumers=with_consumers)
     ]
     stopping = False
 

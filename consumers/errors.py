@@ -18,3 +18,8 @@ class RetryableError(Exception):
 
 class PermanentError(Exception):
     pass
+
+
+class ConsumerRegistryError(Exception):
+    """A consumer name that is unknown, taken twice, or registered with something that is
+    not a ConsumerSpec: the operator's to fix, said in one line."""

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 import aiohttp
 from prometheus_client import CollectorRegistry
 
-from consumers.catalog import CONSUMERS
+from consumers.catalog import lookup
 from consumers.runner import Runner, RunnerSettings
 from consumers.telemetry import RunnerMetrics
 from core.kafkasettings import KafkaSettings
@@ -36,11 +36,11 @@ class ServiceSettings(EnvSettings):
 
 def port_setting(name: str) -> Setting:
     """CALLSTREAM_<NAME>_PORT: a variable per consumer, so that all run side by side on one
-    host, each defaulting to its port in the catalog."""
+    host, each defaulting to the port its ConsumerSpec gives."""
     return Setting(
         f"CALLSTREAM_{name.upper().replace('-', '_')}_PORT",
         f"Port of the {name} consumer's /metrics and /healthz.",
-        CONSUMERS[name].default_metrics_port,
+        lookup(name).spec.default_metrics_port,
     )
 
 
@@ -52,10 +52,7 @@ async def run_consumer(
     stop: asyncio.Event | None = None,
     runner_settings: RunnerSettings | None = None,
 ) -> int:
-    spec = CONSUMERS.get(name)
-    if spec is None:
-        known = ", ".join(sorted(CONSUMERS))
-        raise SystemExit(f"no consumer named {name!r}; registered: {known}")
+    spec = lookup(name).spec
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -9,6 +9,8 @@ from typing import Any
 
 import orjson
 
+from core.settings import SettingsError
+
 _RESERVED = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 
 
@@ -29,15 +31,64 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str).decode()
 
 
+class CoordinatorWait(logging.Filter):
+    """aiokafka logs an ERROR for every failed group-coordinator lookup, several a second,
+    and a WARNING each time it drops a coordinator that is not ready, while a fresh broker
+    creates its offsets topic: normal start-up, not a fault. The first failed lookup of a
+    burst becomes one INFO line, "waiting for the group coordinator"; the rest of the burst
+    (until `quiet` seconds pass without either) is dropped. A coordinator dropped outside a
+    burst (a broker that went away) stays a warning."""
+
+    LOGGER = "aiokafka.consumer.group_coordinator"
+    MESSAGE = "Group Coordinator Request failed: %s"
+    DEAD = "Marking the coordinator dead (node %s)for group %s."
+
+    def __init__(self, quiet: float = 60.0) -> None:
+        super().__init__()
+        self._quiet = quiet
+        self._last: float | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name != self.LOGGER or record.msg not in (self.MESSAGE, self.DEAD):
+            return True
+        now = time.monotonic()
+        burst = self._last is not None and now - self._last < self._quiet
+        if record.msg == self.DEAD:
+            if burst:
+                self._last = now
+            return not burst
+        error = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        if not getattr(error, "retriable", False):
+            return True  # a refusal that will not heal by waiting stays an error
+        self._last = now
+        if burst or not logging.getLogger().isEnabledFor(logging.INFO):
+            return False
+        record.name, record.msg, record.args = (
+            "callstream.kafka",
+            "waiting for the group coordinator",
+            (),
+        )
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        record.exc_info = record.exc_text = None
+        return True
+
+
 def configure(level: str = "INFO", *, service: str) -> None:
+    if level.upper() not in logging.getLevelNamesMapping():
+        raise SettingsError(
+            f"CALLSTREAM_LOG_LEVEL={level!r} is not a log level: DEBUG, INFO, WARNING or ERROR"
+        )
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
+    handler.addFilter(CoordinatorWait())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # aiokafka logs every reconnect attempt at INFO/ERROR with full tracebacks.
     logging.getLogger("aiokafka").setLevel(max(logging.WARNING, root.level))
-    logging.getLogger("callstream").info("starting %s", service)
+    # Services say what they serve once they listen; this line only says a command ran,
+    # which a person at a terminal already knows.
+    logging.getLogger("callstream").debug("starting %s", service)
 
 
 def mask_phone(number: str | None) -> str | None:

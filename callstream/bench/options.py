@@ -117,7 +117,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also profile the ingress under wrk load with py-spy (pip install py-spy)",
     )
-    parser.add_argument("--profile-seconds", type=float, default=d.profile_seconds)
+    parser.add_argument(
+        "--profile-seconds",
+        type=float,
+        default=d.profile_seconds,
+        help="how long py-spy records with --profile (%(default)s)",
+    )
     parser.add_argument(
         "--quick", action="store_true", help="short runs to check the bench itself works"
     )

@@ -13,6 +13,7 @@ from callstream.consumerstatus import (
     ConsumerStatus,
     GroupState,
     PartitionLag,
+    Watched,
     consumer_statuses,
     consumers_command,
     render_table,
@@ -28,8 +29,8 @@ from tests.support.produce import produce_reports, sample_report
 from tests.support.runner import Recorder, eventually
 
 
-def groups(**names: str) -> dict[str, tuple[str, str]]:
-    return {name: (group, f"the {name} consumer") for name, group in names.items()}
+def groups(**names: str) -> dict[str, Watched]:
+    return {name: Watched(group, f"the {name} consumer") for name, group in names.items()}
 
 
 async def test_consumers_shows_state_members_and_lag(kafka: KafkaSettings) -> None:
@@ -73,7 +74,8 @@ async def test_consumers_json_lists_every_partition(kafka: KafkaSettings) -> Non
     out = io.StringIO()
     group = f"g-json-{uuid.uuid4().hex[:8]}"
     assert await consumers_command(kafka, out, as_json=True, consumers=groups(x=group)) == 0
-    [entry] = orjson.loads(out.getvalue())
+    [line] = out.getvalue().splitlines()
+    entry = orjson.loads(line)
     assert entry["name"] == "x"
     assert entry["group_id"] == group
     assert entry["state"] == "Dead"
@@ -89,7 +91,7 @@ async def test_consumers_on_a_topic_that_does_not_exist_yet(kafka: KafkaSettings
     assert (status.group.state, status.lag, status.partitions) == ("Dead", 0, ())
 
 
-def test_table_has_one_row_per_consumer_with_lag_right_aligned() -> None:
+def test_table_has_one_row_per_consumer_with_lag_right_aligned_and_its_origin() -> None:
     statuses = [
         ConsumerStatus(
             "storage",
@@ -98,12 +100,14 @@ def test_table_has_one_row_per_consumer_with_lag_right_aligned() -> None:
             GroupState("callstream-storage", "Stable", 2),
             (PartitionLag(0, 0, 1200, 200), PartitionLag(1, 0, 30, None)),
         ),
-        ConsumerStatus("metrics", "", "t", GroupState("callstream-metrics", "Dead", 0), ()),
+        ConsumerStatus(
+            "crm", "", "t", GroupState("callstream-crm", "Dead", 0), (), "crm-forward 0.1.0"
+        ),
     ]
     assert render_table(statuses).splitlines() == [
-        "CONSUMER  GROUP               STATE   MEMBERS   LAG",
-        "storage   callstream-storage  Stable        2  1030",
-        "metrics   callstream-metrics  Dead          0     0",
+        "CONSUMER  GROUP               STATE   MEMBERS   LAG  ORIGIN",
+        "storage   callstream-storage  Stable        2  1030  built-in",
+        "crm       callstream-crm      Dead          0     0  crm-forward 0.1.0",
     ]
 
 
@@ -116,6 +120,7 @@ def test_lag_counts_from_the_log_start_when_retention_passed_the_commit() -> Non
 async def test_command_line_lists_the_registered_consumers(kafka: KafkaSettings) -> None:
     code, stdout, stderr = await callstream(kafka, "consumers", "--json")
     assert code == 0, stderr
-    listed = orjson.loads(stdout)
+    listed = [orjson.loads(line) for line in stdout.splitlines()]
     assert [c["name"] for c in listed] == list(CONSUMERS)
+    assert {c["origin"] for c in listed} == {"built-in"}
     assert [c["group_id"] for c in listed] == [f"callstream-{name}" for name in CONSUMERS]

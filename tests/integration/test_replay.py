@@ -8,8 +8,10 @@ are computed from what is read back off the topic, not from the code under test.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import io
+import os
 import re
 import uuid
 from collections.abc import Sequence
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 from prometheus_client import CollectorRegistry
 
 from callstream.consumerstatus import KafkaInspector
@@ -30,13 +33,14 @@ from consumers.storage import StorageBackend, StorageSettings, open_backend
 from core.kafkasettings import KafkaSettings
 from core.offsets import commit_group_offsets
 from core.producer import durable_producer
+from core.settings import to_env
 from core.signing import WEBHOOK_PATH
 from core.topicadmin import ensure_topics
 from core.topicreader import RawRecord, read_topic
 from schemas.headers import RecordHeaders
 from tests.conftest import TEST_SECRET, Client, wait_drained
 from tests.signing import signed
-from tests.support.cli import callstream
+from tests.support.cli import callstream, run_cli
 from tests.support.produce import encode, sample_report
 from tests.support.runner import Recorder, eventually, running
 
@@ -45,6 +49,12 @@ HOUR = timedelta(hours=1)
 
 
 # -- helpers -------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _in_a_scratch_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A replay that moves offsets saves the ones it replaced in the working directory."""
+    monkeypatch.chdir(tmp_path)
 
 
 def ms(moment: datetime) -> int:
@@ -447,3 +457,44 @@ async def test_replay_command_line_refuses_a_bad_time(kafka: KafkaSettings) -> N
     code, _, err = await callstream(kafka, "replay", "--consumer", "storage", "--from", "tuesday")
     assert code == 2
     assert "not an ISO-8601 time: 'tuesday'" in err
+
+
+async def test_replay_from_a_relative_time_saves_the_offsets_restore_puts_back(
+    kafka: KafkaSettings, tmp_path: Path
+) -> None:
+    await produce_at(kafka, ordered_reports(6, NOW - 3 * HOUR) + ordered_reports(4, NOW - HOUR / 2))
+    group = f"g-relative-{uuid.uuid4().hex[:8]}"
+    await consume_all(Recorder(), kafka, group)
+    before = await committed(kafka, group)
+    last_hour = counts_between(await topic_records(kafka, kafka.topic, 10), NOW - HOUR, None)
+    saved = tmp_path / "offsets.json"
+    env = os.environ | to_env(kafka) | {"CALLSTREAM_GROUP_ID": group}
+
+    def cli(*args: str) -> tuple[int, str, str]:
+        done = run_cli(*args, env=env)
+        return done.returncode, done.stdout, done.stderr
+
+    code, out, err = await asyncio.to_thread(
+        cli, "replay", "--consumer", "metrics", "--from", "-1h", "--offsets-file", str(saved)
+    )
+    assert code == 0, err
+    assert f"callstream replay --restore {saved}" in out
+    # The group was at the end: it moved back by exactly the last hour's records.
+    assert await committed(kafka, group) == {
+        p: offset - last_hour.get(p, 0) for p, offset in before.items()
+    }
+    assert sum(last_hour.values()) == 4
+
+    code, out, err = await asyncio.to_thread(cli, "replay", "--restore", str(saved))
+    assert code == 0, err
+    assert await committed(kafka, group) == before
+
+
+async def test_restore_refuses_a_file_replay_did_not_write(
+    kafka: KafkaSettings, tmp_path: Path
+) -> None:
+    bogus = tmp_path / "offsets.json"
+    bogus.write_text('{"group": "x"}')
+    code, _, err = await callstream(kafka, "replay", "--restore", str(bogus))
+    assert code == 2
+    assert f"{bogus} is not an offsets file written by replay" in err

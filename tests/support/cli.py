@@ -45,3 +45,12 @@ def run_cli(
         timeout=timeout,
         check=False,
     )
+
+
+def one_line_error(done: subprocess.CompletedProcess[str]) -> str:
+    """The one stderr line of a command that failed as a person should see it: exit code 2,
+    no traceback."""
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    assert "Traceback" not in done.stderr
+    [line] = done.stderr.splitlines()
+    return line

@@ -1,12 +1,11 @@
 """Example consumer: forward each call's summary to a CRM's webhook.
 
-This is the whole of a consumer. To run it as a service, add one line to
-consumers/catalog.py:
-
-    "crm-forward": ConsumerSpec(crm_forward.build, 9104, "summaries to the CRM"),
-
-then `callstream consumer crm-forward` (its consumer group is `callstream-crm-forward`,
-and it starts from the oldest record still on the topic, so it backfills by itself).
+This is the whole of a consumer, in a package of its own. Its pyproject.toml registers
+`SPEC` under the `callstream.consumers` entry point, so once it is installed
+(`pip install examples/crm-forward`), `callstream consumers` lists it and
+`callstream consumer crm-forward` (or `callstream run`) runs it. Its consumer group is
+`callstream-crm-forward`; a new group starts from the oldest record still on the topic, so it
+backfills by itself.
 """
 
 from __future__ import annotations
@@ -17,8 +16,9 @@ from dataclasses import dataclass
 import aiohttp
 from prometheus_client import CollectorRegistry, Counter
 
-from consumers.contract import Consumer, Delivery
+from consumers.contract import Consumer, ConsumerSpec, Delivery
 from consumers.errors import PermanentError, RetryableError
+from core.settings import SettingsError
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,8 @@ class CrmSettings:
     def from_env(cls, env: Mapping[str, str]) -> CrmSettings:
         url = env.get("CALLSTREAM_CRM_URL", "").strip()
         if not url:
-            raise SystemExit("crm-forward needs CALLSTREAM_CRM_URL")
+            # SettingsError: callstream prints it as one line and exits 2.
+            raise SettingsError("crm-forward needs CALLSTREAM_CRM_URL (the CRM's webhook URL)")
         return cls(url=url)
 
 
@@ -76,3 +77,8 @@ class CrmForward(Consumer):
 
 def build(env: Mapping[str, str], registry: CollectorRegistry) -> CrmForward:
     return CrmForward(CrmSettings.from_env(env), registry)
+
+
+# What the entry point names: how to build it, where its /metrics listens by default
+# (CALLSTREAM_CRM_FORWARD_PORT overrides), and the line `callstream consumers` shows.
+SPEC = ConsumerSpec(build, 9104, "summaries to the CRM")
