@@ -39,18 +39,11 @@ from ingress.replies import Replies
 from ingress.settings import IngressSettings
 from ingress.telemetry import IngressMetrics
 from schemas import jsonvalue
-from schemas.codec import Encoder, registry_encoder, single_object_encoder
+from schemas.codec import Encoder, encoders_for
 from schemas.errors import InvalidReport, SchemaError
 from schemas.headers import RecordHeaders
 from schemas.normalise import Normalised, normalise
-from schemas.registry import registry_client
-from schemas.store import (
-    END_OF_CALL_REPORT,
-    FLIREO_EVENT,
-    REJECTED_REQUEST,
-    SchemaStore,
-    default_store,
-)
+from schemas.store import END_OF_CALL_REPORT, REJECTED_REQUEST, SchemaStore, default_store
 
 log = logging.getLogger(__name__)
 
@@ -131,18 +124,7 @@ def _resources(store: SchemaStore) -> Callable[[web.Application], AsyncIterator[
 async def _encoders(
     settings: IngressSettings, store: SchemaStore, session: aiohttp.ClientSession
 ) -> dict[str, Encoder]:
-    topics = {
-        END_OF_CALL_REPORT: settings.kafka.topic,
-        FLIREO_EVENT: settings.kafka.events_topic,
-        REJECTED_REQUEST: settings.kafka.rejected_topic,
-    }
-    client = registry_client(settings.kafka, session)
-    if client is None:
-        return {name: single_object_encoder(store.current(name)) for name in topics}
-    return {
-        name: await registry_encoder(store.current(name), client, f"{topic}-value")
-        for name, topic in topics.items()
-    }
+    return await encoders_for(settings.kafka, store, session)
 
 
 @web.middleware
