@@ -11,6 +11,8 @@ from pathlib import Path
 
 import orjson
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from callstream.ports import free_port
 from core.kafkasettings import KafkaSettings
@@ -210,3 +212,29 @@ async def test_every_refusal_is_logged_once_without_personal_data(
     everything = caplog.text + "".join(str(vars(r)) for r in caplog.records)
     for secret in (phone, "612345678", "mijn nummer", TEST_SECRET):
         assert secret not in everything
+
+
+async def test_the_rejected_topic_is_compacted_and_kept_for_the_quarantine_retention(
+    ingress_settings: IngressSettings, kafka: KafkaSettings
+) -> None:
+    week = 7 * 24 * 3600 * 1000
+    settings = replace(ingress_settings, kafka=replace(kafka, quarantine_retention_ms=week))
+    client = await start_ingress(settings)
+    try:
+        resp = await client.post(
+            WEBHOOK_PATH, data=NO_CALL_ID, headers=signed(NO_CALL_ID, TEST_SECRET)
+        )
+        assert resp.status == 422
+    finally:
+        await client.close()
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap_servers)
+    await admin.start()
+    try:
+        wanted = {"cleanup.policy": None, "retention.ms": None}
+        [described] = await admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, kafka.rejected_topic, wanted)]
+        )
+        configs = {entry[0]: entry[1] for entry in described.resources[0][4]}
+    finally:
+        await admin.close()
+    assert configs == {"cleanup.policy": "compact,delete", "retention.ms": str(week)}
