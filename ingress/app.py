@@ -24,7 +24,7 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from core.signing import WEBHOOK_PATH
 from ingress import openapi, ratelimit
 from ingress.auth import Authenticator
-from ingress.body import decode_content, read_wire_body
+from ingress.body import BodyTooLarge, decode_content, read_wire_body
 from ingress.errors import Problem, invalid, log_refusal
 from ingress.publisher import (
     Durable,
@@ -172,7 +172,18 @@ def _request_id(request: web.Request) -> str:
 async def receive_webhook(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     metrics = request.app[METRICS]
-    wire = await read_wire_body(request, settings.max_body_bytes, settings.body_timeout_seconds)
+    try:
+        wire = await read_wire_body(request, settings.max_body_bytes, settings.body_timeout_seconds)
+    except BodyTooLarge as too_large:
+        await request.app[QUARANTINE].keep_oversized(
+            request,
+            request[REQUEST_ID],
+            too_large,
+            request.app[AUTH],
+            limit=settings.max_body_bytes,
+            timeout=settings.body_timeout_seconds,
+        )
+        raise
     metrics.received_bytes.inc(len(wire))
     how = request.app[AUTH].check(request.headers, wire)
     # Authenticated from here on: a refusal is kept before it is answered (ingress/quarantine).

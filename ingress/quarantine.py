@@ -14,14 +14,18 @@ than the 4xx: a 4xx would tell the sender the request was dealt with, and it wou
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Final
 
+import aiohttp
+import aiohttp.http_exceptions
 from aiohttp import web
 
 from core.signing import SIGNATURE_HEADER
-from ingress.auth import TOKEN_HEADER
+from ingress.auth import TOKEN_HEADER, Authenticator
+from ingress.body import BodyTooLarge
 from ingress.errors import Problem
 from ingress.publisher import Durable, DurablePublisher, OutgoingRecord, PublishUnavailable
 from ingress.telemetry import IngressMetrics
@@ -40,6 +44,9 @@ _CREDENTIAL_HEADERS: Final = frozenset(
 _CREDENTIAL_WORDS: Final = ("token", "secret", "signature", "auth", "api-key", "apikey", "password")
 # Kafka's request limit is 1 MiB: the kept bytes leave room for the rest of the record.
 MAX_KEPT_BYTES: Final = 900 * 1024
+# An oversized body is read on (not kept) to check its signature, up to this many times the
+# body limit; past it, or past the body timeout, it cannot be authenticated and is only counted.
+DRAIN_FACTOR: Final = 16
 # Already kept elsewhere: a request-response event with no configured answer was published to
 # the events topic before its 422, so a second copy would only be reprocessed twice.
 _KEPT_ELSEWHERE: Final = frozenset({"unsupported-event"})
@@ -144,3 +151,55 @@ class Quarantine:
         self._metrics.kept(problem.slug)
         problem.headers[QUARANTINE_HEADER] = durable
         return durable
+
+    async def keep_oversized(
+        self,
+        request: web.Request,
+        request_id: str,
+        problem: BodyTooLarge,
+        auth: Authenticator,
+        *,
+        limit: int,
+        timeout: float,
+    ) -> None:
+        """Keep the first bytes and the size of a body over the limit, once the rest was
+        read (not held) and the whole body authenticated; the signature covers all of it."""
+        received_at_ms = int(time.time() * 1000)
+        declared = request.content_length
+        if declared is not None and declared > DRAIN_FACTOR * limit:
+            return
+        verifier = auth.stream_verifier(request.headers)
+        verifier.update(problem.head)
+        # The first bytes up to the body limit: what the ingress would have read of it.
+        keep = min(limit, MAX_KEPT_BYTES)
+        head = bytearray(problem.head[:keep])
+        size = len(problem.head)
+        try:
+            async with asyncio.timeout(timeout):
+                async for chunk in request.content.iter_any():
+                    size += len(chunk)
+                    if size > DRAIN_FACTOR * limit:
+                        return
+                    verifier.update(chunk)
+                    head += chunk[: keep - len(head)]
+        except (
+            TimeoutError,
+            ConnectionResetError,
+            aiohttp.ClientPayloadError,
+            aiohttp.http_exceptions.HttpProcessingError,
+        ):
+            # Never whole: nothing can say who sent it.
+            return
+        try:
+            how = auth.check(request.headers, verifier)
+        except Problem:
+            return
+        await self.keep(
+            problem,
+            request_id=request_id,
+            headers=request.headers,
+            body=bytes(head),
+            body_size=size,
+            authenticated_by=how,
+            received_at_ms=received_at_ms,
+        )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -238,3 +239,36 @@ async def test_the_rejected_topic_is_compacted_and_kept_for_the_quarantine_reten
     finally:
         await admin.close()
     assert configs == {"cleanup.policy": "compact,delete", "retention.ms": str(week)}
+
+
+async def _chunks(body: bytes) -> AsyncIterator[bytes]:
+    for start in range(0, len(body), 700):
+        yield body[start : start + 700]
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+async def test_an_oversized_authenticated_body_keeps_its_first_bytes_and_its_size(
+    ingress_settings: IngressSettings, kafka: KafkaSettings, framing: str
+) -> None:
+    body = _flat(transcriptText="lang " * 2000)
+    client = await start_ingress(replace(ingress_settings, max_body_bytes=1024))
+    try:
+        data = body if framing == "content-length" else _chunks(body)
+        resp = await client.post(WEBHOOK_PATH, data=data, headers=signed(body, TEST_SECRET))
+        assert resp.status == 413
+        assert resp.headers[QUARANTINE_HEADER] == "kafka"
+        # The whole body was signed: one changed byte past the limit and it is not kept.
+        forged = body[:-2] + b" }"
+        resp_forged = await client.post(
+            WEBHOOK_PATH, data=forged, headers=signed(body, TEST_SECRET)
+        )
+        assert resp_forged.status == 413
+        assert QUARANTINE_HEADER not in resp_forged.headers
+    finally:
+        await client.close()
+    [entry] = await _kept(kafka)
+    assert entry.request_id == resp.headers["X-Request-Id"]
+    assert (entry.status, entry.problem) == (413, "body-too-large")
+    assert entry.body_size == len(body)
+    assert entry.body_truncated
+    assert entry.body == body[:1024]
