@@ -314,7 +314,7 @@ def _cluster_status(cluster: LocalCluster, env: Mapping[str, str]) -> int:
         return 1
     topic = field_from_env(KafkaSettings, "topic", env)
     kafka = KafkaSettings(cluster.bootstrap, topic=topic, security=cluster.security())
-    names = [kafka.topic, kafka.events_topic, kafka.dlq_topic]
+    names = [kafka.topic, kafka.events_topic, kafka.dlq_topic, kafka.rejected_topic]
     view = _run_async(describe(kafka, names))
     print(f"brokers in the cluster: {view.brokers}; active controller: node {view.controller}")
     for topic in view.topics:

@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from core.logs import mask_phone
+from core.logs import Throttled, mask_phone
 
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 log = logging.getLogger(__name__)
@@ -17,6 +17,10 @@ log = logging.getLogger(__name__)
 # proxy's reason, could still carry a number: anything that looks like one is masked.
 _PHONE_LIKE = re.compile(r"\+?\d[\d ().-]{5,}\d")
 _MAX_LOGGED = 300
+# A rate limit refuses a flood by definition: one line per refusal would flood the log with
+# it, so those lines are throttled (with a count of the ones held back).
+_FLOOD_SLUGS = frozenset({"rate-limited"})
+_flood = Throttled(log)
 
 
 class Problem(Exception):
@@ -61,6 +65,15 @@ class Problem(Exception):
 def log_refusal(request_id: str, problem: Problem) -> None:
     """The one WARNING line every refusal gets: request id, status, slug, pointer, detail."""
     pointer = None if problem.pointer is None else _scrub(problem.pointer)
+    if problem.slug in _FLOOD_SLUGS:
+        _flood.warning(
+            "refused request %s: %d %s: %s",
+            request_id,
+            problem.status,
+            problem.slug,
+            _scrub(problem.detail),
+        )
+        return
     log.warning(
         "refused request %s: %d %s at %s: %s",
         request_id,
