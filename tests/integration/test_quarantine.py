@@ -78,7 +78,9 @@ async def test_every_refusal_of_an_authenticated_request_is_kept(
     headers = signed(body, TEST_SECRET) | ({"Content-Encoding": encoding} if encoding else {})
     resp = await ingress.post(WEBHOOK_PATH, data=body, headers=headers)
     assert resp.status == status, await resp.text()
-    assert resp.headers[QUARANTINE_HEADER] == "kafka"
+    # Kafka, or the spool while a just-created topic elects its leaders on a loaded machine.
+    assert resp.headers[QUARANTINE_HEADER] in {"kafka", "spool"}
+    await wait_drained(ingress)
     problem = await resp.json(content_type=None)
     assert problem["type"] == f"urn:callstream:problem:{slug}"
 
@@ -108,6 +110,7 @@ async def test_an_unauthenticated_request_is_only_counted(
     assert kept.status == 422
 
     # Both were answered in order: only the authenticated one is on the topic.
+    await wait_drained(ingress)
     assert [e.request_id for e in await _kept(kafka)] == [kept.headers["X-Request-Id"]]
     metrics = await (await ingress.get("/metrics")).text()
     assert 'callstream_ingress_quarantined_total{reason="invalid-report"} 1.0' in metrics
@@ -121,6 +124,7 @@ async def test_with_no_authentication_configured_every_refusal_is_kept(
     try:
         resp = await client.post(WEBHOOK_PATH, data=NO_CALL_ID)
         assert resp.status == 422
+        await wait_drained(client)
     finally:
         await client.close()
     [entry] = await _kept(kafka)
@@ -256,7 +260,7 @@ async def test_an_oversized_authenticated_body_keeps_its_first_bytes_and_its_siz
         data = body if framing == "content-length" else _chunks(body)
         resp = await client.post(WEBHOOK_PATH, data=data, headers=signed(body, TEST_SECRET))
         assert resp.status == 413
-        assert resp.headers[QUARANTINE_HEADER] == "kafka"
+        assert resp.headers[QUARANTINE_HEADER] in {"kafka", "spool"}
         # The whole body was signed: one changed byte past the limit and it is not kept.
         forged = body[:-2] + b" }"
         resp_forged = await client.post(
@@ -264,6 +268,7 @@ async def test_an_oversized_authenticated_body_keeps_its_first_bytes_and_its_siz
         )
         assert resp_forged.status == 413
         assert QUARANTINE_HEADER not in resp_forged.headers
+        await wait_drained(client)
     finally:
         await client.close()
     [entry] = await _kept(kafka)
