@@ -428,7 +428,7 @@ def _cmd_rejected(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             request_id=args.request_id,
             since=args.since,
             dry_run=args.dry_run,
-            max_body_bytes=field_from_env(IngressSettings, "max_body_bytes", env),
+            limits=rejected.Limits.from_env(env),
         )
     )
 

@@ -20,10 +20,10 @@ from __future__ import annotations
 import argparse
 import base64
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any, Literal, TextIO
+from typing import Any, Literal, TextIO, cast
 
 import aiohttp
 import orjson
@@ -32,7 +32,9 @@ from callstream.consumerstatus import KafkaInspector, TopicMissingError
 from callstream.replayplan import parse_time
 from core.kafkasettings import KafkaSettings
 from core.producer import durable_producer
+from core.settings import declared, field_from_env
 from core.topicreader import read_range
+from ingress.settings import IngressSettings
 from schemas import jsonvalue
 from schemas.codec import Decoder, Encoder, encoders_for, topics_by_schema
 from schemas.errors import DecodeError, InvalidReport
@@ -44,11 +46,26 @@ from schemas.store import REJECTED_REQUEST, default_store
 
 EXIT_OK = 0
 EXIT_NOT_FOUND = 1
-# The ingress's default: a body it would have taken is never refused here for its size.
-DEFAULT_MAX_BODY_BYTES = 1_000_000
-DEFAULT_MAX_JSON_DEPTH = 64
 
 Normaliser = Callable[..., Normalised]
+_INGRESS = declared(IngressSettings)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The ingress's body limits, as configured where `reprocess` runs: a request refused for
+    one of them (a body too large once gunzipped, JSON nested too deep) passes once the
+    setting is raised."""
+
+    max_body_bytes: int = cast(int, _INGRESS["max_body_bytes"].default)
+    max_json_depth: int = cast(int, _INGRESS["max_json_depth"].default)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Limits:
+        return cls(
+            field_from_env(IngressSettings, "max_body_bytes", env),
+            field_from_env(IngressSettings, "max_json_depth", env),
+        )
 
 
 async def load(kafka: KafkaSettings) -> dict[str, RejectedRequest]:
@@ -157,18 +174,14 @@ class Outcome:
 
 
 def renormalise(
-    entry: RejectedRequest,
-    normaliser: Normaliser = normalise,
-    *,
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-    max_json_depth: int = DEFAULT_MAX_JSON_DEPTH,
+    entry: RejectedRequest, normaliser: Normaliser = normalise, limits: Limits = Limits()
 ) -> Normalised:
     """The entry as the current normaliser sees it, with its original receive time and request
     id; InvalidReport when it still does not pass."""
-    body = entry.payload_bytes(max_body_bytes)
+    body = entry.payload_bytes(limits.max_body_bytes)
     if body is None:
         raise InvalidReport("", "the kept body is cut short or cannot be decoded")
-    payload = jsonvalue.parse(body, max_depth=max_json_depth)
+    payload = jsonvalue.parse(body, max_depth=limits.max_json_depth)
     result: Normalised = normaliser(
         payload, received_at_ms=entry.received_at_ms, request_id=entry.request_id
     )
@@ -182,7 +195,7 @@ async def reprocess(
     since: datetime | None = None,
     dry_run: bool = False,
     normaliser: Normaliser = normalise,
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    limits: Limits = Limits(),
 ) -> list[Outcome]:
     """Publish every QUARANTINED entry (of those chosen) that the normaliser now passes."""
     chosen = [
@@ -195,7 +208,7 @@ async def reprocess(
     ready: list[tuple[RejectedRequest, Normalised]] = []
     for entry in chosen:
         try:
-            event = renormalise(entry, normaliser, max_body_bytes=max_body_bytes)
+            event = renormalise(entry, normaliser, limits)
         except InvalidReport as exc:
             at = f" at {exc.pointer}" if exc.pointer else ""
             outcomes[entry.request_id] = Outcome(
@@ -266,10 +279,10 @@ async def reprocess_command(
     request_id: str | None = None,
     since: datetime | None = None,
     dry_run: bool = False,
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    limits: Limits = Limits(),
 ) -> int:
     outcomes = await reprocess(
-        kafka, request_id=request_id, since=since, dry_run=dry_run, max_body_bytes=max_body_bytes
+        kafka, request_id=request_id, since=since, dry_run=dry_run, limits=limits
     )
     for outcome in outcomes:
         out.write(outcome.line() + "\n")
@@ -305,7 +318,7 @@ async def erase_matching(kafka: KafkaSettings, *, phone: str | None, call_id: st
 
 def _mentions(entry: RejectedRequest, wanted: list[bytes]) -> bool:
     # A body cut short or not decodable is searched as kept: it is the bytes that are erased.
-    text = entry.payload_bytes(DEFAULT_MAX_BODY_BYTES * 16) or entry.body
+    text = entry.payload_bytes(Limits().max_body_bytes * 16) or entry.body
     return all(w in text for w in wanted)
 
 

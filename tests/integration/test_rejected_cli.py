@@ -5,24 +5,27 @@ from __future__ import annotations
 
 import asyncio
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from callstream.consumerstatus import KafkaInspector
+from callstream.consumerstatus import KafkaInspector, TopicMissingError
 from callstream.rejected import load, reprocess
 from core.kafkasettings import KafkaSettings
 from core.settings import to_env
 from core.signing import WEBHOOK_PATH
 from core.topicreader import read_range
 from ingress.quarantine import QUARANTINE_HEADER
+from ingress.settings import IngressSettings
 from schemas.errors import InvalidReport
 from schemas.normalise import Normalised, normalise
 from schemas.report import CallReport
-from tests.conftest import TEST_SECRET, Client, wait_drained
+from tests.conftest import TEST_SECRET, Client, start_ingress, wait_drained
 from tests.signing import signed
 from tests.support.cli import run_cli
+from tests.support.paths import DATA
 from tests.support.produce import sample_report
 from tests.support.topics import read_all
 
@@ -175,3 +178,42 @@ async def test_erase_removes_the_matching_quarantine_entries(
     assert [key for key, value in last.items() if value is None] == [
         key for key in last if key != bob.encode()
     ]
+
+
+async def test_reprocess_publishes_once_a_report_refused_under_a_setting_since_raised(
+    ingress_settings: IngressSettings, kafka: KafkaSettings
+) -> None:
+    """A real normaliser change: the ingress refused a report for nesting deeper than its
+    CALLSTREAM_MAX_JSON_DEPTH; with the setting raised, reprocess publishes it, once."""
+    body = (DATA / "payloads" / "flireo-nested-camel-end-of-call.json").read_bytes()
+    client = await start_ingress(replace(ingress_settings, max_json_depth=2))
+    try:
+        request_id = await _refuse(client, body, 400)
+    finally:
+        await client.close()
+
+    code, out, err = await _cli(kafka, "rejected", "reprocess", CALLSTREAM_MAX_JSON_DEPTH="2")
+    assert code == 0, err
+    assert f"{request_id}: still refused: nesting deeper than 2 levels" in out
+    assert out.endswith("0 published, 1 still refused\n")
+    assert await _records(kafka, kafka.topic) == []
+
+    code, out, err = await _cli(kafka, "rejected", "reprocess", "--request-id", request_id)
+    assert code == 0, err
+    call_id = orjson.loads(body)["message"]["call"]["id"]
+    assert f"{request_id}: published to {kafka.topic} (call {call_id})" in out
+    [landed] = await read_all(kafka, kafka.topic)
+    assert landed.raw.key == call_id.encode()
+    assert CallReport.from_record(landed.decoded.record).request_id == request_id
+    assert ("reprocessed-from", b"quarantine") in landed.raw.headers
+
+    code, out, err = await _cli(kafka, "rejected", "reprocess")
+    assert (code, out) == (0, "0 published, 0 still refused\n"), err
+    assert len(await read_all(kafka, kafka.topic)) == 1
+
+
+async def _records(kafka: KafkaSettings, topic: str) -> list[object]:
+    try:
+        return list(await read_all(kafka, topic))
+    except TopicMissingError:
+        return []
