@@ -19,9 +19,9 @@ from typing import Any, TypeVar
 
 import aiohttp
 import orjson
-from aiokafka.errors import KafkaConnectionError
+from aiokafka.errors import KafkaConnectionError, KafkaError
 
-from callstream import alerts, soak
+from callstream import alerts, rejected, soak
 from callstream.bench.options import BenchOptions
 from callstream.bench.options import add_arguments as add_bench_arguments
 from callstream.bench.run import run_bench
@@ -330,6 +330,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     alerts_retry.set_defaults(func=alerts.retry_command)
 
+    rejected.add_parser(sub).set_defaults(func=_cmd_rejected)
+
     bench = command(
         sub,
         "bench",
@@ -488,7 +490,7 @@ def _cluster_status(cluster: LocalCluster, env: Mapping[str, str]) -> int:
         return 1
     topic = field_from_env(KafkaSettings, "topic", env)
     kafka = KafkaSettings(cluster.bootstrap, topic=topic, security=cluster.security())
-    names = [kafka.topic, kafka.events_topic, kafka.dlq_topic]
+    names = [kafka.topic, kafka.events_topic, kafka.dlq_topic, kafka.rejected_topic]
     view = _run_async(describe(kafka, names))
     print(f"brokers in the cluster: {view.brokers}; active controller: node {view.controller}")
     for topic in view.topics:
@@ -597,6 +599,28 @@ def _cmd_dlq_redrive(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     )
 
 
+def _cmd_rejected(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    kafka = kafka_settings(env, start_local=False)
+    if args.action == "list":
+        return _run_async(
+            rejected.list_command(
+                kafka, sys.stdout, since=args.since, reason=args.reason, as_json=args.json
+            )
+        )
+    if args.action == "show":
+        return _run_async(rejected.show_command(kafka, args.request_id, sys.stdout, sys.stderr))
+    return _run_async(
+        rejected.reprocess_command(
+            kafka,
+            sys.stdout,
+            request_id=args.request_id,
+            since=args.since,
+            dry_run=args.dry_run,
+            limits=rejected.Limits.from_env(env),
+        )
+    )
+
+
 def _cmd_bench(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     return _run_async(run_bench(BenchOptions.from_args(args)))
 
@@ -629,6 +653,28 @@ def _cmd_erase(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     if outcome.rows == 0 and args.phone:
         print("no match: numbers are matched exactly as stored, e.g. +31612345678", file=sys.stderr)
     _warn_about_kafka(env, outcome.compacted)
+    return _erase_quarantine(args, env)
+
+
+def _erase_quarantine(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """Refused requests kept in the quarantine hold the same numbers: they go too."""
+    topic = f"{field_from_env(KafkaSettings, 'topic', env)}.rejected"
+    if not BOOTSTRAP.is_set(env):
+        local = LocalKafka(default_home()).status()
+        if local is None or not local.running:
+            print(
+                f"note: the quarantine ({topic}) was not searched: no Kafka here; run again with "
+                f"{BOOTSTRAP.env} set to erase its entries too",
+                file=sys.stderr,
+            )
+            return 0
+    kafka = kafka_settings(env, start_local=False)
+    try:
+        tombstoned = _run_async(rejected.erase_matching(kafka, phone=args.phone, call_id=args.call))
+    except KafkaError as exc:
+        print(f"callstream erase: storage erased, the quarantine not: {exc}", file=sys.stderr)
+        return 1
+    print(f"erased {tombstoned} quarantined request(s) from {topic}")
     return 0
 
 

@@ -86,6 +86,15 @@ class KafkaSettings(EnvSettings):
         doc="retention.ms of the topics callstream creates (-1: forever). Empty: the broker's "
         "default.",
     )
+    # Refused requests hold callers' numbers and transcripts: kept long enough to fix the
+    # cause and reprocess, not for ever (docs/privacy.md).
+    quarantine_retention_ms: int = setting(
+        "CALLSTREAM_QUARANTINE_RETENTION_MS",
+        default=30 * 24 * 3600 * 1000,
+        minimum=-1,
+        doc="retention.ms of the quarantine topic (<topic>.rejected) when callstream creates it "
+        "(-1: forever). Default 30 days.",
+    )
 
     security: KafkaSecurity = KafkaSecurity()
 
@@ -97,6 +106,11 @@ class KafkaSettings(EnvSettings):
     @property
     def dlq_topic(self) -> str:
         return f"{self.topic}.dlq"
+
+    @property
+    def rejected_topic(self) -> str:
+        """The quarantine: authenticated requests the ingress refused (schemas/rejected.py)."""
+        return f"{self.topic}.rejected"
 
     def client_kwargs(self) -> dict[str, Any]:
         """What every Kafka client callstream makes is given: where, who, and how securely."""

@@ -61,11 +61,10 @@ async def ensure_topics(kafka: KafkaSettings, names: list[str]) -> None:
         if all(name in existing for name in names):
             return
         replicas, min_isr = replication_for(kafka, len((await admin.describe_cluster())["brokers"]))
-        configs = {"min.insync.replicas": str(min_isr)}
-        if kafka.retention_ms is not None:
-            configs["retention.ms"] = str(kafka.retention_ms)
         missing = [
-            NewTopic(name, kafka.partitions, replicas, topic_configs=configs)
+            NewTopic(
+                name, kafka.partitions, replicas, topic_configs=topic_configs(kafka, name, min_isr)
+            )
             for name in names
             if name not in existing
         ]
@@ -84,6 +83,22 @@ async def ensure_topics(kafka: KafkaSettings, names: list[str]) -> None:
         )
     finally:
         await admin.close()
+
+
+def topic_configs(kafka: KafkaSettings, name: str, min_insync_replicas: int) -> dict[str, str]:
+    """The configs a topic callstream creates gets.
+
+    The quarantine is keyed by request id and compacted as well as deleted: the latest record
+    per request id is its state, and an erasure's tombstone removes the kept body for good
+    once the log cleaner has passed (and at the latest when retention deletes the segment).
+    """
+    configs = {"min.insync.replicas": str(min_insync_replicas)}
+    if name == kafka.rejected_topic:
+        configs["cleanup.policy"] = "compact,delete"
+        configs["retention.ms"] = str(kafka.quarantine_retention_ms)
+    elif kafka.retention_ms is not None:
+        configs["retention.ms"] = str(kafka.retention_ms)
+    return configs
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,7 @@ POST /webhooks/flireo: authenticate -> read -> parse -> normalise -> encode -> p
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import time
@@ -23,8 +24,8 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from core.signing import WEBHOOK_PATH
 from ingress import openapi, ratelimit
 from ingress.auth import Authenticator
-from ingress.body import decode_content, read_wire_body
-from ingress.errors import Problem, invalid
+from ingress.body import BodyTooLarge, decode_content, read_wire_body
+from ingress.errors import Problem, invalid, log_refusal
 from ingress.publisher import (
     Durable,
     DurablePublisher,
@@ -32,17 +33,17 @@ from ingress.publisher import (
     PublishUnavailable,
     RecordTooLarge,
 )
+from ingress.quarantine import Quarantine
 from ingress.replays import RecentDeliveries, delivery_key
 from ingress.replies import Replies
 from ingress.settings import IngressSettings
 from ingress.telemetry import IngressMetrics
 from schemas import jsonvalue
-from schemas.codec import Encoder, registry_encoder, single_object_encoder
+from schemas.codec import Encoder, encoders_for
 from schemas.errors import InvalidReport, SchemaError
 from schemas.headers import RecordHeaders
 from schemas.normalise import Normalised, normalise
-from schemas.registry import registry_client
-from schemas.store import END_OF_CALL_REPORT, FLIREO_EVENT, SchemaStore, default_store
+from schemas.store import END_OF_CALL_REPORT, REJECTED_REQUEST, SchemaStore, default_store
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ AUTH = web.AppKey("auth", Authenticator)
 ENCODERS = web.AppKey("encoders", dict[str, Encoder])
 REPLIES = web.AppKey("replies", Replies)
 RECENT = web.AppKey("recent", RecentDeliveries)
+QUARANTINE = web.AppKey("quarantine", Quarantine)
 REQUEST_ID = web.RequestKey("request_id", str)
 
 # aiohttp would otherwise inflate gzip bodies itself, before the signature (which covers
@@ -82,6 +84,7 @@ def create_app(
     # Computed at scrape time, so the gauge is true even when nothing probes /readyz.
     app[METRICS].ready.set_function(lambda: 1.0 if durable.readiness().ready else 0.0)
     app[REPLIES] = Replies(settings)
+    app[QUARANTINE] = Quarantine(durable, settings.kafka.rejected_topic, app[METRICS])
     app[AUTH] = Authenticator(
         settings.webhook_secrets, settings.shared_tokens, settings.signature_tolerance_seconds
     )
@@ -108,6 +111,7 @@ def _resources(store: SchemaStore) -> Callable[[web.Application], AsyncIterator[
         publisher = app[PUBLISHER]
         async with aiohttp.ClientSession() as session:
             app[ENCODERS] = await _encoders(settings, store, session)
+            app[QUARANTINE].bind(app[ENCODERS][REJECTED_REQUEST])
             await publisher.start()
             try:
                 yield
@@ -120,14 +124,7 @@ def _resources(store: SchemaStore) -> Callable[[web.Application], AsyncIterator[
 async def _encoders(
     settings: IngressSettings, store: SchemaStore, session: aiohttp.ClientSession
 ) -> dict[str, Encoder]:
-    topics = {END_OF_CALL_REPORT: settings.kafka.topic, FLIREO_EVENT: settings.kafka.events_topic}
-    client = registry_client(settings.kafka, session)
-    if client is None:
-        return {name: single_object_encoder(store.current(name)) for name in topics}
-    return {
-        name: await registry_encoder(store.current(name), client, f"{topic}-value")
-        for name, topic in topics.items()
-    }
+    return await encoders_for(settings.kafka, store, session)
 
 
 @web.middleware
@@ -143,15 +140,16 @@ async def problem_middleware(
         response = await handler(request)
     except Problem as problem:
         metrics.outcome(problem.slug)
+        log_refusal(request_id, problem)
         response = problem.response(request_id)
     except web.HTTPException as exc:
         slug = {404: "not-found", 405: "method-not-allowed", 413: "body-too-large"}.get(
             exc.status, "invalid-request"
         )
         metrics.outcome(slug)
-        response = Problem(exc.status, slug, exc.reason, exc.text or exc.reason).response(
-            request_id
-        )
+        refused = Problem(exc.status, slug, exc.reason, exc.text or exc.reason)
+        log_refusal(request_id, refused)
+        response = refused.response(request_id)
         if exc.status == 405:
             response.headers["Allow"] = exc.headers.get("Allow", "")
     except Exception:
@@ -174,15 +172,35 @@ def _request_id(request: web.Request) -> str:
 async def receive_webhook(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     metrics = request.app[METRICS]
-    wire = await read_wire_body(request, settings.max_body_bytes, settings.body_timeout_seconds)
+    try:
+        wire = await read_wire_body(request, settings.max_body_bytes, settings.body_timeout_seconds)
+    except BodyTooLarge as too_large:
+        await request.app[QUARANTINE].keep_oversized(
+            request,
+            request[REQUEST_ID],
+            too_large,
+            request.app[AUTH],
+            limit=settings.max_body_bytes,
+            timeout=settings.body_timeout_seconds,
+        )
+        raise
     metrics.received_bytes.inc(len(wire))
     how = request.app[AUTH].check(request.headers, wire)
+    # Authenticated from here on: a refusal is kept before it is answered (ingress/quarantine).
+    accept = functools.partial(
+        request.app[QUARANTINE].keep_refused,
+        request[REQUEST_ID],
+        request.headers,
+        wire,
+        how,
+        functools.partial(_accept, request, wire),
+    )
     key = (
         delivery_key(request.headers) if how == "signature" and settings.replay_detection else None
     )
     if key is None:
-        return await _accept(request, wire)
-    response, replayed = await request.app[RECENT].answer(key, lambda: _accept(request, wire))
+        return await accept()
+    response, replayed = await request.app[RECENT].answer(key, accept)
     if replayed:
         metrics.outcome("replayed")
     return response

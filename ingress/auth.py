@@ -11,7 +11,7 @@ import time
 from collections.abc import Mapping
 
 from core.secret import Secret
-from core.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
+from core.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, StreamVerifier, verify
 from ingress.errors import unauthorized
 
 TOKEN_HEADER = "X-Callstream-Token"  # noqa: S105 - a header name, not a secret
@@ -40,7 +40,13 @@ class Authenticator:
     def enabled(self) -> bool:
         return bool(self._secrets or self._tokens)
 
-    def check(self, headers: Mapping[str, str], body: bytes, now: float | None = None) -> str:
+    def stream_verifier(self, headers: Mapping[str, str]) -> StreamVerifier:
+        """For a body too large to hold: feed it this, then pass it to check() as the body."""
+        return StreamVerifier(headers.get(TIMESTAMP_HEADER, ""), self._secrets)
+
+    def check(
+        self, headers: Mapping[str, str], body: bytes | StreamVerifier, now: float | None = None
+    ) -> str:
         """Returns how the request authenticated; raises a 401 Problem otherwise."""
         if not self.enabled:
             return "none"
@@ -62,7 +68,11 @@ class Authenticator:
         raise unauthorized(f"missing {' or '.join(wanted)}")
 
     def _check_signature(
-        self, signature: str, timestamp: str | None, body: bytes, now: float | None
+        self,
+        signature: str,
+        timestamp: str | None,
+        body: bytes | StreamVerifier,
+        now: float | None,
     ) -> None:
         if not timestamp:
             raise unauthorized(f"missing {TIMESTAMP_HEADER}")
@@ -75,5 +85,9 @@ class Authenticator:
             raise unauthorized(
                 f"{TIMESTAMP_HEADER} is more than {self._tolerance} s away from the server's clock"
             )
-        if not verify(body, timestamp, signature, self._secrets):
+        if isinstance(body, StreamVerifier):
+            matches = body.verify(signature)
+        else:
+            matches = verify(body, timestamp, signature, self._secrets)
+        if not matches:
             raise unauthorized("signature does not match")

@@ -14,8 +14,17 @@ from ingress.errors import Problem
 GZIP_MAGIC = b"\x1f\x8b"
 
 
-def too_large(limit: int, what: str) -> Problem:
-    return Problem(413, "body-too-large", "Body too large", f"{what} exceeds {limit} bytes")
+class BodyTooLarge(Problem):
+    """A 413; `head` holds the bytes read before the limit was passed (none when the
+    Content-Length alone said so), the rest still waits unread on the connection."""
+
+    def __init__(self, limit: int, what: str, head: bytes = b"") -> None:
+        super().__init__(413, "body-too-large", "Body too large", f"{what} exceeds {limit} bytes")
+        self.head = head
+
+
+def too_large(limit: int, what: str, head: bytes = b"") -> BodyTooLarge:
+    return BodyTooLarge(limit, what, head)
 
 
 async def read_wire_body(request: web.Request, limit: int, timeout: float) -> bytes:
@@ -33,7 +42,7 @@ async def read_wire_body(request: web.Request, limit: int, timeout: float) -> by
             async for chunk in request.content.iter_any():
                 size += len(chunk)
                 if size > limit:
-                    raise too_large(limit, "body")
+                    raise too_large(limit, "body", b"".join(chunks) + chunk)
                 chunks.append(chunk)
     except TimeoutError:
         raise Problem(

@@ -26,6 +26,7 @@ from core.kafkasettings import KafkaSettings
 from core.signing import SIGNATURE_HEADER, SIGNATURE_PREFIX, TIMESTAMP_HEADER, WEBHOOK_PATH
 from ingress.auth import TOKEN_HEADER
 from ingress.errors import PROBLEM_CONTENT_TYPE
+from ingress.quarantine import QUARANTINE_HEADER
 from ingress.settings import IngressSettings
 
 # The normaliser's own marker keys and event-time window: the schema must tell the formats
@@ -295,13 +296,25 @@ _RETRY_AFTER: Final = {
 }
 
 
+_QUARANTINED: Final = {
+    QUARANTINE_HEADER: {
+        "required": False,
+        "description": "Present when the refused request was kept in the quarantine "
+        "(<topic>.rejected; README: the webhook): `kafka`, or `spool` while Kafka is away. "
+        "Absent: not authenticated, or refused before its body was read.",
+        "schema": {"type": "string", "enum": ["kafka", "spool"]},
+    }
+}
+
+
 def _responses(settings: IngressSettings) -> dict[str, Any]:
     limit = settings.max_body_bytes
     return {
         "BadRequest": _problem(
             "Not acceptable JSON (`invalid-json`): invalid UTF-8, NaN/Infinity, an integer "
             f"beyond 64 bits, nesting deeper than {settings.max_json_depth}; or a gzip body "
-            "that is not gzip (`invalid-gzip`)."
+            "that is not gzip (`invalid-gzip`).",
+            headers=_QUARANTINED,
         ),
         "Unauthorized": _problem(
             "The signature or token is missing or wrong, or the signature's timestamp is more "
@@ -312,16 +325,19 @@ def _responses(settings: IngressSettings) -> dict[str, Any]:
             f"The body did not arrive within {settings.body_timeout_seconds:g} s (`body-timeout`)."
         ),
         "PayloadTooLarge": _problem(
-            f"The body, or the body after gunzip, is over {limit} bytes (`body-too-large`)."
+            f"The body, or the body after gunzip, is over {limit} bytes (`body-too-large`).",
+            headers=_QUARANTINED,
         ),
         "UnsupportedMediaType": _problem(
-            "A Content-Encoding other than gzip (`unsupported-encoding`)."
+            "A Content-Encoding other than gzip (`unsupported-encoding`).",
+            headers=_QUARANTINED,
         ),
         "UnprocessableContent": _problem(
             "The report breaks the contract (`invalid-report`; `pointer` names the field), or "
             "it is a request-response event without a neutral answer and none is configured "
             "(`unsupported-event`: flat or Vapi assistant-request, transfer-destination-request;"
-            " the event is still kept on the events topic)."
+            " the event is still kept on the events topic).",
+            headers=_QUARANTINED,
         ),
         "TooManyRequests": _problem(
             "This source sent more than its rate allows (`rate-limited`); only when "
@@ -332,8 +348,9 @@ def _responses(settings: IngressSettings) -> dict[str, Any]:
             "A bug (`internal-error`): nothing was kept; the detail is in the ingress log."
         ),
         "ServiceUnavailable": _problem(
-            "The report could not be made durable in time (`unavailable`): nothing was kept, "
-            "retry after Retry-After seconds.",
+            "The report, or the quarantine copy of a request refused with a 4xx, could not be "
+            "made durable in time (`unavailable`): nothing was kept, retry after Retry-After "
+            "seconds.",
             headers=_RETRY_AFTER,
         ),
     }

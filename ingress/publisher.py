@@ -164,7 +164,10 @@ class KafkaPublisher:
 
     async def _create_topics(self) -> None:
         try:
-            await ensure_topics(self._kafka, [self._kafka.topic, self._kafka.events_topic])
+            await ensure_topics(
+                self._kafka,
+                [self._kafka.topic, self._kafka.events_topic, self._kafka.rejected_topic],
+            )
             view = await describe(self._kafka, [self._kafka.topic])
         except KafkaError as exc:
             # Not fatal: a broker with auto-creation still takes the records.

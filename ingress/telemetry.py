@@ -28,6 +28,16 @@ OUTCOMES = (
     "internal-error",
     "rate-limited",
 )
+# Why a request was quarantined: the problem slugs of the 4xx an authenticated request can
+# get after its body was read; anything else counts as "other", so the label stays bounded.
+QUARANTINE_REASONS = (
+    "invalid-json",
+    "invalid-report",
+    "unsupported-encoding",
+    "invalid-gzip",
+    "body-too-large",
+    "other",
+)
 KNOWN_EVENT_TYPES = ("end-of-call-report", "status-update", "other")
 # Every series exists from the first scrape, and the hot path never builds a labelled child.
 SOURCE_FORMATS: tuple[str, ...] = tuple(FIELDS)
@@ -119,11 +129,27 @@ class IngressMetrics:
             "1 when the ingress can make a report durable, else 0.",
             registry=registry,
         )
+        self.quarantined = Counter(
+            "callstream_ingress_quarantined_total",
+            "Authenticated requests refused with a 4xx and kept on the quarantine topic "
+            "(<topic>.rejected), by problem slug.",
+            ["reason"],
+            registry=registry,
+        )
+        self.by_reason = {reason: self.quarantined.labels(reason) for reason in QUARANTINE_REASONS}
+        self.quarantine_failed = Counter(
+            "callstream_ingress_quarantine_failures_total",
+            "Refused requests that could not be kept (answered 503 so the sender retries).",
+            registry=registry,
+        )
         self.spool = SpoolMetrics(registry)
 
     def outcome(self, slug: str) -> None:
         child = self.by_outcome.get(slug) or self.by_outcome["internal-error"]
         child.inc()
+
+    def kept(self, slug: str) -> None:
+        (self.by_reason.get(slug) or self.by_reason["other"]).inc()
 
     def event(self, event_type: str, source_format: str) -> None:
         bounded = event_type if event_type in KNOWN_EVENT_TYPES else "other"

@@ -15,12 +15,20 @@ import io
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import aiohttp
 import fastavro
 import orjson
 
+from core.kafkasettings import KafkaSettings
 from schemas.errors import DecodeError, SchemaError, UnknownSchemaError
-from schemas.registry import RegistryClient
-from schemas.store import SchemaStore, SchemaVersion
+from schemas.registry import RegistryClient, registry_client
+from schemas.store import (
+    END_OF_CALL_REPORT,
+    FLIREO_EVENT,
+    REJECTED_REQUEST,
+    SchemaStore,
+    SchemaVersion,
+)
 
 SINGLE_OBJECT_MAGIC = b"\xc3\x01"
 CONFLUENT_MAGIC = b"\x00"
@@ -66,6 +74,31 @@ async def registry_encoder(
     return Encoder(
         schema, "confluent", CONFLUENT_MAGIC + schema_id.to_bytes(4, "big"), str(schema_id)
     )
+
+
+def topics_by_schema(kafka: KafkaSettings) -> dict[str, str]:
+    """Which topic carries the records of each schema callstream writes."""
+    return {
+        END_OF_CALL_REPORT: kafka.topic,
+        FLIREO_EVENT: kafka.events_topic,
+        REJECTED_REQUEST: kafka.rejected_topic,
+    }
+
+
+async def encoders_for(
+    kafka: KafkaSettings, store: SchemaStore, session: aiohttp.ClientSession
+) -> dict[str, Encoder]:
+    """An encoder per schema: registered under `<topic>-value` when `kafka` names a registry,
+    single-object encoding otherwise."""
+    client = registry_client(kafka, session)
+    if client is None:
+        return {
+            name: single_object_encoder(store.current(name)) for name in topics_by_schema(kafka)
+        }
+    return {
+        name: await registry_encoder(store.current(name), client, f"{topic}-value")
+        for name, topic in topics_by_schema(kafka).items()
+    }
 
 
 @dataclass(frozen=True, slots=True)

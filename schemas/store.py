@@ -22,6 +22,7 @@ from schemas.errors import SchemaError
 AVRO_DIR = Path(__file__).parent / "avro"
 END_OF_CALL_REPORT = "end_of_call_report"
 FLIREO_EVENT = "flireo_event"
+REJECTED_REQUEST = "rejected_request"
 
 _FILE_NAME = re.compile(r"^(?P<name>[a-z0-9_]+)\.v(?P<version>[1-9][0-9]*)\.avsc$")
 

@@ -67,6 +67,8 @@ DASHBOARD_METRICS = frozenset(
         "callstream_ingress_requests_total",
         "callstream_ingress_request_duration_seconds",
         "callstream_ingress_publish_duration_seconds",
+        "callstream_ingress_quarantined_total",
+        "callstream_ingress_quarantine_failures_total",
         "callstream_consumer_records_handled_total",
         "callstream_consumer_lag",
         "callstream_consumer_end_to_end_delay_seconds",
@@ -710,6 +712,7 @@ def test_alert_rules_cover_the_failure_modes() -> None:
         'callstream_ingress_requests_total{outcome=~"unavailable|internal-error"}',
         "== 0",
         "callstream_ingress_ready == 0",
+        "increase(callstream_ingress_quarantined_total[15m])",
     ):
         assert needle in exprs, needle
     for rule in alert_rules():
@@ -803,6 +806,27 @@ ALERT_TESTS: list[dict[str, Any]] = [
                 "alertname": "CallstreamIngressServerErrors",
                 "exp_alerts": [{"exp_labels": {"outcome": "unavailable", "severity": "critical"}}],
             }
+        ],
+    },
+    {  # a quarantined request fires, per reason; a reason with none stays quiet
+        "interval": "1m",
+        "input_series": [
+            {
+                "series": 'callstream_ingress_quarantined_total{reason="invalid-report"}',
+                "values": "0 0 0 1 1 1",
+            },
+            {
+                "series": 'callstream_ingress_quarantined_total{reason="invalid-json"}',
+                "values": "0x5",
+            },
+        ],
+        "alert_rule_test": [
+            {
+                "eval_time": "5m",
+                "alertname": "CallstreamRequestsQuarantined",
+                "exp_alerts": [{"exp_labels": {"reason": "invalid-report", "severity": "warning"}}],
+            },
+            {"eval_time": "30m", "alertname": "CallstreamRequestsQuarantined", "exp_alerts": []},
         ],
     },
     {  # a consumer that cannot be scraped is down; one with no target at all is missing

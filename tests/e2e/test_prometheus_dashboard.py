@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -67,7 +69,7 @@ def prometheus(tmp_path: Path, pipeline: Pipeline) -> Iterator[str]:
 
 
 async def test_every_dashboard_query_returns_data(
-    pipeline: Pipeline, receivers: Receivers, prometheus: str
+    pipeline: Pipeline, receivers: Receivers, prometheus: str, tmp_path: Path
 ) -> None:
     async with aiohttp.ClientSession() as session:
 
@@ -79,6 +81,19 @@ async def test_every_dashboard_query_returns_data(
         await until(ready, what="ingress ready")
         sent = await asyncio.to_thread(send_sample, pipeline)
         assert sent.returncode == 0, sent.stderr
+        # And one the ingress refuses (no call id): the quarantine panel counts it.
+        unkeyed = tmp_path / "no-call-id.json"
+        unkeyed.write_bytes(b'{"message": {"type": "end-of-call-report", "summary": "probe"}}')
+        refused = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "callstream", "send", str(unkeyed)],
+            env=pipeline.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert refused.stdout.startswith("422 "), refused.stdout + refused.stderr
 
         async def alerted() -> bool:
             return len(receivers.hooks) == 1
@@ -109,3 +124,9 @@ async def test_every_dashboard_query_returns_data(
             await until(every_panel_has_data, what="data in every panel")
         except AssertionError:
             raise AssertionError("panels without data:\n" + "\n".join(empty)) from None
+
+        async def quarantined() -> bool:
+            kept = await query('callstream_ingress_quarantined_total{reason="invalid-report"} == 1')
+            return len(kept) == 1
+
+        await until(quarantined, what="the refused report counted as quarantined")

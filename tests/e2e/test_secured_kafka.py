@@ -2,9 +2,10 @@
 CA) and SCRAM passwords, as managed services have.
 
 The end-to-end path (send, topic, storage, alerts, metrics), replay, the dead-letter
-re-drive and tail run here exactly as their own tests run them against the plain session
-broker: this module points the `kafka` fixture at the secured cluster and collects those
-tests again. A wrong password and an untrusted CA are each one line naming the setting.
+re-drive, the quarantine's reprocess and tail run here exactly as their own tests run them
+against the plain session broker: this module points the `kafka` fixture at the secured
+cluster and collects those tests again. A wrong password and an untrusted CA are each one
+line naming the setting.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ from tests.e2e.test_pipeline_e2e import (
 from tests.integration.test_dlq import (
     test_redrive_sends_dead_letters_back_to_their_consumer_only as test_redrive_over_sasl_ssl,
 )
+from tests.integration.test_rejected_cli import (
+    test_reprocess_publishes_once_what_a_changed_normaliser_passes as test_reprocess_over_sasl_ssl,
+)
 from tests.integration.test_replay import (
     test_replay_through_storage_leaves_row_count_unchanged as test_replay_over_sasl_ssl,
 )
@@ -38,7 +42,12 @@ from tests.support.topics import read_all
 
 pytestmark = pytest.mark.slow
 
-__all__ = ["test_pipeline_over_sasl_ssl", "test_redrive_over_sasl_ssl", "test_replay_over_sasl_ssl"]
+__all__ = [
+    "test_pipeline_over_sasl_ssl",
+    "test_redrive_over_sasl_ssl",
+    "test_replay_over_sasl_ssl",
+    "test_reprocess_over_sasl_ssl",
+]
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from core.settings import SettingsError
 from core.signing import WEBHOOK_PATH
 from ingress.settings import IngressSettings
 from schemas.report import CallReport
-from tests.conftest import TEST_SECRET, Client, start_ingress
+from tests.conftest import TEST_SECRET, Client, start_ingress, wait_drained
 from tests.signing import signed
 from tests.support.paths import DATA
 from tests.support.topics import Landed, read_all
@@ -244,7 +244,7 @@ async def test_request_gets_its_documented_answer_after_it_is_kept(
     assert orjson.loads(landed.decoded.record["body_json"]) == orjson.loads(_load(fixture))
 
 
-async def test_report_without_a_call_id_is_refused_and_nothing_is_kept(
+async def test_report_without_a_call_id_is_refused_and_kept_in_the_quarantine(
     ingress: Client, kafka: KafkaSettings
 ) -> None:
     status, answer = await _post(ingress, "flireo-sdk-minimal-no-call-id.json")
@@ -253,6 +253,11 @@ async def test_report_without_a_call_id_is_refused_and_nothing_is_kept(
     assert answer["pointer"] == "/message/call/id"
     assert await _records(kafka, kafka.topic) == []
     assert await _records(kafka, kafka.events_topic) == []
+    # It cannot be keyed, so it is not published; but it is not lost either.
+    await wait_drained(ingress)
+    [kept] = await _records(kafka, kafka.rejected_topic)
+    assert kept.decoded.record["request_id"] == answer["requestId"]
+    assert kept.decoded.record["body"] == _load("flireo-sdk-minimal-no-call-id.json")
 
 
 @pytest.fixture

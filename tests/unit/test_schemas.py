@@ -31,6 +31,7 @@ PUBLISHED_FINGERPRINTS = {
     ("end_of_call_report", 3): "52df6af2565817c0",
     ("flireo_event", 1): "60b933dd85524ad6",
     ("flireo_event", 2): "4b024fc5cff50b62",
+    ("rejected_request", 1): "f6dec7687b52d611",
 }
 
 # Records the v2 ingress (commit c54424d) wrote from the payloads in tests/data: what sits on
