@@ -52,6 +52,7 @@ from callstream.bench.procstat import peak_rss_kib
 from callstream.localkafka import LocalKafka
 from callstream.ports import free_port
 from callstream.processes import ChildProcess, callstream_argv
+from callstream.progress import over_time
 from callstream.sender import signed_headers
 from core.kafkasettings import KafkaSettings
 from core.secret import Secret
@@ -500,7 +501,8 @@ async def soak(opts: Options) -> int:
         p.started = time.monotonic()
         driver = Driver(f"http://127.0.0.1:{ingress_port}{WEBHOOK_PATH}", secret, tally)
         faults = asyncio.create_task(inject_faults(p, opts, until))
-        await driver.run(opts.rate, until)
+        async with over_time("soak load", opts.minutes * 60):
+            await driver.run(opts.rate, until)
         await faults  # a fault under way finishes its recovery
         print(f"  load stopped after {len(tally.sent)} reports; settling", flush=True)
         settled = await settle(p, tally, db, readyz)
