@@ -21,6 +21,7 @@ import orjson
 from aiokafka.errors import KafkaConnectionError
 
 from callstream import alerts, soak
+from callstream.bench.chart import redraw
 from callstream.bench.options import BenchOptions
 from callstream.bench.options import add_arguments as add_bench_arguments
 from callstream.bench.run import run_bench
@@ -455,6 +456,8 @@ def _cmd_dlq_redrive(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    if args.chart is not None:
+        return redraw(args.chart, args.chart_out, sys.stdout, sys.stderr)
     return _run_async(run_bench(BenchOptions.from_args(args)))
 
 
