@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import sys
 import time
@@ -235,9 +236,40 @@ class _Bar(Progress):
         )
         self._task = self._rich.add_task(label, total=total)
         self._rich.start()
+        # The log handler (core.logs) holds the stderr of start-up, which rich's redirection
+        # does not reach: without this a log line would be glued to the end of the bar.
+        self._stream = stream
+        self._handlers = [
+            h
+            for h in logging.getLogger().handlers
+            if redirect and isinstance(h, logging.StreamHandler) and h.stream is stream
+        ]
+        above = _AboveTheBar(self._rich.console)
+        for handler in self._handlers:
+            handler.setStream(above)
 
     def _show(self, *, final: bool) -> None:
         description = f"{self.label} ({self.note})" if self.note else self.label
         self._rich.update(self._task, completed=self.done, description=description)
         if final:
             self._rich.stop()
+            for handler in self._handlers:
+                handler.setStream(self._stream)
+
+
+class _AboveTheBar:
+    """The log handler's stream while a bar is up: each line printed above the bar, whole
+    (rich's own redirection wraps at the terminal's width, which would break a JSON line)."""
+
+    def __init__(self, console: Console) -> None:
+        self._console = console
+        self._pending = ""
+
+    def write(self, text: str) -> int:
+        *lines, self._pending = (self._pending + text).split("\n")
+        for line in lines:
+            self._console.out(line, highlight=False)
+        return len(text)
+
+    def flush(self) -> None:
+        pass

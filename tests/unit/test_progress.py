@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
+import pty
 import re
+import subprocess
+import sys
 
 from callstream.progress import over_time, per_time, track
+from tests.support.cli import REPO
 
 
 def test_a_log_gets_a_line_at_the_start_each_tenth_and_not_in_between() -> None:
@@ -57,3 +62,48 @@ def test_timed_lines_show_durations() -> None:
     bar = track("soak load", 600, unit="s", stream=log, interval=0.0, timed=True)
     bar.update(90)
     assert log.getvalue() == "soak load: 1m30s of 10m00s (15%), 8m30s left\n"
+
+
+_ON_A_TERMINAL = """
+import logging, time
+from callstream.progress import track
+from core.logs import configure
+configure("INFO", service="test")
+with track("copy", 4) as bar:
+    bar.advance(2)
+    time.sleep(0.6)
+    logging.getLogger("callstream.test").info("half way")
+    time.sleep(0.6)
+    bar.advance(2)
+"""
+
+
+def test_a_log_line_written_while_the_bar_is_up_gets_a_line_of_its_own() -> None:
+    terminal, child_side = pty.openpty()
+    env = os.environ | {"TERM": "xterm"}
+    with subprocess.Popen(
+        [sys.executable, "-c", _ON_A_TERMINAL], stderr=child_side, env=env, cwd=REPO
+    ) as child:
+        os.close(child_side)
+        screen = _read_until_closed(terminal)
+        assert child.wait(30) == 0
+    os.close(terminal)
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.decode())
+    pieces = [piece.strip() for piece in re.split(r"[\r\n]", text) if piece.strip()]
+    logged = [piece for piece in pieces if '"half way"' in piece]
+    assert logged, text
+    assert all(piece.startswith('{"ts"') for piece in logged), logged
+    assert "━" in text
+
+
+def _read_until_closed(fd: int) -> bytes:
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # EIO: the child closed its side
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
