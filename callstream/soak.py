@@ -47,12 +47,12 @@ from typing import Any, Self
 import aiohttp
 import orjson
 
+from callstream import progress
 from callstream.bench.pool import sample_report
 from callstream.bench.procstat import peak_rss_kib
 from callstream.localkafka import LocalKafka
 from callstream.ports import free_port
 from callstream.processes import ChildProcess, callstream_argv
-from callstream.progress import over_time
 from callstream.sender import signed_headers
 from core.kafkasettings import KafkaSettings
 from core.secret import Secret
@@ -241,7 +241,10 @@ class Driver:
         connector = aiohttp.TCPConnector(limit=MAX_IN_FLIGHT)
         timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
         tasks: set[asyncio.Task[None]] = set()
-        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        async with (
+            progress.over_time("soak load", until - loop.time()),
+            aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
+        ):
             next_at = loop.time()
             while loop.time() < until:
                 while next_at <= loop.time():
@@ -501,8 +504,7 @@ async def soak(opts: Options) -> int:
         p.started = time.monotonic()
         driver = Driver(f"http://127.0.0.1:{ingress_port}{WEBHOOK_PATH}", secret, tally)
         faults = asyncio.create_task(inject_faults(p, opts, until))
-        async with over_time("soak load", opts.minutes * 60):
-            await driver.run(opts.rate, until)
+        await driver.run(opts.rate, until)
         await faults  # a fault under way finishes its recovery
         print(f"  load stopped after {len(tally.sent)} reports; settling", flush=True)
         settled = await settle(p, tally, db, readyz)
