@@ -9,9 +9,12 @@ import os
 import pty
 import re
 import uuid
+from collections.abc import Mapping
+from pathlib import Path
 
 from core.kafkasettings import KafkaSettings
 from tests.integration.test_dlq import Fussy, dead_letters
+from tests.integration.test_replay import HOUR, NOW, ordered_reports, produce_at
 from tests.support.cli import callstream
 from tests.support.produce import produce_reports, sample_report
 from tests.support.runner import eventually, running
@@ -30,13 +33,15 @@ async def fussy_dead_letters(kafka: KafkaSettings, count: int) -> None:
         await eventually(all_there, timeout=90)
 
 
-async def on_terminal(kafka: KafkaSettings, *args: str) -> tuple[int, str, str]:
+async def on_terminal(
+    kafka: KafkaSettings, *args: str, env: Mapping[str, str] | None = None
+) -> tuple[int, str, str]:
     """Exit code, stdout, and what `callstream ARGS` drew on its terminal (stderr)."""
     terminal, child_side = pty.openpty()
     drawn = asyncio.create_task(asyncio.to_thread(_read_until_closed, terminal))
     try:
         code, out, _ = await callstream(
-            kafka, *args, stderr=child_side, extra_env={"TERM": "xterm"}
+            kafka, *args, stderr=child_side, extra_env={"TERM": "xterm", **(env or {})}
         )
     finally:
         os.close(child_side)
@@ -86,3 +91,19 @@ async def test_redrive_into_a_log_writes_plain_lines(kafka: KafkaSettings) -> No
     lines = [line for line in err.splitlines() if line.startswith("re-drive fussy")]
     assert lines, err
     assert re.fullmatch(r"re-drive fussy: 3/3 dead letters \(100%\), \d+/s, 0s left", lines[-1])
+
+
+async def test_replay_on_a_terminal_draws_a_bar(kafka: KafkaSettings, tmp_path: Path) -> None:
+    await produce_at(kafka, ordered_reports(6, NOW - 2 * HOUR))
+    since, until = (NOW - 3 * HOUR).isoformat(), (NOW - HOUR).isoformat()
+    database = {"CALLSTREAM_SQLITE_PATH": str(tmp_path / "callstream.db")}
+
+    code, out, screen = await on_terminal(
+        kafka, "replay", "--consumer", "storage", "--from", since, "--to", until, env=database
+    )
+
+    assert code == 0, screen
+    assert "replayed 6 of 6 record(s) through storage" in out
+    assert "━" in screen
+    text = _ANSI.sub("", screen)
+    assert re.search(r"replay storage\s.*━+.*100%\s+6/6 records", text), text
