@@ -22,6 +22,7 @@ import orjson
 from aiokafka.errors import KafkaConnectionError, KafkaError
 
 from callstream import alerts, rejected, soak
+from callstream.bench.chart import redraw
 from callstream.bench.options import BenchOptions
 from callstream.bench.options import add_arguments as add_bench_arguments
 from callstream.bench.run import run_bench
@@ -622,6 +623,8 @@ def _cmd_rejected(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    if args.chart is not None:
+        return redraw(args.chart, args.chart_out, sys.stdout, sys.stderr)
     return _run_async(run_bench(BenchOptions.from_args(args)))
 
 

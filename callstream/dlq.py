@@ -30,6 +30,7 @@ import orjson
 from aiokafka.errors import KafkaError
 
 from callstream.consumerstatus import KafkaInspector, TopicMissingError
+from callstream.progress import track
 from callstream.replay import EXIT_FAILED, EXIT_OK
 from consumers.contract import REDRIVE_HEADER
 from core.kafkasettings import KafkaSettings
@@ -213,7 +214,10 @@ async def redrive_command(
         out.write("dry run: nothing re-driven\n")
         return EXIT_OK
     try:
-        sent = await _send_back(kafka, consumer, start, snapshot.end) if found else Counter()
+        sent = Counter[str]()
+        if found:
+            with track(f"re-drive {consumer}", found, unit="dead letters", stream=err) as bar:
+                sent = await _send_back(kafka, consumer, start, snapshot.end, bar.advance)
         await commit_group_offsets(kafka, group, topic, snapshot.end)
     except KafkaError as exc:
         # Nothing marked as re-driven: the next run sends this run's records again, and
@@ -234,9 +238,14 @@ async def _exists(look: KafkaInspector, topic: str) -> bool:
 
 
 async def _send_back(
-    kafka: KafkaSettings, consumer: str, start: Mapping[int, int], end: Mapping[int, int]
+    kafka: KafkaSettings,
+    consumer: str,
+    start: Mapping[int, int],
+    end: Mapping[int, int],
+    acked: Callable[[int], None],
 ) -> Counter[str]:
-    """Every dead letter of `consumer` in [start, end) onto its topic; all acknowledged."""
+    """Every dead letter of `consumer` in [start, end) onto its topic; all acknowledged
+    (`acked` hears how many more each time)."""
     sent = Counter[str]()
     producer = durable_producer(kafka, "callstream-dlq-redrive", linger_ms=5)
     await producer.start()
@@ -257,8 +266,10 @@ async def _send_back(
             sent[letter.origin_topic] += 1
             if len(pending) >= _PUBLISH_WINDOW:
                 await asyncio.gather(*pending)
+                acked(len(pending))
                 pending.clear()
         await asyncio.gather(*pending)
+        acked(len(pending))
     finally:
         await producer.stop()
     return sent

@@ -30,6 +30,7 @@ import orjson
 
 from callstream.clihelp import command
 from callstream.consumerstatus import KafkaInspector, TopicMissingError
+from callstream.progress import track
 from callstream.replayplan import parse_time
 from core.kafkasettings import KafkaSettings
 from core.producer import durable_producer
@@ -234,7 +235,6 @@ async def _publish(
 ) -> list[str]:
     """Each record onto its topic, then its entry marked REPROCESSED; all acknowledged.
     Returns the request ids done."""
-    topics = topics_by_schema(kafka)
     async with aiohttp.ClientSession() as session:
         encoders = await encoders_for(kafka, default_store(), session)
     marker = encoders[REJECTED_REQUEST]
@@ -242,28 +242,41 @@ async def _publish(
     producer = durable_producer(kafka, "callstream-rejected-reprocess", linger_ms=5)
     await producer.start()
     try:
-        for entry, event in ready:
-            topic = topics[event.schema_name]
-            encoder = encoders[event.schema_name]
-            # Published first, marked after: a crash in between publishes it again, never
-            # marks a record as reprocessed that is not on the topic.
-            await producer.send_and_wait(
-                topic,
-                encoder.encode(event.record),
-                key=None if event.call_id is None else event.call_id.encode(),
-                headers=list(_headers(event, encoder, entry.request_id)),
-            )
-            kept = entry.reprocessed(int(time.time() * 1000), topic, event.call_id)
-            await producer.send_and_wait(
-                kafka.rejected_topic,
-                marker.encode(kept.to_record()),
-                key=entry.request_id.encode(),
-                headers=list(kept.record_headers(marker).encode()),
-            )
-            done.append(entry.request_id)
+        with track("reprocess", len(ready), unit="reports") as bar:
+            for entry, event in ready:
+                await _reprocess_one(producer, kafka, marker, encoders, entry, event)
+                done.append(entry.request_id)
+                bar.advance()
     finally:
         await producer.stop()
     return done
+
+
+async def _reprocess_one(
+    producer: Any,
+    kafka: KafkaSettings,
+    marker: Encoder,
+    encoders: Mapping[str, Encoder],
+    entry: RejectedRequest,
+    event: Normalised,
+) -> None:
+    topic = topics_by_schema(kafka)[event.schema_name]
+    encoder = encoders[event.schema_name]
+    # Published first, marked after: a crash in between publishes it again, never
+    # marks a record as reprocessed that is not on the topic.
+    await producer.send_and_wait(
+        topic,
+        encoder.encode(event.record),
+        key=None if event.call_id is None else event.call_id.encode(),
+        headers=list(_headers(event, encoder, entry.request_id)),
+    )
+    kept = entry.reprocessed(int(time.time() * 1000), topic, event.call_id)
+    await producer.send_and_wait(
+        kafka.rejected_topic,
+        marker.encode(kept.to_record()),
+        key=entry.request_id.encode(),
+        headers=list(kept.record_headers(marker).encode()),
+    )
 
 
 def _headers(event: Normalised, encoder: Encoder, request_id: str) -> tuple[tuple[str, bytes], ...]:

@@ -23,7 +23,6 @@ import contextlib
 import logging
 import signal
 import sys
-import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -34,6 +33,7 @@ import aiohttp
 from aiokafka.errors import CommitFailedError, KafkaError
 from prometheus_client import CollectorRegistry
 
+from callstream import progress as display
 from callstream.consumerstatus import KafkaInspector, TopicMissingError
 from callstream.replayoffsets import SavedOffsets, default_path, restore_command, save
 from callstream.replayplan import ReplayPlan, parse_time, plan_replay, render_plan
@@ -63,55 +63,6 @@ EXIT_REFUSED = 2  # like argparse: the command was not run as asked, nothing cha
 # "Empty"; the broker refuses outside commits until then.
 _RESTORE_ATTEMPTS = 30
 _PUBLISH_WINDOW = 1000  # records in flight before waiting for their acks
-
-
-# -- progress ------------------------------------------------------------------------------
-
-
-class Progress:
-    """`done/total, rate, time left` on stderr, at most once per `interval`."""
-
-    def __init__(self, label: str, total: int, err: TextIO, interval: float = 1.0) -> None:
-        self._label = label
-        self._total = total
-        self._err = err
-        self._interval = interval
-        self._started = time.monotonic()
-        self._last: float | None = None
-        self._shown: int | None = None
-        self.done = 0
-
-    def update(self, done: int, *, force: bool = False) -> None:
-        """`force`: print now (the final line), unless this very count is already shown."""
-        self.done = done
-        now = time.monotonic()
-        if force:
-            if done == self._shown:
-                return
-        elif self._last is not None and now - self._last < self._interval:
-            return
-        self._last, self._shown = now, done
-        elapsed = max(now - self._started, 1e-9)
-        rate = done / elapsed
-        remaining = max(self._total - done, 0)
-        left = _duration(remaining / rate) if rate > 0 else "?"
-        percent = 100.0 * done / self._total if self._total else 100.0
-        self._err.write(
-            f"{self._label}: {done}/{self._total} records ({percent:.0f}%), "
-            f"{rate:.0f}/s, {left} left\n"
-        )
-        self._err.flush()
-
-
-def _duration(seconds: float) -> str:
-    whole = int(seconds + 0.5)
-    hours, rest = divmod(whole, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    if minutes:
-        return f"{minutes}m{secs:02d}s"
-    return f"{secs}s"
 
 
 # -- replaying through a consumer's group ----------------------------------------------------
@@ -297,7 +248,8 @@ async def _replay_window(
         )
         runner_stop = asyncio.Event()
         task = asyncio.create_task(runner.run(runner_stop), name=f"replay-{consumer.name}")
-        progress = Progress(f"replay {consumer.name}", plan.total, err, interval)
+        label = f"replay {consumer.name}"
+        progress = display.track(label, plan.total, stream=err, interval=interval)
         outcome = "stopped"
         try:
             outcome = await _watch(inspector, plan, task, stop, progress, interval)
@@ -306,8 +258,8 @@ async def _replay_window(
             runner_error = await _finish(task)
             # The Runner commits the batch in hand as it stops: count that one too.
             committed = await inspector.committed(plan.group_id, plan.topic, plan.numbers)
+            progress.finish(plan.done(committed))
             restored = await _restore(kafka, inspector, plan, err)
-    progress.update(plan.done(committed), force=True)
     if outcome == "stopped" and plan.finished(committed):
         outcome = "finished"
     if runner_error is not None:
@@ -333,7 +285,7 @@ async def _watch(
     plan: ReplayPlan,
     task: asyncio.Task[None],
     stop: asyncio.Event,
-    progress: Progress,
+    progress: display.Progress,
     interval: float,
 ) -> str:
     """Until every partition's commits reached --to ("finished"), the caller asks to stop
@@ -462,7 +414,7 @@ async def republish_from_storage(
         compression_type="lz4",
         request_timeout_ms=30_000,
     )
-    progress = Progress("re-publish", total, err, progress_interval)
+    progress = display.track("re-publish", total, stream=err, interval=progress_interval)
     published = 0
     rows = records.iter_records(since, until)
     try:
@@ -494,12 +446,12 @@ async def republish_from_storage(
         err.write(f"publishing to {topic} failed after {published} record(s): {exc}\n")
         return EXIT_FAILED
     finally:
+        progress.finish(published)
         # A generator left mid-way is otherwise only finalised by the garbage collector.
         close = getattr(rows, "aclose", None)
         if close is not None:
             await close()
         await producer.stop()
-    progress.update(published, force=True)
     out.write(f"re-published {published} of {total} report(s) onto {topic}\n")
     return EXIT_OK if published == total else EXIT_FAILED
 

@@ -47,6 +47,7 @@ from typing import Any, Self
 import aiohttp
 import orjson
 
+from callstream import progress
 from callstream.bench.pool import sample_report
 from callstream.bench.procstat import peak_rss_kib
 from callstream.localkafka import LocalKafka
@@ -240,7 +241,10 @@ class Driver:
         connector = aiohttp.TCPConnector(limit=MAX_IN_FLIGHT)
         timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
         tasks: set[asyncio.Task[None]] = set()
-        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        async with (
+            progress.over_time("soak load", until - loop.time()),
+            aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
+        ):
             next_at = loop.time()
             while loop.time() < until:
                 while next_at <= loop.time():

@@ -4,10 +4,32 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TextIO
 
 from callstream.bench.report import Results
+from callstream.bench.resultsfile import ResultsFileError, read_results
 
 _COLOURS = {"bare": "#7f7f7f", "naive": "#d62728", "ingress": "#1f77b4", "spool": "#9467bd"}
+
+
+def redraw(source: Path, target: Path | None, out: TextIO, err: TextIO) -> int:
+    """`callstream bench --chart FILE.json [--chart-out PNG]`: the chart of an earlier run,
+    without running the bench; by default next to the results, as the run itself puts it."""
+    target = target if target is not None else source.with_suffix(".png")
+    try:
+        results = read_results(source)
+        write_chart(results, target)
+    except ResultsFileError as exc:
+        err.write(f"callstream bench --chart: {exc}\n")
+        return 2
+    except ImportError:
+        err.write("callstream bench --chart: needs matplotlib: pip install -e '.[bench]'\n")
+        return 2
+    except OSError as exc:
+        err.write(f"callstream bench --chart: cannot write {target}: {exc.strerror or exc}\n")
+        return 2
+    out.write(f"chart {target}\n")
+    return 0
 
 
 def write_chart(results: Results, path: Path) -> Path:

@@ -78,6 +78,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = BenchOptions()
     parser.add_argument("--out-dir", type=Path, default=d.out_dir, help="default: %(default)s")
     parser.add_argument(
+        "--chart",
+        type=Path,
+        metavar="FILE.json",
+        help="run nothing: redraw the chart of an earlier run from its results file, e.g."
+        " --chart bench-results/20261207T140218Z.json --chart-out docs/bench-latest.png",
+    )
+    parser.add_argument(
+        "--chart-out",
+        type=Path,
+        metavar="FILE.png",
+        help="where --chart writes (default: next to the results file, .json -> .png)",
+    )
+    parser.add_argument(
         "--sample",
         type=Path,
         default=d.sample,

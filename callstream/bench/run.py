@@ -67,6 +67,7 @@ from callstream.bench.services import (
 )
 from callstream.localpg import PostgresServer
 from callstream.ports import free_port
+from callstream.progress import track
 from core.kafkasettings import KafkaSettings
 from ingress.publisher import KafkaPublisher, OutgoingRecord
 from schemas.codec import single_object_encoder
@@ -557,8 +558,11 @@ async def run_bench(options: BenchOptions) -> int:
         }
         try:
             await bench.start_broker()
-            for phase in options.phases:
-                await phases[phase]()
+            with track("bench", len(options.phases), unit="phases") as bar:
+                for phase in options.phases:
+                    bar.describe(phase)
+                    await phases[phase]()
+                    bar.advance()
         except Exception as exc:
             failure = exc
             say(f"bench failed: {type(exc).__name__}: {exc}")

@@ -6,6 +6,7 @@ import asyncio
 import os
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from core.kafkasettings import KafkaSettings
@@ -14,9 +15,15 @@ from core.settings import to_env
 REPO = Path(__file__).resolve().parents[2]
 
 
-async def callstream(kafka: KafkaSettings, *args: str) -> tuple[int, str, str]:
-    """Exit code, stdout and stderr of `callstream ARGS` pointed at `kafka`."""
-    env = os.environ | to_env(kafka) | {"CALLSTREAM_LOG_LEVEL": "WARNING"}
+async def callstream(
+    kafka: KafkaSettings,
+    *args: str,
+    stderr: int = asyncio.subprocess.PIPE,
+    extra_env: Mapping[str, str] | None = None,
+) -> tuple[int, str, str]:
+    """Exit code, stdout and stderr of `callstream ARGS` pointed at `kafka` (stderr is ""
+    when it goes to a descriptor of the caller's, such as a pseudo terminal)."""
+    env = os.environ | to_env(kafka) | {"CALLSTREAM_LOG_LEVEL": "WARNING"} | dict(extra_env or {})
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -25,11 +32,11 @@ async def callstream(kafka: KafkaSettings, *args: str) -> tuple[int, str, str]:
         env=env,
         cwd=REPO,
         stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+        stderr=stderr,
     )
-    stdout, stderr = await asyncio.wait_for(process.communicate(), 120)
+    stdout, errors = await asyncio.wait_for(process.communicate(), 120)
     assert process.returncode is not None
-    return process.returncode, stdout.decode(), stderr.decode()
+    return process.returncode, stdout.decode(), (errors or b"").decode()
 
 
 def run_cli(
