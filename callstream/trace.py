@@ -19,7 +19,7 @@ cannot be read.
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,7 +36,10 @@ from callstream.tracerender import render_text
 from consumers.alerting.settings import AlertingSettings
 from consumers.alerting.state import AlertState, StateUnavailable
 from consumers.errors import PermanentError, RetryableError
-from consumers.storage import StorageSettings, erasure_log, open_backend, sha256_hex
+from consumers.storage import ErasureLog, StorageBackend, StorageSettings, sha256_hex
+from consumers.storage.connections import Connection, PostgresConnection, SqliteConnection
+from consumers.storage.dialects import Dialect
+from consumers.storage.statements import Script
 from core.kafkasettings import KafkaSettings
 from core.settings import field_from_env
 from core.topicreader import RawRecord, read_range
@@ -283,6 +286,20 @@ def _absent(path: Path, what: str, setting: str) -> Json | None:
     return {"available": False, "note": f"no {what} at {path} ({setting})"}
 
 
+def _no_migrations(dialect: Dialect) -> tuple[Script[None], ...]:
+    return ()
+
+
+def _reader(settings: StorageSettings) -> Callable[[], Connection]:
+    """Connections that only look: no migration, no table created (the storage consumer
+    does that), so a trace never changes nor locks the schema of a database in use."""
+    if settings.database_url is not None:
+        dsn = settings.database_url.reveal()
+        return lambda: PostgresConnection(dsn, _no_migrations, max_connections=1)
+    path = settings.sqlite_path
+    return lambda: SqliteConnection(path, _no_migrations)
+
+
 async def _storage(
     env: Mapping[str, str], call_id: str, phones: set[str]
 ) -> tuple[Json, Json, Json]:
@@ -299,11 +316,12 @@ async def _storage(
     )
     if absent is not None:
         return absent, absent, absent
-    backend = open_backend(settings)
+    connect = _reader(settings)
+    backend = StorageBackend(connect())
     try:
         row = await backend.fetch(call_id)
         events = await backend.timeline(call_id)
-        erasures = await erasure_log(settings).entries()
+        erasures = await ErasureLog(connect).entries()
     except (RetryableError, PermanentError) as exc:
         off = {"available": False, "note": f"storage database: {exc}"}
         return off, off, off

@@ -14,10 +14,12 @@ from typing import Any
 
 import orjson
 import pytest
+from prometheus_client import CollectorRegistry
 
-from callstream.consumerstatus import KafkaInspector
+from callstream.consumerstatus import KafkaInspector, default_group_id
 from callstream.ports import free_port
 from callstream.trace import key_partition
+from consumers.storage import build
 from core.kafkasettings import KafkaSettings
 from core.secret import Secret
 from core.settings import to_env
@@ -279,3 +281,40 @@ async def test_trace_of_a_call_never_seen_is_empty_json_and_exit_code_1(
     screen = await asyncio.to_thread(run_cli, "trace", "never-seen-call", env=env)
     assert screen.returncode == 1
     assert "nothing names this call" in screen.stdout
+
+
+async def test_trace_reads_storage_and_erasures_on_each_database(
+    kafka: KafkaSettings, storage_env: dict[str, str], tmp_path: Path
+) -> None:
+    """The storage consumer in its registered group through the real runner, on SQLite and
+    PostgreSQL: trace finds the row, sees the group past the record, and after an erasure
+    finds the log entry and no row, through connections that migrate nothing."""
+    [call_id] = await produce_reports(kafka, [sample_report()])
+    env = _env(kafka, tmp_path) | storage_env
+    storage = build(storage_env, CollectorRegistry())
+    async with running(storage, kafka, default_group_id("storage")):
+
+        async def handled() -> bool:
+            doc = (await trace(env, call_id))[1]
+            return bool(doc["storage"].get("row")) and all(
+                v["groups"]["storage"]["state"] == "handled" for v in doc["versions"]
+            )
+
+        await until(handled, timeout=120, what="the report stored and its offset committed")
+    code, doc = await trace(env, call_id)
+    assert code == 0
+    [version] = doc["versions"]
+    row = doc["storage"]["row"]
+    assert (row["kafka_partition"], row["kafka_offset"]) == (
+        version["partition"],
+        version["offset"],
+    )
+    assert doc["erasures"] == {"available": True, "entries": []}
+    assert doc["timeline"] == {"available": True, "events": []}
+    erased = await asyncio.to_thread(run_cli, "erase", "--call", call_id, env=env)
+    assert erased.returncode == 0, erased.stderr
+    code, after = await trace(env, call_id)
+    assert code == 0
+    assert after["storage"]["row"] is None
+    [erasure] = after["erasures"]["entries"]
+    assert (erasure["kind"], erasure["by"], erasure["rows_deleted"]) == ("call", "call id", 1)
