@@ -408,9 +408,11 @@ async def _alerts(env: Mapping[str, str], call_id: str) -> Json:
     }
 
 
-def _quarantine(call_id: str, request_ids: set[str]) -> Json:
-    """The place for the quarantine (`<topic>.rejected`, keyed by request id): read it with
-    its own reader and keep the entries whose call id or request id match."""
+async def _quarantine(kafka: KafkaSettings, call_id: str, request_ids: set[str]) -> Json:
+    """The one place for the quarantine (`<topic>.rejected`, keyed by request id, being
+    added separately): read it with its own reader and keep, as "entries", the refused
+    requests whose call id is `call_id` or whose request id is in `request_ids` (those of
+    the call's records); the text screen shows request_id, state and problem of each."""
     return {"available": False, "note": "the quarantine topic is not part of this build"}
 
 
@@ -457,7 +459,9 @@ async def collect(
         "timeline": timeline,
         "alerts": await _alerts(env, call_id),
         "dead_letters": {"available": True, "entries": dead},
-        "quarantine": _quarantine(call_id, {r for v in versions if (r := v.get("request_id"))}),
+        "quarantine": await _quarantine(
+            kafka, call_id, {r for v in versions if (r := v.get("request_id"))}
+        ),
         "erasures": erasures,
     }
     doc["found"] = _found(doc)

@@ -9,6 +9,7 @@ import os
 import sqlite3
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from core.secret import Secret
 from core.settings import to_env
 from core.signing import WEBHOOK_PATH
 from ingress.settings import IngressSettings
-from tests.conftest import TEST_SECRET, start_ingress
+from tests.conftest import TEST_SECRET, start_ingress, wait_drained
 from tests.integration.test_dlq import Fussy
 from tests.signing import signed
 from tests.support.cli import run_cli
@@ -178,7 +179,9 @@ async def test_trace_of_a_stored_call_fills_every_section_and_shows_its_erasure(
     assert number not in orjson.dumps(again).decode()
 
 
-async def test_trace_of_a_report_still_in_the_spool(kafka: KafkaSettings, tmp_path: Path) -> None:
+async def test_trace_of_a_report_in_the_spool_and_once_it_drained(
+    kafka: KafkaSettings, tmp_path: Path
+) -> None:
     spool = tmp_path / "spool"
     # The ingress's Kafka does not answer: the report is made durable in the spool.
     away = KafkaSettings(
@@ -204,7 +207,12 @@ async def test_trace_of_a_report_still_in_the_spool(kafka: KafkaSettings, tmp_pa
         answer = await resp.json()
         assert resp.status == 202, answer
         assert answer["durable"] == "spool"
-        env = _env(kafka, tmp_path, CALLSTREAM_SPOOL_DIR=str(spool))
+        env = _env(
+            kafka,
+            tmp_path,
+            CALLSTREAM_SPOOL_DIR=str(spool),
+            CALLSTREAM_KAFKA_ACK_DEADLINE_SECONDS="0.5",
+        )
         # Read while the ingress holds the spool: trace takes no lock and changes nothing.
         code, doc = await trace(env, call_id)
     finally:
@@ -226,6 +234,23 @@ async def test_trace_of_a_report_still_in_the_spool(kafka: KafkaSettings, tmp_pa
     assert code == 0
     assert by_request["call_id"] == call_id
     assert by_request["spool"]["entries"] == doc["spool"]["entries"]
+
+    # Kafka is back: the ingress drains its spool at start, and the trace tells the report
+    # reached Kafka through it (later than the ingress waits for Kafka's acknowledgement).
+    client = await start_ingress(replace(settings, kafka=kafka))
+    try:
+        await wait_drained(client)
+    finally:
+        await client.close()
+    code, drained = await trace(env, call_id)
+    assert code == 0
+    assert drained["spool"]["entries"] == []
+    [version] = drained["versions"]
+    assert version["request_id"] == request_id
+    [reception] = drained["receptions"]
+    assert reception["durable"] == "kafka"
+    assert reception["through_spool"] is True
+    assert reception["request_id"] == request_id
 
 
 async def test_trace_of_a_dead_lettered_call(kafka: KafkaSettings, tmp_path: Path) -> None:
