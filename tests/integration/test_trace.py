@@ -159,6 +159,16 @@ async def test_trace_of_a_stored_call_fills_every_section_and_shows_its_erasure(
     assert "storage handled" in screen.stdout
     assert "looked back: the last 10000 record(s) per partition" in screen.stdout
 
+    # By the request id the sender got back: every partition's window is read to find it.
+    code, by_request = await trace(env, "--request-id", update["request_id"])
+    assert code == 0
+    assert by_request["call_id"] == call_id
+    assert by_request["versions"] == doc["versions"]
+    looked_at = {(w["topic"], w["partition"]) for w in by_request["lookback"]["windows"]}
+    async with KafkaInspector(kafka) as look:
+        every = {(kafka.topic, p) for p in await look.partitions(kafka.topic)}
+    assert looked_at >= every
+
     erased = await asyncio.to_thread(run_cli, "erase", "--call", call_id, env=env)
     assert erased.returncode == 0, erased.stderr
     code, after = await trace(env, call_id)
