@@ -39,6 +39,7 @@ from callstream.replay import ReplayRequest, replay_command
 from callstream.sender import post_report
 from callstream.supervisor import run_pipeline
 from callstream.tail import tail
+from callstream.trace import DEFAULT_LOOKBACK, trace_command
 from consumers.catalog import lookup
 from consumers.errors import ConsumerRegistryError, PermanentError, RetryableError
 from consumers.service import run_consumer
@@ -205,6 +206,33 @@ def _parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="one JSON line per consumer, for machines"
     )
     consumers.set_defaults(func=_cmd_consumers)
+
+    trace = command(
+        sub,
+        "trace",
+        "follow one call through the pipeline: ingress, Kafka, consumers, storage, alerts",
+        "callstream trace 7b1e2c94-3f0a-4d6b-9a51-0c2d8e4f6a13",
+        "callstream trace --request-id 01HF3K2M --json | jq .storage",
+        description="Follow one call through the pipeline: ingress, spool, Kafka, each consumer"
+        " group, storage, status updates, alerts, dead letters, the quarantine, erasures. Reads"
+        " only the last --lookback records of the call's partition of each topic. Exit code 0:"
+        " found; 1: nothing names the call. See docs/operations.md#tracing-a-call.",
+    )
+    which_call = trace.add_mutually_exclusive_group(required=True)
+    which_call.add_argument("call_id", nargs="?", metavar="CALL_ID", help="the call's id")
+    which_call.add_argument(
+        "--request-id", metavar="ID", help="the ingress request (X-Request-Id) instead"
+    )
+    trace.add_argument(
+        "--lookback",
+        type=int,
+        default=DEFAULT_LOOKBACK,
+        metavar="N",
+        help="records per partition to read back from each topic's end"
+        f" (default {DEFAULT_LOOKBACK}), e.g. --lookback 100000",
+    )
+    trace.add_argument("--json", action="store_true", help="one JSON document, e.g. `| jq .alerts`")
+    trace.set_defaults(func=_cmd_trace)
 
     replay = command(
         sub,
@@ -571,6 +599,24 @@ def _cmd_consumers(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     watched = registered_consumers()  # a name clash is told before any broker is looked for
     kafka = kafka_settings(env, start_local=False)
     return _run_async(consumers_command(kafka, sys.stdout, as_json=args.json, consumers=watched))
+
+
+def _cmd_trace(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    if args.lookback < 1:
+        print("callstream trace: --lookback must be at least 1", file=sys.stderr)
+        return 2
+    kafka = kafka_settings(env, start_local=False)
+    return _run_async(
+        trace_command(
+            kafka,
+            env,
+            sys.stdout,
+            call_id=args.call_id,
+            request_id=args.request_id,
+            lookback=args.lookback,
+            as_json=args.json,
+        )
+    )
 
 
 def _cmd_replay(args: argparse.Namespace, env: Mapping[str, str]) -> int:

@@ -317,7 +317,7 @@ async def erase_matching(kafka: KafkaSettings, *, phone: str | None, call_id: st
     wanted = [s.encode() for s in (phone, call_id) if s]
     if not wanted:
         return 0
-    matching = [e.request_id for e in (await load(kafka)).values() if _mentions(e, wanted)]
+    matching = [e.request_id for e in (await load(kafka)).values() if mentions(e, wanted)]
     if not matching:
         return 0
     producer = durable_producer(kafka, "callstream-erase", linger_ms=5)
@@ -330,7 +330,7 @@ async def erase_matching(kafka: KafkaSettings, *, phone: str | None, call_id: st
     return len(matching)
 
 
-def _mentions(entry: RejectedRequest, wanted: list[bytes]) -> bool:
+def mentions(entry: RejectedRequest, wanted: list[bytes]) -> bool:
     # A body cut short or not decodable is searched as kept: it is the bytes that are erased.
     text = entry.payload_bytes(Limits().max_body_bytes * 16) or entry.body
     return all(w in text for w in wanted)

@@ -37,7 +37,9 @@ from ingress.spoolformat import (
     encode_frame,
     fsync_dir,
     open_for_update,
+    parse_cursor,
     scan_frames,
+    segment_ids,
     segment_name,
     truncate_durably,
     write_all,
@@ -322,11 +324,9 @@ class Spool:
     def _read_cursor(self) -> Position:
         assert self._cursor_fd is not None
         raw = os.pread(self._cursor_fd, CURSOR.size + 4, 0)
-        if len(raw) == CURSOR.size + 4:
-            (crc,) = struct.unpack_from(">I", raw, CURSOR.size)
-            if zlib.crc32(raw[: CURSOR.size]) == crc:
-                segment, offset = CURSOR.unpack_from(raw)
-                return Position(segment, offset, 0)
+        found = parse_cursor(raw)
+        if found is not None:
+            return Position(*found, 0)
         if raw.strip(b"\0"):
             log.warning("spool: cursor unreadable; draining from the oldest segment (duplicates)")
         # Without a cursor everything on disk is pending: at worst duplicates, never a loss.
@@ -632,11 +632,7 @@ class Spool:
                     log.warning("spool: could not delete drained segments (%s)", exc)
 
     def _segment_ids(self) -> list[int]:
-        return sorted(
-            int(path.name.removesuffix(".seg"))
-            for path in self.directory.glob("*.seg")
-            if path.name.removesuffix(".seg").isdigit()
-        )
+        return segment_ids(self.directory)
 
     def _delete_segments(self, segments: list[int]) -> None:
         for segment in segments:

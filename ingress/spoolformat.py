@@ -28,6 +28,7 @@ HEADER_BYTES: Final = len(MAGIC)
 FRAME = struct.Struct(">II")
 SPOOLED_AT = struct.Struct(">Q")
 CURSOR = struct.Struct(">QQ")
+CURSOR_CRC = struct.Struct(">I")
 FRAME_OVERHEAD: Final = FRAME.size + SPOOLED_AT.size
 # A sanity bound for the length field: a corrupted length must not make open() allocate
 # gigabytes. Reports are at most ~1 MiB; this leaves room for any sane setting.
@@ -45,8 +46,61 @@ class Entry(NamedTuple):
     spooled_at_ms: int
 
 
+class Pending(NamedTuple):
+    position: Position
+    spooled_at_ms: int
+    payload: bytes
+
+
 def segment_name(segment: int) -> str:
     return f"{segment:020d}.seg"
+
+
+def segment_ids(directory: Path) -> list[int]:
+    return sorted(
+        int(path.name.removesuffix(".seg"))
+        for path in directory.glob("*.seg")
+        if path.name.removesuffix(".seg").isdigit()
+    )
+
+
+def parse_cursor(raw: bytes) -> tuple[int, int] | None:
+    """(segment, offset) the drain has reached; None if the cursor is torn or missing."""
+    if len(raw) != CURSOR.size + 4:
+        return None
+    (crc,) = CURSOR_CRC.unpack_from(raw, CURSOR.size)
+    if zlib.crc32(raw[: CURSOR.size]) != crc:
+        return None
+    segment, offset = CURSOR.unpack_from(raw)
+    return segment, offset
+
+
+def read_pending(directory: Path) -> list[Pending]:
+    """What a spool directory still owes Kafka, oldest first, read without the spool's lock
+    and without changing a byte: for a look from outside (`callstream trace`) while the
+    ingress may be running. A frame the ingress is writing at this moment fails its CRC and
+    is left out, as opening the spool would."""
+    cursor_path = directory / "cursor"
+    raw = cursor_path.read_bytes()[: CURSOR.size + 4] if cursor_path.exists() else b""
+    cursor = parse_cursor(raw) or (0, 0)
+    out: list[Pending] = []
+    for segment in segment_ids(directory):
+        try:
+            data = (directory / segment_name(segment)).read_bytes()
+        except FileNotFoundError:
+            continue  # drained and deleted since we listed it
+        if data[:HEADER_BYTES] != MAGIC:
+            continue
+        entries, _ = scan_frames(data)
+        for entry in entries:
+            start, size = entry.position.offset, entry.position.size
+            if (segment, start) < cursor:
+                continue
+            position = Position(segment, start, size)
+            out.append(
+                Pending(position, entry.spooled_at_ms, data[start + FRAME_OVERHEAD : start + size])
+            )
+    return out
 
 
 def encode_frame(payload: bytes, spooled_at_ms: int) -> bytes:

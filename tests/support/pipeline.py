@@ -146,6 +146,18 @@ async def until(check: object, timeout: float = 60.0, what: str = "") -> None:
         await asyncio.sleep(0.25)
 
 
+async def ingress_ready(pipeline: Pipeline, timeout: float = 240.0) -> None:
+    """Until the pipeline's ingress answers /readyz with 200 (it starts after the broker)."""
+    url = f"http://127.0.0.1:{pipeline.ingress_port}/readyz"
+    async with aiohttp.ClientSession() as session:
+
+        async def ready() -> bool:
+            async with session.get(url) as resp:
+                return resp.status == 200
+
+        await until(ready, timeout=timeout, what="ingress ready")
+
+
 def rows(db: Path) -> list[tuple[str, str]]:
     with sqlite3.connect(db) as conn:
         return conn.execute("select call_id, from_number from call_reports").fetchall()

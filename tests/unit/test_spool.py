@@ -22,7 +22,7 @@ from core.settings import SettingsError
 from ingress.publisher import OutgoingRecord, decode_record, encode_record
 from ingress.settings import IngressSettings
 from ingress.spool import Spool, SpoolFull, SpoolLocked, SpoolWriteFailed
-from ingress.spoolformat import HEADER_BYTES, segment_name
+from ingress.spoolformat import HEADER_BYTES, read_pending, segment_name
 from tests.support.disk import small_disk
 
 MiB = 1024 * 1024
@@ -375,3 +375,25 @@ async def test_spool_without_a_directory_is_private_and_removed_at_close() -> No
     assert await drain_all(spool) == [b"x"]
     await spool.close()
     assert not directory.exists()
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in directory.iterdir() if p.is_file()}
+
+
+async def test_read_pending_lists_what_is_owed_while_the_spool_is_open(tmp_path: Path) -> None:
+    """Oracle: what `read` would still hand out, in order, read from outside (no lock) while
+    the owning spool is open; a delivered payload is no longer listed, and nothing on disk
+    changes by looking."""
+    async with opened(tmp_path, segment_bytes=256) as spool:
+        for payload in (b"first", b"second", b"x" * 300, b"last"):
+            await spool.append(payload)
+        [delivered] = await spool.read(1, MiB)
+        await spool.commit(delivered)
+        before = _files(tmp_path)
+        pending = read_pending(tmp_path)
+        assert [p.payload for p in pending] == [b"second", b"x" * 300, b"last"]
+        assert len({p.position.segment for p in pending}) > 1
+        assert all(p.spooled_at_ms > 0 for p in pending)
+        assert _files(tmp_path) == before
+    assert read_pending(tmp_path) == pending

@@ -1,0 +1,144 @@
+"""`callstream trace`'s screen: the document callstream/trace.py collects, one section per
+place the call can be, in the order a report travels through them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+Json = dict[str, Any]
+
+
+def _unavailable(section: Json) -> str | None:
+    return None if section.get("available", True) else f"  unavailable: {section['note']}"
+
+
+def _lookback(doc: Json) -> list[str]:
+    look = doc["lookback"]
+    lines = [f"looked back: the last {look['records_per_partition']} record(s) per partition"]
+    for w in look.get("windows", []):
+        whole = ", the whole partition" if w["whole_partition"] else ""
+        lines.append(
+            f"  {w['topic']}[{w['partition']}] offsets {w['from_offset']}..{w['to_offset']}{whole}"
+        )
+    lines += [f"  {topic}: does not exist" for topic in look.get("missing_topics", [])]
+    return lines
+
+
+def _receptions(doc: Json) -> list[str]:
+    lines = ["received by the ingress:"]
+    for r in doc["receptions"]:
+        if r["durable"] == "spool":
+            where = f"still in the spool (since {r['spooled_at']}), not yet on Kafka"
+        else:
+            via = " through the spool" if r["through_spool"] else ""
+            after = r["published_after_seconds"]
+            where = f"durable on Kafka{via}" + ("" if after is None else f" ({after} s later)")
+        lines.append(
+            f"  request {r['request_id']}  {r['event_type']}  received {r['received_at']}"
+            f"  format {r['source_format']}  {where}"
+        )
+    return lines if doc["receptions"] else [*lines, "  none found"]
+
+
+def _versions(doc: Json) -> list[str]:
+    lines = ["on Kafka:"]
+    for v in doc["versions"]:
+        groups = ", ".join(f"{name} {g['state']}" for name, g in v["groups"].items())
+        lines.append(
+            f"  {v['topic']}[{v['partition']}]@{v['offset']}  {v['event_type']}"
+            f"  event time {v.get('event_time')}  request {v['request_id']}  {groups}"
+        )
+    return lines if doc["versions"] else [*lines, "  none in the window"]
+
+
+def _storage(doc: Json) -> list[str]:
+    section = doc["storage"]
+    lines = ["storage:"]
+    if (off := _unavailable(section)) is not None:
+        return [*lines, off]
+    row = section["row"]
+    if row is None:
+        return [*lines, "  no row"]
+    return [
+        *lines,
+        f"  stored {row['stored_at']} from {row['event_type']} of {row['event_time']}"
+        f" (request {row['request_id']}, Kafka [{row['kafka_partition']}]@{row['kafka_offset']})"
+        f"  status {row['call_status']}  ended {row['ended_reason']}",
+    ]
+
+
+def _timeline(doc: Json) -> list[str]:
+    section = doc["timeline"]
+    lines = ["status updates:"]
+    if (off := _unavailable(section)) is not None:
+        return [*lines, off]
+    for e in section["events"]:
+        error = f"  error {e['error']}" if e["error"] else ""
+        lines.append(f"  {e['event_time']}  {e['status']}{error}  stored {e['stored_at']}")
+    return lines if section["events"] else [*lines, "  none stored"]
+
+
+def _alerts(doc: Json) -> list[str]:
+    section = doc["alerts"]
+    lines = ["alerts:"]
+    if (off := _unavailable(section)) is not None:
+        return [*lines, off]
+    for a in section["alerts"]:
+        error = f"  {a['error']}" if a["error"] else ""
+        lines.append(
+            f"  {a['rule']} -> {a['channel']}: {a['status']} after {a['attempts']} attempt(s)"
+            f" ({a['updated_at']}){error}"
+        )
+    return lines if section["alerts"] else [*lines, "  none"]
+
+
+def _dead_letters(doc: Json) -> list[str]:
+    lines = ["dead letters:"]
+    entries = doc["dead_letters"]["entries"]
+    for d in entries:
+        redriven = "re-driven" if d["redriven"] else "not re-driven"
+        lines.append(
+            f"  {d['consumer']} gave up {d['dead_lettered_at']} on {d['origin']['topic']}"
+            f"[{d['origin']['partition']}]@{d['origin']['offset']}: {d['error']} ({redriven})"
+        )
+    return lines if entries else [*lines, "  none"]
+
+
+def _entries(title: str, section: Json, line: Any) -> list[str]:
+    lines = [f"{title}:"]
+    if (off := _unavailable(section)) is not None:
+        return [*lines, off]
+    found = [line(entry) for entry in section.get("entries", [])]
+    return [*lines, *found] if found else [*lines, "  none"]
+
+
+def render_text(doc: Json) -> str:
+    head = f"call {doc['call_id']}" if doc["call_id"] else "no call found"
+    if doc["request_id"]:
+        head += f" (request {doc['request_id']})"
+    lines = [head, *_lookback(doc)]
+    if doc["call_id"] is None:
+        return "\n".join([*lines, "nothing names this request in the window or the spool"]) + "\n"
+    lines += _receptions(doc) + _versions(doc)
+    lines += _entries(
+        "spool",
+        doc["spool"],
+        lambda s: f"  {s['event_type']} request {s['request_id']} spooled {s['spooled_at']}",
+    )
+    lines += _storage(doc) + _timeline(doc) + _alerts(doc) + _dead_letters(doc)
+    lines += _entries(
+        "quarantine",
+        doc["quarantine"],
+        lambda q: f"  request {q['request_id']}: {q['state']} {q['problem']}",
+    )
+    lines += _entries(
+        "erasures",
+        doc["erasures"],
+        lambda e: (
+            f"  #{e['id']} by {e['by']} requested {e['requested_at']}"
+            f" completed {e['completed_at']} ({e['rows_deleted']} row(s))"
+        ),
+    )
+    if not doc["found"]:
+        lines.append("nothing names this call: not received, or older than the window")
+    return "\n".join(lines) + "\n"
