@@ -379,6 +379,7 @@ def test_commands_refuse_to_guess(tmp_path: Path, args: tuple[str, ...]) -> None
     settings = StorageSettings(sqlite_path=tmp_path / "callstream.db")
     result = cli(settings, *args)
     assert result.returncode == 2, result.stderr
-    assert f"\ncallstream {args[0]}: " in result.stderr
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"callstream {args[0]}: ")
     # Refused before touching the database.
     assert not settings.sqlite_path.exists()
