@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from core.signing import WEBHOOK_PATH
-from ingress import openapi, ratelimit
+from ingress import hygiene, openapi, ratelimit
 from ingress.auth import Authenticator
 from ingress.body import decode_content, read_wire_body
 from ingress.errors import Problem, invalid
@@ -54,6 +54,9 @@ ENCODERS = web.AppKey("encoders", dict[str, Encoder])
 REPLIES = web.AppKey("replies", Replies)
 RECENT = web.AppKey("recent", RecentDeliveries)
 REQUEST_ID = web.RequestKey("request_id", str)
+# How a webhook authenticated ("signature", "token", or "none" with no auth configured); set
+# once its body has been checked, absent on a request refused before that.
+AUTHENTICATED = web.RequestKey("authenticated", str)
 
 # aiohttp would otherwise inflate gzip bodies itself, before the signature (which covers
 # the bytes as sent) can be checked and without our decompressed-size limit.
@@ -72,7 +75,13 @@ def create_app(
     # The body limit is enforced by read_wire_body with a clear 413; aiohttp's own limit
     # must not fire first with a plain-text error.
     app = web.Application(
-        middlewares=[problem_middleware, *ratelimit.middlewares(settings, {WEBHOOK_PATH})],
+        middlewares=[
+            problem_middleware,
+            *hygiene.middlewares(
+                hygiene.BodyBudget(settings.max_inflight_body_bytes), {WEBHOOK_PATH}
+            ),
+            *ratelimit.middlewares(settings, {WEBHOOK_PATH}),
+        ],
         client_max_size=settings.max_body_bytes + 1,
     )
     app[SETTINGS] = settings
@@ -174,9 +183,17 @@ def _request_id(request: web.Request) -> str:
 async def receive_webhook(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     metrics = request.app[METRICS]
-    wire = await read_wire_body(request, settings.max_body_bytes, settings.body_timeout_seconds)
+    auth = request.app[AUTH]
+    # What the headers alone can refuse is refused before a byte of the body is buffered.
+    auth.check_headers(request.headers)
+    wire = await read_wire_body(
+        request,
+        settings.max_body_bytes,
+        settings.body_timeout_seconds,
+        request[hygiene.BODY_ALLOWANCE],
+    )
     metrics.received_bytes.inc(len(wire))
-    how = request.app[AUTH].check(request.headers, wire)
+    how = request[AUTHENTICATED] = auth.check(request.headers, wire)
     key = (
         delivery_key(request.headers) if how == "signature" and settings.replay_detection else None
     )

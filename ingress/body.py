@@ -10,6 +10,7 @@ import aiohttp.http_exceptions
 from aiohttp import web
 
 from ingress.errors import Problem
+from ingress.hygiene import Allowance
 
 GZIP_MAGIC = b"\x1f\x8b"
 
@@ -18,14 +19,19 @@ def too_large(limit: int, what: str) -> Problem:
     return Problem(413, "body-too-large", "Body too large", f"{what} exceeds {limit} bytes")
 
 
-async def read_wire_body(request: web.Request, limit: int, timeout: float) -> bytes:
+async def read_wire_body(
+    request: web.Request, limit: int, timeout: float, allowance: Allowance
+) -> bytes:
     """The bytes as sent, refusing early on Content-Length and while streaming otherwise.
 
     The whole body must arrive within `timeout`, so a sender trickling bytes cannot hold a
-    connection (and a slot of memory) for ever.
+    connection (and a slot of memory) for ever; every byte is counted against `allowance`
+    before it is kept (all of a declared Content-Length at once, before any is read).
     """
-    if request.content_length is not None and request.content_length > limit:
+    declared = request.content_length
+    if declared is not None and declared > limit:
         raise too_large(limit, "Content-Length")
+    allowance.take(declared or 0)
     chunks: list[bytes] = []
     size = 0
     try:
@@ -34,6 +40,8 @@ async def read_wire_body(request: web.Request, limit: int, timeout: float) -> by
                 size += len(chunk)
                 if size > limit:
                     raise too_large(limit, "body")
+                if size > allowance.taken:
+                    allowance.take(size - allowance.taken)
                 chunks.append(chunk)
     except TimeoutError:
         raise Problem(
