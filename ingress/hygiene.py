@@ -10,14 +10,20 @@ and connections past `max_connections` are answered 503 as soon as their headers
 
 Bodies are read only after the request's headers have passed the authentication check that
 needs no body (ingress/auth.py); what is read is counted against one budget for the whole
-process, so many senders stalling mid-body cannot grow the heap past it.
+process, so many senders stalling mid-body cannot grow the heap past it. Once they are gone,
+glibc would keep the freed heap pages (bodies arrive as many small chunks, scattered through
+its arenas); `memory_trimmer` hands them back to the system.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Collection, Iterator
+import ctypes
+import ctypes.util
+import logging
+import os
+from collections.abc import AsyncIterator, Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +32,8 @@ from aiohttp.typedefs import Handler, Middleware
 from aiohttp.web_protocol import RequestHandler
 
 from ingress.errors import Problem
+
+log = logging.getLogger(__name__)
 
 # A refused sender retries after this; a second is enough for in-flight requests to finish.
 RETRY_AFTER_SECONDS = 1
@@ -172,3 +180,56 @@ def middlewares(budget: BodyBudget, guarded_paths: Collection[str]) -> list[Midd
             return await handler(request)
 
     return [hygiene]
+
+
+# Trimming walks the heap (milliseconds for a few hundred MiB), so it runs only while resident
+# memory is this far above the least the process has needed.
+TRIM_GROWTH_BYTES = 16 * 1024 * 1024
+TRIM_INTERVAL_SECONDS = 5.0
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, or None where there is none (musl, macOS) or resident memory
+    cannot be read (no /proc)."""
+    name = ctypes.util.find_library("c")
+    if name is None or not os.path.exists("/proc/self/statm"):
+        return None
+    trim: Callable[[int], int] | None = getattr(ctypes.CDLL(name), "malloc_trim", None)
+    return trim
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm", "rb") as statm:
+        return int(statm.read().split()[1]) * _PAGE
+
+
+def memory_trimmer(
+    interval: float = TRIM_INTERVAL_SECONDS,
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """A cleanup context that gives freed heap back to the system after a burst of bodies."""
+
+    async def trimmer(app: web.Application) -> AsyncIterator[None]:
+        trim = _malloc_trim()
+        task = asyncio.create_task(_trim_when_grown(trim, interval)) if trim else None
+        try:
+            yield
+        finally:
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+    return trimmer
+
+
+async def _trim_when_grown(trim: Callable[[int], int], interval: float) -> None:
+    # The least the process has needed after a trim: while it sits well above that (during a
+    # burst and once after it), freed pages are handed back every interval.
+    floor = resident_bytes()
+    while True:
+        await asyncio.sleep(interval)
+        if resident_bytes() - floor > TRIM_GROWTH_BYTES:
+            trim(0)
+            resident = resident_bytes()
+            floor = min(floor, resident)
+            log.debug("heap trimmed: %d MiB resident", resident >> 20)
