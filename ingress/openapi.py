@@ -332,8 +332,11 @@ def _responses(settings: IngressSettings) -> dict[str, Any]:
             "A bug (`internal-error`): nothing was kept; the detail is in the ingress log."
         ),
         "ServiceUnavailable": _problem(
-            "The report could not be made durable in time (`unavailable`): nothing was kept, "
-            "retry after Retry-After seconds.",
+            "The report could not be made durable in time (`unavailable`), the connection is "
+            f"past the {settings.max_connections} served at once (`over-capacity`, answered "
+            "before the body is read, then the connection closes), or the ingress already "
+            f"holds {settings.max_inflight_body_bytes} bytes of request bodies (`busy`): "
+            "nothing was kept, retry after Retry-After seconds.",
             headers=_RETRY_AFTER,
         ),
     }
