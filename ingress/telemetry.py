@@ -27,6 +27,8 @@ OUTCOMES = (
     "method-not-allowed",
     "internal-error",
     "rate-limited",
+    "over-capacity",  # a connection past CALLSTREAM_MAX_CONNECTIONS
+    "busy",  # a body past CALLSTREAM_MAX_INFLIGHT_BODY_BYTES
 )
 KNOWN_EVENT_TYPES = ("end-of-call-report", "status-update", "other")
 # Every series exists from the first scrape, and the hot path never builds a labelled child.

@@ -92,6 +92,14 @@ async def _assert_still_serving(client: Client) -> None:
     assert resp.status == 202, await resp.text()
 
 
+async def _counted(client: Client, outcome: str) -> float:
+    text = await (await client.get("/metrics")).text()
+    series = f'callstream_ingress_requests_total{{outcome="{outcome}"}} '
+    values = [line.removeprefix(series) for line in text.splitlines() if line.startswith(series)]
+    assert values, f"no {outcome} series"
+    return float(values[0])
+
+
 def _assert_problem(status: int, headers: dict[str, str], payload: bytes, slug: str) -> None:
     assert headers["content-type"] == "application/problem+json"
     problem = orjson.loads(payload)
@@ -199,6 +207,7 @@ async def test_a_webhook_on_a_connection_past_the_cap_gets_503_at_once(
             for stream in [*idle, extra]:
                 await _close(stream)
         await _served_again_on_a_new_connection(client)
+        assert await _counted(client, "over-capacity") >= 1
 
 
 async def _served_again_on_a_new_connection(client: Client) -> None:
@@ -304,3 +313,4 @@ async def test_bodies_past_the_in_flight_budget_get_503(
                 await _close(stream)
         # The stalled body's bytes are given back when its connection goes.
         await _served_again_on_a_new_connection(client)
+        assert await _counted(client, "busy") >= 1
