@@ -56,19 +56,22 @@ class GuardedHandler(RequestHandler):
         self._header_deadline: asyncio.TimerHandle | None = None
 
     def data_received(self, data: bytes) -> None:
-        # Bytes while no request is being handled start a request's headers (or trail one
-        # answered before its body was read, which aiohttp bounds by its lingering time).
-        if self._header_deadline is None and self._current_request is None and data:
+        # Bytes while the connection waits for its next request are that request's start.
+        # (Bytes during a request are its body, and bytes after an answer given before the
+        # body was read are that body, which aiohttp reads off for its lingering time.)
+        if self._header_deadline is None and self._awaiting_request() and data:
             self._header_deadline = self._loop.call_later(
                 self.limits.header_timeout, self._headers_overdue
             )
         super().data_received(data)
 
+    def _awaiting_request(self) -> bool:
+        waiter = self._waiter
+        return waiter is not None and not waiter.done()
+
     def _headers_overdue(self) -> None:
         self._header_deadline = None
-        waiter = self._waiter
-        # Still waiting for a whole request: its headers did not arrive in time.
-        if waiter is not None and not waiter.done():
+        if self._awaiting_request():
             self.force_close()
 
     async def finish_response(

@@ -180,6 +180,30 @@ async def test_requests_sent_in_good_time_share_a_kept_alive_connection(
         await _close(stream)
 
 
+async def test_the_header_timeout_leaves_a_kept_alive_connection_alone(
+    ingress_settings: IngressSettings,
+) -> None:
+    async with _running(
+        ingress_settings, header_timeout_seconds=1.0, keepalive_timeout_seconds=600.0
+    ) as client:
+        reader, writer = stream = await _connect(client)
+        try:
+            # Refused before its body, which then arrives anyway and is read off.
+            body = _fresh_report()
+            writer.write(_head({"Content-Length": str(len(body))}))
+            status, _, _ = await _response(reader)
+            assert status == 401
+            writer.write(body)
+            # Idle for longer than the header timeout, then a request in one go.
+            await asyncio.sleep(2.5)
+            writer.write(_head(signed(body, TEST_SECRET) | {"Content-Length": str(len(body))}))
+            writer.write(body)
+            status, _, payload = await _response(reader)
+            assert status == 202, payload
+        finally:
+            await _close(stream)
+
+
 # -- the connection cap ---------------------------------------------------------------------------
 
 CAP = 3
