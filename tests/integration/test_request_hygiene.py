@@ -86,6 +86,15 @@ async def _closed_by_server(reader: asyncio.StreamReader) -> bool:
     return True
 
 
+async def _post_signed(stream: Stream) -> tuple[int, bytes]:
+    """A fresh signed report on `stream`: (status, body of the answer)."""
+    reader, writer = stream
+    body = _fresh_report()
+    writer.write(_head(signed(body, TEST_SECRET) | {"Content-Length": str(len(body))}) + body)
+    status, _, payload = await _response(reader)
+    return status, payload
+
+
 async def _assert_still_serving(client: Client) -> None:
     body = _fresh_report()
     resp = await client.post(WEBHOOK_PATH, data=body, headers=signed(body, TEST_SECRET))
@@ -118,30 +127,36 @@ async def short_timeouts(ingress_settings: IngressSettings) -> AsyncIterator[Cli
         yield client
 
 
-async def test_a_client_trickling_its_headers_is_closed_after_the_header_timeout(
-    ingress_settings: IngressSettings,
-) -> None:
-    # A long keep-alive: only the header deadline can close this connection.
+@pytest.fixture
+async def long_keepalive(ingress_settings: IngressSettings) -> AsyncIterator[Client]:
+    """A short header timeout, a long keep-alive: only the header deadline closes early."""
     async with _running(
         ingress_settings, header_timeout_seconds=1.0, keepalive_timeout_seconds=600.0
     ) as client:
-        reader, writer = stream = await _connect(client)
-        head = _head({"Content-Type": "application/json", "X-Padding": "p" * 400})
+        yield client
 
-        async def trickle() -> None:
-            for byte in head:
-                writer.write(bytes([byte]))
-                await writer.drain()
-                await asyncio.sleep(0.2)
 
-        sending = asyncio.create_task(trickle())
-        try:
-            assert await _closed_by_server(reader), "a slowloris client was never closed"
-        finally:
-            sending.cancel()
-            await asyncio.gather(sending, return_exceptions=True)
-            await _close(stream)
-        await _assert_still_serving(client)
+async def test_a_client_trickling_its_headers_is_closed_after_the_header_timeout(
+    long_keepalive: Client,
+) -> None:
+    client = long_keepalive
+    reader, writer = stream = await _connect(client)
+    head = _head({"Content-Type": "application/json", "X-Padding": "p" * 400})
+
+    async def trickle() -> None:
+        for byte in head:
+            writer.write(bytes([byte]))
+            await writer.drain()
+            await asyncio.sleep(0.2)
+
+    sending = asyncio.create_task(trickle())
+    try:
+        assert await _closed_by_server(reader), "a slowloris client was never closed"
+    finally:
+        sending.cancel()
+        await asyncio.gather(sending, return_exceptions=True)
+        await _close(stream)
+    await _assert_still_serving(client)
 
 
 async def test_an_idle_keep_alive_connection_is_closed(short_timeouts: Client) -> None:
@@ -168,40 +183,32 @@ async def test_a_connection_that_never_sends_a_byte_is_closed(short_timeouts: Cl
 async def test_requests_sent_in_good_time_share_a_kept_alive_connection(
     short_timeouts: Client,
 ) -> None:
-    reader, writer = stream = await _connect(short_timeouts)
+    stream = await _connect(short_timeouts)
     try:
         for _ in range(3):
-            body = _fresh_report()
-            writer.write(_head(signed(body, TEST_SECRET) | {"Content-Length": str(len(body))}))
-            writer.write(body)
-            status, _, payload = await _response(reader)
+            status, payload = await _post_signed(stream)
             assert status == 202, payload
     finally:
         await _close(stream)
 
 
 async def test_the_header_timeout_leaves_a_kept_alive_connection_alone(
-    ingress_settings: IngressSettings,
+    long_keepalive: Client,
 ) -> None:
-    async with _running(
-        ingress_settings, header_timeout_seconds=1.0, keepalive_timeout_seconds=600.0
-    ) as client:
-        reader, writer = stream = await _connect(client)
-        try:
-            # Refused before its body, which then arrives anyway and is read off.
-            body = _fresh_report()
-            writer.write(_head({"Content-Length": str(len(body))}))
-            status, _, _ = await _response(reader)
-            assert status == 401
-            writer.write(body)
-            # Idle for longer than the header timeout, then a request in one go.
-            await asyncio.sleep(2.5)
-            writer.write(_head(signed(body, TEST_SECRET) | {"Content-Length": str(len(body))}))
-            writer.write(body)
-            status, _, payload = await _response(reader)
-            assert status == 202, payload
-        finally:
-            await _close(stream)
+    reader, writer = stream = await _connect(long_keepalive)
+    try:
+        # Refused before its body, which then arrives anyway and is read off.
+        body = _fresh_report()
+        writer.write(_head({"Content-Length": str(len(body))}))
+        status, _, _ = await _response(reader)
+        assert status == 401
+        writer.write(body)
+        # Idle for longer than the header timeout, then a request in one go.
+        await asyncio.sleep(2.5)
+        status, payload = await _post_signed(stream)
+        assert status == 202, payload
+    finally:
+        await _close(stream)
 
 
 # -- the connection cap ---------------------------------------------------------------------------
@@ -239,12 +246,9 @@ async def _served_again_on_a_new_connection(client: Client) -> None:
     closed connection in its own time: poll)."""
     deadline = time.monotonic() + CLOSED_WITHIN
     while True:
-        reader, writer = stream = await _connect(client)
+        stream = await _connect(client)
         try:
-            body = _fresh_report()
-            writer.write(_head(signed(body, TEST_SECRET) | {"Content-Length": str(len(body))}))
-            writer.write(body)
-            status, _, payload = await _response(reader)
+            status, payload = await _post_signed(stream)
         finally:
             await _close(stream)
         if status == 202:
