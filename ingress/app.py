@@ -72,14 +72,13 @@ def create_app(
     store: SchemaStore | None = None,
 ) -> web.Application:
     registry = registry if registry is not None else CollectorRegistry()
+    budget = hygiene.BodyBudget(settings.max_inflight_body_bytes)
     # The body limit is enforced by read_wire_body with a clear 413; aiohttp's own limit
     # must not fire first with a plain-text error.
     app = web.Application(
         middlewares=[
             problem_middleware,
-            *hygiene.middlewares(
-                hygiene.BodyBudget(settings.max_inflight_body_bytes), {WEBHOOK_PATH}
-            ),
+            *hygiene.middlewares(budget, {WEBHOOK_PATH}),
             *ratelimit.middlewares(settings, {WEBHOOK_PATH}),
         ],
         client_max_size=settings.max_body_bytes + 1,
@@ -90,6 +89,7 @@ def create_app(
     durable = app[PUBLISHER]
     # Computed at scrape time, so the gauge is true even when nothing probes /readyz.
     app[METRICS].ready.set_function(lambda: 1.0 if durable.readiness().ready else 0.0)
+    app[METRICS].inflight_body_bytes.set_function(lambda: budget.held)
     app[REPLIES] = Replies(settings)
     app[AUTH] = Authenticator(
         settings.webhook_secrets, settings.shared_tokens, settings.signature_tolerance_seconds

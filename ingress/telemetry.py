@@ -121,6 +121,11 @@ class IngressMetrics:
             "1 when the ingress can make a report durable, else 0.",
             registry=registry,
         )
+        self.inflight_body_bytes = Gauge(
+            "callstream_ingress_inflight_body_bytes",
+            "Bytes of request bodies held now, against CALLSTREAM_MAX_INFLIGHT_BODY_BYTES.",
+            registry=registry,
+        )
         self.spool = SpoolMetrics(registry)
 
     def outcome(self, slug: str) -> None:

@@ -102,11 +102,16 @@ async def _assert_still_serving(client: Client) -> None:
 
 
 async def _counted(client: Client, outcome: str) -> float:
+    return await _gauge(client, f'callstream_ingress_requests_total{{outcome="{outcome}"}}')
+
+
+async def _gauge(client: Client, series: str) -> float:
+    """The value of one series on /metrics (name and labels as Prometheus prints them)."""
     text = await (await client.get("/metrics")).text()
-    series = f'callstream_ingress_requests_total{{outcome="{outcome}"}} '
-    values = [line.removeprefix(series) for line in text.splitlines() if line.startswith(series)]
-    assert values, f"no {outcome} series"
-    return float(values[0])
+    values = [line.removeprefix(series + " ") for line in text.splitlines()]
+    found = [v for v, line in zip(values, text.splitlines(), strict=True) if v != line]
+    assert found, f"no {series} series"
+    return float(found[0])
 
 
 def _assert_problem(status: int, headers: dict[str, str], payload: bytes, slug: str) -> None:
@@ -335,10 +340,15 @@ async def test_bodies_past_the_in_flight_budget_get_503(
             assert status == 503, payload
             _assert_problem(status, headers, payload, "busy")
             assert headers["retry-after"] == "1"
+            assert await _gauge(client, "callstream_ingress_inflight_body_bytes") == declared
             pending.pop().cancel()
         finally:
             for stream in stalled:
                 await _close(stream)
-        # The stalled body's bytes are given back when its connection goes.
         await _served_again_on_a_new_connection(client)
         assert await _counted(client, "busy") >= 1
+        # The stalled body's allowance is given back once the ingress sees its sender gone.
+        deadline = time.monotonic() + CLOSED_WITHIN
+        while await _gauge(client, "callstream_ingress_inflight_body_bytes") != 0:
+            assert time.monotonic() < deadline, "a stalled body's bytes were never given back"
+            await asyncio.sleep(0.2)
