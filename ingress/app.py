@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from core.signing import WEBHOOK_PATH
-from ingress import openapi, ratelimit
+from ingress import hygiene, openapi, ratelimit
 from ingress.auth import Authenticator
 from ingress.body import BodyTooLarge, decode_content, read_wire_body
 from ingress.errors import Problem, invalid, log_refusal
@@ -56,6 +56,9 @@ REPLIES = web.AppKey("replies", Replies)
 RECENT = web.AppKey("recent", RecentDeliveries)
 QUARANTINE = web.AppKey("quarantine", Quarantine)
 REQUEST_ID = web.RequestKey("request_id", str)
+# How a webhook authenticated ("signature", "token", or "none" with no auth configured); set
+# once its body has been checked, absent on a request refused before that.
+AUTHENTICATED = web.RequestKey("authenticated", str)
 
 # aiohttp would otherwise inflate gzip bodies itself, before the signature (which covers
 # the bytes as sent) can be checked and without our decompressed-size limit.
@@ -71,10 +74,15 @@ def create_app(
     store: SchemaStore | None = None,
 ) -> web.Application:
     registry = registry if registry is not None else CollectorRegistry()
+    budget = hygiene.BodyBudget(settings.max_inflight_body_bytes)
     # The body limit is enforced by read_wire_body with a clear 413; aiohttp's own limit
     # must not fire first with a plain-text error.
     app = web.Application(
-        middlewares=[problem_middleware, *ratelimit.middlewares(settings, {WEBHOOK_PATH})],
+        middlewares=[
+            problem_middleware,
+            *hygiene.middlewares(budget, {WEBHOOK_PATH}),
+            *ratelimit.middlewares(settings, {WEBHOOK_PATH}),
+        ],
         client_max_size=settings.max_body_bytes + 1,
     )
     app[SETTINGS] = settings
@@ -83,6 +91,7 @@ def create_app(
     durable = app[PUBLISHER]
     # Computed at scrape time, so the gauge is true even when nothing probes /readyz.
     app[METRICS].ready.set_function(lambda: 1.0 if durable.readiness().ready else 0.0)
+    app[METRICS].inflight_body_bytes.set_function(lambda: budget.held)
     app[REPLIES] = Replies(settings)
     app[QUARANTINE] = Quarantine(durable, settings.kafka.rejected_topic, app[METRICS])
     app[AUTH] = Authenticator(
@@ -91,6 +100,7 @@ def create_app(
     # A timestamp is accepted this far on either side of the server's clock.
     app[RECENT] = RecentDeliveries(2.0 * settings.signature_tolerance_seconds)
     app.cleanup_ctx.append(_resources(store or default_store()))
+    app.cleanup_ctx.append(hygiene.memory_trimmer())
     app.router.add_post(WEBHOOK_PATH, receive_webhook)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -172,20 +182,28 @@ def _request_id(request: web.Request) -> str:
 async def receive_webhook(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     metrics = request.app[METRICS]
+    auth = request.app[AUTH]
+    # What the headers alone can refuse is refused before a byte of the body is buffered.
+    auth.check_headers(request.headers)
     try:
-        wire = await read_wire_body(request, settings.max_body_bytes, settings.body_timeout_seconds)
+        wire = await read_wire_body(
+            request,
+            settings.max_body_bytes,
+            settings.body_timeout_seconds,
+            request[hygiene.BODY_ALLOWANCE],
+        )
     except BodyTooLarge as too_large:
         await request.app[QUARANTINE].keep_oversized(
             request,
             request[REQUEST_ID],
             too_large,
-            request.app[AUTH],
+            auth,
             limit=settings.max_body_bytes,
             timeout=settings.body_timeout_seconds,
         )
         raise
     metrics.received_bytes.inc(len(wire))
-    how = request.app[AUTH].check(request.headers, wire)
+    how = request[AUTHENTICATED] = auth.check(request.headers, wire)
     # Authenticated from here on: a refusal is kept before it is answered (ingress/quarantine).
     accept = functools.partial(
         request.app[QUARANTINE].keep_refused,

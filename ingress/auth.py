@@ -48,11 +48,26 @@ class Authenticator:
         self, headers: Mapping[str, str], body: bytes | StreamVerifier, now: float | None = None
     ) -> str:
         """Returns how the request authenticated; raises a 401 Problem otherwise."""
+        how = self.check_headers(headers, now)
+        if how == "signature" and not self._matches(headers, body):
+            raise unauthorized("signature does not match")
+        return how
+
+    def _matches(self, headers: Mapping[str, str], body: bytes | StreamVerifier) -> bool:
+        signature = headers[SIGNATURE_HEADER]
+        if isinstance(body, StreamVerifier):
+            return body.verify(signature)
+        return verify(body, headers[TIMESTAMP_HEADER], signature, self._secrets)
+
+    def check_headers(self, headers: Mapping[str, str], now: float | None = None) -> str:
+        """What the headers alone can settle, so a request that cannot authenticate is refused
+        (401) before its body is read: no credential, a timestamp that is missing, malformed
+        or outside the tolerance, a token that does not match. Returns how the request will
+        authenticate; a signature still has to match the body (`check`)."""
         if not self.enabled:
             return "none"
-        signature = headers.get(SIGNATURE_HEADER)
-        if signature is not None and self._secrets:
-            self._check_signature(signature, headers.get(TIMESTAMP_HEADER), body, now)
+        if headers.get(SIGNATURE_HEADER) is not None and self._secrets:
+            self._check_timestamp(headers.get(TIMESTAMP_HEADER), now)
             return "signature"
         token = headers.get(TOKEN_HEADER)
         if token is not None and self._tokens:
@@ -67,13 +82,7 @@ class Authenticator:
         ]
         raise unauthorized(f"missing {' or '.join(wanted)}")
 
-    def _check_signature(
-        self,
-        signature: str,
-        timestamp: str | None,
-        body: bytes | StreamVerifier,
-        now: float | None,
-    ) -> None:
+    def _check_timestamp(self, timestamp: str | None, now: float | None) -> None:
         if not timestamp:
             raise unauthorized(f"missing {TIMESTAMP_HEADER}")
         try:
@@ -85,9 +94,3 @@ class Authenticator:
             raise unauthorized(
                 f"{TIMESTAMP_HEADER} is more than {self._tolerance} s away from the server's clock"
             )
-        if isinstance(body, StreamVerifier):
-            matches = body.verify(signature)
-        else:
-            matches = verify(body, timestamp, signature, self._secrets)
-        if not matches:
-            raise unauthorized("signature does not match")

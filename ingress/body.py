@@ -10,6 +10,7 @@ import aiohttp.http_exceptions
 from aiohttp import web
 
 from ingress.errors import Problem
+from ingress.hygiene import Allowance
 
 GZIP_MAGIC = b"\x1f\x8b"
 
@@ -27,23 +28,32 @@ def too_large(limit: int, what: str, head: bytes = b"") -> BodyTooLarge:
     return BodyTooLarge(limit, what, head)
 
 
-async def read_wire_body(request: web.Request, limit: int, timeout: float) -> bytes:
+async def read_wire_body(
+    request: web.Request, limit: int, timeout: float, allowance: Allowance
+) -> bytes:
     """The bytes as sent, refusing early on Content-Length and while streaming otherwise.
 
     The whole body must arrive within `timeout`, so a sender trickling bytes cannot hold a
-    connection (and a slot of memory) for ever.
+    connection (and a slot of memory) for ever; every byte is counted against `allowance`
+    before it is kept (all of a declared Content-Length at once, before any is read).
     """
-    if request.content_length is not None and request.content_length > limit:
+    declared = request.content_length
+    if declared is not None and declared > limit:
         raise too_large(limit, "Content-Length")
+    allowance.take(declared or 0)
     chunks: list[bytes] = []
     size = 0
     try:
         async with asyncio.timeout(timeout):
             async for chunk in request.content.iter_any():
-                size += len(chunk)
-                if size > limit:
-                    raise too_large(limit, "body", b"".join(chunks) + chunk)
                 chunks.append(chunk)
+                size += len(chunk)
+                del chunk
+                if size > limit:
+                    raise too_large(limit, "body", b"".join(chunks))
+                if size > allowance.taken:
+                    allowance.take(size - allowance.taken)
+        return b"".join(chunks)
     except TimeoutError:
         raise Problem(
             408, "body-timeout", "Body too slow", f"the body did not arrive within {timeout:g} s"
@@ -57,7 +67,11 @@ async def read_wire_body(request: web.Request, limit: int, timeout: float) -> by
         raise Problem(
             400, "body-incomplete", "Body incomplete", f"the body ended early: {type(exc).__name__}"
         ) from None
-    return b"".join(chunks)
+    finally:
+        # A sender that goes away leaves its exception in the request's payload, whose
+        # traceback holds this frame: a cycle only the garbage collector would break, holding
+        # the body's bytes until then. They go now.
+        chunks.clear()
 
 
 def decode_content(body: bytes, encoding: str | None, limit: int) -> bytes:

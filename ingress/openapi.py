@@ -349,8 +349,11 @@ def _responses(settings: IngressSettings) -> dict[str, Any]:
         ),
         "ServiceUnavailable": _problem(
             "The report, or the quarantine copy of a request refused with a 4xx, could not be "
-            "made durable in time (`unavailable`): nothing was kept, retry after Retry-After "
-            "seconds.",
+            "made durable in time (`unavailable`), the connection is past the "
+            f"{settings.max_connections} served at once (`over-capacity`, answered before the "
+            "body is read, then the connection closes), or the ingress already holds "
+            f"{settings.max_inflight_body_bytes} bytes of request bodies (`busy`): nothing was "
+            "kept, retry after Retry-After seconds.",
             headers=_RETRY_AFTER,
         ),
     }

@@ -79,6 +79,38 @@ class IngressSettings(EnvSettings):
         minimum=0.1,
         doc="Seconds a client gets to send the whole body.",
     )
+    # -- request hygiene: what one client (or many) may hold (docs/operations.md) -------------
+    header_timeout_seconds: float = setting(
+        "CALLSTREAM_HEADER_TIMEOUT_SECONDS",
+        default=10.0,
+        minimum=0.1,
+        doc="Seconds from a request's first byte until its line and headers are all in; past "
+        "it the connection is closed (a client trickling its headers).",
+    )
+    # Above the 60 s idle timeout common load balancers use, so the ingress is not the side
+    # that closes a connection the balancer is about to reuse.
+    keepalive_timeout_seconds: float = setting(
+        "CALLSTREAM_KEEPALIVE_TIMEOUT_SECONDS",
+        default=75.0,
+        minimum=0.1,
+        doc="Seconds a connection may wait for its next request's headers, from connecting or "
+        "from the previous response; then it is closed. Keep it above any proxy's idle timeout.",
+    )
+    max_connections: int = setting(
+        "CALLSTREAM_MAX_CONNECTIONS",
+        default=1000,
+        minimum=1,
+        doc="Open client connections served at once; a webhook on a connection past it gets "
+        "503 with Retry-After as soon as its headers arrive. Keep it under the open-files limit.",
+    )
+    # 64 max-size bodies, or a few hundred ordinary reports (~150 kB for a two-hour call).
+    max_inflight_body_bytes: int = setting(
+        "CALLSTREAM_MAX_INFLIGHT_BODY_BYTES",
+        default=64 * 1024 * 1024,
+        minimum=1024,
+        doc="Bytes of request bodies held at once across all requests; a body that would pass "
+        "it gets 503 with Retry-After.",
+    )
     # The whole budget to make a report durable (Kafka, then the spool's fsync); past it, 503.
     publish_timeout_seconds: float = setting(
         "CALLSTREAM_PUBLISH_TIMEOUT_SECONDS",

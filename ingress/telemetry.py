@@ -27,6 +27,8 @@ OUTCOMES = (
     "method-not-allowed",
     "internal-error",
     "rate-limited",
+    "over-capacity",  # a connection past CALLSTREAM_MAX_CONNECTIONS
+    "busy",  # a body past CALLSTREAM_MAX_INFLIGHT_BODY_BYTES
 )
 # Why a request was quarantined: the problem slugs of the 4xx an authenticated request can
 # get after its body was read; anything else counts as "other", so the label stays bounded.
@@ -140,6 +142,11 @@ class IngressMetrics:
         self.quarantine_failed = Counter(
             "callstream_ingress_quarantine_failures_total",
             "Refused requests that could not be kept (answered 503 so the sender retries).",
+            registry=registry,
+        )
+        self.inflight_body_bytes = Gauge(
+            "callstream_ingress_inflight_body_bytes",
+            "Bytes of request bodies held now, against CALLSTREAM_MAX_INFLIGHT_BODY_BYTES.",
             registry=registry,
         )
         self.spool = SpoolMetrics(registry)

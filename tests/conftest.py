@@ -17,12 +17,14 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.web_runner import BaseRunner
 from prometheus_client import CollectorRegistry
 
 from callstream.localpg import PostgresServer
 from core.kafkasettings import KafkaSettings
 from core.secret import Secret
 from ingress.app import RUNNER_OPTIONS, create_app
+from ingress.server import IngressRunner
 from ingress.settings import IngressSettings
 from tests.support.kafka import SessionBroker, session_broker
 from tests.support.pipeline import pipeline, receivers  # noqa: F401 - fixtures
@@ -85,11 +87,18 @@ def ingress_settings(kafka: KafkaSettings) -> IngressSettings:
     )
 
 
+class IngressTestServer(TestServer):
+    """A test server running the app as `callstream ingress` does (ingress.server)."""
+
+    async def _make_runner(self, **kwargs: Any) -> BaseRunner:
+        return IngressRunner(self.app, **kwargs)
+
+
 async def start_ingress(
     settings: IngressSettings, registry: CollectorRegistry | None = None
 ) -> Client:
     app = create_app(settings, registry=registry)
-    server = TestServer(app)
+    server = IngressTestServer(app)
     # TestServer drops constructor options; start_server is where they reach the runner.
     await server.start_server(**RUNNER_OPTIONS)
     client: Client = TestClient(server)

@@ -334,8 +334,10 @@ async def test_content_length_lie_is_refused_before_reading(hostile: Client) -> 
     host, port = _address(hostile)
     reader, writer = await asyncio.open_connection(host, port)
     try:
+        # Signed (over bytes never sent): an unsigned one is refused (401) before its size.
+        credentials = "".join(f"{k}: {v}\r\n" for k, v in signed(b"", TEST_SECRET).items())
         writer.write(
-            f"POST {WEBHOOK_PATH} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"POST {WEBHOOK_PATH} HTTP/1.1\r\nHost: {host}\r\n{credentials}"
             f"Content-Length: {LIMIT * 1000}\r\n\r\n".encode()
         )
         await writer.drain()

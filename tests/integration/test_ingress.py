@@ -16,7 +16,8 @@ from aiohttp import web
 
 from core.kafkasettings import KafkaSettings
 from core.signing import WEBHOOK_PATH
-from ingress.app import RUNNER_OPTIONS, create_app
+from ingress.app import create_app
+from ingress.server import IngressRunner
 from ingress.settings import IngressSettings
 from schemas.headers import RecordHeaders
 from schemas.report import CallReport
@@ -370,16 +371,18 @@ async def test_sender_hanging_up_mid_body_is_not_an_internal_error(
     ingress_settings: IngressSettings,
 ) -> None:
     # The production runner (no handler cancellation), not the test client's.
-    runner = web.AppRunner(create_app(ingress_settings), **RUNNER_OPTIONS)
+    runner = IngressRunner(create_app(ingress_settings))
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = runner.addresses[0][1]
     try:
         _, writer = await asyncio.open_connection("127.0.0.1", port)
+        # Signed (over bytes never sent in full): an unsigned one is refused before its body.
+        credentials = "".join(f"{k}: {v}\r\n" for k, v in signed(b"", TEST_SECRET).items())
         writer.write(
-            f"POST {WEBHOOK_PATH} HTTP/1.1\r\nHost: x\r\n".encode()
-            + b"Content-Type: application/json\r\nContent-Length: 500\r\n\r\n"
+            f"POST {WEBHOOK_PATH} HTTP/1.1\r\nHost: x\r\n{credentials}".encode()
+            + b"Content-Length: 500\r\n\r\n"
             + b'{"eventType": "end-of-call'
         )
         await writer.drain()

@@ -1,6 +1,6 @@
 """The OpenAPI description against the real running ingress, with Schemathesis.
 
-The ingress listens on a real socket (AppRunner/TCPSite, the runner options `serve` uses)
+The ingress listens on a real socket (IngressRunner/TCPSite, as `serve` runs it)
 and publishes to the session's real broker. Schemathesis is synchronous (requests), so it
 runs in a worker thread while this test's event loop serves it. Authentication is on (a
 shared token) so the `ignored_auth` check can show that leaving it out gets 401.
@@ -27,8 +27,9 @@ from core.kafkasettings import KafkaSettings
 from core.secret import Secret
 from core.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, WEBHOOK_PATH
 from ingress import openapi
-from ingress.app import RUNNER_OPTIONS, create_app
+from ingress.app import create_app
 from ingress.auth import TOKEN_HEADER
+from ingress.server import IngressRunner
 from ingress.settings import IngressSettings
 
 TOKEN = "openapi-test-token-7d1e"
@@ -64,7 +65,7 @@ def live_settings(kafka: KafkaSettings, tmp_path: Path) -> IngressSettings:
 @pytest.fixture
 async def live_ingress(live_settings: IngressSettings) -> AsyncIterator[str]:
     """The base URL of a real ingress on a real socket, once it is ready."""
-    runner = web.AppRunner(create_app(live_settings), **RUNNER_OPTIONS)
+    runner = IngressRunner(create_app(live_settings))
     await runner.setup()
     try:
         site = web.TCPSite(runner, "127.0.0.1", 0)
