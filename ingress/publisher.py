@@ -414,9 +414,11 @@ class DurablePublisher:
         ack_deadline_seconds: float,
         publish_timeout_seconds: float,
         crash_at: CrashPoint | None = None,
+        metrics: SpoolMetrics | None = None,
     ) -> None:
         self.kafka = kafka
         self.spool = spool
+        self._metrics = metrics
         self._ack_deadline = ack_deadline_seconds
         self._publish_timeout = publish_timeout_seconds
         self._crash_at = crash_at
@@ -448,6 +450,7 @@ class DurablePublisher:
             ack_deadline_seconds=settings.kafka_ack_deadline_seconds,
             publish_timeout_seconds=settings.publish_timeout_seconds,
             crash_at=settings.test_crash_at,
+            metrics=metrics,
         )
 
     async def start(self) -> None:
@@ -496,6 +499,8 @@ class DurablePublisher:
                 return "kafka"
             except KafkaNotAcknowledged as exc:
                 self._kafka_missed = True
+                if self._metrics is not None:
+                    self._metrics.kafka_ack_missed.inc()
                 self._not_acknowledged.warning(
                     "kafka did not acknowledge (%s); spooling reports until it does", exc
                 )

@@ -1,6 +1,7 @@
 """Order per call, not global: a report goes to Kafka directly unless its own call has
-records in the spool, and then it queues behind them. On a broker of the test's own, with
-a spool left by a previous run (so the spooled calls are found by reading the spool back).
+records in the spool, and then it queues behind them; and once Kafka has missed an
+acknowledgement, reports go straight to the spool until the drainer sees Kafka take a batch
+again. On a broker of the test's own.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from callstream.localkafka import LocalKafka
 from callstream.ports import free_port
@@ -22,9 +24,11 @@ from tests.conftest import start_ingress, wait_drained
 from tests.e2e.test_ingress_faults import (
     assert_all_acknowledged_landed,
     landed,
+    metric,
     post,
     settings_for,
     topics,
+    wait_durable,
 )
 from tests.support.kafka import private_broker
 
@@ -93,3 +97,43 @@ async def test_a_call_with_nothing_spooled_is_not_held_behind_other_calls(
     got = await landed(kafka)
     assert got.by_call[call_a][:2] == ["a-1", "a-2"]
     assert_all_acknowledged_landed([first, second, other], got)
+
+
+MISSED = "callstream_ingress_kafka_ack_missed_total"
+
+
+async def test_after_a_missed_acknowledgement_no_report_waits_on_kafka_until_it_is_back(
+    broker: LocalKafka, tmp_path: Path
+) -> None:
+    """Oracle: with the broker hung (SIGSTOP), twenty reports of twenty different calls
+    (none held back by another's spooled records) are all spooled, and only the first of
+    them waited out the acknowledgement deadline on Kafka. After SIGCONT the drainer's
+    batch turns Kafka back on: /readyz says "kafka" again, a new report is acknowledged by
+    Kafka, and every acknowledged report is on the topic."""
+    kafka = topics(broker.bootstrap)
+    client = await start_ingress(settings_for(kafka, tmp_path / "spool"), CollectorRegistry())
+    try:
+        await wait_durable(client, "kafka")
+        warm = await post(client, WEBHOOK_PATH, str(uuid.uuid4()), "warm")
+        await wait_drained(client)
+        missed_before = metric(await (await client.get("/metrics")).text(), MISSED)
+
+        broker.pause()
+        try:
+            hung = [
+                await post(client, WEBHOOK_PATH, str(uuid.uuid4()), f"hung-{i:02d}")
+                for i in range(20)
+            ]
+            missed = metric(await (await client.get("/metrics")).text(), MISSED)
+        finally:
+            broker.resume()
+        assert {(s.status, s.durable) for s in hung} == {(202, "spool")}
+        assert missed - missed_before == 1
+
+        await wait_durable(client, "kafka")
+        back = await post(client, WEBHOOK_PATH, str(uuid.uuid4()), "back")
+        assert (back.status, back.durable) == (202, "kafka")
+        await wait_drained(client)
+    finally:
+        await client.close()
+    assert_all_acknowledged_landed([warm, *hung, back], await landed(kafka))
