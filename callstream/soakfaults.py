@@ -348,6 +348,8 @@ async def inject_faults(
 ) -> None:
     rng = random.Random(seed)
     loop = asyncio.get_running_loop()
+    if loop.time() + first_after >= until:
+        return  # the load is over before the first fault (the caller awaits this task)
     await asyncio.sleep(first_after)
     kinds = fault_kinds(p)
     schedule = list(kinds)
