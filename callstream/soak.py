@@ -1,25 +1,30 @@
 """A soak run: steady load through the real processes while faults are injected, then an
 account of every report. Not a test: run it by hand, it takes as long as you ask.
 
-    callstream soak --minutes 10 [--rate 200] [--seed 7] [--keep]
+    callstream soak --minutes 10 [--rate 200] [--brokers 3] [--seed 7] [--keep]
 
-It starts its own broker (LocalKafka in a temporary home), then the ingress and the storage
-consumer (SQLite) as `python -m callstream ...` processes, exactly as they run in
-production, and posts signed reports at a steady rate, each with a new call id. On a
-schedule, one fault at a time: SIGKILL the broker and restart it 10-30 s later; SIGSTOP it
-and SIGCONT it later; SIGKILL and restart the storage consumer; SIGKILL and restart the
-ingress. When the load stops it lets the pipeline settle (the spool drained, storage caught
-up) and reports:
+It starts its own Kafka (one broker, or with --brokers 3 a three-node cluster, in a
+temporary home), then the ingress and the storage consumer (SQLite) as `python -m
+callstream ...` processes, exactly as they run in production, and posts signed reports at a
+steady rate, each with a new call id. On a schedule, one fault at a time (the kinds:
+callstream/soakfaults.py): SIGKILL and restart the ingress; SIGSTOP a broker and SIGCONT it
+later; SIGKILL and restart the storage consumer; SIGKILL a broker and restart it 10-30 s
+later; stop a broker gracefully and start it again; fill the spool's disk (a tmpfs of its
+own) while Kafka is away, restarting the ingress on it; on a cluster, SIGKILL the leader of
+partition 0. When the load stops it lets the pipeline settle (the spool drained, storage
+caught up) and reports:
 
     sent          reports posted
     acknowledged  answered 2xx: the ingress promised it was durable
     stored        rows in storage (and which of them were never acknowledged)
     duplicates    acknowledged call ids on the topic more than once; storage's duplicates
     lost          acknowledged but not stored: must be 0, and the exit status says so
-    peak memory   VmHWM of each process (the highest of its incarnations)
+    spool         records left in the ingress's spool at the end: must be 0 too
+    memory        resident memory of the ingress and the storage consumer when the load
+                  starts, at its peak (VmHWM, the highest of their incarnations) and at the end
 
-The ingress spools to a directory in the run's home (CALLSTREAM_SPOOL_DIR), so a broker
-outage becomes acknowledged-and-spooled, not 503s.
+The ingress spools to its tmpfs (CALLSTREAM_SPOOL_DIR), so a broker outage becomes
+acknowledged-and-spooled, not 503s; only with the spool's disk full are reports refused.
 Traffic goes only to 127.0.0.1, and every loop is bounded by --minutes.
 """
 
@@ -30,30 +35,33 @@ import asyncio
 import contextlib
 import json
 import os
-import random
 import secrets
 import shutil
-import signal
 import sqlite3
 import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import aiohttp
 import orjson
 
 from callstream import progress
 from callstream.bench.pool import sample_report
-from callstream.bench.procstat import peak_rss_kib
-from callstream.localkafka import LocalKafka
+from callstream.bench.procstat import rss_kib
 from callstream.ports import free_port
-from callstream.processes import ChildProcess, callstream_argv
 from callstream.sender import signed_headers
+from callstream.soakfaults import (
+    Brokers,
+    Pipeline,
+    Service,
+    inject_faults,
+    spool_disk,
+    vm_hwm_kib,
+)
 from core.kafkasettings import KafkaSettings
 from core.secret import Secret
 from core.signing import WEBHOOK_PATH
@@ -76,6 +84,7 @@ class Options:
     rate: float
     seed: int
     keep: bool
+    brokers: int
     first_fault_after: float
     gap: tuple[float, float]
 
@@ -87,6 +96,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rate", type=_positive, default=200.0, help="reports per second (200)")
     parser.add_argument("--seed", type=int, default=None, help="fault schedule seed (random)")
     parser.add_argument("--keep", action="store_true", help="keep the run's directory and logs")
+    parser.add_argument(
+        "--brokers", type=int, choices=(1, 3), default=1, help="Kafka nodes (1; 3: a cluster)"
+    )
     parser.add_argument(
         "--first-fault-after", type=float, default=10.0, help="seconds before the first fault"
     )
@@ -109,102 +121,10 @@ def options_from(args: argparse.Namespace) -> Options:
         rate=args.rate,
         seed=args.seed if args.seed is not None else secrets.randbelow(2**31),
         keep=args.keep,
+        brokers=args.brokers,
         first_fault_after=args.first_fault_after,
         gap=(min(args.gap), max(args.gap)),
     )
-
-
-# -- processes --------------------------------------------------------------------------------
-
-
-def vm_hwm_kib(pid: int | None) -> int:
-    """Peak resident set size of a live process, in KiB (0 when it is gone)."""
-    return (peak_rss_kib(pid) or 0) if pid is not None else 0
-
-
-class Service(ChildProcess):
-    """One `python -m callstream ...` child, restartable, with a log per incarnation. Remembers
-    its peak memory over every incarnation, and exits it did not ask for (which it restarts,
-    like a supervisor with Restart=always would, and reports)."""
-
-    def __init__(self, role: str, args: list[str], env: dict[str, str], log_dir: Path, port: int):
-        super().__init__(callstream_argv(*args), env=env, name=role)
-        self.role, self.log_dir, self.port = role, log_dir, port
-        self.incarnation = 0
-        self.peak_kib = 0
-        self.unexpected_exits: list[int] = []
-        self.deliberately_down = False
-
-    def start(self) -> Self:
-        self.incarnation += 1
-        self.log_file = self.log_dir / f"{self.role}.{self.incarnation}.log"
-        self.deliberately_down = False
-        return super().start()
-
-    def sample(self) -> None:
-        self.peak_kib = max(self.peak_kib, vm_hwm_kib(self.pid if self.running() else None))
-
-    def kill(self) -> int:
-        self.sample()
-        self.deliberately_down = True
-        return super().kill()
-
-    def check(self) -> None:
-        """Restart after an exit nobody asked for."""
-        if self.deliberately_down or (code := self.poll()) is None:
-            return
-        self.unexpected_exits.append(code)
-        print(f"  !! {self.role} exited by itself ({code}); restarting", flush=True)
-        self.start()
-
-    def stop(self, grace: float = 30.0, sig: int = signal.SIGTERM) -> int | None:
-        if not self.running():
-            return None
-        self.sample()
-        self.deliberately_down = True
-        return super().stop(grace, sig)
-
-
-class Broker:
-    """The run's own LocalKafka; blocking calls go to a thread so the load never stalls."""
-
-    def __init__(self, home: Path) -> None:
-        self.kafka = LocalKafka(home)
-        self.peak_kib = 0
-        self.incarnation = 0
-        self.paused = False
-
-    def pid(self) -> int | None:
-        status = self.kafka.status()
-        return status.pid if status is not None and status.running else None
-
-    def sample(self) -> None:
-        self.peak_kib = max(self.peak_kib, vm_hwm_kib(self.pid()))
-
-    async def start(self) -> str:
-        bootstrap = await asyncio.to_thread(self.kafka.start)
-        self.incarnation += 1
-        return bootstrap
-
-    async def kill(self) -> None:
-        self.sample()
-        await asyncio.to_thread(self.kafka.kill, signal.SIGKILL)
-
-    async def pause(self) -> None:
-        self.sample()
-        await asyncio.to_thread(self.kafka.pause)
-        self.paused = True
-
-    async def resume(self) -> None:
-        await asyncio.to_thread(self.kafka.resume)
-        self.paused = False
-
-    def stop(self) -> None:
-        if self.paused:
-            with contextlib.suppress(Exception):
-                self.kafka.resume()
-        self.sample()
-        self.kafka.stop()
 
 
 # -- load -------------------------------------------------------------------------------------
@@ -278,77 +198,7 @@ class Driver:
                 self.tally.durable[str(orjson.loads(answer).get("durable", "kafka"))] += 1
 
 
-# -- faults -----------------------------------------------------------------------------------
-
-
-@dataclass
-class Pipeline:
-    broker: Broker
-    ingress: Service
-    storage: Service
-    started: float
-    faults: list[str] = field(default_factory=list)
-
-    def note(self, text: str) -> None:
-        line = f"t+{time.monotonic() - self.started:6.1f}s  {text}"
-        self.faults.append(line)
-        print("  " + line, flush=True)
-
-
-async def kill_broker(p: Pipeline, rng: random.Random) -> None:
-    down = rng.uniform(10, 30)
-    await p.broker.kill()
-    p.note(f"broker SIGKILL; down {down:.0f} s")
-    await asyncio.sleep(down)
-    began = time.monotonic()
-    await p.broker.start()
-    p.note(f"broker restarted (ready after {time.monotonic() - began:.1f} s)")
-
-
-async def pause_broker(p: Pipeline, rng: random.Random) -> None:
-    frozen = rng.uniform(5, 15)
-    await p.broker.pause()
-    p.note(f"broker SIGSTOP; frozen {frozen:.0f} s")
-    await asyncio.sleep(frozen)
-    await p.broker.resume()
-    p.note("broker SIGCONT")
-
-
-async def kill_storage(p: Pipeline, rng: random.Random) -> None:
-    await _kill_and_restart(p, p.storage, "storage consumer", rng.uniform(2, 5))
-
-
-async def kill_ingress(p: Pipeline, rng: random.Random) -> None:
-    await _kill_and_restart(p, p.ingress, "ingress", rng.uniform(1, 3))
-
-
-async def _kill_and_restart(p: Pipeline, service: Service, label: str, down: float) -> None:
-    service.kill()
-    p.note(f"{label} SIGKILL; down {down:.1f} s")
-    await asyncio.sleep(down)
-    service.start()
-    p.note(f"{label} restarted")
-
-
-Fault = Callable[[Pipeline, random.Random], Awaitable[None]]
-# The first round covers every fault once, the cheap ones first, so even a two-minute run
-# sees all four; later rounds are shuffled.
-FAULTS: list[Fault] = [kill_ingress, pause_broker, kill_storage, kill_broker]
-
-
-async def inject_faults(p: Pipeline, opts: Options, until: float) -> None:
-    rng = random.Random(opts.seed)
-    loop = asyncio.get_running_loop()
-    await asyncio.sleep(opts.first_fault_after)
-    schedule = list(FAULTS)
-    while loop.time() < until:
-        if not schedule:
-            schedule = rng.sample(FAULTS, len(FAULTS))
-        await schedule.pop(0)(p, rng)
-        gap = rng.uniform(*opts.gap)
-        if loop.time() + gap >= until:
-            return
-        await asyncio.sleep(gap)
+# -- watching ---------------------------------------------------------------------------------
 
 
 async def watch(p: Pipeline, stop: asyncio.Event) -> None:
@@ -357,8 +207,7 @@ async def watch(p: Pipeline, stop: asyncio.Event) -> None:
         for service in (p.ingress, p.storage):
             service.check()
             service.sample()
-        if not p.broker.paused:
-            p.broker.sample()
+        p.brokers.sample()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), SAMPLE_EVERY)
 
@@ -438,10 +287,9 @@ async def settle(p: Pipeline, tally: Tally, db: Path, readyz: str) -> float:
     return time.monotonic() - began
 
 
-async def topic_copies(bootstrap: str, topic: str) -> Counter[str]:
-    kafka = KafkaSettings(bootstrap_servers=bootstrap, topic=topic)
+async def topic_copies(kafka: KafkaSettings) -> Counter[str]:
     copies: Counter[str] = Counter()
-    async for record in read_topic(kafka, topic, idle_timeout=10.0):
+    async for record in read_topic(kafka, kafka.topic, idle_timeout=10.0):
         if record.key is not None:
             copies[record.key.decode()] += 1
     return copies
@@ -449,6 +297,18 @@ async def topic_copies(bootstrap: str, topic: str) -> Counter[str]:
 
 def mib(kib: int) -> str:
     return f"{kib / 1024:.0f} MiB"
+
+
+@dataclass
+class Memory:
+    """Resident memory (KiB) by process: when the load starts and once everything settled."""
+
+    start: dict[str, int] = field(default_factory=dict)
+    end: dict[str, int] = field(default_factory=dict)
+
+
+def resident(services: tuple[Service, ...]) -> dict[str, int]:
+    return {s.role: s.rss_kib() for s in services} | {"driver": rss_kib(os.getpid()) or 0}
 
 
 async def soak(opts: Options) -> int:
@@ -460,17 +320,25 @@ async def soak(opts: Options) -> int:
     secret = secrets.token_hex(16)
     db = home / "storage.db"
     print(
-        f"callstream soak: {opts.minutes:g} min at {opts.rate:g}/s, seed {opts.seed}, home {home}",
+        f"callstream soak: {opts.minutes:g} min at {opts.rate:g}/s, {opts.brokers} broker(s),"
+        f" seed {opts.seed}, home {home}",
         flush=True,
     )
-    broker = Broker(home / "kafka")
-    bootstrap = await broker.start()
+    with spool_disk(home / "spool-disk") as disk:
+        return await _soak(opts, home, logs, topic, secret, db, disk)
+
+
+async def _soak(
+    opts: Options, home: Path, logs: Path, topic: str, secret: str, db: Path, disk: Path | None
+) -> int:
+    brokers = Brokers(home / "kafka", opts.brokers)
+    await brokers.start()
     ingress_port, storage_port = free_port(), free_port()
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("CALLSTREAM_")},
-        "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+        **brokers.env(),
         "CALLSTREAM_TOPIC": topic,
-        "CALLSTREAM_EVENTS_TOPIC": f"soak.{run_id}.events",
+        "CALLSTREAM_EVENTS_TOPIC": topic.replace("end-of-call-report", "events"),
         "CALLSTREAM_WEBHOOK_SECRET": secret,
         "CALLSTREAM_INGRESS_HOST": "127.0.0.1",
         "CALLSTREAM_INGRESS_PORT": str(ingress_port),
@@ -478,12 +346,13 @@ async def soak(opts: Options) -> int:
         "CALLSTREAM_STORAGE_PORT": str(storage_port),
         "CALLSTREAM_SQLITE_PATH": str(db),
         "CALLSTREAM_HOME": str(home),
-        "CALLSTREAM_SPOOL_DIR": str(home / "spool"),
+        "CALLSTREAM_SPOOL_DIR": str((disk or home) / "spool"),
     }
     ingress = Service("ingress", ["ingress"], env, logs, ingress_port)
     storage = Service("storage", ["consumer", "storage"], env, logs, storage_port)
-    p = Pipeline(broker, ingress, storage, time.monotonic())
+    p = Pipeline(brokers, ingress, storage, topic, time.monotonic(), disk)
     tally = Tally()
+    memory = Memory()
     stop_watching = asyncio.Event()
     scrapers = [
         Scraper(storage, "callstream_storage_duplicates_total"),
@@ -502,15 +371,20 @@ async def soak(opts: Options) -> int:
         loop = asyncio.get_running_loop()
         until = loop.time() + opts.minutes * 60
         p.started = time.monotonic()
+        memory.start = resident((ingress, storage))
         driver = Driver(f"http://127.0.0.1:{ingress_port}{WEBHOOK_PATH}", secret, tally)
-        faults = asyncio.create_task(inject_faults(p, opts, until))
+        faults = asyncio.create_task(
+            inject_faults(p, opts.seed, opts.first_fault_after, opts.gap, until)
+        )
         await driver.run(opts.rate, until)
         await faults  # a fault under way finishes its recovery
         print(f"  load stopped after {len(tally.sent)} reports; settling", flush=True)
         settled = await settle(p, tally, db, readyz)
+        spool_left = await spool_depth(readyz)
+        memory.end = resident((ingress, storage))
         stop_watching.set()
         await asyncio.gather(*background)
-        copies = await topic_copies(bootstrap, topic)
+        copies = await topic_copies(brokers.kafka(topic))
     finally:
         stop_watching.set()
         for task in background:
@@ -518,9 +392,19 @@ async def soak(opts: Options) -> int:
         await asyncio.gather(*background, return_exceptions=True)
         ingress.stop()
         storage.stop()
-        broker.stop()
+        brokers.stop()
     return _account(
-        opts, p, tally, db, copies, scrapers, settled, home, own_peak=vm_hwm_kib(os.getpid())
+        opts,
+        p,
+        tally,
+        db,
+        copies,
+        scrapers,
+        settled,
+        home,
+        own_peak=vm_hwm_kib(os.getpid()),
+        memory=memory,
+        spool_left=spool_left,
     )
 
 
@@ -547,8 +431,13 @@ def _account(
     home: Path,
     *,
     own_peak: int,
+    memory: Memory,
+    spool_left: int | None,
 ) -> int:
     services = (p.ingress, p.storage)
+    peaks = {"broker": p.brokers.peak_kib, **{s.role: s.peak_kib for s in services}} | {
+        "driver": own_peak
+    }
     stored = stored_ids(db) & tally.sent
     lost = tally.acked - stored
     duplicated = {key: n for key, n in copies.items() if key in tally.acked and n > 1}
@@ -572,12 +461,13 @@ def _account(
         "spool_writes": scrapers[1].total,
         "lost": len(lost),
         "lost_call_ids": sorted(lost)[:20],
+        "spool_records_at_end": spool_left,
         "settle_seconds": round(settled, 1),
         "unexpected_exits": {s.role: s.unexpected_exits for s in services},
-        "peak_memory_kib": {"broker": p.broker.peak_kib, **{s.role: s.peak_kib for s in services}}
-        | {"driver": own_peak},
+        "brokers": opts.brokers,
+        "memory_kib": {"start": memory.start, "peak": peaks, "end": memory.end},
         "incarnations": {
-            "broker": p.broker.incarnation,
+            "broker": p.brokers.incarnation,
             **{s.role: s.incarnation for s in services},
         },
     }
@@ -598,11 +488,16 @@ def _account(
         ),
         ("spooled by the ingress", f"{scrapers[1].total}"),
         ("LOST (acked, not stored)", f"{len(lost)}"),
-        (
-            "peak memory (VmHWM)",
-            f"broker {mib(p.broker.peak_kib)}, ingress {mib(p.ingress.peak_kib)}, "
-            f"storage {mib(p.storage.peak_kib)}, driver {mib(own_peak)}",
+        ("spool at the end", "no answer" if spool_left is None else f"{spool_left} records"),
+        *(
+            (
+                f"memory, {role}",
+                f"start {mib(memory.start.get(role, 0))}, peak {mib(peaks[role])}, "
+                f"end {mib(memory.end.get(role, 0))}",
+            )
+            for role in ("ingress", "storage", "driver")
         ),
+        ("peak memory, broker", mib(p.brokers.peak_kib)),
         ("settled in", f"{settled:.0f} s"),
     ]
     print("\nfaults:")
@@ -623,5 +518,8 @@ def _account(
         print(
             f"\nFAILED: {len(lost)} acknowledged report(s) were not stored, e.g. {sorted(lost)[:5]}"
         )
+        return 1
+    if spool_left != 0:
+        print(f"\nFAILED: the spool did not drain ({spool_left} records left)")
         return 1
     return 0

@@ -12,8 +12,8 @@ import asyncio
 import contextlib
 import functools
 import logging
-import struct
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -32,6 +32,11 @@ from core.kafkasettings import KafkaSettings
 from core.logs import Throttled
 from core.producer import durable_producer
 from core.topicadmin import describe, ensure_topics
+
+# Re-exported: the app, the tests and the spool's users know a record by this module.
+from ingress.outgoing import OutgoingRecord as OutgoingRecord
+from ingress.outgoing import decode_record as decode_record
+from ingress.outgoing import encode_record as encode_record
 from ingress.settings import IngressSettings
 from ingress.spool import CrashPoint, Spool, Spooled, SpoolError, SpoolFull, crash
 from ingress.telemetry import SpoolMetrics
@@ -58,14 +63,6 @@ BROKEN_PRODUCER_STATE: tuple[type[KafkaError], ...] = (
     InvalidProducerEpoch,
     ProducerFenced,
 )
-
-
-@dataclass(frozen=True, slots=True)
-class OutgoingRecord:
-    topic: str
-    key: bytes | None
-    value: bytes
-    headers: tuple[tuple[str, bytes], ...]
 
 
 Durable = Literal["kafka", "spool"]
@@ -111,6 +108,7 @@ class KafkaPublisher:
         self._closing = False
         self._closed = asyncio.Event()
         self._last_failure: float | None = None
+        self._last_ack: float | None = None
         self._retiring: set[asyncio.Task[None]] = set()
         self._warned_durability = False
 
@@ -244,7 +242,13 @@ class KafkaPublisher:
         except KafkaError as exc:
             error = exc
         if futures:
-            await asyncio.wait(futures, timeout=max(0.0, deadline - loop.time()))
+            # Nothing after the first failure can count as delivered, so there is no point
+            # in waiting out the rest of the deadline for it.
+            await asyncio.wait(
+                futures,
+                timeout=max(0.0, deadline - loop.time()),
+                return_when=asyncio.FIRST_EXCEPTION,
+            )
         acked = 0
         for future in futures:
             if not _succeeded(future):
@@ -265,7 +269,9 @@ class KafkaPublisher:
         if future.cancelled():
             return
         exc = future.exception()
-        if isinstance(exc, BROKEN_PRODUCER_STATE) and producer is self._producer:
+        if exc is None:
+            self._last_ack = time.monotonic()
+        elif isinstance(exc, BROKEN_PRODUCER_STATE) and producer is self._producer:
             self._renew(producer, exc)
 
     def _renew(self, producer: AIOKafkaProducer, exc: BaseException) -> None:
@@ -294,10 +300,14 @@ class KafkaPublisher:
         return self._producer is not None
 
     def ready(self) -> bool:
-        """Connected, and no failed publish in the last few seconds."""
+        """Connected, and no failed publish in the last few seconds that Kafka has not
+        made up for with an acknowledgement since."""
         if self._producer is None:
             return False
-        return self._last_failure is None or time.monotonic() - self._last_failure > 5.0
+        failed = self._last_failure
+        if failed is None or time.monotonic() - failed > 5.0:
+            return True
+        return self._last_ack is not None and self._last_ack > failed
 
     async def stop(self) -> None:
         """Flush whatever is in flight, then disconnect."""
@@ -345,60 +355,6 @@ def _failure(future: asyncio.Future[object]) -> BaseException:
     return exc
 
 
-# -- the spool's payload: an OutgoingRecord, exactly as it would have gone to Kafka ----------
-
-_RECORD_VERSION = 1
-_U8 = struct.Struct(">B")
-_U16 = struct.Struct(">H")
-_I32 = struct.Struct(">i")
-_U32 = struct.Struct(">I")
-
-
-def encode_record(record: OutgoingRecord) -> bytes:
-    """version u8 | topic (u16 len) | key (i32 len, -1 = none) | value (u32 len) |
-    header count u16 | per header: name (u16 len), value (u32 len)"""
-    topic = record.topic.encode()
-    parts = [_U8.pack(_RECORD_VERSION), _U16.pack(len(topic)), topic]
-    if record.key is None:
-        parts.append(_I32.pack(-1))
-    else:
-        parts += [_I32.pack(len(record.key)), record.key]
-    parts += [_U32.pack(len(record.value)), record.value, _U16.pack(len(record.headers))]
-    for name, value in record.headers:
-        raw_name = name.encode()
-        parts += [_U16.pack(len(raw_name)), raw_name, _U32.pack(len(value)), value]
-    return b"".join(parts)
-
-
-def decode_record(data: bytes) -> OutgoingRecord:
-    view = memoryview(data)
-    pos = 0
-
-    def take(size: int) -> bytes:
-        nonlocal pos
-        if pos + size > len(view):
-            raise ValueError("spooled record is truncated")
-        chunk = bytes(view[pos : pos + size])
-        pos += size
-        return chunk
-
-    def unpack(fmt: struct.Struct) -> int:
-        value: int = fmt.unpack(take(fmt.size))[0]
-        return value
-
-    version = unpack(_U8)
-    if version != _RECORD_VERSION:
-        raise ValueError(f"spooled record has unknown version {version}")
-    topic = take(unpack(_U16)).decode()
-    key_length = unpack(_I32)
-    key = None if key_length < 0 else take(key_length)
-    value = take(unpack(_U32))
-    headers = tuple((take(unpack(_U16)).decode(), take(unpack(_U32))) for _ in range(unpack(_U16)))
-    if pos != len(view):
-        raise ValueError("spooled record has trailing bytes")
-    return OutgoingRecord(topic=topic, key=key, value=value, headers=headers)
-
-
 # -- Kafka, or the spool when Kafka does not answer in time ---------------------------------
 
 # One drained batch: big enough to keep Kafka busy, small enough that a crash between
@@ -408,7 +364,9 @@ DRAIN_MAX_BYTES = 4 * 1024 * 1024
 # Longer than the producer's request timeout, so a batch is given up on only after the
 # producer itself did.
 DRAIN_TIMEOUT_SECONDS = 20.0
-DRAIN_BACKOFF_MAX_SECONDS = 5.0
+# Short: a retry costs one batch handed to a producer that may already be delivering it, and
+# each second of back-off is a second after Kafka's return before the spool moves again.
+DRAIN_BACKOFF_MAX_SECONDS = 1.0
 # Shutdown lets the drainer finish its batch for this long before cancelling it.
 DRAIN_STOP_GRACE_SECONDS = 5.0
 SPOOL_FULL_RETRY_AFTER = 30
@@ -424,13 +382,32 @@ class Readiness:
     spool_writable: bool
 
 
+OrderKey = tuple[str, bytes]
+
+
+def order_key(record: OutgoingRecord) -> OrderKey | None:
+    """What a record must keep its order within: its topic and key (a call id). A record
+    without a key has no order to keep (Kafka spreads such records over partitions anyway),
+    so it never queues behind spooled records."""
+    return None if record.key is None else (record.topic, record.key)
+
+
+def _spooled_order_key(payload: bytes) -> OrderKey | None:
+    try:
+        return order_key(decode_record(payload))
+    except ValueError:
+        return None  # the drainer logs and skips it; it holds nothing back
+
+
 class DurablePublisher:
     """Kafka when it acknowledges within the deadline; otherwise the spool, drained to Kafka
     in arrival order once it is back.
 
-    While anything is spooled, new records are spooled too (they queue behind the older ones),
-    so a call's reports reach Kafka in the order they arrived; unless the spool cannot be
-    written (a full or read-only disk), where Kafka is the only way left to keep a report."""
+    Order is kept per call, not globally: a record whose key has records in the spool is
+    spooled behind them; any other goes to Kafka. After Kafka misses an acknowledgement every
+    record goes straight to the spool (nobody waits out the deadline again) until the drainer
+    sees Kafka acknowledge a whole batch. A spool that cannot be written (a full or read-only
+    disk) leaves Kafka as the only way to keep a report, whatever the order."""
 
     def __init__(
         self,
@@ -440,15 +417,23 @@ class DurablePublisher:
         ack_deadline_seconds: float,
         publish_timeout_seconds: float,
         crash_at: CrashPoint | None = None,
+        metrics: SpoolMetrics | None = None,
     ) -> None:
         self.kafka = kafka
         self.spool = spool
+        self._metrics = metrics
         self._ack_deadline = ack_deadline_seconds
         self._publish_timeout = publish_timeout_seconds
         self._crash_at = crash_at
         self._drainer: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._not_acknowledged = Throttled(log)
+        self._drain_failed = Throttled(log)
+        # Records per order key that are spooled or on their way into the spool: counted
+        # before the append is queued, so a later record of the same call cannot slip past.
+        self._spooled: Counter[OrderKey] = Counter()
+        # Kafka missed an acknowledgement and has not acknowledged a drained batch since.
+        self._kafka_missed = False
 
     @classmethod
     def from_settings(
@@ -468,12 +453,16 @@ class DurablePublisher:
             ack_deadline_seconds=settings.kafka_ack_deadline_seconds,
             publish_timeout_seconds=settings.publish_timeout_seconds,
             crash_at=settings.test_crash_at,
+            metrics=metrics,
         )
 
     async def start(self) -> None:
         """Open the spool (recovering a previous run's records) and start draining it."""
         await self.spool.open()
         try:
+            keys = await self.spool.scan_pending(_spooled_order_key)
+            self._spooled = Counter(key for key in keys if key is not None)
+            self._kafka_missed = False
             await self.kafka.start()
         except BaseException:
             await self.spool.close()
@@ -506,14 +495,28 @@ class DurablePublisher:
         self.kafka.check_fits(record)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._publish_timeout
-        if self._kafka_first():
+        key = order_key(record)
+        if self._kafka_first(key):
             try:
                 await self.kafka.publish(record, min(self._ack_deadline, self._publish_timeout))
                 return "kafka"
             except KafkaNotAcknowledged as exc:
+                self._kafka_missed = True
+                if self._metrics is not None:
+                    self._metrics.kafka_ack_missed.inc()
                 self._not_acknowledged.warning(
-                    "kafka did not acknowledge (%s); spooling the report", exc
+                    "kafka did not acknowledge (%s); spooling reports until it does", exc
                 )
+        if key is not None:
+            self._spooled[key] += 1
+        try:
+            await self._append(record, deadline)
+        except BaseException:
+            self._forget(key)
+            raise
+        return "spool"
+
+    async def _append(self, record: OutgoingRecord, deadline: float) -> None:
         try:
             async with asyncio.timeout_at(deadline):
                 await self.spool.append(encode_record(record))
@@ -529,16 +532,26 @@ class DurablePublisher:
                 f"neither Kafka nor the local spool made the report durable within "
                 f"{self._publish_timeout:g} s"
             ) from exc
-        return "spool"
 
-    def _kafka_first(self) -> bool:
-        return self.spool.empty() or self.spool.failing()
+    def _forget(self, key: OrderKey | None) -> None:
+        if key is None:
+            return
+        left = self._spooled[key] - 1
+        if left > 0:
+            self._spooled[key] = left
+        else:
+            self._spooled.pop(key, None)
+
+    def _kafka_first(self, key: OrderKey | None) -> bool:
+        if self.spool.failing():
+            return True  # the spool cannot keep it: Kafka is the only way left
+        return not self._kafka_missed and key not in self._spooled
 
     def readiness(self) -> Readiness:
         spool = self.spool
         spool_usable = spool.has_room() and spool.writable()
         durable: Durable | None
-        if self._kafka_first() and self.kafka.ready():
+        if self.kafka.ready() and (not self._kafka_missed or spool.failing()):
             durable = "kafka"
         elif spool_usable:
             durable = "spool"
@@ -560,22 +573,24 @@ class DurablePublisher:
                 return
             try:
                 batch = await self.spool.read(DRAIN_MAX_RECORDS, DRAIN_MAX_BYTES)
-                acked, error = await self._publish_batch(batch)
+                acked, delivered, error = await self._publish_batch(batch)
                 if acked:
                     if self._crash_at == "drain-after-publish-before-delete":
                         crash("drain-after-publish-before-delete")
                     await self.spool.commit(batch[acked - 1])
-            except Exception:
+                    self._delivered(delivered)
+            except Exception as exc:
                 # The drainer must outlive any one failure (a read error, a bug): a dead
                 # drainer would leave acknowledged reports on disk while /readyz said ready.
-                log.exception("spool drain failed; retrying in %.1f s", delay)
+                log.error("spool drain failed; retrying in %.1f s", delay, exc_info=exc)
                 acked, batch = 0, []
             else:
                 if acked == len(batch):
+                    # A whole batch acknowledged: Kafka takes records again.
+                    self._kafka_missed = False
                     delay = 0.2
                     continue
-                # The back-off bounds how often this is logged.
-                log.warning(
+                self._drain_failed.warning(
                     "spool drain: Kafka acknowledged %d of %d record(s) (%s); %d still spooled,"
                     " retrying in %.1f s",
                     acked,
@@ -589,6 +604,17 @@ class DurablePublisher:
                     await self._stopping.wait()
             delay = min(delay * 2, DRAIN_BACKOFF_MAX_SECONDS)
 
+    def _delivered(self, records: list[OutgoingRecord]) -> None:
+        """Release the order keys of records Kafka now has: later records of those calls
+        may go to Kafka directly without overtaking them."""
+        if self.spool.empty():
+            # Nothing spooled, queued or being written: no key can be holding anything back
+            # (this also heals a count that lost its record, e.g. to a CRC failure).
+            self._spooled.clear()
+            return
+        for record in records:
+            self._forget(order_key(record))
+
     async def _wait_for_work(self) -> bool:
         """False once stopping; True when something is spooled."""
         pending = asyncio.ensure_future(self.spool.wait_pending())
@@ -600,9 +626,12 @@ class DurablePublisher:
             stopping.cancel()
         return not self._stopping.is_set()
 
-    async def _publish_batch(self, batch: list[Spooled]) -> tuple[int, BaseException | None]:
+    async def _publish_batch(
+        self, batch: list[Spooled]
+    ) -> tuple[int, list[OutgoingRecord], BaseException | None]:
         """How many leading entries of `batch` are delivered (unreadable ones count as done:
-        their bytes were set aside and there is nothing left to send), and why not more."""
+        their bytes were set aside and there is nothing left to send), the records among
+        them, and why not more."""
         records: list[OutgoingRecord] = []
         index: list[int] = []  # batch position of each record
         for i, spooled in enumerate(batch):
@@ -614,12 +643,12 @@ class DurablePublisher:
             except ValueError as exc:
                 log.error("spool: undecodable record at %s skipped (%s)", spooled.position, exc)
         if not records:
-            return len(batch), None
+            return len(batch), [], None
         delivery = await self.kafka.publish_many(records, DRAIN_TIMEOUT_SECONDS)
         if delivery.acked == len(records):
-            return len(batch), None
+            return len(batch), records, None
         # Entries before the first unacknowledged record.
-        return index[delivery.acked], delivery.error
+        return index[delivery.acked], records[: delivery.acked], delivery.error
 
 
 def _describe(error: BaseException | None) -> str:

@@ -21,10 +21,10 @@ import tempfile
 import time
 import zlib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Literal
+from typing import Final, Literal, TypeVar
 
 from ingress.spoolformat import (
     CURSOR,
@@ -47,6 +47,8 @@ from ingress.spoolformat import (
 from ingress.telemetry import SpoolMetrics
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 CrashPoint = Literal[
     "spool-after-write-before-fsync",
@@ -566,6 +568,18 @@ class Spool:
 
     def _read_entries(self, entries: list[Entry]) -> list[Spooled]:
         out: list[Spooled] = []
+        for entry, frame, intact in self._frames(entries):
+            position = entry.position
+            if not intact:
+                path = self.directory / segment_name(position.segment)
+                self._set_aside(path, position.offset, frame)
+                out.append(Spooled(position, entry.spooled_at_ms, None))
+                continue
+            out.append(Spooled(position, entry.spooled_at_ms, frame[FRAME_OVERHEAD:]))
+        return out
+
+    def _frames(self, entries: list[Entry]) -> Iterator[tuple[Entry, bytes, bool]]:
+        """Each entry's frame as read back, and whether it passed its CRC."""
         fds: dict[int, int] = {}
         try:
             for entry in entries:
@@ -576,17 +590,22 @@ class Spool:
                     fds[position.segment] = fd
                 frame = os.pread(fd, position.size, position.offset)
                 found, _ = scan_frames(frame, 0)
-                if len(found) != 1 or found[0].position.size != position.size:
-                    path = self.directory / segment_name(position.segment)
-                    self._set_aside(path, position.offset, frame)
-                    out.append(Spooled(position, entry.spooled_at_ms, None))
-                    continue
-                payload = frame[FRAME_OVERHEAD:]
-                out.append(Spooled(position, entry.spooled_at_ms, payload))
+                yield entry, frame, len(found) == 1 and found[0].position.size == position.size
         finally:
             for fd in fds.values():
                 os.close(fd)
-        return out
+
+    async def scan_pending(self, visit: Callable[[bytes], T]) -> list[T]:
+        """`visit` applied, in a worker thread and in arrival order, to every pending
+        payload that reads back intact. A frame failing its CRC is left to the drainer, which
+        sets it aside; a scan only looks."""
+        entries = list(self._pending)
+        return await asyncio.to_thread(self._scan, entries, visit)
+
+    def _scan(self, entries: list[Entry], visit: Callable[[bytes], T]) -> list[T]:
+        return [
+            visit(frame[FRAME_OVERHEAD:]) for _, frame, intact in self._frames(entries) if intact
+        ]
 
     async def commit(self, through: Spooled) -> int:
         """Everything up to and including `through` was delivered: forget it durably and

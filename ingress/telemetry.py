@@ -80,6 +80,12 @@ class SpoolMetrics:
             "Spooled reports acknowledged by Kafka and removed from the spool.",
             registry=registry,
         )
+        self.kafka_ack_missed = Counter(
+            "callstream_ingress_kafka_ack_missed_total",
+            "Reports that waited out the acknowledgement deadline on Kafka (then spooled or"
+            " refused); after one, reports skip Kafka until it acknowledges a drained batch.",
+            registry=registry,
+        )
         self.fsync_duration = Histogram(
             "callstream_ingress_spool_fsync_duration_seconds",
             "Duration of one group-commit fsync of the spool.",

@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-PHASES = ("baselines", "ingress", "fixed-rate", "catch-up", "spool", "profile")
+PHASES = ("baselines", "ingress", "fixed-rate", "catch-up", "spool", "drain", "profile")
 DEFAULT_PHASES = PHASES[:-1]
 
 
@@ -23,6 +23,7 @@ class BenchOptions:
     rate_duration: float = 20.0
     long_every: int = 20
     catchup_records: int = 100_000
+    drain_records: int = 100_000
     postgres: bool = True
     profile_seconds: float = 15.0
     keep_temp: bool = False
@@ -53,6 +54,7 @@ class BenchOptions:
             warmup=1.0,
             rate_duration=5.0,
             catchup_records=20_000,
+            drain_records=20_000,
             profile_seconds=5.0,
         )
 
@@ -121,6 +123,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=d.catchup_records,
         help="records pre-filled for the catch-up and replay runs (%(default)s)",
+    )
+    parser.add_argument(
+        "--drain-records",
+        type=int,
+        default=d.drain_records,
+        help="reports left in the spool for the drain run (%(default)s)",
     )
     parser.add_argument(
         "--no-postgres", action="store_true", help="skip the PostgreSQL catch-up and replay"

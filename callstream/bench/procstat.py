@@ -54,9 +54,18 @@ def tree_cpu_seconds(pid: int) -> float:
 
 def peak_rss_kib(pid: int) -> int | None:
     """VmHWM: the most resident memory the process has had since it started."""
+    return _status_kib(pid, "VmHWM:")
+
+
+def rss_kib(pid: int) -> int | None:
+    """VmRSS: the process's resident memory now."""
+    return _status_kib(pid, "VmRSS:")
+
+
+def _status_kib(pid: int, field: str) -> int | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field):
                 return int(line.split()[1])
     except OSError:
         return None

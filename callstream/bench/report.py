@@ -141,6 +141,19 @@ class Target:
     met: bool | None  # None: not measured
 
 
+@dataclass(frozen=True, slots=True)
+class DrainRun:
+    """A spool left by a run with Kafka away, drained by a new ingress with Kafka back."""
+
+    records: int
+    # From the first acknowledged batch until the spool is empty: the drainer's own rate.
+    seconds: float
+    rate_per_s: float
+    # From starting the ingress (recovery of the spool and connecting included).
+    from_start_seconds: float
+    fill_per_s: float  # how fast the spool was filled (the bench, not the ingress)
+
+
 @dataclass(slots=True)
 class Results:
     meta: dict[str, Any]
@@ -150,6 +163,7 @@ class Results:
     produce_rate_per_s: float | None = None
     spool: WrkRun | None = None
     spool_note: str = ""
+    drain: DrainRun | None = None
     profile: dict[str, Any] | None = None
     targets: list[Target] = field(default_factory=list)
 
@@ -219,6 +233,15 @@ def evaluate(results: Results) -> list[Target]:
         rate = results.spool.reports_per_s
         measured, met = f"{rate:,.0f}/s", rate >= 2000
     targets.append(Target("spool path (Kafka down, fsync)", ">= 2,000/s", measured, met))
+    drain = results.drain
+    targets.append(
+        Target(
+            "spool drain (Kafka back)",
+            ">= 5,000/s",
+            "not measured" if drain is None else f"{drain.rate_per_s:,.0f}/s",
+            None if drain is None else drain.rate_per_s >= 5000,
+        )
+    )
     return targets
 
 
@@ -374,6 +397,13 @@ def render_table(results: Results) -> str:
             add(f"Spool path: {results.spool.reports_per_s:,.0f} reports/s")
         else:
             add(f"Spool path: {results.spool_note}")
+    if (drain := results.drain) is not None:
+        add("")
+        add(
+            f"Spool drain: {drain.records:,} reports in {drain.seconds:.1f} s, "
+            f"{drain.rate_per_s:,.0f}/s ({drain.from_start_seconds:.1f} s from the ingress's "
+            "start, recovery and connecting included)"
+        )
     if results.profile:
         add("")
         add("Profiles (py-spy, share of on-CPU samples by stage)")

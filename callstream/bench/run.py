@@ -10,7 +10,8 @@ Phases, in order (each server is the same process a deployment runs, started as 
    storage consumer with a fresh group into SQLite and into PostgreSQL; replay is the same
    again with another fresh group, over the rows already there;
 4. the spool path (Kafka unreachable);
-5. with --profile: py-spy on the ingress under wrk, and on the consumer while it catches up.
+5. the spool drain: a spool of --drain-records reports emptied by an ingress with Kafka back;
+6. with --profile: py-spy on the ingress under wrk, and on the consumer while it catches up.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from callstream.bench.options import BenchOptions
 from callstream.bench.procstat import Watched, loadavg
 from callstream.bench.report import (
     ConsumerRun,
+    DrainRun,
     Latency,
     WrkRun,
     evaluate,
@@ -69,7 +71,8 @@ from callstream.localpg import PostgresServer
 from callstream.ports import free_port
 from callstream.progress import track
 from core.kafkasettings import KafkaSettings
-from ingress.publisher import KafkaPublisher, OutgoingRecord
+from ingress.publisher import KafkaPublisher, OutgoingRecord, encode_record
+from ingress.spool import Spool
 from schemas.codec import single_object_encoder
 from schemas.headers import RecordHeaders
 from schemas.normalise import normalise
@@ -79,6 +82,9 @@ _HANDLED = 'callstream_consumer_records_handled_total{consumer="storage"}'
 _LAST_COMMIT = 'callstream_consumer_last_commit_timestamp_seconds{consumer="storage"}'
 _ACCEPTED = 'callstream_ingress_requests_total{outcome="accepted"}'
 _SPOOLED = "callstream_ingress_spool_writes_total"
+_DRAINED = "callstream_ingress_spool_drained_total"
+_SPOOL_RECORDS = "callstream_ingress_spool_records"
+DRAIN_GIVE_UP_SECONDS = 600.0
 _REQUEST_SECONDS = "callstream_ingress_request_duration_seconds"
 _PUBLISH_SECONDS = "callstream_ingress_publish_duration_seconds"
 
@@ -280,9 +286,9 @@ class Bench(Harness):
 
     # -- catch-up and replay ------------------------------------------------------------------
 
-    async def fill_topic(self, topic: str, count: int) -> float:
-        """`count` reports on `topic`, encoded as the ingress encodes them, each its own call."""
-        await self._ensure_topic(topic)
+    def report_records(self, topic: str, count: int) -> Iterator[list[OutgoingRecord]]:
+        """`count` records of the sample report, encoded as the ingress encodes them, each its
+        own call, in lists of at most 5,000."""
         payload = orjson.loads(self.short.body)
         event = normalise(payload, received_at_ms=int(time.time() * 1000), request_id="bench")
         assert event.record is not None
@@ -295,7 +301,19 @@ class Bench(Harness):
         headers = RecordHeaders(
             event.event_type, encoder.schema_id, encoder.wire_format, event.source_format, "bench"
         ).encode()
-        self.say(f"filling {topic} with {count:,} reports ({len(value):,} bytes of Avro each)")
+        self.say(f"{count:,} reports for {topic} ({len(value):,} bytes of Avro each)")
+        for first in range(0, count, 5000):
+            records = []
+            for _ in range(min(5000, count - first)):
+                call_id = str(uuid.uuid4()).encode()
+                records.append(
+                    OutgoingRecord(topic, call_id, value.replace(marker, call_id), headers)
+                )
+            yield records
+
+    async def fill_topic(self, topic: str, count: int) -> float:
+        """`count` reports on `topic`, each its own call."""
+        await self._ensure_topic(topic)
         publisher = KafkaPublisher(
             KafkaSettings(self.bootstrap, topic=topic, partitions=PARTITIONS),
             client_id="callstream-bench-fill",
@@ -304,13 +322,7 @@ class Bench(Harness):
         started = time.perf_counter()
         try:
             await publisher.wait_connected(30.0)
-            for first in range(0, count, 5000):
-                records = []
-                for _ in range(min(5000, count - first)):
-                    call_id = str(uuid.uuid4()).encode()
-                    records.append(
-                        OutgoingRecord(topic, call_id, value.replace(marker, call_id), headers)
-                    )
+            for records in self.report_records(topic, count):
                 await asyncio.gather(*(publisher.publish(r, 60.0) for r in records))
         finally:
             await publisher.stop()
@@ -468,6 +480,58 @@ class Bench(Harness):
                 f"{spooled:,} counted by {_SPOOLED}"
             )
 
+    # -- drain --------------------------------------------------------------------------------
+
+    async def phase_drain(self) -> None:
+        """A spool left behind by a run with Kafka away (written here through the spool
+        itself, as that run would have), then an ingress started with Kafka back: how fast
+        its drainer empties the spool."""
+        topic, name = "bench.drain", "ingress-drain"
+        count = self.o.drain_records
+        await self._ensure_topic(topic)
+        spool = Spool(self.tmp / f"spool-{name}", max_bytes=1 << 40, max_age_seconds=86_400)
+        await spool.open()
+        started = time.perf_counter()
+        try:
+            for records in self.report_records(topic, count):
+                await asyncio.gather(*(spool.append(encode_record(r)) for r in records))
+        finally:
+            await spool.close()
+        fill_rate = count / (time.perf_counter() - started)
+        self.say(f"drain: {count:,} reports spooled at {fill_rate:,.0f}/s; starting the ingress")
+        spawned = time.monotonic()
+        service = await self.start_ingress(topic)
+        try:
+            first: tuple[float, float] | None = None  # (when, drained by then)
+            while True:
+                drained = await self._metric(service, _DRAINED) or 0.0
+                left = await self._metric(service, _SPOOL_RECORDS)
+                now = time.monotonic()
+                if first is None and drained > 0:
+                    first = (now, drained)
+                if left == 0 and first is not None:
+                    break
+                if now - spawned > DRAIN_GIVE_UP_SECONDS:
+                    raise RuntimeError(
+                        f"the spool still held {left} reports after {now - spawned:.0f} s"
+                    )
+                await asyncio.sleep(0.05)
+        finally:
+            await self._stop(service)
+        if drained < count:
+            raise RuntimeError(f"{count:,} reports spooled but {drained:,.0f} drained")
+        assert first is not None
+        seconds = max(now - first[0], 1e-3)
+        rate = (count - first[1]) / seconds
+        self.results.drain = DrainRun(
+            records=count,
+            seconds=round(seconds, 2),
+            rate_per_s=round(rate, 1),
+            from_start_seconds=round(now - spawned, 2),
+            fill_per_s=round(fill_rate, 1),
+        )
+        self.say(f"  drained at {rate:,.0f}/s ({now - spawned:.1f} s from the ingress's start)")
+
     # -- profile ------------------------------------------------------------------------------
 
     async def phase_profile(self) -> None:
@@ -554,6 +618,7 @@ async def run_bench(options: BenchOptions) -> int:
             "fixed-rate": bench.phase_fixed_rate,
             "catch-up": bench.phase_catch_up,
             "spool": bench.phase_spool,
+            "drain": bench.phase_drain,
             "profile": bench.phase_profile,
         }
         try:

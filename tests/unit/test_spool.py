@@ -183,6 +183,30 @@ async def test_crc_mismatch_is_detected_on_read(tmp_path: Path) -> None:
     assert list(directory.glob("*.unreadable"))
 
 
+async def test_scan_sees_every_intact_pending_payload_in_order_and_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    """Oracle: a scan (how the publisher learns which calls a previous run spooled) hands
+    every pending payload that reads back intact to the visitor, in arrival order, skipping
+    a corrupted one without setting it aside; committed payloads are not scanned; the drain
+    that follows still sees everything pending (the corrupted one as unreadable)."""
+    directory = tmp_path / "spool"
+    data = payloads(5, 200)
+    async with opened(directory) as spool:
+        positions = [await spool.append(item) for item in data]
+        [first] = await spool.read(1, MiB)
+        await spool.commit(first)
+        third = positions[2]
+        with (directory / segment_name(third.segment)).open("r+b") as fh:
+            fh.seek(third.offset + third.size - 1)
+            fh.write(b"?")
+        assert await spool.scan_pending(bytes.upper) == [d.upper() for d in data[1:2] + data[3:]]
+        assert not list(directory.glob("*.unreadable"))
+        assert spool.depth() == 4
+        items = await spool.read(10, MiB)
+        assert [item.payload for item in items] == [data[1], None, data[3], data[4]]
+
+
 async def test_order_is_kept_across_segments_and_restarts(tmp_path: Path) -> None:
     """Oracle: with segments rolling every few records and a restart between partial drains,
     the payloads come back exactly in append order, and drained segments are deleted."""
