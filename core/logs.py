@@ -103,7 +103,7 @@ def mask_phone(number: str | None) -> str | None:
 
 
 class Throttled:
-    """A warning that can fire on every request under load, logged at most once per
+    """A warning or error that can fire on every request under load, logged at most once per
     `interval` seconds with a count of the ones held back, so a fault stays visible
     without flooding the log."""
 
@@ -114,9 +114,15 @@ class Throttled:
         self._held = 0
 
     def warning(self, msg: str, *args: object) -> None:
+        self._log(logging.WARNING, msg, args)
+
+    def error(self, msg: str, *args: object) -> None:
+        self._log(logging.ERROR, msg, args)
+
+    def _log(self, level: int, msg: str, args: tuple[object, ...]) -> None:
         now = time.monotonic()
         if now < self._next:
             self._held += 1
             return
         held, self._held, self._next = self._held, 0, now + self._interval
-        self._logger.warning(msg, *args, extra={"held_back": held} if held else None)
+        self._logger.log(level, msg, *args, extra={"held_back": held} if held else None)

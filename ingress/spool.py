@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal, TypeVar
 
+from core.logs import Throttled
 from ingress.spoolformat import (
     CURSOR,
     FRAME_OVERHEAD,
@@ -158,6 +159,8 @@ class Spool:
         self._writer: asyncio.Task[None] | None = None
         self._collect_lock = asyncio.Lock()
         self._last_failure: float | None = None
+        # A full disk fails every batch while Kafka is away: one line per few seconds.
+        self._write_errors = Throttled(log)
         # The last write (of a record or a segment header) failed and none has succeeded
         # since: a full or read-only disk. Unlike _last_failure it does not fade.
         self._failing = False
@@ -454,7 +457,9 @@ class Spool:
                 # Anything at all (not only OSError): the writer must survive to serve the
                 # next batch, and these callers must hear that nothing was kept.
                 self._write_failed()
-                log.error("spool: write failed (%s); %d report(s) refused", exc, len(batch))
+                self._write_errors.error(
+                    "spool: write failed (%s); %d report(s) refused", exc, len(batch)
+                )
                 for pending in batch:
                     if not pending.done.done():
                         pending.done.set_exception(SpoolWriteFailed(f"spool write failed: {exc}"))

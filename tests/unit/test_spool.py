@@ -360,6 +360,20 @@ async def test_disk_full_refuses_and_keeps_what_was_acknowledged(tiny_disk: Path
         assert await drain_all(spool) == [b"space again"]
 
 
+async def test_a_full_disk_is_logged_once_not_once_per_refused_write(
+    tiny_disk: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    directory = tiny_disk / "spool"
+    async with opened(directory, segment_bytes=256 * 1024) as spool:
+        await append_until_refused(spool, payloads(200, 16 * 1024))
+        caplog.clear()
+        for _ in range(20):
+            with pytest.raises(SpoolWriteFailed):
+                await spool.append(b"x" * 16 * 1024)
+    failures = [r for r in caplog.records if "spool: write failed" in r.getMessage()]
+    assert len(failures) <= 1, [r.getMessage() for r in failures]
+
+
 def test_spooled_record_round_trips() -> None:
     """Oracle: the spool's record encoding gives back exactly the OutgoingRecord."""
     records = [
