@@ -21,7 +21,7 @@ caught up) and reports:
     lost          acknowledged but not stored: must be 0, and the exit status says so
     spool         records left in the ingress's spool at the end: must be 0 too
     memory        resident memory of the ingress and the storage consumer when the load
-                  starts, at its peak (VmHWM, the highest of their incarnations) and at the end
+                  starts, at its peak (VmHWM, the highest of their incarnations) and at the end (after the load's replay window passed)
 
 The ingress spools to its tmpfs (CALLSTREAM_SPOOL_DIR), so a broker outage becomes
 acknowledged-and-spooled, not 503s; only with the spool's disk full are reports refused.
@@ -75,6 +75,9 @@ REQUEST_TIMEOUT = 30.0
 # long without any progress counts as stuck.
 SETTLE_MAX_SECONDS = 300.0
 SETTLE_STUCK_SECONDS = 90.0
+SIGNATURE_TOLERANCE_SECONDS = 30
+# The replay window (twice the tolerance), then one sweep and one heap trim of the ingress.
+MEMORY_SETTLE_SECONDS = 2 * SIGNATURE_TOLERANCE_SECONDS + 15.0
 SAMPLE_EVERY = 1.0
 
 
@@ -347,6 +350,9 @@ async def _soak(
         "CALLSTREAM_SQLITE_PATH": str(db),
         "CALLSTREAM_HOME": str(home),
         "CALLSTREAM_SPOOL_DIR": str((disk or home) / "spool"),
+        # The ingress remembers each signed delivery's answer for twice this (replay
+        # detection): short enough that the memory at the end is measured after it passed.
+        "CALLSTREAM_SIGNATURE_TOLERANCE_SECONDS": str(SIGNATURE_TOLERANCE_SECONDS),
     }
     ingress = Service("ingress", ["ingress"], env, logs, ingress_port)
     storage = Service("storage", ["consumer", "storage"], env, logs, storage_port)
@@ -377,10 +383,14 @@ async def _soak(
             inject_faults(p, opts.seed, opts.first_fault_after, opts.gap, until)
         )
         await driver.run(opts.rate, until)
+        p.load_stopped = time.monotonic()
         await faults  # a fault under way finishes its recovery
         print(f"  load stopped after {len(tally.sent)} reports; settling", flush=True)
         settled = await settle(p, tally, db, readyz)
         spool_left = await spool_depth(readyz)
+        # Memory "at the end" is once the load's remembered answers have expired and the
+        # ingress had a chance to hand the freed heap back.
+        await asyncio.sleep(max(0.0, p.load_stopped + MEMORY_SETTLE_SECONDS - time.monotonic()))
         memory.end = resident((ingress, storage))
         stop_watching.set()
         await asyncio.gather(*background)

@@ -240,6 +240,7 @@ class Pipeline:
     started: float
     disk: Path | None = None
     faults: list[str] = field(default_factory=list)
+    load_stopped: float = 0.0
 
     def note(self, text: str) -> None:
         line = f"t+{time.monotonic() - self.started:6.1f}s  {text}"

@@ -99,6 +99,7 @@ def create_app(
     )
     # A timestamp is accepted this far on either side of the server's clock.
     app[RECENT] = RecentDeliveries(2.0 * settings.signature_tolerance_seconds)
+    app.cleanup_ctx.append(app[RECENT].sweeper)
     app.cleanup_ctx.append(_resources(store or default_store()))
     app.cleanup_ctx.append(hygiene.memory_trimmer())
     app.router.add_post(WEBHOOK_PATH, receive_webhook)

@@ -10,9 +10,10 @@ timestamp, and stays a new delivery.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -21,6 +22,9 @@ from core.signing import SIGNATURE_HEADER, SIGNATURE_PREFIX, TIMESTAMP_HEADER
 
 # Bounds the memory a flood of distinct signed requests can take (a few hundred bytes each).
 MAX_REMEMBERED = 100_000
+# Expired answers are also dropped while no request arrives, so the memory a burst took is
+# given back once its window has passed, not at the next request.
+SWEEP_INTERVAL_SECONDS = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,10 +50,34 @@ def delivery_key(headers: Mapping[str, str]) -> str | None:
 
 
 class RecentDeliveries:
-    def __init__(self, window_seconds: float, max_remembered: int = MAX_REMEMBERED) -> None:
+    def __init__(
+        self,
+        window_seconds: float,
+        max_remembered: int = MAX_REMEMBERED,
+        sweep_interval: float = SWEEP_INTERVAL_SECONDS,
+    ) -> None:
         self._window = window_seconds
         self._max = max_remembered
+        self._sweep_interval = sweep_interval
         self._seen: OrderedDict[str, _Seen] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    async def sweeper(self, app: web.Application) -> AsyncGenerator[None, None]:
+        """A cleanup context: forgets expired answers on a timer while the app runs."""
+        task = asyncio.create_task(self._sweep_forever(), name="recent-deliveries-sweep")
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._sweep_interval)
+            self._forget_expired(time.monotonic())
 
     async def answer(
         self, key: str, handle: Callable[[], Awaitable[web.Response]]

@@ -7,6 +7,7 @@ each remembered 202 kept the 4 kB buffer orjson wrote its ~140-byte body into.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import tracemalloc
 import uuid
@@ -49,3 +50,23 @@ async def test_a_remembered_delivery_costs_well_under_a_kilobyte() -> None:
         tracemalloc.stop()
     per_delivery = (after - before) / DELIVERIES
     assert per_delivery < 1024, f"{per_delivery:.0f} bytes per remembered delivery"
+
+
+async def test_expired_answers_are_forgotten_while_no_request_arrives() -> None:
+    """Oracle: once the window has passed, the sweeper alone (no new request) empties the set,
+    so the memory a burst of deliveries took is given back."""
+    recent = RecentDeliveries(window_seconds=0.2, sweep_interval=0.05)
+
+    async def accepted() -> web.Response:
+        return web.Response(status=202, body=b"{}", content_type="application/json")
+
+    sweeping = recent.sweeper(web.Application())
+    await anext(sweeping)
+    try:
+        for n in range(50):
+            await recent.answer(f"1700000000:{n:064x}", accepted)
+        assert len(recent) == 50
+        await asyncio.sleep(0.5)
+        assert len(recent) == 0
+    finally:
+        await sweeping.aclose()
