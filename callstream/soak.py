@@ -21,7 +21,8 @@ caught up) and reports:
     lost          acknowledged but not stored: must be 0, and the exit status says so
     spool         records left in the ingress's spool at the end: must be 0 too
     memory        resident memory of the ingress and the storage consumer when the load
-                  starts, at its peak (VmHWM, the highest of their incarnations) and at the end (after the load's replay window passed)
+                  starts, at its peak (VmHWM, the highest of their incarnations) and at the
+                  end (once the load's replay window has passed)
 
 The ingress spools to its tmpfs (CALLSTREAM_SPOOL_DIR), so a broker outage becomes
 acknowledged-and-spooled, not 503s; only with the spool's disk full are reports refused.
