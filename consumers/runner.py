@@ -53,6 +53,7 @@ from schemas.store import END_OF_CALL_REPORT, FLIREO_EVENT
 log = logging.getLogger(__name__)
 
 MAX_POLL_INTERVAL_MS = 15 * 60 * 1000
+STOP_COMMIT_GRACE_SECONDS = 10.0
 _D = TypeVar("_D", Delivery, EventDelivery)
 
 
@@ -442,8 +443,25 @@ class Runner:
         )
 
     async def _commit(self, kc: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
+        # aiokafka retries a commit for as long as the group coordinator is unreachable: with
+        # the broker gone, a stop would wait for it to come back. Once stopping, the commit
+        # gets a grace period, then is given up (the next owner re-handles from the last one).
+        commit = asyncio.ensure_future(kc.commit(offsets))
+        stopping = asyncio.ensure_future(self._stop.wait())
         try:
-            await kc.commit(offsets)
+            await asyncio.wait([commit, stopping], return_when=asyncio.FIRST_COMPLETED)
+            if not commit.done():
+                await asyncio.wait([commit], timeout=STOP_COMMIT_GRACE_SECONDS)
+        finally:
+            stopping.cancel()
+            if not commit.done():
+                commit.cancel()
+                await asyncio.wait([commit])
+        if commit.cancelled():
+            log.warning("stopping: the last commit did not reach the broker; records re-handled")
+            return
+        try:
+            commit.result()
         except CommitFailedError as exc:
             # Lost the partitions meanwhile: their new owner re-handles from the last commit,
             # which idempotent handlers absorb.
