@@ -7,8 +7,13 @@ Poll a batch, decode it, hand the reports to the consumer, commit only after it 
 * Records that cannot be decoded, and records the handler fails on permanently, go to
   ``<topic>.dlq`` with the reason and their origin in headers; the rest of the batch goes on.
   A failing batch is split record by record to find the ones to dead-letter.
+* The next batch is fetched and decoded while the consumer handles the current one, so the
+  handler (a database write, mostly) is what bounds catch-up, not the round trips and the
+  decoding in between.
 * A rebalance waits for the batch in hand (committing it if it finished); a batch still
-  retrying is dropped uncommitted, and the partition's new owner gets it again.
+  retrying is dropped uncommitted, and the partition's new owner gets it again. So is a
+  batch fetched ahead before the rebalance: it is never handled nor committed, and whoever
+  owns its partitions next reads them again from the last commit.
 * Stopping (SIGTERM) finishes the batch, commits, and leaves the group.
 * A record re-driven from the dead-letter topic for another consumer (``redrive-for``
   header) is passed over and committed with the rest.
@@ -27,7 +32,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
@@ -39,8 +44,8 @@ from core.kafkasettings import KafkaSettings
 from core.producer import durable_producer
 from core.settings import EnvSettings, setting, settings_class
 from core.topicadmin import ensure_topics
-from schemas.codec import Decoder
-from schemas.errors import DecodeError, SchemaError
+from schemas.codec import Decoded, Decoder
+from schemas.errors import DecodeError, SchemaError, UnknownSchemaError
 from schemas.events import FlireoEvent
 from schemas.report import CallReport
 from schemas.store import END_OF_CALL_REPORT, FLIREO_EVENT
@@ -48,6 +53,7 @@ from schemas.store import END_OF_CALL_REPORT, FLIREO_EVENT
 log = logging.getLogger(__name__)
 
 MAX_POLL_INTERVAL_MS = 15 * 60 * 1000
+STOP_COMMIT_GRACE_SECONDS = 10.0
 _D = TypeVar("_D", Delivery, EventDelivery)
 
 
@@ -98,6 +104,18 @@ class _Fetched:
     headers: tuple[tuple[str, bytes], ...]
 
 
+@dataclass(slots=True)
+class _Batch:
+    """A batch as fetched, decoded as far as needs no I/O, and the rebalance it came from."""
+
+    generation: int
+    fetched: list[_Fetched]
+    offsets: dict[TopicPartition, int]
+    # Decoded without I/O (a report, an event, or the DecodeError that makes the record
+    # poison), by position in `fetched`; records missing here need the schema registry.
+    decoded: dict[int, Delivery | EventDelivery | DecodeError]
+
+
 class _Abandoned(Exception):
     """The batch in hand must be dropped uncommitted (stop or rebalance while retrying)."""
 
@@ -118,6 +136,8 @@ class Runner:
         self._decoder = decoder
         self._lock = asyncio.Lock()
         self._revoked = False
+        # Counts rebalances: a batch fetched before the latest one is stale (see _Batch).
+        self._generation = 0
         self._stop = asyncio.Event()
         self._kc: AIOKafkaConsumer | None = None
         self._dlq: AIOKafkaProducer | None = None
@@ -162,49 +182,95 @@ class Runner:
             await self._consumer.stop()
 
     async def _loop(self, kc: AIOKafkaConsumer) -> None:
-        while not self._stop.is_set():
-            batch = await kc.getmany(
-                timeout_ms=int(self._settings.poll_timeout_seconds * 1000),
-                max_records=self._settings.batch_size,
-            )
-            if not batch:
-                self._update_lag(kc)
-                continue
-            async with self._lock:
-                self._revoked = False
-                fetched = [
-                    _Fetched(m.topic, m.partition, m.offset, m.key, m.value, tuple(m.headers or ()))
-                    for records in batch.values()
-                    for m in records
-                ]
-                started = time.perf_counter()
-                try:
-                    await self._process(fetched)
-                except _Abandoned:
-                    log.info("batch of %d dropped uncommitted (stop or rebalance)", len(fetched))
+        ahead: asyncio.Task[_Batch | None] | None = None
+        try:
+            while not self._stop.is_set():
+                batch = await (ahead if ahead is not None else self._fetch(kc))
+                ahead = None
+                if batch is None:
+                    self._update_lag(kc)
                     continue
-                offsets = {tp: records[-1].offset + 1 for tp, records in batch.items() if records}
-                await self._commit(kc, offsets)
-                self._metrics.batch_duration.observe(time.perf_counter() - started)
-                self.last_batch_at = time.time()
-            self._update_lag(kc)
+                ahead = asyncio.create_task(self._fetch(kc))
+                async with self._lock:
+                    if batch.generation != self._generation:
+                        # aiokafka's rebalances revoke every partition and restart each
+                        # kept one at its committed offset, so these records come again.
+                        log.info(
+                            "batch of %d fetched before a rebalance dropped", len(batch.fetched)
+                        )
+                        continue
+                    self._revoked = False
+                    started = time.perf_counter()
+                    try:
+                        await self._process(batch)
+                    except _Abandoned:
+                        log.info(
+                            "batch of %d dropped uncommitted (stop or rebalance)",
+                            len(batch.fetched),
+                        )
+                        continue
+                    await self._commit(kc, batch.offsets)
+                    self._metrics.batch_duration.observe(time.perf_counter() - started)
+                    self.last_batch_at = time.time()
+                self._update_lag(kc)
+        finally:
+            if ahead is not None:
+                # Whatever it fetched is dropped: the next owner reads it from the commit.
+                ahead.cancel()
+                await asyncio.wait([ahead])
+                if not ahead.cancelled() and ahead.exception() is not None:
+                    log.info("fetching ahead failed on the way out: %s", ahead.exception())
 
-    async def _process(self, fetched: Sequence[_Fetched]) -> None:
+    async def _fetch(self, kc: AIOKafkaConsumer) -> _Batch | None:
+        """The next batch, decoded as far as needs no I/O; None if there was none."""
+        polled = await kc.getmany(
+            timeout_ms=int(self._settings.poll_timeout_seconds * 1000),
+            max_records=self._settings.batch_size,
+        )
+        # Read in the same step as getmany returned: aiokafka hands out nothing while a
+        # rebalance is under way, so these records belong to this generation's assignment.
+        generation = self._generation
+        if not polled:
+            return None
+        fetched = [
+            _Fetched(m.topic, m.partition, m.offset, m.key, m.value, tuple(m.headers or ()))
+            for records in polled.values()
+            for m in records
+        ]
+        offsets = {tp: records[-1].offset + 1 for tp, records in polled.items() if records}
+        decoded: dict[int, Delivery | EventDelivery | DecodeError] = {}
+        for i, record in enumerate(fetched):
+            if not self._meant_for_us(record):
+                continue
+            try:
+                decoded[i] = self._decode_local(record)
+            except UnknownSchemaError:
+                pass  # the registry may know it: _process asks, with retries
+            except DecodeError as undecodable:
+                decoded[i] = undecodable
+        return _Batch(generation, fetched, offsets, decoded)
+
+    async def _process(self, batch: _Batch) -> None:
+        fetched = batch.fetched
         self._metrics.consumed.inc(len(fetched))
         deliveries: list[Delivery] = []
         events: list[EventDelivery] = []
         poison: list[tuple[_Fetched, Exception]] = []
-        for record in fetched:
+        for i, record in enumerate(fetched):
             if not self._meant_for_us(record):
                 self._metrics.skipped.inc()
                 continue
             try:
-                if record.topic == self._settings.topic:
-                    deliveries.append(await self._decode(record))
-                else:
-                    events.append(await self._decode_event(record))
+                outcome = batch.decoded.get(i) or await self._decode(record)
+                if isinstance(outcome, DecodeError):
+                    raise outcome
             except DecodeError as undecodable:
                 poison.append((record, undecodable))
+                continue
+            if isinstance(outcome, Delivery):
+                deliveries.append(outcome)
+            else:
+                events.append(outcome)
         by_position = {(f.topic, f.partition, f.offset): f for f in fetched}
         failed = [
             ((d.topic, d.partition, d.offset), exc)
@@ -234,24 +300,11 @@ class Runner:
                 return value == self._name_bytes
         return True
 
-    async def _decode(self, record: _Fetched) -> Delivery:
-        decoded = await self._decoded(record, END_OF_CALL_REPORT, "end-of-call-report")
-        try:
-            report = CallReport.from_record(decoded)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise DecodeError(f"record does not form a report: {exc}") from exc
-        return Delivery(report, record.topic, record.partition, record.offset, record.value)
+    def _decode_local(self, record: _Fetched) -> Delivery | EventDelivery:
+        """Decode without I/O; UnknownSchemaError if the schema registry must be asked."""
+        return self._formed(record, self._decoder.decode_local(record.value))
 
-    async def _decode_event(self, record: _Fetched) -> EventDelivery:
-        decoded = await self._decoded(record, FLIREO_EVENT, "events")
-        try:
-            event = FlireoEvent.from_record(decoded)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise DecodeError(f"record does not form an event: {exc}") from exc
-        return EventDelivery(event, record.topic, record.partition, record.offset, record.value)
-
-    async def _decoded(self, record: _Fetched, expected: str, topic: str) -> dict[str, Any]:
-        """The record's fields, if it is an `expected` record; DecodeError if it is not."""
+    async def _decode(self, record: _Fetched) -> Delivery | EventDelivery:
         attempt = 0
         while True:
             try:
@@ -263,9 +316,24 @@ class Runner:
                 # The schema registry is unreachable: the record is fine, the world is not.
                 attempt += 1
                 await self._back_off(exc, attempt)
+        return self._formed(record, decoded)
+
+    def _formed(self, record: _Fetched, decoded: Decoded) -> Delivery | EventDelivery:
+        """The report or event `decoded` holds, if its topic carries those; else DecodeError."""
+        reports = record.topic == self._settings.topic
+        expected, topic = (
+            (END_OF_CALL_REPORT, "end-of-call-report") if reports else (FLIREO_EVENT, "events")
+        )
         if decoded.name != expected:
             raise DecodeError(f"a {decoded.name} record on the {topic} topic")
-        return decoded.record
+        where = (record.topic, record.partition, record.offset, record.value)
+        try:
+            if reports:
+                return Delivery(CallReport.from_record(decoded.record), *where)
+            return EventDelivery(FlireoEvent.from_record(decoded.record), *where)
+        except (KeyError, TypeError, ValueError) as exc:
+            what = "a report" if reports else "an event"
+            raise DecodeError(f"record does not form {what}: {exc}") from exc
 
     async def _handle(
         self, deliveries: Sequence[_D], handler: Callable[[Sequence[_D]], Awaitable[None]]
@@ -375,8 +443,25 @@ class Runner:
         )
 
     async def _commit(self, kc: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
+        # aiokafka retries a commit for as long as the group coordinator is unreachable: with
+        # the broker gone, a stop would wait for it to come back. Once stopping, the commit
+        # gets a grace period, then is given up (the next owner re-handles from the last one).
+        commit = asyncio.ensure_future(kc.commit(offsets))
+        stopping = asyncio.ensure_future(self._stop.wait())
         try:
-            await kc.commit(offsets)
+            await asyncio.wait([commit, stopping], return_when=asyncio.FIRST_COMPLETED)
+            if not commit.done():
+                await asyncio.wait([commit], timeout=STOP_COMMIT_GRACE_SECONDS)
+        finally:
+            stopping.cancel()
+            if not commit.done():
+                commit.cancel()
+                await asyncio.wait([commit])
+        if commit.cancelled():
+            log.warning("stopping: the last commit did not reach the broker; records re-handled")
+            return
+        try:
+            commit.result()
         except CommitFailedError as exc:
             # Lost the partitions meanwhile: their new owner re-handles from the last commit,
             # which idempotent handlers absorb.
@@ -396,6 +481,8 @@ class Runner:
             )
 
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:
+        # First, before any await: a batch fetched ahead from now on is known to be stale.
+        self._generation += 1
         self._revoked = True
         # Waits for the batch in hand: it either commits or is abandoned (see _idle).
         async with self._lock:

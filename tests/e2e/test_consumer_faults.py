@@ -27,7 +27,7 @@ from callstream.localpg import PostgresServer
 from callstream.ports import free_ports
 from callstream.processes import ChildProcess, callstream_argv
 from core.kafkasettings import KafkaSettings
-from tests.support.kafka import private_broker
+from tests.support.kafka import private_broker, topics_on
 from tests.support.produce import produce_reports, sample_report
 
 
@@ -270,15 +270,7 @@ async def test_a_consumer_stops_cleanly_while_the_broker_is_gone(
 ) -> None:
     """`callstream kafka stop` before Ctrl-C: the consumer still closes everything it
     opened and exits 0, without a traceback."""
-    status = own_broker.status()
-    assert status is not None
-    assert status.bootstrap is not None
-    suffix = uuid.uuid4().hex[:12]
-    kafka = KafkaSettings(
-        bootstrap_servers=status.bootstrap,
-        topic=f"gone.{suffix}.end-of-call-report",
-        events_topic=f"gone.{suffix}.events",
-    )
+    kafka = topics_on(own_broker, "gone")
     await produce_reports(kafka, [sample_report() for _ in range(5)])
     db = tmp_path / "callstream.db"
     storage = Service(

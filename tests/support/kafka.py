@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ from typing import Self
 import pytest
 
 from callstream.localkafka import LocalKafka
+from core.kafkasettings import KafkaSettings
 
 # Generous because a cold CI runner may also be compiling the JIT for everything else in the
 # session; a healthy broker answers in a few seconds.
@@ -87,3 +89,16 @@ def private_broker(home: Path) -> Iterator[LocalKafka]:
         yield local
     finally:
         local.stop()
+
+
+def topics_on(local: LocalKafka, prefix: str) -> KafkaSettings:
+    """Settings for the running broker `local`, with topics of their own."""
+    status = local.status()
+    assert status is not None
+    assert status.bootstrap is not None
+    suffix = uuid.uuid4().hex[:12]
+    return KafkaSettings(
+        bootstrap_servers=status.bootstrap,
+        topic=f"{prefix}.{suffix}.end-of-call-report",
+        events_topic=f"{prefix}.{suffix}.events",
+    )
