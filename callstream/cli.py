@@ -72,6 +72,11 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(args, f"cannot use Kafka: {exc}")
     except aiohttp.ClientConnectionError as exc:  # an OSError too: before that one
         return _fail(args, f"cannot connect: {exc}")
+    except BrokenPipeError:
+        # The reader went away (`| head`): what it wanted it has. Python would complain
+        # again when flushing stdout at exit, so stdout points nowhere from here.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except FileNotFoundError as exc:
         return _fail(args, f"no such file: {exc.filename}")
     except OSError as exc:
@@ -95,7 +100,9 @@ def _fail(args: argparse.Namespace, message: str) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="callstream",
-        description=__doc__,
+        description="The callstream command: the pipeline's services (run, ingress, consumer)"
+        " and the operator's tools. Settings come from the environment (.env.example lists"
+        " them).",
         epilog=examples(
             "callstream run                      # the whole pipeline on this machine",
             "callstream consumers                # every consumer, its lag and origin",

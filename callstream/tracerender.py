@@ -59,11 +59,17 @@ def _storage(doc: Json) -> list[str]:
     row = section["row"]
     if row is None:
         return [*lines, "  no row"]
+    # Only what the report said: a flat report has no call status or ended reason.
+    said = "".join(
+        f"  {label} {row[key]}"
+        for label, key in (("status", "call_status"), ("ended", "ended_reason"))
+        if row[key] is not None
+    )
     return [
         *lines,
         f"  stored {row['stored_at']} from {row['event_type']} of {row['event_time']}"
         f" (request {row['request_id']}, Kafka [{row['kafka_partition']}]@{row['kafka_offset']})"
-        f"  status {row['call_status']}  ended {row['ended_reason']}",
+        + said,
     ]
 
 

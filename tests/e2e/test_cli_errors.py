@@ -18,6 +18,7 @@ from core.settings import to_env
 from core.signing import WEBHOOK_PATH
 from tests.support.cli import one_line_error, run_cli
 from tests.support.paths import DATA, REPO
+from tests.support.produce import produce_reports, sample_report
 
 REPORT = DATA / "status-update.json"
 
@@ -121,3 +122,25 @@ def test_run_reads_the_env_file_in_the_working_directory(tmp_path: Path) -> None
             run_cli("kafka", "stop", env=_env(CALLSTREAM_HOME=str(tmp_path / "home")))
     assert process.returncode == 2, stderr
     assert "CALLSTREAM_LOG_LEVEL='from-the-env-file'" in stderr
+
+
+def test_a_reader_that_goes_away_is_not_an_error(kafka: KafkaSettings) -> None:
+    """`callstream tail | head -1`: once the reader has its line and closes the pipe, the
+    command ends quietly with 0, not `Broken pipe` and exit 2."""
+    asyncio.run(produce_reports(kafka, [sample_report() for _ in range(200)]))
+    env = os.environ | to_env(kafka) | {"CALLSTREAM_LOG_LEVEL": "WARNING"}
+    with subprocess.Popen(
+        [sys.executable, "-m", "callstream", "tail", "--max", "200"],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    ) as process:
+        assert process.stdout is not None
+        assert process.stderr is not None
+        assert orjson.loads(process.stdout.readline())
+        process.stdout.close()
+        code = process.wait(120)
+        errors = process.stderr.read().decode()
+    assert code == 0, errors
+    assert "Broken pipe" not in errors
