@@ -274,8 +274,10 @@ async def test_the_ingress_warns_once_when_its_topic_can_lose_acknowledged_write
     with caplog.at_level(logging.WARNING, logger="ingress.publisher"):
         client = await start_ingress(settings_for(kafka, tmp_path / "spool"))
         try:
-            # Connected: the topics were created and looked at before that.
-            await wait_durable(client, "kafka")
+            # Connected: the topics were created and looked at before that (creating one
+            # with three replicas right after the previous test restarted a node can take
+            # a while on a loaded machine).
+            await wait_durable(client, "kafka", timeout=180)
         finally:
             await client.close()
     warnings = [r for r in caplog.records if "ACKNOWLEDGED REPORTS CAN BE LOST" in r.getMessage()]
