@@ -44,7 +44,7 @@ from consumers.service import run_consumer
 from consumers.storage import StorageSettings, sha256_hex
 from core import logs
 from core.kafkadiagnosis import KafkaUnreachable, explain
-from core.kafkasettings import BOOTSTRAP, KafkaSettings
+from core.kafkasettings import BOOTSTRAP, KafkaSettings, rejected_topic_of
 from core.settings import SettingsError, field_from_env
 from core.signing import WEBHOOK_PATH
 from ingress.server import serve
@@ -609,7 +609,7 @@ def _cmd_erase(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 def _erase_quarantine(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     """Refused requests kept in the quarantine hold the same numbers: they go too."""
-    topic = f"{field_from_env(KafkaSettings, 'topic', env)}.rejected"
+    topic = rejected_topic_of(field_from_env(KafkaSettings, "topic", env))
     if not BOOTSTRAP.is_set(env):
         local = LocalKafka(default_home()).status()
         if local is None or not local.running:

@@ -110,7 +110,7 @@ class KafkaSettings(EnvSettings):
     @property
     def rejected_topic(self) -> str:
         """The quarantine: authenticated requests the ingress refused (schemas/rejected.py)."""
-        return f"{self.topic}.rejected"
+        return rejected_topic_of(self.topic)
 
     def client_kwargs(self) -> dict[str, Any]:
         """What every Kafka client callstream makes is given: where, who, and how securely."""
@@ -123,3 +123,8 @@ class KafkaSettings(EnvSettings):
 
 # What the command checks before it decides to use (or start) the local broker instead.
 BOOTSTRAP: Final = declared(KafkaSettings)["bootstrap_servers"]
+
+
+def rejected_topic_of(topic: str) -> str:
+    """The quarantine topic of a reports topic, for callers that have only its name."""
+    return f"{topic}.rejected"
