@@ -73,6 +73,39 @@ class CoordinatorWait(logging.Filter):
         return True
 
 
+class MissingTopic(logging.Filter):
+    """aiokafka logs an ERROR on every metadata refresh while a topic it was asked about is
+    not in the cluster's metadata, which is also the case for a second or two after another
+    service created it (a fresh broker's first `callstream run`). Each topic's first such
+    record becomes one WARNING that says what is going on; repeats within `quiet` seconds
+    are dropped, so a topic that never appears is still named once a minute."""
+
+    LOGGER = "aiokafka.cluster"
+    MESSAGE = "Topic %s not found in cluster metadata"
+
+    def __init__(self, quiet: float = 60.0) -> None:
+        super().__init__()
+        self._quiet = quiet
+        self._last: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name != self.LOGGER or record.msg != self.MESSAGE:
+            return True
+        topic = str(record.args[0]) if isinstance(record.args, tuple) and record.args else "?"
+        now = time.monotonic()
+        last = self._last.get(topic)
+        if last is not None and now - last < self._quiet:
+            return False
+        self._last[topic] = now
+        record.name, record.levelno, record.levelname = (
+            "callstream.kafka",
+            logging.WARNING,
+            "WARNING",
+        )
+        record.msg = "topic %s is not in the cluster's metadata (yet): waiting for it to be created"
+        return True
+
+
 def configure(level: str = "INFO", *, service: str) -> None:
     if level.upper() not in logging.getLevelNamesMapping():
         raise SettingsError(
@@ -81,6 +114,7 @@ def configure(level: str = "INFO", *, service: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     handler.addFilter(CoordinatorWait())
+    handler.addFilter(MissingTopic())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
