@@ -371,8 +371,9 @@ DRAIN_BACKOFF_MAX_SECONDS = 1.0
 # Shutdown lets the drainer finish its batch for this long before cancelling it.
 DRAIN_STOP_GRACE_SECONDS = 5.0
 SPOOL_FULL_RETRY_AFTER = 30
-# A sibling draining this process's spool (ingress/takeover.py) holds it for one batch at most.
-OWN_SPOOL_LOCK_WAIT_SECONDS = DRAIN_TIMEOUT_SECONDS + 10.0
+# A sibling draining this process's spool (ingress/takeover.py) lets go within its hold
+# (10 s) plus the batch under way.
+OWN_SPOOL_LOCK_WAIT_SECONDS = DRAIN_TIMEOUT_SECONDS + 20.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,8 +7,9 @@ scale-down, or the spool directory itself as a single process left it (segments 
 <spool dir>). A single process looks the other way: at the worker-<i> directories under its
 own. Whichever process finds such a directory takes its lock, drains it to Kafka in arrival
 order (as its own spool drains), and lets go of it once it is empty. It also lets go after a
-batch Kafka did not take, so an owner restarting meanwhile waits at most one batch for its
-lock (ingress/publisher.py OWN_SPOOL_LOCK_WAIT_SECONDS).
+batch Kafka did not take, and after HOLD_SECONDS (taking it again at its next look), so an
+owner restarting meanwhile gets its lock within ingress/publisher.py
+OWN_SPOOL_LOCK_WAIT_SECONDS.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ log = logging.getLogger(__name__)
 WORKER_DIR = re.compile(r"^worker-(\d+)$")
 # A crashed worker's reports wait at most this long (plus a batch) for a sibling to look.
 SCAN_INTERVAL_SECONDS = 5.0
+# A directory is held at most this long (plus the batch under way) before it is let go and
+# taken again at the next look: its owner, restarting meanwhile, gets it in the gap.
+HOLD_SECONDS = 10.0
 
 
 def worker_dir(root: Path, index: int) -> Path:
@@ -148,7 +152,10 @@ class Takeover:
                     spool.depth(),
                     directory,
                 )
+            until = asyncio.get_running_loop().time() + HOLD_SECONDS
             while not spool.empty() and not self._stopping.is_set():
+                if asyncio.get_running_loop().time() > until:
+                    break
                 batch = await spool.read(DRAIN_MAX_RECORDS, DRAIN_MAX_BYTES)
                 acked, _, error = await deliver(self._kafka, batch)
                 if acked:
