@@ -166,7 +166,7 @@ class Bench(Harness):
         and how much a second adds. CPU is the ingress's whole process tree."""
         for workers in INGRESS_WORKERS:
             server = "ingress" if workers == 1 else f"ingress-{workers}w"
-            label = "callstream ingress" + ("" if workers == 1 else f", {workers} workers")
+            label = "callstream ingress" if workers == 1 else f"ingress, {workers} workers"
             ingress = await self.start_ingress(f"bench.{server}", workers=workers)
             accepted = functools.partial(self._metric, ingress, _ACCEPTED)
             for template in (self.short, self.long):
