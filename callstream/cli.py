@@ -33,6 +33,7 @@ from callstream.envexample import render as render_env_example
 from callstream.envfile import with_env_file
 from callstream.erase import erase, parse_age, purge
 from callstream.localkafka import LocalKafka, default_home, ensure_broker
+from callstream.processes import callstream_argv
 from callstream.replay import ReplayRequest, replay_command
 from callstream.sender import post_report
 from callstream.supervisor import run_pipeline
@@ -49,6 +50,7 @@ from core.settings import SettingsError, field_from_env
 from core.signing import WEBHOOK_PATH
 from ingress.server import serve
 from ingress.settings import IngressSettings
+from ingress.workers import MULTIPROC_ENV, run_workers, worker_settings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,6 +137,8 @@ def _parser() -> argparse.ArgumentParser:
         "callstream ingress",
         "CALLSTREAM_INGRESS_PORT=8080 CALLSTREAM_WEBHOOK_SECRET=... callstream ingress",
     )
+    # How the ingress starts its own workers (CALLSTREAM_INGRESS_WORKERS): not for people.
+    ingress.add_argument("--worker", type=int, metavar="INDEX", help=argparse.SUPPRESS)
     ingress.set_defaults(func=_cmd_ingress)
 
     consumer = command(
@@ -435,8 +439,23 @@ def kafka_settings(env: Mapping[str, str], *, start_local: bool) -> KafkaSetting
 
 def _cmd_ingress(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     settings = IngressSettings.from_env(env, kafka=kafka_settings(env, start_local=False))
-    _run_async(serve(settings))
-    return 0
+    if args.worker is not None:
+        metrics_dir = env.get(MULTIPROC_ENV)
+        if not metrics_dir:
+            raise SystemExit(f"--worker is for the ingress's own workers ({MULTIPROC_ENV} unset)")
+        worker = worker_settings(settings, args.worker)
+        _run_async(serve(worker, metrics_dir=Path(metrics_dir)))
+        return 0
+    if settings.worker_count == 1:
+        _run_async(serve(settings))
+        return 0
+    # The workers use the broker this process found, without looking again.
+    child_env = dict(env) | {BOOTSTRAP.env: settings.kafka.bootstrap_servers}
+    return run_workers(
+        settings.worker_count,
+        lambda index: callstream_argv("ingress", "--worker", str(index)),
+        child_env,
+    )
 
 
 def _cmd_consumer(args: argparse.Namespace, env: Mapping[str, str]) -> int:

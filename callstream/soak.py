@@ -351,6 +351,8 @@ async def _soak(
         "CALLSTREAM_SQLITE_PATH": str(db),
         "CALLSTREAM_HOME": str(home),
         "CALLSTREAM_SPOOL_DIR": str((disk or home) / "spool"),
+        # One process: the faults SIGKILL the ingress's pid and fill its spool directory.
+        "CALLSTREAM_INGRESS_WORKERS": "1",
         # The ingress remembers each signed delivery's answer for twice this (replay
         # detection): short enough that the memory at the end is measured after it passed.
         "CALLSTREAM_SIGNATURE_TOLERANCE_SECONDS": str(SIGNATURE_TOLERANCE_SECONDS),

@@ -47,6 +47,7 @@ from core.topicreader import RawRecord, read_range
 from ingress.publisher import decode_record
 from ingress.settings import IngressSettings
 from ingress.spoolformat import read_pending
+from ingress.takeover import siblings
 from schemas.codec import Decoder
 from schemas.errors import DecodeError
 from schemas.headers import NAMES as HEADER_NAMES
@@ -214,7 +215,11 @@ def _spool(env: Mapping[str, str]) -> tuple[Json, list[Json]]:
             "note": f"no spool directory at {directory} (CALLSTREAM_SPOOL_DIR)",
         }, []
     entries = []
-    for pending in read_pending(directory):
+    # With several ingress workers each spools to a directory of its own under this one.
+    pending_everywhere = [
+        p for place in (directory, *siblings(directory)) for p in read_pending(place)
+    ]
+    for pending in pending_everywhere:
         try:
             record = decode_record(pending.payload)
         except ValueError:

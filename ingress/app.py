@@ -13,6 +13,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -20,6 +21,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from core.signing import WEBHOOK_PATH
 from ingress import hygiene, openapi, ratelimit
@@ -32,12 +34,14 @@ from ingress.publisher import (
     OutgoingRecord,
     PublishUnavailable,
     RecordTooLarge,
+    spool_at,
 )
 from ingress.quarantine import Quarantine
 from ingress.replays import RecentDeliveries, delivery_key
 from ingress.replies import Replies
 from ingress.settings import IngressSettings
-from ingress.telemetry import IngressMetrics
+from ingress.takeover import Takeover
+from ingress.telemetry import IngressMetrics, Sampled, SpoolMetrics
 from schemas import jsonvalue
 from schemas.codec import Encoder, encoders_for
 from schemas.errors import InvalidReport, SchemaError
@@ -63,6 +67,8 @@ AUTHENTICATED = web.RequestKey("authenticated", str)
 # aiohttp would otherwise inflate gzip bodies itself, before the signature (which covers
 # the bytes as sent) can be checked and without our decompressed-size limit.
 RUNNER_OPTIONS: dict[str, Any] = {"auto_decompress": False, "access_log": None}
+# How stale another worker's gauges may be in a scrape (ingress/telemetry.py Sampled).
+SAMPLE_INTERVAL_SECONDS = 1.0
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -72,7 +78,10 @@ def create_app(
     registry: CollectorRegistry | None = None,
     publisher: DurablePublisher | None = None,
     store: SchemaStore | None = None,
+    metrics_dir: Path | None = None,
 ) -> web.Application:
+    """`metrics_dir`: prometheus_client's multiprocess directory when this process is one
+    of several workers (ingress/workers.py); /metrics then answers for all of them."""
     registry = registry if registry is not None else CollectorRegistry()
     budget = hygiene.BodyBudget(settings.max_inflight_body_bytes)
     # The body limit is enforced by read_wire_body with a clear 413; aiohttp's own limit
@@ -90,8 +99,9 @@ def create_app(
     app[PUBLISHER] = publisher or DurablePublisher.from_settings(settings, app[METRICS].spool)
     durable = app[PUBLISHER]
     # Computed at scrape time, so the gauge is true even when nothing probes /readyz.
-    app[METRICS].ready.set_function(lambda: 1.0 if durable.readiness().ready else 0.0)
-    app[METRICS].inflight_body_bytes.set_function(lambda: budget.held)
+    sampled = app[METRICS].sampled
+    sampled.bind(app[METRICS].ready, lambda: 1.0 if durable.readiness().ready else 0.0)
+    sampled.bind(app[METRICS].inflight_body_bytes, lambda: budget.held)
     app[REPLIES] = Replies(settings)
     app[QUARANTINE] = Quarantine(durable, settings.kafka.rejected_topic, app[METRICS])
     app[AUTH] = Authenticator(
@@ -105,9 +115,29 @@ def create_app(
     app.router.add_post(WEBHOOK_PATH, receive_webhook)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", make_aiohttp_handler(registry))
+    app.router.add_get("/metrics", _metrics_handler(registry, sampled, metrics_dir))
+    if metrics_dir is not None:
+        app.on_startup.append(lambda _: sampled.start(SAMPLE_INTERVAL_SECONDS))
+        app.on_cleanup.append(lambda _: sampled.stop())
     app.router.add_get(openapi.PATH, openapi.handler(settings))
     return app
+
+
+def _metrics_handler(
+    registry: CollectorRegistry, sampled: Sampled, metrics_dir: Path | None
+) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    if metrics_dir is None:
+        return make_aiohttp_handler(registry)
+    # Every worker's files, whichever worker the scrape reached: Prometheus sees one target.
+    shared = CollectorRegistry()
+    MultiProcessCollector(shared, path=str(metrics_dir))  # type: ignore[no-untyped-call]
+    expose = make_aiohttp_handler(shared)
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        sampled.refresh()  # the answering worker's own gauges are exact, the others' 1 s old
+        return await expose(request)
+
+    return handler
 
 
 def _resources(store: SchemaStore) -> Callable[[web.Application], AsyncIterator[None]]:
@@ -124,12 +154,29 @@ def _resources(store: SchemaStore) -> Callable[[web.Application], AsyncIterator[
             app[ENCODERS] = await _encoders(settings, store, session)
             app[QUARANTINE].bind(app[ENCODERS][REJECTED_REQUEST])
             await publisher.start()
+            takeover = _takeover(settings, publisher, app[METRICS].spool)
+            if takeover is not None:
+                takeover.start()
             try:
                 yield
             finally:
+                if takeover is not None:
+                    await takeover.stop()
                 await publisher.stop()
 
     return resources
+
+
+def _takeover(
+    settings: IngressSettings, publisher: DurablePublisher, metrics: SpoolMetrics
+) -> Takeover | None:
+    """Draining siblings' left-over spools: only for a spool in a known place."""
+    own = settings.spool_dir
+    if own is None:
+        return None
+    return Takeover(
+        own, publisher.kafka, functools.partial(spool_at, settings, metrics=metrics), metrics
+    )
 
 
 async def _encoders(

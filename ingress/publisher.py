@@ -16,6 +16,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from aiokafka import AIOKafkaProducer
@@ -370,6 +371,9 @@ DRAIN_BACKOFF_MAX_SECONDS = 1.0
 # Shutdown lets the drainer finish its batch for this long before cancelling it.
 DRAIN_STOP_GRACE_SECONDS = 5.0
 SPOOL_FULL_RETRY_AFTER = 30
+# A sibling draining this process's spool (ingress/takeover.py) lets go within its hold
+# (10 s) plus the batch under way.
+OWN_SPOOL_LOCK_WAIT_SECONDS = DRAIN_TIMEOUT_SECONDS + 20.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -383,6 +387,24 @@ class Readiness:
 
 
 OrderKey = tuple[str, bytes]
+
+
+def spool_at(
+    settings: IngressSettings,
+    directory: Path | None,
+    metrics: SpoolMetrics | None = None,
+    lock_wait_seconds: float = 0.0,
+) -> Spool:
+    """A spool in `directory` with the settings' bounds (None: a private temporary one)."""
+    return Spool(
+        directory,
+        max_bytes=settings.spool_max_bytes,
+        max_age_seconds=settings.spool_max_age_seconds,
+        segment_bytes=settings.spool_segment_bytes,
+        metrics=metrics,
+        crash_at=settings.test_crash_at,
+        lock_wait_seconds=lock_wait_seconds,
+    )
 
 
 def order_key(record: OutgoingRecord) -> OrderKey | None:
@@ -439,17 +461,9 @@ class DurablePublisher:
     def from_settings(
         cls, settings: IngressSettings, metrics: SpoolMetrics | None = None
     ) -> DurablePublisher:
-        spool = Spool(
-            settings.spool_dir,
-            max_bytes=settings.spool_max_bytes,
-            max_age_seconds=settings.spool_max_age_seconds,
-            segment_bytes=settings.spool_segment_bytes,
-            metrics=metrics,
-            crash_at=settings.test_crash_at,
-        )
         return cls(
             KafkaPublisher(settings.kafka),
-            spool,
+            spool_at(settings, settings.spool_dir, metrics, OWN_SPOOL_LOCK_WAIT_SECONDS),
             ack_deadline_seconds=settings.kafka_ack_deadline_seconds,
             publish_timeout_seconds=settings.publish_timeout_seconds,
             crash_at=settings.test_crash_at,
@@ -573,7 +587,7 @@ class DurablePublisher:
                 return
             try:
                 batch = await self.spool.read(DRAIN_MAX_RECORDS, DRAIN_MAX_BYTES)
-                acked, delivered, error = await self._publish_batch(batch)
+                acked, delivered, error = await deliver(self.kafka, batch)
                 if acked:
                     if self._crash_at == "drain-after-publish-before-delete":
                         crash("drain-after-publish-before-delete")
@@ -595,7 +609,7 @@ class DurablePublisher:
                     " retrying in %.1f s",
                     acked,
                     len(batch),
-                    _describe(error),
+                    failure_text(error),
                     self.spool.depth(),
                     delay,
                 )
@@ -626,32 +640,33 @@ class DurablePublisher:
             stopping.cancel()
         return not self._stopping.is_set()
 
-    async def _publish_batch(
-        self, batch: list[Spooled]
-    ) -> tuple[int, list[OutgoingRecord], BaseException | None]:
-        """How many leading entries of `batch` are delivered (unreadable ones count as done:
-        their bytes were set aside and there is nothing left to send), the records among
-        them, and why not more."""
-        records: list[OutgoingRecord] = []
-        index: list[int] = []  # batch position of each record
-        for i, spooled in enumerate(batch):
-            if spooled.payload is None:
-                continue
-            try:
-                records.append(decode_record(spooled.payload))
-                index.append(i)
-            except ValueError as exc:
-                log.error("spool: undecodable record at %s skipped (%s)", spooled.position, exc)
-        if not records:
-            return len(batch), [], None
-        delivery = await self.kafka.publish_many(records, DRAIN_TIMEOUT_SECONDS)
-        if delivery.acked == len(records):
-            return len(batch), records, None
-        # Entries before the first unacknowledged record.
-        return index[delivery.acked], records[: delivery.acked], delivery.error
+
+async def deliver(
+    kafka: KafkaPublisher, batch: list[Spooled]
+) -> tuple[int, list[OutgoingRecord], BaseException | None]:
+    """How many leading entries of a spooled `batch` Kafka now has (unreadable ones count as
+    done: their bytes were set aside and there is nothing left to send), the records among
+    them, and why not more."""
+    records: list[OutgoingRecord] = []
+    index: list[int] = []  # batch position of each record
+    for i, spooled in enumerate(batch):
+        if spooled.payload is None:
+            continue
+        try:
+            records.append(decode_record(spooled.payload))
+            index.append(i)
+        except ValueError as exc:
+            log.error("spool: undecodable record at %s skipped (%s)", spooled.position, exc)
+    if not records:
+        return len(batch), [], None
+    delivery = await kafka.publish_many(records, DRAIN_TIMEOUT_SECONDS)
+    if delivery.acked == len(records):
+        return len(batch), records, None
+    # Entries before the first unacknowledged record.
+    return index[delivery.acked], records[: delivery.acked], delivery.error
 
 
-def _describe(error: BaseException | None) -> str:
+def failure_text(error: BaseException | None) -> str:
     if error is None:
         return "no error"
     return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -34,20 +36,48 @@ class IngressRunner(web.AppRunner):
         return GuardedServer(await super()._make_server(), self.limits)
 
 
-async def serve(settings: IngressSettings, *, stop: asyncio.Event | None = None) -> None:
+async def serve(
+    settings: IngressSettings,
+    *,
+    stop: asyncio.Event | None = None,
+    metrics_dir: Path | None = None,
+) -> None:
+    """`metrics_dir` set: this process is one of several workers (ingress/workers.py) that
+    share the port (SO_REUSEPORT) and their metrics."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    runner = IngressRunner(create_app(settings), shutdown_timeout=SHUTDOWN_GRACE_SECONDS)
+    app = create_app(settings, metrics_dir=metrics_dir)
+    runner = IngressRunner(app, shutdown_timeout=SHUTDOWN_GRACE_SECONDS)
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, backlog=1024)
+    # Only workers share the port: a lone ingress must still fail on a port already taken.
+    site = web.TCPSite(
+        runner, settings.host, settings.port, backlog=1024, reuse_port=metrics_dir is not None
+    )
     await site.start()
     log.info("ingress listening on http://%s:%d", settings.host, settings.port)
+    orphaned = None
+    if metrics_dir is not None:
+        orphaned = asyncio.create_task(_stop_when_orphaned(stop), name="parent-watch")
     try:
         await stop.wait()
         log.info("shutting down: finishing in-flight requests, flushing the producer")
     finally:
+        if orphaned is not None:
+            orphaned.cancel()
         await runner.cleanup()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+
+
+async def _stop_when_orphaned(stop: asyncio.Event) -> None:
+    """A worker whose parent died (SIGKILL leaves no time to stop it) stops too, rather than
+    hold the port and a spool directory with nobody to restart or stop it."""
+    parent = os.getppid()
+    while True:
+        await asyncio.sleep(1.0)
+        if os.getppid() != parent:
+            break
+    log.warning("the ingress's parent process is gone: stopping this worker")
+    stop.set()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,15 @@ class IngressSettings(EnvSettings):
         default=8080,
         doc="Port of /webhooks/flireo, /healthz, /readyz and /metrics (also the default for "
         "`callstream send`).",
+    )
+    # Empty means one process per core: a single asyncio process keeps at most one core busy.
+    workers: int | None = setting(
+        "CALLSTREAM_INGRESS_WORKERS",
+        default=None,
+        minimum=1,
+        doc="Ingress processes sharing the port (SO_REUSEPORT), each with its own Kafka producer "
+        "and spool directory <spool dir>/worker-<i>; 1: one process using the spool directory "
+        "itself. Empty: the number of cores.",
     )
     webhook_secrets: tuple[Secret, ...] = setting(
         "CALLSTREAM_WEBHOOK_SECRET",
@@ -245,6 +255,10 @@ class IngressSettings(EnvSettings):
             text = getattr(self, name)
             if text is not None and not isinstance(_json_object(text), dict):
                 raise SettingsError(f"{declarations[name].env} must be a JSON object, e.g. {{}}")
+
+    @property
+    def worker_count(self) -> int:
+        return self.workers or os.cpu_count() or 1
 
     @property
     def authentication_required(self) -> bool:

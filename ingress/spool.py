@@ -69,6 +69,7 @@ MAX_BATCH_BYTES: Final = 8 * 1024 * 1024
 # After a failed write or fsync the spool reports itself unwritable for this long (unless a
 # later write succeeds first), so /readyz steers traffic away from a failing disk.
 FAILURE_MEMORY_SECONDS: Final = 5.0
+LOCK_POLL_SECONDS: Final = 0.1
 
 
 class SpoolError(Exception):
@@ -124,6 +125,7 @@ class Spool:
         crash_at: CrashPoint | None = None,
         sync: Callable[[int], None] = os.fdatasync,
         clock: Callable[[], float] = time.time,
+        lock_wait_seconds: float = 0.0,
     ) -> None:
         # None: a private temporary directory, made at open and removed at close if empty.
         self._ephemeral = directory is None
@@ -136,6 +138,9 @@ class Spool:
         self._crash_at = crash_at
         self._sync = sync
         self._clock = clock
+        # A sibling worker may be draining this directory (ingress/takeover.py): it lets go
+        # within one batch, so the owner waits that long for the lock before giving up.
+        self._lock_wait_seconds = lock_wait_seconds
 
         self._lock_fd: int | None = None
         self._cursor_fd: int | None = None
@@ -170,9 +175,7 @@ class Spool:
         self._closed = True
 
         if metrics is not None:
-            metrics.records.set_function(self.depth)
-            metrics.bytes.set_function(self.pending_bytes)
-            metrics.oldest_age.set_function(self.oldest_age_seconds)
+            metrics.watch(self)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -229,11 +232,17 @@ class Spool:
         if created:
             fsync_dir(directory.parent)
         lock_fd = open_for_update(directory / ".lock")
-        try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(lock_fd)
-            raise SpoolLocked(f"another process is using the spool in {directory}") from None
+        deadline = time.monotonic() + self._lock_wait_seconds
+        while True:
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(LOCK_POLL_SECONDS)
+                    continue
+                os.close(lock_fd)
+                raise SpoolLocked(f"another process is using the spool in {directory}") from None
         self._lock_fd = lock_fd
         try:
             self._recover()

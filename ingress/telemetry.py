@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
+from typing import Protocol
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from schemas.normalise import FIELDS
@@ -48,27 +52,80 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 FSYNC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
+class Sampled:
+    """Gauges whose value is read from the process when scraped.
+
+    In one process set_function does that. With several workers (ingress/workers.py) the
+    scrape reads prometheus_client's multiprocess files, which hold only values that were
+    set: each worker then calls `refresh` every second and right before it answers a scrape.
+    """
+
+    def __init__(self) -> None:
+        self._bound: list[tuple[Gauge, Callable[[], float]]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def bind(self, gauge: Gauge, read: Callable[[], float]) -> None:
+        gauge.set_function(read)
+        self._bound.append((gauge, read))
+
+    def refresh(self) -> None:
+        for gauge, read in self._bound:
+            gauge.set(read())
+
+    async def start(self, interval: float) -> None:
+        self._task = asyncio.create_task(self._refresh_every(interval), name="metrics-sampler")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def _refresh_every(self, interval: float) -> None:
+        while True:
+            self.refresh()
+            await asyncio.sleep(interval)
+
+
+class SpoolGauges(Protocol):
+    def depth(self) -> int: ...
+    def pending_bytes(self) -> int: ...
+    def oldest_age_seconds(self) -> float: ...
+
+
 class SpoolMetrics:
     """The local spool that keeps reports while Kafka does not acknowledge them.
 
-    The gauges are read from the spool at scrape time (the spool binds them), so they are
-    right even when no request has touched the spool for a while."""
+    The gauges are read at scrape time from every spool this process holds (its own, and the
+    siblings it is draining, ingress/takeover.py), so they are right even when no request has
+    touched a spool for a while. Across workers records and bytes add up; the age is the
+    oldest of any live worker's."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, sampled: Sampled | None = None) -> None:
+        self._spools: list[SpoolGauges] = []
         self.records = Gauge(
             "callstream_ingress_spool_records",
             "Reports spooled on local disk and not yet on Kafka.",
             registry=registry,
+            multiprocess_mode="livesum",
         )
         self.bytes = Gauge(
             "callstream_ingress_spool_bytes",
             "Bytes of spooled reports not yet on Kafka.",
             registry=registry,
+            multiprocess_mode="livesum",
         )
         self.oldest_age = Gauge(
             "callstream_ingress_spool_oldest_age_seconds",
             "Age of the oldest spooled report not yet on Kafka (0 when the spool is empty).",
             registry=registry,
+            multiprocess_mode="livemax",
+        )
+        sampled = sampled or Sampled()
+        sampled.bind(self.records, lambda: sum(s.depth() for s in self._spools))
+        sampled.bind(self.bytes, lambda: sum(s.pending_bytes() for s in self._spools))
+        sampled.bind(
+            self.oldest_age, lambda: max((s.oldest_age_seconds() for s in self._spools), default=0)
         )
         self.writes = Counter(
             "callstream_ingress_spool_writes_total",
@@ -93,9 +150,18 @@ class SpoolMetrics:
             registry=registry,
         )
 
+    def watch(self, spool: SpoolGauges) -> None:
+        if spool not in self._spools:
+            self._spools.append(spool)
+
+    def forget(self, spool: SpoolGauges) -> None:
+        if spool in self._spools:
+            self._spools.remove(spool)
+
 
 class IngressMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
+        self.sampled = Sampled()
         self.requests = Counter(
             "callstream_ingress_requests_total",
             "Webhook requests by outcome.",
@@ -134,8 +200,10 @@ class IngressMetrics:
         )
         self.ready = Gauge(
             "callstream_ingress_ready",
-            "1 when the ingress can make a report durable, else 0.",
+            "1 when the ingress can make a report durable, else 0 (with several workers: 1 only"
+            " when every live worker can, as any of them may get the next report).",
             registry=registry,
+            multiprocess_mode="livemin",
         )
         self.quarantined = Counter(
             "callstream_ingress_quarantined_total",
@@ -152,10 +220,12 @@ class IngressMetrics:
         )
         self.inflight_body_bytes = Gauge(
             "callstream_ingress_inflight_body_bytes",
-            "Bytes of request bodies held now, against CALLSTREAM_MAX_INFLIGHT_BODY_BYTES.",
+            "Bytes of request bodies held now, against CALLSTREAM_MAX_INFLIGHT_BODY_BYTES"
+            " (a limit per worker; summed over workers).",
             registry=registry,
+            multiprocess_mode="livesum",
         )
-        self.spool = SpoolMetrics(registry)
+        self.spool = SpoolMetrics(registry, self.sampled)
 
     def outcome(self, slug: str) -> None:
         child = self.by_outcome.get(slug) or self.by_outcome["internal-error"]

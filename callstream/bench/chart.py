@@ -9,7 +9,13 @@ from typing import TextIO
 from callstream.bench.report import Results
 from callstream.bench.resultsfile import ResultsFileError, read_results
 
-_COLOURS = {"bare": "#7f7f7f", "naive": "#d62728", "ingress": "#1f77b4", "spool": "#9467bd"}
+_COLOURS = {
+    "bare": "#7f7f7f",
+    "naive": "#d62728",
+    "ingress": "#1f77b4",
+    "ingress-2w": "#17becf",
+    "spool": "#9467bd",
+}
 
 
 def redraw(source: Path, target: Path | None, out: TextIO, err: TextIO) -> int:

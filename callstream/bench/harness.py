@@ -111,9 +111,17 @@ class Harness:
         return env | dict(self.o.env) | extra
 
     def _spawn(
-        self, name: str, argv: list[str], env: Mapping[str, str], port: int, log: str = ""
+        self,
+        name: str,
+        argv: list[str],
+        env: Mapping[str, str],
+        port: int,
+        log: str = "",
+        *,
+        tree: bool = False,
     ) -> Service:
-        service = Service(name, argv, env, self.tmp / f"{log or name}.log", port).start()
+        service = Service(name, argv, env, self.tmp / f"{log or name}.log", port, tree=tree)
+        service.start()
         self.owned.services.append(service)
         return service
 
@@ -164,7 +172,9 @@ class Harness:
         settings = KafkaSettings(self.bootstrap, topic=topic, partitions=PARTITIONS)
         await ensure_topics(settings, [topic])
 
-    async def start_ingress(self, topic: str, **env: str) -> Service:
+    async def start_ingress(self, topic: str, *, workers: int = 1, **env: str) -> Service:
+        """`callstream ingress` with `workers` processes (one unless a phase measures more:
+        the profile and spool phases look at one pid)."""
         port = free_port()
         name = f"ingress-{topic.removeprefix('bench.')}"
         service = self._spawn(
@@ -176,10 +186,12 @@ class Harness:
                 CALLSTREAM_TOPIC=topic,
                 CALLSTREAM_EVENTS_TOPIC=f"{topic}.events",
                 CALLSTREAM_SPOOL_DIR=str(self.tmp / f"spool-{name}"),
+                CALLSTREAM_INGRESS_WORKERS=str(workers),
                 **env,
             ),
             port,
             log=name,
+            tree=workers > 1,
         )
         await self._wait_http(service, "/readyz")
         return service

@@ -79,6 +79,7 @@ class WrkRun:
     latency: Latency
     processes: list[ProcessUsage]
     series: list[tuple[float, float]]  # (seconds into the run, reports/s in that second)
+    workers: int | None = None  # ingress processes (CALLSTREAM_INGRESS_WORKERS); None: n/a
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,6 +288,26 @@ def _mem(processes: Sequence[ProcessUsage]) -> str:
     return "  ".join(f"{p.name} {_num(p.peak_rss_mib, 0)}" for p in processes if p.peak_rss_mib)
 
 
+def _workers_lines(results: Results) -> list[str]:
+    """The ingress by CALLSTREAM_INGRESS_WORKERS: reports/s, the CPU of its whole process
+    tree per report, and what each worker adds over one."""
+    runs = [r for r in results.wrk if r.workers is not None]
+    if len({r.workers for r in runs}) < 2:
+        return []
+    out = ["  ingress by workers (CPU: the parent and all its workers, ms per report):"]
+    for body in sorted({r.body_bytes for r in runs}):
+        same = sorted((r for r in runs if r.body_bytes == body), key=lambda r: r.workers or 0)
+        one = same[0]
+        for run in same:
+            scale = _ratio(run.reports_per_s, one.reports_per_s)
+            count = f"{run.workers} worker{'s' if run.workers != 1 else ''}"
+            out.append(
+                f"    {count:<12}{run.body:<24}{run.reports_per_s:>10,.0f}/s"
+                f"  CPU {_num(_server_cpu(run), 3)} ms/report  {scale} of one worker"
+            )
+    return out
+
+
 def render_table(results: Results) -> str:
     out: list[str] = []
     add = out.append
@@ -336,6 +357,7 @@ def render_table(results: Results) -> str:
         for run in results.wrk:
             add(f"    {run.label:<24}{run.body:<24}{_cpu(run.processes)}")
             add(f"    {'':<24}{'':<24}{_mem(run.processes)}")
+        out.extend(_workers_lines(results))
     fixed = results.fixed_rate
     if fixed is not None:
         add("")

@@ -81,6 +81,8 @@ from schemas.store import END_OF_CALL_REPORT, default_store
 _HANDLED = 'callstream_consumer_records_handled_total{consumer="storage"}'
 _LAST_COMMIT = 'callstream_consumer_last_commit_timestamp_seconds{consumer="storage"}'
 _ACCEPTED = 'callstream_ingress_requests_total{outcome="accepted"}'
+# The ingress phase's worker counts: the per-worker figure, and what a second one adds.
+INGRESS_WORKERS = (1, 2)
 _SPOOLED = "callstream_ingress_spool_writes_total"
 _DRAINED = "callstream_ingress_spool_drained_total"
 _SPOOL_RECORDS = "callstream_ingress_spool_records"
@@ -160,19 +162,24 @@ class Bench(Harness):
             await self._stop(service)
 
     async def phase_ingress(self) -> None:
-        ingress = await self.start_ingress("bench.ingress")
-        accepted = functools.partial(self._metric, ingress, _ACCEPTED)
-        for template in (self.short, self.long):
-            run = await self.closed_loop(
-                "ingress",
-                "callstream ingress",
-                ingress,
-                template,
-                accepted,
-                [ingress.watched(), self.broker],
-            )
-            self.results.wrk.append(run)
-        await self._stop(ingress)
+        """One worker, then two (CALLSTREAM_INGRESS_WORKERS): what one core's worth gives,
+        and how much a second adds. CPU is the ingress's whole process tree."""
+        for workers in INGRESS_WORKERS:
+            server = "ingress" if workers == 1 else f"ingress-{workers}w"
+            label = "callstream ingress" if workers == 1 else f"ingress, {workers} workers"
+            ingress = await self.start_ingress(f"bench.{server}", workers=workers)
+            accepted = functools.partial(self._metric, ingress, _ACCEPTED)
+            for template in (self.short, self.long):
+                run = await self.closed_loop(
+                    server,
+                    label,
+                    ingress,
+                    template,
+                    accepted,
+                    [ingress.watched(), self.broker],
+                )
+                self.results.wrk.append(dataclasses.replace(run, workers=workers))
+            await self._stop(ingress)
 
     # -- fixed rate: the open-loop client -----------------------------------------------------
 

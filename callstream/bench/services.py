@@ -37,16 +37,27 @@ class Service(ChildProcess):
     """A long-running child (a server, a consumer) serving HTTP on `port`, with its log in the
     bench's temp dir, which is also its working directory."""
 
-    def __init__(self, name: str, argv: list[str], env: Mapping[str, str], log: Path, port: int):
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        env: Mapping[str, str],
+        log: Path,
+        port: int,
+        *,
+        tree: bool = False,
+    ):
         super().__init__(argv, env=env, log_file=log, cwd=log.parent, name=name)
         self.port = port
+        # Its CPU is its whole process tree's: a parent and its workers.
+        self.tree = tree
 
     @property
     def url(self) -> str:
         return f"http://{HOST}:{self.port}"
 
     def watched(self) -> Watched:
-        return Watched(self.name, self.pid)
+        return Watched(self.name, self.pid, tree=self.tree)
 
 
 @dataclass(frozen=True, slots=True)

@@ -93,6 +93,7 @@ async def test_ingress_sigterm_finishes_in_flight_requests_and_flushes(
         CALLSTREAM_INGRESS_HOST="127.0.0.1",
         CALLSTREAM_WEBHOOK_SECRET=secret,
         CALLSTREAM_SPOOL_DIR=str(tmp_path / "spool"),
+        CALLSTREAM_INGRESS_WORKERS="1",
     )
     log = (tmp_path / "ingress.log").open("wb")
     process = await asyncio.create_subprocess_exec(

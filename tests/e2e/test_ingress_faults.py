@@ -345,8 +345,16 @@ class IngressProcess:
 
 
 def spawn_ingress(
-    bootstrap: str, kafka: KafkaSettings, spool_dir: Path, log: Path, crash_at: str | None
+    bootstrap: str,
+    kafka: KafkaSettings,
+    spool_dir: Path,
+    log: Path,
+    crash_at: str | None,
+    *,
+    workers: int = 1,
 ) -> IngressProcess:
+    """`callstream ingress`; with one worker (the default here) it is a single process, whose
+    pid the crash tests kill and whose spool is `spool_dir` itself."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CALLSTREAM_")} | {
         "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
@@ -357,6 +365,7 @@ def spawn_ingress(
         "CALLSTREAM_WEBHOOK_SECRET": TEST_SECRET,
         "CALLSTREAM_SPOOL_DIR": str(spool_dir),
         "CALLSTREAM_KAFKA_ACK_DEADLINE_SECONDS": str(ACK_DEADLINE),
+        "CALLSTREAM_INGRESS_WORKERS": str(workers),
     }
     if crash_at is not None:
         env["CALLSTREAM_TEST_CRASH_AT"] = crash_at

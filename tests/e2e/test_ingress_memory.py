@@ -66,6 +66,8 @@ def ingress_process(kafka: KafkaSettings, tmp_path: Path) -> Iterator[tuple[Chil
         "CALLSTREAM_WEBHOOK_SECRET": TEST_SECRET,
         "CALLSTREAM_SPOOL_DIR": str(tmp_path / "spool"),
         "CALLSTREAM_LOG_LEVEL": "WARNING",
+        # One process: its memory is what is measured.
+        "CALLSTREAM_INGRESS_WORKERS": "1",
     }
     process = ChildProcess(
         callstream_argv("ingress"), env=env, log_file=tmp_path / "ingress.log", cwd=REPO

@@ -1,0 +1,51 @@
+"""The parent of the ingress workers (ingress/workers.py) with real child processes: small
+Python programs standing in for `callstream ingress --worker I`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+from ingress.workers import MULTIPROC_ENV, run_workers
+
+
+def program(code: str) -> list[str]:
+    return [sys.executable, "-c", code]
+
+
+def test_workers_that_exit_2_are_not_restarted_and_the_parent_exits_2(tmp_path: Path) -> None:
+    starts = tmp_path / "starts"
+    code = f"open({str(starts)!r}, 'a').write('x'); raise SystemExit(2)"
+    assert run_workers(2, lambda index: program(code), dict(os.environ)) == 2
+    assert starts.read_text() == "xx"
+
+
+def test_a_worker_that_dies_is_started_again_until_sigterm_stops_them_all(
+    tmp_path: Path,
+) -> None:
+    """Oracle: worker 0 exits 1 at once and is started again (after its back-off); worker 1
+    runs until the parent's SIGTERM reaches it, with the metrics directory, which is gone
+    once the parent returns 0."""
+    crashes, served = tmp_path / "crashes", tmp_path / "served"
+    crash = f"open({str(crashes)!r}, 'a').write('x'); raise SystemExit(1)"
+    serve = (
+        "import os, signal, sys, time\n"
+        f"open({str(served)!r}, 'a').write(os.environ[{MULTIPROC_ENV!r}] + '\\n')\n"
+        "signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))\n"
+        "time.sleep(60)\n"
+    )
+    stopper = threading.Timer(6.0, os.kill, (os.getpid(), signal.SIGTERM))
+    stopper.start()
+    try:
+        code = run_workers(2, lambda index: program(crash if index == 0 else serve), {})
+    finally:
+        stopper.cancel()
+    assert code == 0
+    assert len(crashes.read_text()) >= 2  # started, died, started again
+    [metrics_dir] = served.read_text().splitlines()  # started once, never restarted
+    assert metrics_dir.startswith(tempfile.gettempdir())
+    assert not Path(metrics_dir).exists()
