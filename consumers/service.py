@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 from consumers.catalog import lookup
 from consumers.runner import Runner, RunnerSettings
 from consumers.telemetry import RunnerMetrics
+from core import heap
 from core.kafkasettings import KafkaSettings
 from core.opsserver import ops_server
 from core.settings import EnvSettings, Setting, setting, settings_class
@@ -58,6 +59,7 @@ async def run_consumer(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     registry = CollectorRegistry()
+    heap.register(registry)
     consumer = spec.build(env, registry)
     settings = runner_settings or RunnerSettings.for_consumer(env, name, kafka)
     host = ServiceSettings.from_env(env).host

@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from core import heap
 from core.signing import WEBHOOK_PATH
 from ingress import hygiene, openapi, ratelimit
 from ingress.auth import Authenticator
@@ -83,6 +84,7 @@ def create_app(
     """`metrics_dir`: prometheus_client's multiprocess directory when this process is one
     of several workers (ingress/workers.py); /metrics then answers for all of them."""
     registry = registry if registry is not None else CollectorRegistry()
+    heap.register(registry)
     budget = hygiene.BodyBudget(settings.max_inflight_body_bytes)
     # The body limit is enforced by read_wire_body with a clear 413; aiohttp's own limit
     # must not fire first with a plain-text error.
