@@ -15,7 +15,7 @@ from consumers.contract import Delivery, EventDelivery
 from consumers.storage import erasures, timeline
 from consumers.storage.connections import Connection, PostgresConnection, SqliteConnection
 from consumers.storage.migrations import APPLIED, schema
-from consumers.storage.rows import NAMES, StoredReport
+from consumers.storage.rows import NAMES, StoredReport, caller
 from consumers.storage.settings import BackendName, StorageSettings
 from consumers.storage.statements import Script, Statement, one
 from consumers.storage.timeline import StoredStatus
@@ -102,7 +102,8 @@ class StorageBackend:
 
     def _upsert(self, batch: Sequence[Delivery], stored_at: datetime) -> Script[Written]:
         yield from erasures.read_log(self._dialect, self._erased)
-        kept = [d for d in batch if not self._erased.covers(d.report)]
+        covers = self._erased.covers_call
+        kept = [d for d in batch if not covers(*caller(d))]
         rows = self._dialect.rows(kept)
         written = (yield self._dialect.upsert(rows, stored_at)).count if rows else 0
         return Written(written, len(batch) - len(kept))

@@ -15,7 +15,17 @@ import orjson
 
 from consumers.contract import Delivery
 from consumers.errors import PermanentError
-from consumers.storage.rows import COLUMNS, NAMES, Kind, StoredReport, newest_per_call, row_values
+from consumers.storage.rows import (
+    COLUMNS,
+    JSON_TEXT,
+    NAMES,
+    Kind,
+    StoredReport,
+    from_record,
+    newest_per_call,
+    record_row_values,
+    row_values,
+)
 from consumers.storage.settings import BackendName
 from consumers.storage.statements import Script, Statement
 
@@ -65,6 +75,11 @@ class Dialect(ABC):
         self._encoders = tuple(
             (i, encoders[k]) for i, (_, k) in enumerate(_ROW_COLUMNS) if k in encoders
         )
+        # A row from the record: its JSON fields are JSON text already.
+        self._record_encoders = tuple(
+            (i, self.json_text if _ROW_COLUMNS[i][0] in JSON_TEXT else encode)
+            for i, encode in self._encoders
+        )
         decoders: dict[Kind, Callable[[Any], Any]] = {
             "time": self.read_time,
             "json": orjson.loads,
@@ -113,6 +128,10 @@ class Dialect(ABC):
     def json(self, value: Any) -> str:
         return orjson.dumps(value).decode()
 
+    def json_text(self, text: str) -> str:
+        """A JSON column from JSON text the runner has checked parses (schemas.report)."""
+        return text
+
     def lock(self, key: int, *, shared: bool = False) -> Script[None]:
         """An advisory lock held until the transaction ends; nothing where the transaction
         itself already serialises writers."""
@@ -131,8 +150,12 @@ class Dialect(ABC):
             raise PermanentError(f"report cannot be stored: {type(exc).__name__}: {exc}") from exc
 
     def _row(self, delivery: Delivery) -> tuple[Any, ...]:
-        values = row_values(delivery)
-        for i, encode in self._encoders:
+        if from_record(delivery):
+            values = record_row_values(delivery)
+            encoders = self._record_encoders
+        else:
+            values, encoders = row_values(delivery), self._encoders
+        for i, encode in encoders:
             # None is SQL NULL (the report has no such field), never JSON null.
             if values[i] is not None:
                 values[i] = encode(values[i])
@@ -155,10 +178,12 @@ class SqliteDialect(Dialect):
     def time(self, moment: datetime) -> str:
         """Fixed-width ISO-8601 UTC with microseconds, so text order is time order and the
         upsert's newer-than comparison works on the text directly."""
-        if moment.tzinfo is None:
+        zone = moment.tzinfo
+        if zone is None:
             raise ValueError("naive datetime: every time in callstream is UTC-aware")
-        utc = moment.astimezone(UTC).replace(tzinfo=None)
-        return utc.isoformat(timespec="microseconds") + "Z"
+        # Decoded records' times are UTC already: astimezone would only copy them.
+        utc = moment if zone is UTC else moment.astimezone(UTC)
+        return utc.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
     def read_time(self, value: Any) -> datetime:
         return datetime.fromisoformat(value)
@@ -227,6 +252,10 @@ class PostgresDialect(Dialect):
     def json(self, value: Any) -> str:
         text = super().json(value)
         return orjson.dumps(_json_without_nul(value)).decode() if "\\u0000" in text else text
+
+    def json_text(self, text: str) -> str:
+        # As `json` does with the value: only a NUL's escape needs the parse.
+        return self.json(orjson.loads(text)) if "\\u0000" in text else text
 
     def statement(self, sql: str, *params: Any, returns_rows: bool = False) -> Statement:
         numbers = itertools.count(1)

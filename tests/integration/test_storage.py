@@ -27,7 +27,7 @@ import pytest
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from callstream.localpg import PostgresServer
-from consumers.contract import Delivery
+from consumers.contract import DecodedDelivery, Delivery
 from consumers.errors import PermanentError, RetryableError
 from consumers.storage import (
     DEFAULT_SQLITE_PATH,
@@ -87,8 +87,10 @@ def deliver(
     normalised = normalise(payload, received_at_ms=received_ms, request_id=str(uuid.uuid4()))
     assert normalised.record is not None
     value = ENCODER.encode(normalised.record)
-    report = CallReport.from_record(DECODER.decode_local(value).record)
-    return Delivery(report, TOPIC, partition, next(_OFFSETS), value)
+    # As the runner hands it out: the decoded record, checked, the report built on demand.
+    record = DECODER.decode_local(value).record
+    CallReport.check_record(record)
+    return DecodedDelivery(None, TOPIC, partition, next(_OFFSETS), value, record=record)
 
 
 def decoded(record: bytes) -> CallReport:
