@@ -25,6 +25,7 @@ from consumers.storage.rows import (
     newest_per_call,
     record_row_values,
     row_values,
+    version,
 )
 from consumers.storage.settings import BackendName
 from consumers.storage.statements import Script, Statement
@@ -93,6 +94,12 @@ class Dialect(ABC):
     def upsert(self, rows: Sequence[tuple[Any, ...]], stored_at: datetime) -> Statement: ...
 
     @abstractmethod
+    def held(self, versions: Sequence[tuple[Any, Any, Any]]) -> Script[set[str]]:
+        """Which of `versions` (call id, event time, receipt time, converted as the row's
+        columns are) the table already holds at that version or a newer one: the upsert
+        would leave their rows alone, so their rows need not be built nor sent."""
+
+    @abstractmethod
     def insert_new(
         self,
         table: str,
@@ -149,6 +156,10 @@ class Dialect(ABC):
             # orjson refuses what JSON cannot hold (integers beyond 64 bits, lone surrogates).
             raise PermanentError(f"report cannot be stored: {type(exc).__name__}: {exc}") from exc
 
+    def versions(self, batch: Sequence[Delivery]) -> list[tuple[Any, Any, Any]]:
+        """(call id, event time, receipt time) of each delivery, as `held` takes them."""
+        return [(self.text(c), self.time(e), self.time(r)) for c, e, r in map(version, batch)]
+
     def _row(self, delivery: Delivery) -> tuple[Any, ...]:
         if from_record(delivery):
             values = record_row_values(delivery)
@@ -170,6 +181,21 @@ class Dialect(ABC):
 
 
 _SQLITE_UPSERT: Final = f"{_INSERT} VALUES ({', '.join('?' * len(NAMES))}){_ON_CONFLICT}"
+# The negation of _ON_CONFLICT's WHERE: versions the upsert would not write.
+_HELD_WHERE: Final = (
+    " WHERE (u.event_time, u.received_at) <= (stored.event_time, stored.received_at)"
+)
+# Rows per statement: three parameters each stay under SQLite's oldest limit of 999.
+_SQLITE_HELD_CHUNK: Final = 333
+
+
+def _sqlite_held(rows: int) -> str:
+    values = ", ".join(["(?, ?, ?)"] * rows)
+    return (
+        f"WITH u(call_id, event_time, received_at) AS (VALUES {values})"  # noqa: S608
+        " SELECT u.call_id FROM u JOIN call_reports AS stored ON stored.call_id = u.call_id"
+        + _HELD_WHERE
+    )
 
 
 class SqliteDialect(Dialect):
@@ -191,6 +217,15 @@ class SqliteDialect(Dialect):
     def upsert(self, rows: Sequence[tuple[Any, ...]], stored_at: datetime) -> Statement:
         stamp = self.time(stored_at)
         return Statement(_SQLITE_UPSERT, tuple((*row, stamp) for row in rows), many=True)
+
+    def held(self, versions: Sequence[tuple[Any, Any, Any]]) -> Script[set[str]]:
+        found: set[str] = set()
+        for start in range(0, len(versions), _SQLITE_HELD_CHUNK):
+            chunk = versions[start : start + _SQLITE_HELD_CHUNK]
+            params = tuple(value for row in chunk for value in row)
+            statement = Statement(_sqlite_held(len(chunk)), params, returns_rows=True)
+            found.update(call_id for (call_id,) in (yield statement).rows)
+        return found
 
     def insert_new(
         self,
@@ -242,6 +277,12 @@ _PG_UPSERT: Final = (
     + _ON_CONFLICT
 )
 
+_PG_HELD: Final = (
+    "SELECT u.call_id FROM unnest($1::text[], $2::timestamptz[], $3::timestamptz[])"  # noqa: S608
+    " AS u(call_id, event_time, received_at)"
+    " JOIN call_reports AS stored ON stored.call_id = u.call_id" + _HELD_WHERE
+)
+
 
 class PostgresDialect(Dialect):
     name: BackendName = "postgresql"
@@ -269,6 +310,11 @@ class PostgresDialect(Dialect):
     def upsert(self, rows: Sequence[tuple[Any, ...]], stored_at: datetime) -> Statement:
         columns = [list(column) for column in zip(*rows, strict=True)]
         return Statement(_PG_UPSERT, (*columns, stored_at))
+
+    def held(self, versions: Sequence[tuple[Any, Any, Any]]) -> Script[set[str]]:
+        columns = [list(column) for column in zip(*versions, strict=True)]
+        statement = Statement(_PG_HELD, tuple(columns), returns_rows=True)
+        return {call_id for (call_id,) in (yield statement).rows}
 
     def insert_new(
         self,

@@ -149,13 +149,16 @@ def from_record(delivery: Delivery) -> TypeGuard[DecodedDelivery]:
     return isinstance(delivery, DecodedDelivery) and delivery.record is not None
 
 
-def _version(delivery: Delivery) -> tuple[datetime, datetime]:
-    """Which of two reports of one call is newer: later event, then later receipt."""
+def version(delivery: Delivery) -> tuple[str, datetime, datetime]:
+    """The call and its version: of two reports of one call the later event is newer, then
+    the later receipt."""
     if from_record(delivery):
         record = delivery.record
         assert record is not None
-        return record_time(record["event_time"]), record_time(record["source"]["received_at"])
-    return delivery.report.event_time, delivery.report.received_at
+        received_at = record_time(record["source"]["received_at"])
+        return record["call_id"], record_time(record["event_time"]), received_at
+    report = delivery.report
+    return report.call_id, report.event_time, report.received_at
 
 
 def caller(delivery: Delivery) -> tuple[str, str | None]:
@@ -175,10 +178,11 @@ def newest_per_call(batch: Iterable[Delivery], key: Callable[[str], str]) -> lis
     sort gives every instance the same lock order, which keeps concurrent upserts of
     overlapping batches from deadlocking.
     """
-    newest: dict[str, Delivery] = {}
+    newest: dict[str, tuple[tuple[datetime, datetime], Delivery]] = {}
     for delivery in batch:
-        call = key(caller(delivery)[0])
+        call_id, event_time, received_at = version(delivery)
+        call = key(call_id)
         held = newest.get(call)
-        if held is None or _version(delivery) > _version(held):
-            newest[call] = delivery
-    return [newest[call] for call in sorted(newest)]
+        if held is None or (event_time, received_at) > held[0]:
+            newest[call] = ((event_time, received_at), delivery)
+    return [newest[call][1] for call in sorted(newest)]
