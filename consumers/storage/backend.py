@@ -110,8 +110,8 @@ class StorageBackend:
         # conflict-checking rows that the upsert would leave alone anyway.
         versions = self._dialect.versions(newest)
         held = (yield from self._dialect.held(versions)) if newest else set()
-        fresh = [d for d, (call, _, _) in zip(newest, versions, strict=True) if call not in held]
-        rows = self._dialect.rows(fresh)
+        fresh = [(d, v) for d, v in zip(newest, versions, strict=True) if v[0] not in held]
+        rows = self._dialect.rows_of([d for d, _ in fresh], [v for _, v in fresh])
         written = (yield self._dialect.upsert(rows, stored_at)).count if rows else 0
         return Written(written, len(batch) - len(kept))
 

@@ -31,6 +31,8 @@ from consumers.storage.settings import BackendName
 from consumers.storage.statements import Script, Statement
 
 _ROW_COLUMNS: Final = COLUMNS[:-1]  # without stored_at, which is bound once per batch
+# Where a row holds its version (rows.version): call id, event time, receipt time.
+_VERSION_COLUMNS: Final = tuple(NAMES.index(c) for c in ("call_id", "event_time", "received_at"))
 _PLACEHOLDER: Final = re.compile(r"\?")
 
 # The WHERE makes the upsert idempotent and order-proof: equal or older versions leave
@@ -73,8 +75,11 @@ class Dialect(ABC):
             "json": self.json,
         }
         # Only the columns that need converting: row building is on every batch's path.
+        # The version's columns come converted already (see `versions`).
         self._encoders = tuple(
-            (i, encoders[k]) for i, (_, k) in enumerate(_ROW_COLUMNS) if k in encoders
+            (i, encoders[k])
+            for i, (_, k) in enumerate(_ROW_COLUMNS)
+            if k in encoders and i not in _VERSION_COLUMNS
         )
         # A row from the record: its JSON fields are JSON text already.
         self._record_encoders = tuple(
@@ -150,17 +155,29 @@ class Dialect(ABC):
 
     def rows(self, batch: Sequence[Delivery]) -> list[tuple[Any, ...]]:
         """The rows of the newest delivery of each call, in COLUMNS order without stored_at."""
+        newest = newest_per_call(batch, self.text)
+        return self.rows_of(newest, self.versions(newest))
+
+    def versions(self, batch: Sequence[Delivery]) -> list[tuple[Any, Any, Any]]:
+        """(call id, event time, receipt time) of each delivery, converted as their columns
+        are: what `held` and `rows_of` take."""
         try:
-            return [self._row(d) for d in newest_per_call(batch, self.text)]
+            return [(self.text(c), self.time(e), self.time(r)) for c, e, r in map(version, batch)]
+        except ValueError as exc:
+            raise PermanentError(f"report cannot be stored: {exc}") from exc
+
+    def rows_of(
+        self, newest: Sequence[Delivery], versions: Sequence[tuple[Any, Any, Any]]
+    ) -> list[tuple[Any, ...]]:
+        """The rows of `newest`, one delivery per call (newest_per_call), and their
+        `versions`; in COLUMNS order without stored_at."""
+        try:
+            return [self._row(d, v) for d, v in zip(newest, versions, strict=True)]
         except (TypeError, ValueError) as exc:
             # orjson refuses what JSON cannot hold (integers beyond 64 bits, lone surrogates).
             raise PermanentError(f"report cannot be stored: {type(exc).__name__}: {exc}") from exc
 
-    def versions(self, batch: Sequence[Delivery]) -> list[tuple[Any, Any, Any]]:
-        """(call id, event time, receipt time) of each delivery, as `held` takes them."""
-        return [(self.text(c), self.time(e), self.time(r)) for c, e, r in map(version, batch)]
-
-    def _row(self, delivery: Delivery) -> tuple[Any, ...]:
+    def _row(self, delivery: Delivery, version: tuple[Any, Any, Any]) -> tuple[Any, ...]:
         if from_record(delivery):
             values = record_row_values(delivery)
             encoders = self._record_encoders
@@ -170,6 +187,8 @@ class Dialect(ABC):
             # None is SQL NULL (the report has no such field), never JSON null.
             if values[i] is not None:
                 values[i] = encode(values[i])
+        for i, value in zip(_VERSION_COLUMNS, version, strict=True):
+            values[i] = value
         return tuple(values)
 
     def stored(self, row: Sequence[Any]) -> StoredReport:
@@ -209,7 +228,7 @@ class SqliteDialect(Dialect):
             raise ValueError("naive datetime: every time in callstream is UTC-aware")
         # Decoded records' times are UTC already: astimezone would only copy them.
         utc = moment if zone is UTC else moment.astimezone(UTC)
-        return utc.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+        return utc.isoformat(timespec="microseconds").removesuffix("+00:00") + "Z"
 
     def read_time(self, value: Any) -> datetime:
         return datetime.fromisoformat(value)
