@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import FrozenInstanceError, dataclass
+from typing import Any, ClassVar
 
 from prometheus_client import CollectorRegistry
 
@@ -35,6 +35,61 @@ class Delivery:
     partition: int
     offset: int
     value: bytes  # the record exactly as it sits on the topic (Avro, framed)
+
+
+class DecodedDelivery(Delivery):
+    """A Delivery as the runner hands it out: `report` is built from the decoded Avro
+    record the first time a consumer reads it, so a consumer that works from `record`
+    itself (storage writes its columns straight from it) never pays for the report.
+
+    The runner has checked that `record` forms a report (`schemas.report.check_record`).
+    A copy made with `dataclasses.replace` is given its report and no record: the report
+    may be the thing that was replaced.
+    """
+
+    __slots__ = ("record",)
+
+    def __init__(
+        self,
+        report: CallReport | None = None,
+        topic: str = "",
+        partition: int = 0,
+        offset: int = 0,
+        value: bytes = b"",
+        *,
+        record: dict[str, Any] | None = None,
+    ) -> None:
+        if (report is None) == (record is None):
+            raise TypeError("a DecodedDelivery needs a report or a record, not both")
+        if report is not None:
+            _REPORT_SLOT.__set__(self, report)
+        object.__setattr__(self, "topic", topic)
+        object.__setattr__(self, "partition", partition)
+        object.__setattr__(self, "offset", offset)
+        object.__setattr__(self, "value", value)
+        #: the report as the current schema's Avro record (JSON fields as JSON text)
+        self.record: dict[str, Any] | None
+        object.__setattr__(self, "record", record)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise FrozenInstanceError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise FrozenInstanceError(f"cannot delete field {name!r}")
+
+    @property
+    def report(self) -> CallReport:
+        try:
+            return _REPORT_SLOT.__get__(self, Delivery)  # type: ignore[no-any-return]
+        except AttributeError:
+            assert self.record is not None
+            report = CallReport.from_record(self.record)
+            _REPORT_SLOT.__set__(self, report)
+            return report
+
+
+# Delivery's own storage for `report`, which DecodedDelivery's property fills on first use.
+_REPORT_SLOT: Any = Delivery.__dict__["report"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,7 +37,7 @@ from typing import TypeVar
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 
-from consumers.contract import REDRIVE_HEADER, Consumer, Delivery, EventDelivery
+from consumers.contract import REDRIVE_HEADER, Consumer, DecodedDelivery, Delivery, EventDelivery
 from consumers.errors import RetryableError
 from consumers.telemetry import RunnerMetrics
 from core.kafkasettings import KafkaSettings
@@ -47,7 +47,7 @@ from core.topicadmin import ensure_topics
 from schemas.codec import Decoded, Decoder
 from schemas.errors import DecodeError, SchemaError, UnknownSchemaError
 from schemas.events import FlireoEvent
-from schemas.report import CallReport
+from schemas.report import CallReport, record_time
 from schemas.store import END_OF_CALL_REPORT, FLIREO_EVENT
 
 log = logging.getLogger(__name__)
@@ -291,7 +291,7 @@ class Runner:
         now = datetime.now(UTC)
         for delivery in deliveries:
             if (delivery.topic, delivery.partition, delivery.offset) not in failed:
-                delay = (now - delivery.report.event_time).total_seconds()
+                delay = (now - _event_time(delivery)).total_seconds()
                 self._metrics.end_to_end_delay.observe(max(delay, 0.0))
 
     def _meant_for_us(self, record: _Fetched) -> bool:
@@ -329,7 +329,9 @@ class Runner:
         where = (record.topic, record.partition, record.offset, record.value)
         try:
             if reports:
-                return Delivery(CallReport.from_record(decoded.record), *where)
+                # Checked now, built when a consumer reads it (see DecodedDelivery).
+                CallReport.check_record(decoded.record)
+                return DecodedDelivery(None, *where, record=decoded.record)
             return EventDelivery(FlireoEvent.from_record(decoded.record), *where)
         except (KeyError, TypeError, ValueError) as exc:
             what = "a report" if reports else "an event"
@@ -517,6 +519,13 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         self._runner._revoked = False
+
+
+def _event_time(delivery: Delivery) -> datetime:
+    """The report's event time, without building the report only for that."""
+    if isinstance(delivery, DecodedDelivery) and delivery.record is not None:
+        return record_time(delivery.record["event_time"])
+    return delivery.report.event_time
 
 
 def _describe(exc: BaseException) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
@@ -14,6 +14,15 @@ JsonObject = dict[str, Any]
 # One spoken turn, as transcript_turns_json holds it: role, text, start_ms, end_ms,
 # seconds_from_start; JSON-ready as it is.
 Turn = dict[str, Any]
+
+
+# The report's fields the record holds as JSON text, in `<name>_json`.
+JSON_FIELDS: Final = ("structured_data", "user_metadata", "costs", "transcript_turns", "extra")
+
+
+def record_time(value: datetime | int) -> datetime:
+    """A time of the record as the report holds it: aware, UTC when the writer gave none."""
+    return _aware(value)
 
 
 def _aware(value: datetime | int) -> datetime:
@@ -101,6 +110,21 @@ class CallReport:
             event_time_source=source.get("event_time_source") or "sent",
             derived_fields=source.get("derived_fields"),
         )
+
+    @staticmethod
+    def check_record(record: dict[str, Any]) -> None:
+        """Raise what `from_record` would raise for `record`, without building the report
+        (KeyError, TypeError or ValueError): the runner checks every record this way and
+        leaves the report to be built only if a consumer reads it."""
+        record["call_id"], record["event_type"]  # required: KeyError if absent
+        _aware(record["event_time"])
+        source = record["source"]
+        source["format"], source["request_id"]
+        _aware(source["received_at"])
+        for name in JSON_FIELDS:
+            text = record.get(f"{name}_json")
+            if text is not None:
+                orjson.loads(text)
 
     def to_record(self) -> dict[str, Any]:
         """The Avro-shaped record again (for re-publishing from storage)."""

@@ -15,7 +15,7 @@ from consumers.contract import Delivery, EventDelivery
 from consumers.storage import erasures, timeline
 from consumers.storage.connections import Connection, PostgresConnection, SqliteConnection
 from consumers.storage.migrations import APPLIED, schema
-from consumers.storage.rows import NAMES, StoredReport
+from consumers.storage.rows import NAMES, StoredReport, caller, newest_per_call
 from consumers.storage.settings import BackendName, StorageSettings
 from consumers.storage.statements import Script, Statement, one
 from consumers.storage.timeline import StoredStatus
@@ -102,8 +102,16 @@ class StorageBackend:
 
     def _upsert(self, batch: Sequence[Delivery], stored_at: datetime) -> Script[Written]:
         yield from erasures.read_log(self._dialect, self._erased)
-        kept = [d for d in batch if not self._erased.covers(d.report)]
-        rows = self._dialect.rows(kept)
+        covers = self._erased.covers_call
+        kept = [d for d in batch if not covers(*caller(d))]
+        newest = newest_per_call(kept, self._dialect.text)
+        # A replay, or a redelivery after a rebalance, brings versions already stored:
+        # asking first costs one indexed lookup per call and spares building, sending and
+        # conflict-checking rows that the upsert would leave alone anyway.
+        versions = self._dialect.versions(newest)
+        held = (yield from self._dialect.held(versions)) if newest else set()
+        fresh = [(d, v) for d, v in zip(newest, versions, strict=True) if v[0] not in held]
+        rows = self._dialect.rows_of([d for d, _ in fresh], [v for _, v in fresh])
         written = (yield self._dialect.upsert(rows, stored_at)).count if rows else 0
         return Written(written, len(batch) - len(kept))
 

@@ -15,11 +15,24 @@ import orjson
 
 from consumers.contract import Delivery
 from consumers.errors import PermanentError
-from consumers.storage.rows import COLUMNS, NAMES, Kind, StoredReport, newest_per_call, row_values
+from consumers.storage.rows import (
+    COLUMNS,
+    JSON_TEXT,
+    NAMES,
+    Kind,
+    StoredReport,
+    from_record,
+    newest_per_call,
+    record_row_values,
+    row_values,
+    version,
+)
 from consumers.storage.settings import BackendName
 from consumers.storage.statements import Script, Statement
 
 _ROW_COLUMNS: Final = COLUMNS[:-1]  # without stored_at, which is bound once per batch
+# Where a row holds its version (rows.version): call id, event time, receipt time.
+_VERSION_COLUMNS: Final = tuple(NAMES.index(c) for c in ("call_id", "event_time", "received_at"))
 _PLACEHOLDER: Final = re.compile(r"\?")
 
 # The WHERE makes the upsert idempotent and order-proof: equal or older versions leave
@@ -62,8 +75,16 @@ class Dialect(ABC):
             "json": self.json,
         }
         # Only the columns that need converting: row building is on every batch's path.
+        # The version's columns come converted already (see `versions`).
         self._encoders = tuple(
-            (i, encoders[k]) for i, (_, k) in enumerate(_ROW_COLUMNS) if k in encoders
+            (i, encoders[k])
+            for i, (_, k) in enumerate(_ROW_COLUMNS)
+            if k in encoders and i not in _VERSION_COLUMNS
+        )
+        # A row from the record: its JSON fields are JSON text already.
+        self._record_encoders = tuple(
+            (i, self.json_text if _ROW_COLUMNS[i][0] in JSON_TEXT else encode)
+            for i, encode in self._encoders
         )
         decoders: dict[Kind, Callable[[Any], Any]] = {
             "time": self.read_time,
@@ -76,6 +97,12 @@ class Dialect(ABC):
 
     @abstractmethod
     def upsert(self, rows: Sequence[tuple[Any, ...]], stored_at: datetime) -> Statement: ...
+
+    @abstractmethod
+    def held(self, versions: Sequence[tuple[Any, Any, Any]]) -> Script[set[str]]:
+        """Which of `versions` (call id, event time, receipt time, converted as the row's
+        columns are) the table already holds at that version or a newer one: the upsert
+        would leave their rows alone, so their rows need not be built nor sent."""
 
     @abstractmethod
     def insert_new(
@@ -113,6 +140,10 @@ class Dialect(ABC):
     def json(self, value: Any) -> str:
         return orjson.dumps(value).decode()
 
+    def json_text(self, text: str) -> str:
+        """A JSON column from JSON text the runner has checked parses (schemas.report)."""
+        return text
+
     def lock(self, key: int, *, shared: bool = False) -> Script[None]:
         """An advisory lock held until the transaction ends; nothing where the transaction
         itself already serialises writers."""
@@ -124,18 +155,40 @@ class Dialect(ABC):
 
     def rows(self, batch: Sequence[Delivery]) -> list[tuple[Any, ...]]:
         """The rows of the newest delivery of each call, in COLUMNS order without stored_at."""
+        newest = newest_per_call(batch, self.text)
+        return self.rows_of(newest, self.versions(newest))
+
+    def versions(self, batch: Sequence[Delivery]) -> list[tuple[Any, Any, Any]]:
+        """(call id, event time, receipt time) of each delivery, converted as their columns
+        are: what `held` and `rows_of` take."""
         try:
-            return [self._row(d) for d in newest_per_call(batch, self.text)]
+            return [(self.text(c), self.time(e), self.time(r)) for c, e, r in map(version, batch)]
+        except ValueError as exc:
+            raise PermanentError(f"report cannot be stored: {exc}") from exc
+
+    def rows_of(
+        self, newest: Sequence[Delivery], versions: Sequence[tuple[Any, Any, Any]]
+    ) -> list[tuple[Any, ...]]:
+        """The rows of `newest`, one delivery per call (newest_per_call), and their
+        `versions`; in COLUMNS order without stored_at."""
+        try:
+            return [self._row(d, v) for d, v in zip(newest, versions, strict=True)]
         except (TypeError, ValueError) as exc:
             # orjson refuses what JSON cannot hold (integers beyond 64 bits, lone surrogates).
             raise PermanentError(f"report cannot be stored: {type(exc).__name__}: {exc}") from exc
 
-    def _row(self, delivery: Delivery) -> tuple[Any, ...]:
-        values = row_values(delivery)
-        for i, encode in self._encoders:
+    def _row(self, delivery: Delivery, version: tuple[Any, Any, Any]) -> tuple[Any, ...]:
+        if from_record(delivery):
+            values = record_row_values(delivery)
+            encoders = self._record_encoders
+        else:
+            values, encoders = row_values(delivery), self._encoders
+        for i, encode in encoders:
             # None is SQL NULL (the report has no such field), never JSON null.
             if values[i] is not None:
                 values[i] = encode(values[i])
+        for i, value in zip(_VERSION_COLUMNS, version, strict=True):
+            values[i] = value
         return tuple(values)
 
     def stored(self, row: Sequence[Any]) -> StoredReport:
@@ -147,6 +200,21 @@ class Dialect(ABC):
 
 
 _SQLITE_UPSERT: Final = f"{_INSERT} VALUES ({', '.join('?' * len(NAMES))}){_ON_CONFLICT}"
+# The negation of _ON_CONFLICT's WHERE: versions the upsert would not write.
+_HELD_WHERE: Final = (
+    " WHERE (u.event_time, u.received_at) <= (stored.event_time, stored.received_at)"
+)
+# Rows per statement: three parameters each stay under SQLite's oldest limit of 999.
+_SQLITE_HELD_CHUNK: Final = 333
+
+
+def _sqlite_held(rows: int) -> str:
+    values = ", ".join(["(?, ?, ?)"] * rows)
+    return (
+        f"WITH u(call_id, event_time, received_at) AS (VALUES {values})"  # noqa: S608
+        " SELECT u.call_id FROM u JOIN call_reports AS stored ON stored.call_id = u.call_id"
+        + _HELD_WHERE
+    )
 
 
 class SqliteDialect(Dialect):
@@ -155,10 +223,12 @@ class SqliteDialect(Dialect):
     def time(self, moment: datetime) -> str:
         """Fixed-width ISO-8601 UTC with microseconds, so text order is time order and the
         upsert's newer-than comparison works on the text directly."""
-        if moment.tzinfo is None:
+        zone = moment.tzinfo
+        if zone is None:
             raise ValueError("naive datetime: every time in callstream is UTC-aware")
-        utc = moment.astimezone(UTC).replace(tzinfo=None)
-        return utc.isoformat(timespec="microseconds") + "Z"
+        # Decoded records' times are UTC already: astimezone would only copy them.
+        utc = moment if zone is UTC else moment.astimezone(UTC)
+        return utc.isoformat(timespec="microseconds").removesuffix("+00:00") + "Z"
 
     def read_time(self, value: Any) -> datetime:
         return datetime.fromisoformat(value)
@@ -166,6 +236,15 @@ class SqliteDialect(Dialect):
     def upsert(self, rows: Sequence[tuple[Any, ...]], stored_at: datetime) -> Statement:
         stamp = self.time(stored_at)
         return Statement(_SQLITE_UPSERT, tuple((*row, stamp) for row in rows), many=True)
+
+    def held(self, versions: Sequence[tuple[Any, Any, Any]]) -> Script[set[str]]:
+        found: set[str] = set()
+        for start in range(0, len(versions), _SQLITE_HELD_CHUNK):
+            chunk = versions[start : start + _SQLITE_HELD_CHUNK]
+            params = tuple(value for row in chunk for value in row)
+            statement = Statement(_sqlite_held(len(chunk)), params, returns_rows=True)
+            found.update(call_id for (call_id,) in (yield statement).rows)
+        return found
 
     def insert_new(
         self,
@@ -217,6 +296,12 @@ _PG_UPSERT: Final = (
     + _ON_CONFLICT
 )
 
+_PG_HELD: Final = (
+    "SELECT u.call_id FROM unnest($1::text[], $2::timestamptz[], $3::timestamptz[])"  # noqa: S608
+    " AS u(call_id, event_time, received_at)"
+    " JOIN call_reports AS stored ON stored.call_id = u.call_id" + _HELD_WHERE
+)
+
 
 class PostgresDialect(Dialect):
     name: BackendName = "postgresql"
@@ -227,6 +312,10 @@ class PostgresDialect(Dialect):
     def json(self, value: Any) -> str:
         text = super().json(value)
         return orjson.dumps(_json_without_nul(value)).decode() if "\\u0000" in text else text
+
+    def json_text(self, text: str) -> str:
+        # As `json` does with the value: only a NUL's escape needs the parse.
+        return self.json(orjson.loads(text)) if "\\u0000" in text else text
 
     def statement(self, sql: str, *params: Any, returns_rows: bool = False) -> Statement:
         numbers = itertools.count(1)
@@ -240,6 +329,11 @@ class PostgresDialect(Dialect):
     def upsert(self, rows: Sequence[tuple[Any, ...]], stored_at: datetime) -> Statement:
         columns = [list(column) for column in zip(*rows, strict=True)]
         return Statement(_PG_UPSERT, (*columns, stored_at))
+
+    def held(self, versions: Sequence[tuple[Any, Any, Any]]) -> Script[set[str]]:
+        columns = [list(column) for column in zip(*versions, strict=True)]
+        statement = Statement(_PG_HELD, tuple(columns), returns_rows=True)
+        return {call_id for (call_id,) in (yield statement).rows}
 
     def insert_new(
         self,

@@ -38,7 +38,6 @@ from consumers.storage.connections import Connection, PostgresConnection, Sqlite
 from consumers.storage.dialects import Dialect
 from consumers.storage.settings import BackendName, StorageSettings
 from consumers.storage.statements import Script, one
-from schemas.report import CallReport
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -135,9 +134,6 @@ class Erased:
             elif kind == "phone+call" and phone is not None and call is not None:
                 self.pairs.add((str(phone), str(call)))
             self.last_id = max(self.last_id, int(str(entry_id)))
-
-    def covers(self, report: CallReport) -> bool:
-        return self.covers_call(report.call_id, report.from_number)
 
     def covers_call(self, call_id: str, from_number: str | None) -> bool:
         """Whether an erasure selects the call `call_id` from `from_number`: a report, or a

@@ -15,12 +15,12 @@ import math
 import operator
 from collections.abc import Callable, Iterable
 from datetime import datetime
-from typing import Any, Final, Literal, get_type_hints
+from typing import Any, Final, Literal, TypeGuard, get_type_hints
 
 import orjson
 
-from consumers.contract import Delivery
-from schemas.report import CallReport
+from consumers.contract import DecodedDelivery, Delivery
+from schemas.report import JSON_FIELDS, CallReport, record_time
 
 # How a column is kept: each dialect maps a kind onto its own types and conversions.
 Kind = Literal["text", "time", "real", "json", "bytes", "int", "bool"]
@@ -98,9 +98,76 @@ def row_values(delivery: Delivery) -> list[Any]:
     return [*values, delivery.value, delivery.partition, delivery.offset, success]
 
 
-def _version(report: CallReport) -> tuple[datetime, datetime]:
-    """Which of two reports of one call is newer: later event, then later receipt."""
-    return report.event_time, report.received_at
+# -- the same row, straight from the Avro record ---------------------------------------------
+# The runner hands storage the decoded record (consumers.contract.DecodedDelivery): its
+# columns are taken from it as they are, JSON fields as the JSON text the record carries,
+# without building the report and serialising its parsed JSON back again. Which record
+# field feeds each column is derived from CallReport's fields like COLUMNS, so a field
+# added to the report cannot be forgotten here either.
+_REPORT_FIELDS: Final = tuple(f.name for f in dataclasses.fields(CallReport))
+# Fields of the record's `source` (Provenance) record, by the report field they feed.
+_SOURCE: Final = {
+    "source_format": "format",
+    "received_at": "received_at",
+    "request_id": "request_id",
+    "event_time_source": "event_time_source",
+    "derived_fields": "derived_fields",
+}
+_TIMES: Final = frozenset(n for n in _REPORT_FIELDS if _KINDS.get(_HINTS[n]) == "time")
+#: Columns whose value the record holds as JSON text (a dialect passes it on as it is).
+JSON_TEXT: Final = frozenset(JSON_FIELDS)
+_TOP: Final = tuple(n for n in _REPORT_FIELDS if n not in _SOURCE)
+if any(n not in _SOURCE for n in _REPORT_FIELDS[len(_TOP) :]):
+    # record_row_values puts the source's fields after the others.
+    raise TypeError("CallReport's provenance fields (_SOURCE) must come last")
+_record_values: Final = operator.itemgetter(*(f"{n}_json" if n in JSON_TEXT else n for n in _TOP))
+_source_values: Final = operator.itemgetter(*(_SOURCE[n] for n in _REPORT_FIELDS[len(_TOP) :]))
+_TIME_POSITIONS: Final = tuple(_REPORT_FIELDS.index(n) for n in sorted(_TIMES))
+_EVENT_TIME_SOURCE: Final = _REPORT_FIELDS.index("event_time_source")
+
+
+def record_row_values(delivery: DecodedDelivery) -> list[Any]:
+    """As `row_values`, from the delivery's record: JSON columns hold the record's JSON
+    text (str), where `row_values` gives the parsed value."""
+    record = delivery.record
+    assert record is not None
+    values = [*_record_values(record), *_source_values(record["source"])]
+    for i in _TIME_POSITIONS:
+        if values[i] is not None:
+            values[i] = record_time(values[i])
+    # Records written before v3 have no event_time_source: their time was the sender's.
+    values[_EVENT_TIME_SOURCE] = values[_EVENT_TIME_SOURCE] or "sent"
+    evaluation = values[_EVALUATION]
+    if evaluation is not None:
+        values[_EVALUATION] = evaluation_text(evaluation)
+    success = success_flag(evaluation)
+    return [*values, delivery.value, delivery.partition, delivery.offset, success]
+
+
+def from_record(delivery: Delivery) -> TypeGuard[DecodedDelivery]:
+    """Whether storage builds `delivery`'s row from its record (see record_row_values)."""
+    return isinstance(delivery, DecodedDelivery) and delivery.record is not None
+
+
+def version(delivery: Delivery) -> tuple[str, datetime, datetime]:
+    """The call and its version: of two reports of one call the later event is newer, then
+    the later receipt."""
+    if from_record(delivery):
+        record = delivery.record
+        assert record is not None
+        received_at = record_time(record["source"]["received_at"])
+        return record["call_id"], record_time(record["event_time"]), received_at
+    report = delivery.report
+    return report.call_id, report.event_time, report.received_at
+
+
+def caller(delivery: Delivery) -> tuple[str, str | None]:
+    """The call id and the caller's number, from the record when there is one."""
+    if from_record(delivery):
+        record = delivery.record
+        assert record is not None
+        return record["call_id"], record["from_number"]
+    return delivery.report.call_id, delivery.report.from_number
 
 
 def newest_per_call(batch: Iterable[Delivery], key: Callable[[str], str]) -> list[Delivery]:
@@ -111,10 +178,11 @@ def newest_per_call(batch: Iterable[Delivery], key: Callable[[str], str]) -> lis
     sort gives every instance the same lock order, which keeps concurrent upserts of
     overlapping batches from deadlocking.
     """
-    newest: dict[str, Delivery] = {}
+    newest: dict[str, tuple[tuple[datetime, datetime], Delivery]] = {}
     for delivery in batch:
-        call = key(delivery.report.call_id)
+        call_id, event_time, received_at = version(delivery)
+        call = key(call_id)
         held = newest.get(call)
-        if held is None or _version(delivery.report) > _version(held.report):
-            newest[call] = delivery
-    return [newest[call] for call in sorted(newest)]
+        if held is None or (event_time, received_at) > held[0]:
+            newest[call] = ((event_time, received_at), delivery)
+    return [newest[call][1] for call in sorted(newest)]

@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry
 
 from callstream.erase import erase, parse_age, purge
 from callstream.localpg import PostgresServer
-from consumers.contract import Delivery
+from consumers.contract import DecodedDelivery, Delivery
 from consumers.storage import (
     StorageBackend,
     StorageConsumer,
@@ -58,8 +58,10 @@ def report(caller: str, *, age: timedelta = timedelta(hours=1), marker: str = ""
     normalised = normalise(payload, received_at_ms=event_ms + 500, request_id=uuid.uuid4().hex)
     assert normalised.record is not None
     value = ENCODER.encode(normalised.record)
-    decoded = CallReport.from_record(DECODER.decode_local(value).record)
-    return Delivery(decoded, "flireo.end-of-call-report", 0, next(_OFFSETS), value)
+    record = DECODER.decode_local(value).record
+    CallReport.check_record(record)  # as the runner does
+    topic = "flireo.end-of-call-report"
+    return DecodedDelivery(None, topic, 0, next(_OFFSETS), value, record=record)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -27,7 +27,7 @@ import pytest
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from callstream.localpg import PostgresServer
-from consumers.contract import Delivery
+from consumers.contract import DecodedDelivery, Delivery
 from consumers.errors import PermanentError, RetryableError
 from consumers.storage import (
     DEFAULT_SQLITE_PATH,
@@ -87,8 +87,10 @@ def deliver(
     normalised = normalise(payload, received_at_ms=received_ms, request_id=str(uuid.uuid4()))
     assert normalised.record is not None
     value = ENCODER.encode(normalised.record)
-    report = CallReport.from_record(DECODER.decode_local(value).record)
-    return Delivery(report, TOPIC, partition, next(_OFFSETS), value)
+    # As the runner hands it out: the decoded record, checked, the report built on demand.
+    record = DECODER.decode_local(value).record
+    CallReport.check_record(record)
+    return DecodedDelivery(None, TOPIC, partition, next(_OFFSETS), value, record=record)
 
 
 def decoded(record: bytes) -> CallReport:
@@ -362,6 +364,29 @@ async def test_several_versions_in_one_batch_keep_the_newest(
     assert await consumer.backend.count() == 2
     assert metric(registry, "callstream_storage_rows_written_total", backend_name) == 2
     assert metric(registry, "callstream_storage_duplicates_total", backend_name) == 3
+
+
+async def test_a_replayed_batch_writes_only_what_is_new_or_newer(
+    consumer: StorageConsumer, registry: CollectorRegistry, backend_name: str
+) -> None:
+    # More calls than one of SQLite's lookups of stored versions takes.
+    stored = [deliver(flat()) for _ in range(700)]
+    await consumer.handle(stored)
+    untouched = await consumer.backend.fetch(stored[0].report.call_id)
+    changed = stored[1].report.call_id
+    newer = deliver(flat(changed, event_ms=SAMPLE_EVENT_MS + 1, transcriptText="nieuw"))
+    new = deliver(flat())
+
+    await consumer.handle([*stored, newer, new])
+
+    assert await consumer.backend.fetch(stored[0].report.call_id) == untouched
+    refreshed = await consumer.backend.fetch(changed)
+    assert refreshed is not None
+    assert (refreshed.transcript, refreshed.record) == ("nieuw", newer.value)
+    assert await consumer.backend.fetch(new.report.call_id) is not None
+    assert await consumer.backend.count() == 701
+    assert metric(registry, "callstream_storage_rows_written_total", backend_name) == 702
+    assert metric(registry, "callstream_storage_duplicates_total", backend_name) == 700
 
 
 async def test_overlapping_batches_from_two_instances_settle_on_the_newest(

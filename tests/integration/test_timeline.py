@@ -18,7 +18,7 @@ import orjson
 from prometheus_client import CollectorRegistry
 
 from callstream.erase import erase, purge
-from consumers.contract import Delivery, EventDelivery
+from consumers.contract import DecodedDelivery, Delivery, EventDelivery
 from consumers.storage import StorageConsumer, StorageSettings, build
 from core.kafkasettings import KafkaSettings
 from core.secret import Secret
@@ -107,8 +107,10 @@ def event(body: dict[str, Any], *, request_id: str | None = None) -> EventDelive
 def report(body: dict[str, Any]) -> Delivery:
     normalised = normalise(body, received_at_ms=RECEIVED_MS, request_id=uuid.uuid4().hex)
     value = REPORT_ENCODER.encode(normalised.record)
-    decoded = CallReport.from_record(DECODER.decode_local(value).record)
-    return Delivery(decoded, "flireo.end-of-call-report", 0, next(_OFFSETS), value)
+    record = DECODER.decode_local(value).record
+    CallReport.check_record(record)  # as the runner does
+    topic = "flireo.end-of-call-report"
+    return DecodedDelivery(None, topic, 0, next(_OFFSETS), value, record=record)
 
 
 def vapi_update(status: str, at: str, **more: Any) -> EventDelivery:
