@@ -497,10 +497,13 @@ class DurablePublisher:
         deadline = loop.time() + self._publish_timeout
         key = order_key(record)
         if self._kafka_first(key):
+            started = loop.time()
             try:
                 await self.kafka.publish(record, min(self._ack_deadline, self._publish_timeout))
+                self._observe_ack(loop.time() - started)
                 return "kafka"
             except KafkaNotAcknowledged as exc:
+                self._observe_ack(loop.time() - started)
                 self._kafka_missed = True
                 if self._metrics is not None:
                     self._metrics.kafka_ack_missed.inc()
@@ -515,6 +518,10 @@ class DurablePublisher:
             self._forget(key)
             raise
         return "spool"
+
+    def _observe_ack(self, seconds: float) -> None:
+        if self._metrics is not None:
+            self._metrics.kafka_ack_duration.observe(seconds)
 
     async def _append(self, record: OutgoingRecord, deadline: float) -> None:
         try:

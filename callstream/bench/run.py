@@ -11,7 +11,9 @@ Phases, in order (each server is the same process a deployment runs, started as 
    again with another fresh group, over the rows already there;
 4. the spool path (Kafka unreachable);
 5. the spool drain: a spool of --drain-records reports emptied by an ingress with Kafka back;
-6. with --profile: py-spy on the ingress under wrk, and on the consumer while it catches up.
+6. large reports: a closed loop where every --long-every-th report is a long call (~59 kB),
+   with the figures that say where the bound is (callstream/bench/large.py);
+7. with --profile: py-spy on the ingress under wrk, and on the consumer while it catches up.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ import orjson
 
 from callstream.bench import openloop, pool, profiling
 from callstream.bench.chart import write_chart
-from callstream.bench.harness import PARTITIONS, SECRET, Harness
+from callstream.bench.harness import PARTITIONS, SECRET
+from callstream.bench.large import LargeReports
 from callstream.bench.options import BenchOptions
 from callstream.bench.procstat import Watched, loadavg
 from callstream.bench.report import (
@@ -89,7 +92,7 @@ _REQUEST_SECONDS = "callstream_ingress_request_duration_seconds"
 _PUBLISH_SECONDS = "callstream_ingress_publish_duration_seconds"
 
 
-class Bench(Harness):
+class Bench(LargeReports):
     """The phases, each one method; `run_bench` runs those asked for."""
 
     async def closed_loop(
@@ -119,7 +122,6 @@ class Bench(Harness):
         errors = data["errors"]
         seconds = data["duration_us"] / 1e6
         good = data["requests"] - errors["status"]
-        lat = data["latency_us"]
         counted = sampler.delta()
         result = WrkRun(
             server=server,
@@ -133,13 +135,7 @@ class Bench(Harness):
             socket_errors=errors["connect"] + errors["read"] + errors["write"] + errors["timeout"],
             reports_per_s=round(good / seconds, 1),
             server_counted=int(counted) if counted is not None else None,
-            latency=Latency(
-                count=data["requests"],
-                p50_ms=lat["p50"] / 1000,
-                p90_ms=lat["p90"] / 1000,
-                p99_ms=lat["p99"] / 1000,
-                max_ms=lat["max"] / 1000,
-            ),
+            latency=Latency.of_wrk(data),
             processes=window.usage(good, [("wrk", run)]),
             series=sampler.rates(started),
         )
@@ -557,6 +553,14 @@ class Bench(Harness):
         await self._stop(ingress)
         profiles["ingress"] = self._profile_summary(collapsed, run)
 
+        # Where a long call's CPU goes (JSON, Avro, compression on the event loop).
+        collapsed = Path(f"{self.out_prefix}-ingress-large.collapsed")
+        self.say("profile: py-spy on the ingress under long calls only")
+        large = await self.large_run(1, profile=collapsed)
+        summary = self._profile_summary(collapsed, None)
+        summary["reports_per_s_while_profiled"] = large.reports_per_s
+        profiles["ingress-large"] = summary
+
         topic = await self._filled_topic()
         for backend in self._backends():
             collapsed = Path(f"{self.out_prefix}-consumer-{backend}.collapsed")
@@ -619,6 +623,7 @@ async def run_bench(options: BenchOptions) -> int:
             "catch-up": bench.phase_catch_up,
             "spool": bench.phase_spool,
             "drain": bench.phase_drain,
+            "large": bench.phase_large,
             "profile": bench.phase_profile,
         }
         try:
