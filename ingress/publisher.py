@@ -296,6 +296,10 @@ class KafkaPublisher:
             async with asyncio.timeout(FLUSH_GRACE_SECONDS):
                 await producer.stop()
 
+    def acknowledged_since(self, moment: float) -> bool:
+        """Whether Kafka acknowledged any record after `moment` (time.monotonic())."""
+        return self._last_ack is not None and self._last_ack >= moment
+
     def connected(self) -> bool:
         return self._producer is not None
 
@@ -404,10 +408,12 @@ class DurablePublisher:
     in arrival order once it is back.
 
     Order is kept per call, not globally: a record whose key has records in the spool is
-    spooled behind them; any other goes to Kafka. After Kafka misses an acknowledgement every
-    record goes straight to the spool (nobody waits out the deadline again) until the drainer
-    sees Kafka acknowledge a whole batch. A spool that cannot be written (a full or read-only
-    disk) leaves Kafka as the only way to keep a report, whatever the order."""
+    spooled behind them; any other goes to Kafka. When a report waits out the deadline while
+    Kafka acknowledges nothing at all, every record goes straight to the spool (nobody waits
+    out the deadline again) until the drainer sees Kafka acknowledge a whole batch; a report
+    late while Kafka acknowledges others is spooled on its own. A spool that cannot be
+    written (a full or read-only disk) leaves Kafka as the only way to keep a report, whatever
+    the order."""
 
     def __init__(
         self,
@@ -428,6 +434,7 @@ class DurablePublisher:
         self._drainer: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._not_acknowledged = Throttled(log)
+        self._late = Throttled(log)
         self._drain_failed = Throttled(log)
         # Records per order key that are spooled or on their way into the spool: counted
         # before the append is queued, so a later record of the same call cannot slip past.
@@ -497,19 +504,16 @@ class DurablePublisher:
         deadline = loop.time() + self._publish_timeout
         key = order_key(record)
         if self._kafka_first(key):
-            started = loop.time()
+            started = time.monotonic()
             try:
                 await self.kafka.publish(record, min(self._ack_deadline, self._publish_timeout))
-                self._observe_ack(loop.time() - started)
+                self._observe_ack(time.monotonic() - started)
                 return "kafka"
             except KafkaNotAcknowledged as exc:
-                self._observe_ack(loop.time() - started)
-                self._kafka_missed = True
+                self._observe_ack(time.monotonic() - started)
                 if self._metrics is not None:
                     self._metrics.kafka_ack_missed.inc()
-                self._not_acknowledged.warning(
-                    "kafka did not acknowledge (%s); spooling reports until it does", exc
-                )
+                self._missed(exc, started)
         if key is not None:
             self._spooled[key] += 1
         try:
@@ -518,6 +522,23 @@ class DurablePublisher:
             self._forget(key)
             raise
         return "spool"
+
+    def _missed(self, exc: KafkaNotAcknowledged, since: float) -> None:
+        if self.kafka.acknowledged_since(since):
+            # Kafka took other reports while this one waited, so it is there: this report is
+            # late on its own (an event loop busy with long calls, a partition electing a
+            # leader). Sending every report to the spool now would only add the spool's
+            # write and the drainer's second publish to an ingress that is already behind.
+            self._late.warning(
+                "a report waited out the acknowledgement deadline (%s) while Kafka"
+                " acknowledged others; spooling that report only",
+                exc,
+            )
+            return
+        self._kafka_missed = True
+        self._not_acknowledged.warning(
+            "kafka did not acknowledge (%s); spooling reports until it does", exc
+        )
 
     def _observe_ack(self, seconds: float) -> None:
         if self._metrics is not None:
