@@ -8,8 +8,9 @@ from pathlib import Path
 
 import orjson
 import pytest
+from aiokafka.record.default_records import DefaultRecordBatch
 
-from callstream.bench import pool
+from callstream.bench import codecs, pool
 from callstream.bench.large import bound_of, mean_body_bytes
 from callstream.bench.report import (
     LargeRun,
@@ -148,3 +149,25 @@ def test_the_table_says_what_went_to_the_spool_and_where_the_bound_is() -> None:
     assert "spooled 4,102 of 5,841 accepted (20 waited out the ack deadline" in table
     assert "Kafka ack p50 <= 250.0  p90 <= 1,500.0  p99 <= 2,500.0 ms" in table
     assert "bound: the spool: 70%" in table
+
+
+def test_every_codec_builds_a_batch_kafka_can_read_back_as_the_same_records() -> None:
+    value = codecs.encoded(pool.long_call().fresh()[1])
+
+    for name, attribute in codecs.CODECS.items():
+        batch = DefaultRecordBatch(codecs.build_batch(value, 3, attribute, 1024 * 1024))
+        assert [r.value for r in batch] == [value] * 3, name
+        assert batch.compression_type == attribute
+
+
+def test_the_codec_table_has_every_codec_for_both_bodies_and_batch_sizes() -> None:
+    rows = list(codecs.measure(repeat=1))
+
+    assert len(rows) == 2 * len(codecs.BATCH_BYTES) * len(codecs.CODECS)
+    long_rows = {r.codec: r for r in rows if r.body.startswith("long call")}
+    # A long call's turns compress: any codec puts less on the wire than none.
+    assert all(
+        r.wire_bytes_per_record < long_rows["none"].wire_bytes_per_record
+        for c, r in long_rows.items()
+        if c != "none"
+    )
