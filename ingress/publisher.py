@@ -37,7 +37,7 @@ from core.topicadmin import describe, ensure_topics
 from ingress.outgoing import OutgoingRecord as OutgoingRecord
 from ingress.outgoing import decode_record as decode_record
 from ingress.outgoing import encode_record as encode_record
-from ingress.settings import IngressSettings
+from ingress.settings import Compression, IngressSettings
 from ingress.spool import CrashPoint, Spool, Spooled, SpoolError, SpoolFull, crash
 from ingress.telemetry import SpoolMetrics
 
@@ -99,9 +99,16 @@ class RecordTooLarge(KafkaRejected):
 
 
 class KafkaPublisher:
-    def __init__(self, kafka: KafkaSettings, *, client_id: str = "callstream-ingress") -> None:
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        *,
+        client_id: str = "callstream-ingress",
+        compression: Compression = "zstd",
+    ) -> None:
         self._kafka = kafka
         self._client_id = client_id
+        self._compression = None if compression == "none" else compression
         self._producer: AIOKafkaProducer | None = None
         self._connect_task: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
@@ -125,7 +132,7 @@ class KafkaPublisher:
             linger_ms=LINGER_MS,
             max_batch_size=MAX_BATCH_BYTES,
             max_request_size=MAX_REQUEST_BYTES,
-            compression_type="lz4",
+            compression_type=self._compression,
             request_timeout_ms=15_000,
         )
 
@@ -455,7 +462,7 @@ class DurablePublisher:
             crash_at=settings.test_crash_at,
         )
         return cls(
-            KafkaPublisher(settings.kafka),
+            KafkaPublisher(settings.kafka, compression=settings.kafka_compression),
             spool,
             ack_deadline_seconds=settings.kafka_ack_deadline_seconds,
             publish_timeout_seconds=settings.publish_timeout_seconds,
