@@ -48,7 +48,7 @@ POOL_LONG = 256
 DRAIN_WAIT_SECONDS = 120.0
 # Shares of a core or of the run above which a figure is called the bound.
 SATURATED_CORE = 0.85
-SPOOLED_SHARE = 0.01
+SPOOLED_SHARE = 0.10
 
 
 def bound_of(

@@ -146,7 +146,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="also profile the ingress under wrk load with py-spy (pip install py-spy)",
+        help="also profile the ingress under wrk load with py-spy (in the bench extra)",
     )
     parser.add_argument(
         "--profile-seconds",

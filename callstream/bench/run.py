@@ -533,7 +533,7 @@ class Bench(LargeReports):
     async def phase_profile(self) -> None:
         py_spy = profiling.find_py_spy()
         if py_spy is None:
-            self.results.profile = {"note": "py-spy is not installed (pip install py-spy)"}
+            self.results.profile = {"note": "py-spy is not installed (pip install -e '.[bench]')"}
             return
         profiles: dict[str, Any] = {}
         ingress = await self.start_ingress("bench.profile")

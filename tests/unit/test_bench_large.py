@@ -78,8 +78,9 @@ FIGURES = {
         ({"machine_cores": 1.9}, "the machine's CPUs: 1.9 of 2 cores busy"),
         ({"ack_p50_ms": 50.0}, "Kafka's acknowledgement: p50 <= 50 ms of a 80 ms answer"),
         ({}, "not one clear bound"),
-        # A few spooled reports in a large run are not where the bound is.
-        ({"spooled": 50, "ack_missed": 50}, "not one clear bound"),
+        # A few spooled reports (late ones, and later reports of their calls) are not where
+        # the bound is.
+        ({"spooled": 500, "ack_missed": 50}, "not one clear bound"),
     ],
 )
 def test_the_bound_is_the_first_figure_that_saturates(
