@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 LINGER_MS = 5
 # aiokafka keeps one open batch per partition and a send() that finds it full waits for it to
 # go. A long call is a 105 kB record, so 256 kB batches held two and every send waited for a
-# round trip: reports spooled under long calls fell from 10-60 % to 4-5 % at 1 MB
+# round trip: reports spooled under long calls fell from 10-60 % to 2-7 % at 1 MB
 # (docs/performance.md: large reports). Under the broker's default message.max.bytes
 # (1,048,588) even uncompressed.
 MAX_BATCH_BYTES = 1_000_000
