@@ -29,12 +29,11 @@ from ingress import hygiene, openapi, ratelimit
 from ingress.auth import Authenticator
 from ingress.body import BodyTooLarge, decode_content, read_wire_body
 from ingress.errors import Problem, invalid, log_refusal
+from ingress.kafkapublisher import PublishUnavailable, RecordTooLarge
 from ingress.publisher import (
     Durable,
     DurablePublisher,
     OutgoingRecord,
-    PublishUnavailable,
-    RecordTooLarge,
     spool_at,
 )
 from ingress.quarantine import Quarantine

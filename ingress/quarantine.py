@@ -27,7 +27,8 @@ from core.signing import SIGNATURE_HEADER
 from ingress.auth import TOKEN_HEADER, Authenticator
 from ingress.body import BodyTooLarge
 from ingress.errors import Problem
-from ingress.publisher import Durable, DurablePublisher, OutgoingRecord, PublishUnavailable
+from ingress.kafkapublisher import PublishUnavailable
+from ingress.publisher import Durable, DurablePublisher, OutgoingRecord
 from ingress.telemetry import IngressMetrics
 from schemas.codec import Encoder
 from schemas.rejected import RejectedRequest

@@ -21,11 +21,11 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+from ingress.kafkapublisher import KafkaPublisher
 from ingress.publisher import (
     DRAIN_MAX_BYTES,
     DRAIN_MAX_RECORDS,
     DRAIN_STOP_GRACE_SECONDS,
-    KafkaPublisher,
     deliver,
     failure_text,
 )

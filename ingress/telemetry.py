@@ -48,6 +48,7 @@ KNOWN_EVENT_TYPES = ("end-of-call-report", "status-update", "other")
 # Every series exists from the first scrape, and the hot path never builds a labelled child.
 SOURCE_FORMATS: tuple[str, ...] = tuple(FIELDS)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+ACK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 2.5, 5.0)
 # An fsync on a healthy SSD takes well under a millisecond; seconds mean a sick disk.
 FSYNC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -141,6 +142,15 @@ class SpoolMetrics:
             "callstream_ingress_kafka_ack_missed_total",
             "Reports that waited out the acknowledgement deadline on Kafka (then spooled or"
             " refused); after one, reports skip Kafka until it acknowledges a drained batch.",
+            registry=registry,
+        )
+        # The deadline decides between Kafka and the spool, so its buckets straddle the
+        # default 2 s deadline: a tail creeping towards it is the warning.
+        self.kafka_ack_duration = Histogram(
+            "callstream_ingress_kafka_ack_duration_seconds",
+            "Time from handing a report to the producer until Kafka acknowledged it (acks=all);"
+            " a report that waited out the deadline is observed at the deadline.",
+            buckets=ACK_BUCKETS,
             registry=registry,
         )
         self.fsync_duration = Histogram(

@@ -7,7 +7,16 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-PHASES = ("baselines", "ingress", "fixed-rate", "catch-up", "spool", "drain", "profile")
+PHASES = (
+    "baselines",
+    "ingress",
+    "fixed-rate",
+    "catch-up",
+    "spool",
+    "drain",
+    "large",
+    "profile",
+)
 DEFAULT_PHASES = PHASES[:-1]
 
 
@@ -116,7 +125,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--long-every",
         type=int,
         default=d.long_every,
-        help="open loop: every Nth report has the long transcript; 0 for none (%(default)s)",
+        help="open loop and large reports: every Nth report is a long one; 0 for none"
+        " (%(default)s)",
     )
     parser.add_argument(
         "--catchup-records",
@@ -136,7 +146,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="also profile the ingress under wrk load with py-spy (pip install py-spy)",
+        help="also profile the ingress under wrk load with py-spy (in the bench extra)",
     )
     parser.add_argument(
         "--profile-seconds",

@@ -25,6 +25,8 @@ from core.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, WEBHOOK_PATH, sign
 # swapping it in keeps the body (and its Content-Length) the same size.
 _PLACEHOLDER = "00000000-0000-4000-8000-000000000000"
 LONG_BODY_BYTES = 60_000
+# A long call as the large-reports phase sends it (5 % of its reports): transcript + messages.
+LONG_CALL_BYTES = 59_000
 _POOL_MARKER = "--@@POOL@@"
 
 
@@ -77,6 +79,35 @@ def templates(
         BodyTemplate(f"sample {_kb(len(short))}", short),
         BodyTemplate(f"long transcript {_kb(len(long_body))}", long_body),
     )
+
+
+def long_call(sample: Path | None = None, *, size: int = LONG_CALL_BYTES) -> BodyTemplate:
+    """The sample report as a long call would send it, about `size` bytes: a long transcript,
+    and the same turns again as `messages` ({role, content}, as Flireo's SDK describes them;
+    the ingress keeps them in the record's extra_json)."""
+    payload = sample_report(sample)
+    payload["callId"] = _PLACEHOLDER
+    payload["eventTimestamp"] = int(time.time() * 1000)
+    lines = payload["transcriptText"].splitlines()
+    base = len(orjson.dumps(payload)) - len(orjson.dumps(payload["transcriptText"]))
+    turns: list[str] = []
+    messages: list[dict[str, str]] = []
+    total = base + len(b',"messages":[]')
+    turn = 0
+    while total < size:
+        line = f"{lines[turn % len(lines)]} ({turn // len(lines) + 1})"
+        speaker, _, said = line.partition(": ")
+        message = {"role": "assistant" if speaker == "AI" else "user", "content": said}
+        turns.append(line)
+        messages.append(message)
+        # The line in the transcript (its quotes' two bytes stand for the escaped newline),
+        # the message and its comma in the list.
+        total += len(orjson.dumps(line)) + len(orjson.dumps(message)) + 1
+        turn += 1
+    payload["transcriptText"] = "\n".join(turns)
+    payload["messages"] = messages
+    body = orjson.dumps(payload)
+    return BodyTemplate(f"long call {_kb(len(body))}", body)
 
 
 def _kb(size: int) -> str:

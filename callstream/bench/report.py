@@ -42,6 +42,18 @@ class Latency:
     max_ms: float
 
     @classmethod
+    def of_wrk(cls, summary: dict[str, Any]) -> Latency:
+        """wrk's own figures (its summary line, microseconds), from send to answer."""
+        lat = summary["latency_us"]
+        return cls(
+            count=summary["requests"],
+            p50_ms=lat["p50"] / 1000,
+            p90_ms=lat["p90"] / 1000,
+            p99_ms=lat["p99"] / 1000,
+            max_ms=lat["max"] / 1000,
+        )
+
+    @classmethod
     def of_seconds(cls, values: Iterable[float]) -> Latency:
         ordered = sorted(values)
         return cls(
@@ -155,6 +167,39 @@ class DrainRun:
     fill_per_s: float  # how fast the spool was filled (the bench, not the ingress)
 
 
+@dataclass(frozen=True, slots=True)
+class LargeRun:
+    """Closed loop where a share of the reports are long calls: what was accepted, and the
+    figures that say where the bound is."""
+
+    label: str  # what was varied: "defaults", or the settings given
+    env: dict[str, str]
+    generator: str
+    mix: str
+    duration_s: float
+    requests: int
+    non_2xx: int
+    socket_errors: int
+    reports_per_s: float
+    mb_per_s: float  # request bodies of 2xx answers, 10^6 bytes per second
+    latency: Latency  # wrk's, from send to answer
+    accepted: int  # by the ingress's own counter
+    spooled: int  # callstream_ingress_spool_writes_total over the run
+    ack_missed: int  # callstream_ingress_kafka_ack_missed_total over the run
+    spool_left: int  # still spooled when the drain wait ended
+    drain_seconds: float  # from the end of the load until the spool was empty (or gave up)
+    # From the ingress's histograms over the run: bucket bounds, so "at most".
+    kafka_ack: dict[str, float]
+    spool_fsync: dict[str, float]
+    publish: dict[str, float]
+    fsyncs: int
+    ingress_core: float  # CPU seconds per second: 1.0 is one core, all an event loop has
+    broker_core: float
+    processes: list[ProcessUsage]
+    series: list[tuple[float, float]]
+    bound: str
+
+
 @dataclass(slots=True)
 class Results:
     meta: dict[str, Any]
@@ -165,6 +210,7 @@ class Results:
     spool: WrkRun | None = None
     spool_note: str = ""
     drain: DrainRun | None = None
+    large: list[LargeRun] = field(default_factory=list)
     profile: dict[str, Any] | None = None
     targets: list[Target] = field(default_factory=list)
 
@@ -308,6 +354,28 @@ def _workers_lines(results: Results) -> list[str]:
     return out
 
 
+def _bounds(figures: dict[str, float]) -> str:
+    return "  ".join(f"{k.split('_')[0]} <= {_num(v, 1)}" for k, v in figures.items()) + " ms"
+
+
+def _large_lines(run: LargeRun) -> list[str]:
+    lat = run.latency
+    return [
+        f"{run.label} ({run.mix}):",
+        f"  {run.reports_per_s:,.0f} reports/s, {run.mb_per_s:.1f} MB/s accepted;"
+        f" answer p50 {_num(lat.p50_ms)} ms, p99 {_num(lat.p99_ms)} ms;"
+        f" errors {run.non_2xx + run.socket_errors}",
+        f"  spooled {run.spooled:,} of {run.accepted:,} accepted"
+        f" ({run.ack_missed:,} waited out the ack deadline; {run.spool_left:,} left after"
+        f" {run.drain_seconds:.0f} s)",
+        f"  Kafka ack {_bounds(run.kafka_ack)};  publish {_bounds(run.publish)}",
+        f"  spool fsync {_bounds(run.spool_fsync)} ({run.fsyncs:,} fsyncs)",
+        f"  cores: ingress {run.ingress_core:.2f}, broker {run.broker_core:.2f};"
+        f" CPU ms per report: {_cpu(run.processes)}",
+        f"  bound: {run.bound}",
+    ]
+
+
 def render_table(results: Results) -> str:
     out: list[str] = []
     add = out.append
@@ -426,6 +494,11 @@ def render_table(results: Results) -> str:
             f"{drain.rate_per_s:,.0f}/s ({drain.from_start_seconds:.1f} s from the ingress's "
             "start, recovery and connecting included)"
         )
+    if results.large:
+        add("")
+        add(f"Large reports, {results.large[0].generator}")
+        for large in results.large:
+            add("  " + "\n  ".join(_large_lines(large)))
     if results.profile:
         add("")
         add("Profiles (py-spy, share of on-CPU samples by stage)")

@@ -11,7 +11,9 @@ Phases, in order (each server is the same process a deployment runs, started as 
    again with another fresh group, over the rows already there;
 4. the spool path (Kafka unreachable);
 5. the spool drain: a spool of --drain-records reports emptied by an ingress with Kafka back;
-6. with --profile: py-spy on the ingress under wrk, and on the consumer while it catches up.
+6. large reports: a closed loop where every --long-every-th report is a long call (~59 kB),
+   with the figures that say where the bound is (callstream/bench/large.py);
+7. with --profile: py-spy on the ingress under wrk, and on the consumer while it catches up.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ import orjson
 
 from callstream.bench import openloop, pool, profiling
 from callstream.bench.chart import write_chart
-from callstream.bench.harness import PARTITIONS, SECRET, Harness
+from callstream.bench.harness import PARTITIONS, SECRET
+from callstream.bench.large import LargeReports
 from callstream.bench.options import BenchOptions
 from callstream.bench.procstat import Watched, loadavg
 from callstream.bench.report import (
@@ -71,7 +74,8 @@ from callstream.localpg import PostgresServer
 from callstream.ports import free_port
 from callstream.progress import track
 from core.kafkasettings import KafkaSettings
-from ingress.publisher import KafkaPublisher, OutgoingRecord, encode_record
+from ingress.kafkapublisher import KafkaPublisher
+from ingress.publisher import OutgoingRecord, encode_record
 from ingress.spool import Spool
 from schemas.codec import single_object_encoder
 from schemas.headers import RecordHeaders
@@ -91,7 +95,7 @@ _REQUEST_SECONDS = "callstream_ingress_request_duration_seconds"
 _PUBLISH_SECONDS = "callstream_ingress_publish_duration_seconds"
 
 
-class Bench(Harness):
+class Bench(LargeReports):
     """The phases, each one method; `run_bench` runs those asked for."""
 
     async def closed_loop(
@@ -121,7 +125,6 @@ class Bench(Harness):
         errors = data["errors"]
         seconds = data["duration_us"] / 1e6
         good = data["requests"] - errors["status"]
-        lat = data["latency_us"]
         counted = sampler.delta()
         result = WrkRun(
             server=server,
@@ -135,13 +138,7 @@ class Bench(Harness):
             socket_errors=errors["connect"] + errors["read"] + errors["write"] + errors["timeout"],
             reports_per_s=round(good / seconds, 1),
             server_counted=int(counted) if counted is not None else None,
-            latency=Latency(
-                count=data["requests"],
-                p50_ms=lat["p50"] / 1000,
-                p90_ms=lat["p90"] / 1000,
-                p99_ms=lat["p99"] / 1000,
-                max_ms=lat["max"] / 1000,
-            ),
+            latency=Latency.of_wrk(data),
             processes=window.usage(good, [("wrk", run)]),
             series=sampler.rates(started),
         )
@@ -544,7 +541,7 @@ class Bench(Harness):
     async def phase_profile(self) -> None:
         py_spy = profiling.find_py_spy()
         if py_spy is None:
-            self.results.profile = {"note": "py-spy is not installed (pip install py-spy)"}
+            self.results.profile = {"note": "py-spy is not installed (pip install -e '.[bench]')"}
             return
         profiles: dict[str, Any] = {}
         ingress = await self.start_ingress("bench.profile")
@@ -563,6 +560,14 @@ class Bench(Harness):
             await asyncio.to_thread(spy.stop, seconds + 30, signal.SIGINT)
         await self._stop(ingress)
         profiles["ingress"] = self._profile_summary(collapsed, run)
+
+        # Where a long call's CPU goes (JSON, Avro, compression on the event loop).
+        collapsed = Path(f"{self.out_prefix}-ingress-large.collapsed")
+        self.say("profile: py-spy on the ingress under long calls only")
+        large = await self.large_run(1, profile=collapsed)
+        summary = self._profile_summary(collapsed, None)
+        summary["reports_per_s_while_profiled"] = large.reports_per_s
+        profiles["ingress-large"] = summary
 
         topic = await self._filled_topic()
         for backend in self._backends():
@@ -626,6 +631,7 @@ async def run_bench(options: BenchOptions) -> int:
             "catch-up": bench.phase_catch_up,
             "spool": bench.phase_spool,
             "drain": bench.phase_drain,
+            "large": bench.phase_large,
             "profile": bench.phase_profile,
         }
         try:

@@ -311,6 +311,8 @@ async def test_health_ready_and_metrics(ingress: Client, sample_bytes: bytes) ->
     assert 'callstream_ingress_requests_total{outcome="invalid-json"} 1.0' in text
     assert "callstream_ingress_request_duration_seconds_count 2.0" in text
     assert "callstream_ingress_publish_duration_seconds_count 1.0" in text
+    # The report, and the refused body kept on the quarantine topic.
+    assert "callstream_ingress_kafka_ack_duration_seconds_count 2.0" in text
     assert f"callstream_ingress_received_bytes_total {float(len(sample_bytes) + 1)}" in text
     assert re.search(r"^callstream_python_heap_blocks [1-9][0-9.e+]*$", text, re.MULTILINE)
 

@@ -10,7 +10,8 @@ from collections.abc import Sequence
 
 from consumers.contract import Consumer, Delivery
 from core.kafkasettings import KafkaSettings
-from ingress.publisher import KafkaPublisher, OutgoingRecord
+from ingress.kafkapublisher import KafkaPublisher
+from ingress.publisher import OutgoingRecord
 from tests.support.produce import encode, sample_report
 from tests.support.runner import eventually, running
 

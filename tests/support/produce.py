@@ -10,7 +10,8 @@ from typing import Any
 import orjson
 
 from core.kafkasettings import KafkaSettings
-from ingress.publisher import KafkaPublisher, OutgoingRecord
+from ingress.kafkapublisher import KafkaPublisher
+from ingress.publisher import OutgoingRecord
 from schemas.codec import single_object_encoder
 from schemas.normalise import normalise
 from schemas.store import default_store
