@@ -258,13 +258,16 @@ class SharedDeliveries:
     def __len__(self) -> int:
         return self._table.sweep(time.monotonic())
 
+    def close(self) -> None:
+        self._table.close()
+
     async def sweeper(self, app: web.Application) -> AsyncGenerator[None, None]:
         """A cleanup context: frees expired slots on a timer; unmaps the table at the end."""
         try:
             async with sweeping(self._sweep_interval, self._table.sweep, "shared-deliveries"):
                 yield
         finally:
-            self._table.close()
+            self.close()
 
     async def answer(
         self, key: str, handle: Callable[[], Awaitable[web.Response]]
