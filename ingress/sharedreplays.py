@@ -42,8 +42,8 @@ TABLE_ENV = "CALLSTREAM_INGRESS_REPLAY_TABLE"
 # Slots per bucket: the eviction of "the oldest" is within a bucket, so a flood of distinct
 # deliveries evicts in roughly arrival order without a global list to keep in shared memory.
 WAYS = 8
-# A 202 body is ~200 bytes (a 128-character request id included); a reply to a
-# request-response event can be kilobytes and is then not remembered.
+# A 202 body is ~200 bytes, ~330 with the longest request id a sender may give; a reply to
+# a request-response event can be kilobytes and is then not remembered.
 MAX_BODY_BYTES = 560
 MAX_CONTENT_TYPE_BYTES = 40
 # How often a replay looks whether the delivery it waits for has been answered.
@@ -53,8 +53,8 @@ _MAGIC = b"csreplay"
 _VERSION = 1
 _HEADER = struct.Struct("<8sIII")  # magic, version, capacity, slot size
 _HEADER_BYTES = 64
-# state, pid, expires (CLOCK_MONOTONIC: one clock for every process of the host), digest,
-# status, content type length, body length.
+# state, pid, expires (CLOCK_MONOTONIC: one clock for every process of the host), status,
+# body length, digest, content type length; then the content type and the body.
 _SLOT = struct.Struct("<BxxxidHH16sB")
 _CONTENT_TYPE_AT = _SLOT.size
 _BODY_AT = _CONTENT_TYPE_AT + MAX_CONTENT_TYPE_BYTES
