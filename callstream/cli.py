@@ -50,6 +50,7 @@ from core.settings import SettingsError, field_from_env
 from core.signing import WEBHOOK_PATH
 from ingress.server import serve
 from ingress.settings import IngressSettings
+from ingress.sharedreplays import TABLE_ENV
 from ingress.workers import MULTIPROC_ENV, run_workers, worker_settings
 
 
@@ -440,11 +441,13 @@ def kafka_settings(env: Mapping[str, str], *, start_local: bool) -> KafkaSetting
 def _cmd_ingress(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     settings = IngressSettings.from_env(env, kafka=kafka_settings(env, start_local=False))
     if args.worker is not None:
-        metrics_dir = env.get(MULTIPROC_ENV)
-        if not metrics_dir:
-            raise SystemExit(f"--worker is for the ingress's own workers ({MULTIPROC_ENV} unset)")
+        metrics_dir, replay_table = env.get(MULTIPROC_ENV), env.get(TABLE_ENV)
+        if not metrics_dir or not replay_table:
+            raise SystemExit(
+                f"--worker is for the ingress's own workers ({MULTIPROC_ENV} or {TABLE_ENV} unset)"
+            )
         worker = worker_settings(settings, args.worker)
-        _run_async(serve(worker, metrics_dir=Path(metrics_dir)))
+        _run_async(serve(worker, metrics_dir=Path(metrics_dir), replay_table=Path(replay_table)))
         return 0
     if settings.worker_count == 1:
         _run_async(serve(settings))

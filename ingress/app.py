@@ -37,9 +37,10 @@ from ingress.publisher import (
     spool_at,
 )
 from ingress.quarantine import Quarantine
-from ingress.replays import RecentDeliveries, delivery_key
+from ingress.replays import Deliveries, RecentDeliveries, delivery_key
 from ingress.replies import Replies
 from ingress.settings import IngressSettings
+from ingress.sharedreplays import SharedDeliveries
 from ingress.takeover import Takeover
 from ingress.telemetry import IngressMetrics, Sampled, SpoolMetrics
 from schemas import jsonvalue
@@ -57,7 +58,7 @@ METRICS = web.AppKey("metrics", IngressMetrics)
 AUTH = web.AppKey("auth", Authenticator)
 ENCODERS = web.AppKey("encoders", dict[str, Encoder])
 REPLIES = web.AppKey("replies", Replies)
-RECENT = web.AppKey("recent", RecentDeliveries)
+RECENT: web.AppKey[Deliveries] = web.AppKey("recent")
 QUARANTINE = web.AppKey("quarantine", Quarantine)
 REQUEST_ID = web.RequestKey("request_id", str)
 # How a webhook authenticated ("signature", "token", or "none" with no auth configured); set
@@ -79,9 +80,11 @@ def create_app(
     publisher: DurablePublisher | None = None,
     store: SchemaStore | None = None,
     metrics_dir: Path | None = None,
+    replay_table: Path | None = None,
 ) -> web.Application:
     """`metrics_dir`: prometheus_client's multiprocess directory when this process is one
-    of several workers (ingress/workers.py); /metrics then answers for all of them."""
+    of several workers (ingress/workers.py); /metrics then answers for all of them.
+    `replay_table`: the workers' shared memory of recent deliveries (ingress/sharedreplays.py)."""
     registry = registry if registry is not None else CollectorRegistry()
     heap.register(registry)
     budget = hygiene.BodyBudget(settings.max_inflight_body_bytes)
@@ -109,7 +112,13 @@ def create_app(
         settings.webhook_secrets, settings.shared_tokens, settings.signature_tolerance_seconds
     )
     # A timestamp is accepted this far on either side of the server's clock.
-    app[RECENT] = RecentDeliveries(2.0 * settings.signature_tolerance_seconds)
+    window = 2.0 * settings.signature_tolerance_seconds
+    app[RECENT] = (
+        RecentDeliveries(window)
+        if replay_table is None
+        # A replay waits for the first at most as long as the first may take to be durable.
+        else SharedDeliveries(replay_table, window, settings.publish_timeout_seconds)
+    )
     app.cleanup_ctx.append(app[RECENT].sweeper)
     app.cleanup_ctx.append(_resources(store or default_store()))
     app.cleanup_ctx.append(hygiene.memory_trimmer())

@@ -13,8 +13,9 @@ import asyncio
 import contextlib
 import time
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from aiohttp import web
 
@@ -28,7 +29,7 @@ SWEEP_INTERVAL_SECONDS = 5.0
 
 
 @dataclass(frozen=True, slots=True)
-class _Answer:
+class Answer:
     status: int
     body: bytes
     content_type: str
@@ -37,7 +38,38 @@ class _Answer:
 @dataclass(slots=True)
 class _Seen:
     expires: float
-    answer: asyncio.Future[_Answer]
+    answer: asyncio.Future[Answer]
+
+
+class Deliveries(Protocol):
+    """What the webhook handler needs of replay detection: this module's memory for one
+    process, or ingress/sharedreplays.py's for all workers of one ingress."""
+
+    def sweeper(self, app: web.Application) -> AsyncGenerator[None, None]: ...
+
+    async def answer(
+        self, key: str, handle: Callable[[], Awaitable[web.Response]]
+    ) -> tuple[web.Response, bool]: ...
+
+
+@contextlib.asynccontextmanager
+async def sweeping(
+    interval: float, sweep: Callable[[float], object], name: str
+) -> AsyncIterator[None]:
+    """Calls `sweep(time.monotonic())` every `interval` seconds while the block runs."""
+
+    async def forever() -> None:
+        while True:
+            await asyncio.sleep(interval)
+            sweep(time.monotonic())
+
+    task = asyncio.create_task(forever(), name=f"{name}-sweep")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def delivery_key(headers: Mapping[str, str]) -> str | None:
@@ -66,18 +98,8 @@ class RecentDeliveries:
 
     async def sweeper(self, app: web.Application) -> AsyncGenerator[None, None]:
         """A cleanup context: forgets expired answers on a timer while the app runs."""
-        task = asyncio.create_task(self._sweep_forever(), name="recent-deliveries-sweep")
-        try:
+        async with sweeping(self._sweep_interval, self._forget_expired, "recent-deliveries"):
             yield
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    async def _sweep_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self._sweep_interval)
-            self._forget_expired(time.monotonic())
 
     async def answer(
         self, key: str, handle: Callable[[], Awaitable[web.Response]]
@@ -99,7 +121,7 @@ class RecentDeliveries:
                     status=kept.status, body=kept.body, content_type=kept.content_type
                 )
                 return replayed, True
-        answer: asyncio.Future[_Answer] = asyncio.get_running_loop().create_future()
+        answer: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
         self._seen[key] = _Seen(now + self._window, answer)
         while len(self._seen) > self._max:
             self._seen.popitem(last=False)
@@ -113,12 +135,12 @@ class RecentDeliveries:
             # A copy of exactly its length: the body orjson wrote sits in a buffer of 4 kB,
             # and tens of thousands of answers are kept for the whole tolerance.
             exact = bytes(memoryview(body))
-            answer.set_result(_Answer(response.status, exact, response.content_type))
+            answer.set_result(Answer(response.status, exact, response.content_type))
         else:
             self._drop(key, answer)
         return response, False
 
-    def _drop(self, key: str, answer: asyncio.Future[_Answer]) -> None:
+    def _drop(self, key: str, answer: asyncio.Future[Answer]) -> None:
         answer.cancel()
         current = self._seen.get(key)
         if current is not None and current.answer is answer:

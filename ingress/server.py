@@ -41,14 +41,16 @@ async def serve(
     *,
     stop: asyncio.Event | None = None,
     metrics_dir: Path | None = None,
+    replay_table: Path | None = None,
 ) -> None:
     """`metrics_dir` set: this process is one of several workers (ingress/workers.py) that
-    share the port (SO_REUSEPORT) and their metrics."""
+    share the port (SO_REUSEPORT), their metrics and `replay_table`, their memory of recent
+    deliveries."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    app = create_app(settings, metrics_dir=metrics_dir)
+    app = create_app(settings, metrics_dir=metrics_dir, replay_table=replay_table)
     runner = IngressRunner(app, shutdown_timeout=SHUTDOWN_GRACE_SECONDS)
     await runner.setup()
     # Only workers share the port: a lone ingress must still fail on a port already taken.

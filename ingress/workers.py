@@ -10,12 +10,18 @@ setting it cannot use, which no restart mends), and exits once every worker has 
 Metrics: the workers run prometheus_client's multiprocess mode in a directory the parent
 makes fresh for them (PROMETHEUS_MULTIPROC_DIR, in their environment only), so whichever
 worker answers a scrape reports all of them; the parent marks each exited worker dead there.
+
+Replays: the workers share one memory of recent deliveries (ingress/sharedreplays.py), a
+file the parent creates before the first worker starts and removes at exit, its path in
+their environment only (CALLSTREAM_INGRESS_REPLAY_TABLE), so a replayed signed request is
+answered once for the whole ingress, whichever worker each copy lands on.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import shutil
 import signal
 import subprocess
@@ -30,6 +36,7 @@ from prometheus_client.multiprocess import mark_process_dead
 
 from ingress.server import SHUTDOWN_GRACE_SECONDS
 from ingress.settings import IngressSettings
+from ingress.sharedreplays import TABLE_ENV, create_table
 from ingress.takeover import worker_dir
 
 log = logging.getLogger(__name__)
@@ -62,7 +69,11 @@ class Worker:
 def run_workers(count: int, worker_argv: Callable[[int], list[str]], env: Mapping[str, str]) -> int:
     """Run `count` workers until SIGTERM/SIGINT; 0, or 2 when every worker exited with 2."""
     metrics_dir = Path(tempfile.mkdtemp(prefix="callstream-ingress-metrics-"))
-    child_env = dict(env) | {MULTIPROC_ENV: str(metrics_dir)}
+    fd, name = tempfile.mkstemp(prefix="callstream-ingress-replays-")
+    os.close(fd)
+    replay_table = Path(name)
+    create_table(replay_table)
+    child_env = dict(env) | {MULTIPROC_ENV: str(metrics_dir), TABLE_ENV: name}
     stopping = False
 
     def request_stop(signum: int, frame: FrameType | None) -> None:
@@ -82,6 +93,7 @@ def run_workers(count: int, worker_argv: Callable[[int], list[str]], env: Mappin
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         shutil.rmtree(metrics_dir, ignore_errors=True)
+        replay_table.unlink(missing_ok=True)
     return CONFIGURATION_ERROR if all(w.given_up for w in workers) else 0
 
 

@@ -10,6 +10,8 @@ import tempfile
 import threading
 from pathlib import Path
 
+from ingress.replays import MAX_REMEMBERED
+from ingress.sharedreplays import TABLE_ENV
 from ingress.workers import MULTIPROC_ENV, run_workers
 
 
@@ -28,13 +30,18 @@ def test_a_worker_that_dies_is_started_again_until_sigterm_stops_them_all(
     tmp_path: Path,
 ) -> None:
     """Oracle: worker 0 exits 1 at once and is started again (after its back-off); worker 1
-    runs until the parent's SIGTERM reaches it, with the metrics directory, which is gone
+    runs until the parent's SIGTERM reaches it, with the metrics directory and the replay
+    table (made before it started, with room for every remembered delivery), which are gone
     once the parent returns 0."""
     crashes, served = tmp_path / "crashes", tmp_path / "served"
     crash = f"open({str(crashes)!r}, 'a').write('x'); raise SystemExit(1)"
     serve = (
-        "import os, signal, sys, time\n"
-        f"open({str(served)!r}, 'a').write(os.environ[{MULTIPROC_ENV!r}] + '\\n')\n"
+        "import os, pathlib, signal, sys, time\n"
+        "from ingress.sharedreplays import ReplayTable\n"
+        f"table = os.environ[{TABLE_ENV!r}]\n"
+        "capacity = ReplayTable(pathlib.Path(table), 1.0).capacity\n"
+        f"open({str(served)!r}, 'a').write("
+        f"' '.join([os.environ[{MULTIPROC_ENV!r}], table, str(capacity)]) + '\\n')\n"
         "signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))\n"
         "time.sleep(60)\n"
     )
@@ -46,6 +53,10 @@ def test_a_worker_that_dies_is_started_again_until_sigterm_stops_them_all(
         stopper.cancel()
     assert code == 0
     assert len(crashes.read_text()) >= 2  # started, died, started again
-    [metrics_dir] = served.read_text().splitlines()  # started once, never restarted
+    [line] = served.read_text().splitlines()  # started once, never restarted
+    metrics_dir, table, capacity = line.split()
+    assert int(capacity) >= MAX_REMEMBERED
     assert metrics_dir.startswith(tempfile.gettempdir())
     assert not Path(metrics_dir).exists()
+    assert table.startswith(tempfile.gettempdir())
+    assert not Path(table).exists()
