@@ -227,53 +227,60 @@ class Results:
 
 # -- targets --------------------------------------------------------------------------------
 
+# Storage catch-up and replay, SQLite and PostgreSQL alike ("consumers at database speed").
+CONSUMER_TARGET_PER_S = 30_000
+
 
 def evaluate(results: Results) -> list[Target]:
+    """The targets of docs/performance.md, each met, missed or not measured."""
     targets: list[Target] = []
-    ingress, bare = results.wrk_run("ingress", 0), results.wrk_run("bare", 0)
-    if ingress is not None and bare is not None:
-        ratio = ingress.reports_per_s / bare.reports_per_s
+    ingress, naive = results.wrk_run("ingress", 0), results.wrk_run("naive", 0)
+    if ingress is not None and naive is not None:
+        # One ingress process against the baseline's one process: the checks cost nothing
+        # when the signed, validated, Avro path keeps up with plain json + send_and_wait.
+        ratio = ingress.reports_per_s / naive.reports_per_s
         targets.append(
             Target(
-                f"ingress (acks=all) vs bare aiohttp, {ingress.body}",
-                ">= 0.70x",
+                f"ingress (1 worker) vs json + send_and_wait, {ingress.body}",
+                ">= 1.00x",
                 f"{ratio:.2f}x",
-                ratio >= 0.7,
+                ratio >= 1.0,
             )
         )
+    cpu = None if ingress is None else _server_cpu(ingress)
     if ingress is not None:
         targets.append(
             Target(
-                f"ingress reports/s, {ingress.body}",
-                ">= 4,000/s",
-                f"{ingress.reports_per_s:,.0f}/s",
-                ingress.reports_per_s >= 4000,
+                f"ingress CPU per report, {ingress.body}",
+                "<= 0.12 ms",
+                "not measured" if cpu is None else f"{cpu:.3f} ms",
+                None if cpu is None else cpu <= 0.12,
             )
         )
     fixed = results.fixed_rate
     if fixed is not None:
-        p99 = fixed.latency.p99_ms
+        e2e = fixed.e2e
         targets.append(
             Target(
-                f"p99 at {fixed.offered_per_s:,.0f} reports/s offered (open loop)",
+                f"POST -> row p99 at {fixed.offered_per_s:,.0f} reports/s offered",
                 "< 50 ms",
-                f"{p99:.1f} ms",
-                p99 < 50 and fixed.failed == 0,
+                "not measured" if e2e is None else f"{e2e.p99_ms:.1f} ms",
+                None if e2e is None else e2e.p99_ms < 50 and fixed.failed == 0,
             )
         )
-    for kind, backend, wanted in (
-        ("catch-up", "postgresql", 20_000),
-        ("catch-up", "sqlite", 10_000),
-        ("replay", "postgresql", 20_000),
-        ("replay", "sqlite", 20_000),
+    for kind, backend in (
+        ("catch-up", "postgresql"),
+        ("catch-up", "sqlite"),
+        ("replay", "postgresql"),
+        ("replay", "sqlite"),
     ):
         run = results.consumer_run(kind, backend)
         name = f"storage {kind}, {backend}"
         if run is None:
-            targets.append(Target(name, f">= {wanted:,}/s", "not measured", None))
+            targets.append(Target(name, ">= 30,000/s", "not measured", None))
             continue
-        ok = run.handled >= run.records and run.rate_per_s >= wanted
-        targets.append(Target(name, f">= {wanted:,}/s", f"{run.rate_per_s:,.0f}/s", ok))
+        ok = run.handled >= run.records and run.rate_per_s >= CONSUMER_TARGET_PER_S
+        targets.append(Target(name, ">= 30,000/s", f"{run.rate_per_s:,.0f}/s", ok))
     met: bool | None = None
     measured = results.spool_note or "not measured"
     if results.spool is not None:
