@@ -7,6 +7,8 @@ again. On a broker of the test's own.
 from __future__ import annotations
 
 import asyncio
+import os
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
@@ -15,10 +17,13 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
+from callstream.consumerstatus import KafkaInspector
 from callstream.localkafka import LocalKafka
 from callstream.ports import free_port
 from core.signing import WEBHOOK_PATH
-from ingress.publisher import OutgoingRecord, encode_record
+from core.topicreader import read_range
+from ingress.kafkapublisher import KafkaPublisher, PublishUnavailable
+from ingress.publisher import DurablePublisher, OutgoingRecord, encode_record
 from ingress.spool import Spool
 from tests.conftest import start_ingress, wait_drained
 from tests.e2e.test_ingress_faults import (
@@ -31,6 +36,7 @@ from tests.e2e.test_ingress_faults import (
     wait_durable,
 )
 from tests.support.kafka import private_broker
+from tests.support.runner import eventually
 
 pytestmark = pytest.mark.slow
 
@@ -137,3 +143,56 @@ async def test_after_a_missed_acknowledgement_no_report_waits_on_kafka_until_it_
     finally:
         await client.close()
     assert_all_acknowledged_landed([warm, *hung, back], await landed(kafka))
+
+
+async def test_a_report_whose_spooling_outlasts_its_deadline_still_holds_its_call_back(
+    broker: LocalKafka, tmp_path: Path
+) -> None:
+    """Oracle: with Kafka hung, report A of call X is handed to the spool, whose fsync is held
+    until A's publish has given up (a 503); the spool still writes A. Kafka comes back and
+    the drainer turns it on again while A's write is still held. Report B of call X must
+    then queue behind A in the spool, not go to Kafka ahead of it: X lands as A, B."""
+    kafka = topics(broker.bootstrap)
+    held = threading.Event()
+    hold_next = threading.Event()
+
+    def sync(fd: int) -> None:
+        os.fdatasync(fd)
+        if hold_next.is_set():
+            hold_next.clear()
+            held.wait(60)
+
+    spool = Spool(tmp_path / "spool", max_bytes=1 << 26, max_age_seconds=3600, sync=sync)
+    publisher = DurablePublisher(
+        KafkaPublisher(kafka), spool, ack_deadline_seconds=2.0, publish_timeout_seconds=4.0
+    )
+    call_x = uuid.uuid4().bytes
+
+    def report(key: bytes, value: bytes) -> OutgoingRecord:
+        return OutgoingRecord(kafka.topic, key, value, ())
+
+    await publisher.start()
+    try:
+        assert await publisher.kafka.wait_connected(60.0), "never connected to the broker"
+        assert await publisher.publish(report(uuid.uuid4().bytes, b"warm")) == "kafka"
+        broker.pause()
+        try:
+            assert await publisher.publish(report(uuid.uuid4().bytes, b"y")) == "spool"
+            hold_next.set()
+            with pytest.raises(PublishUnavailable):
+                await publisher.publish(report(call_x, b"a"))
+        finally:
+            broker.resume()
+        await eventually(lambda: publisher.readiness().durable == "kafka", timeout=120)
+        second = asyncio.create_task(publisher.publish(report(call_x, b"b")))
+        await asyncio.sleep(0.5)
+        held.set()
+        await second
+        await eventually(publisher.spool.empty, timeout=120)
+    finally:
+        held.set()
+        await publisher.stop()
+    async with KafkaInspector(kafka) as look:
+        start, end = await look.log_offsets(kafka.topic, await look.partitions(kafka.topic))
+    got = [raw.value async for raw in read_range(kafka, kafka.topic, start, end)]
+    assert [v for v in got if v in (b"a", b"b")] == [b"a", b"b"]
