@@ -205,9 +205,14 @@ class DurablePublisher:
             self._spooled[key] += 1
         try:
             await self._append(record, deadline)
-        except BaseException:
-            self._forget(key)
+        except PublishUnavailable as exc:
+            if not isinstance(exc.__cause__, TimeoutError):
+                self._forget(key)  # refused before it was queued: nothing of it is spooled
             raise
+        # A timeout or a cancel comes after the append was queued, and the spool's writer
+        # still writes it (its wait is shielded): the call stays counted until the drainer
+        # delivers it. Should that write fail after all, the count is one too many, which
+        # only spools the call's next report, and is cleared once the spool is empty.
         return "spool"
 
     def _missed(self, exc: KafkaNotAcknowledged, since: float) -> None:
