@@ -48,10 +48,9 @@ from core.kafkadiagnosis import KafkaUnreachable, explain
 from core.kafkasettings import BOOTSTRAP, KafkaSettings, rejected_topic_of
 from core.settings import SettingsError, field_from_env
 from core.signing import WEBHOOK_PATH
-from ingress.server import serve
+from ingress.server import WorkerLink, serve
 from ingress.settings import IngressSettings
-from ingress.sharedreplays import TABLE_ENV
-from ingress.workers import MULTIPROC_ENV, run_workers, worker_settings
+from ingress.workers import run_workers, worker_settings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -441,13 +440,8 @@ def kafka_settings(env: Mapping[str, str], *, start_local: bool) -> KafkaSetting
 def _cmd_ingress(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     settings = IngressSettings.from_env(env, kafka=kafka_settings(env, start_local=False))
     if args.worker is not None:
-        metrics_dir, replay_table = env.get(MULTIPROC_ENV), env.get(TABLE_ENV)
-        if not metrics_dir or not replay_table:
-            raise SystemExit(
-                f"--worker is for the ingress's own workers ({MULTIPROC_ENV} or {TABLE_ENV} unset)"
-            )
-        worker = worker_settings(settings, args.worker)
-        _run_async(serve(worker, metrics_dir=Path(metrics_dir), replay_table=Path(replay_table)))
+        link = WorkerLink.from_env(env)
+        _run_async(serve(worker_settings(settings, args.worker), worker=link))
         return 0
     if settings.worker_count == 1:
         _run_async(serve(settings))

@@ -4,8 +4,10 @@ The parent starts N workers (the command says how: `worker_argv(i)`), each a who
 bound with SO_REUSEPORT, so the kernel spreads connections over them, each with its own
 Kafka producer and its own spool directory <spool dir>/worker-<i> (a worker also drains the
 directories nobody owns: ingress/takeover.py). The parent forwards SIGTERM and SIGINT (each
-worker then shuts down gracefully), restarts a worker that dies, but not one that exits 2 (a
-setting it cannot use, which no restart mends), and exits once every worker has stopped.
+worker then shuts down gracefully), restarts a worker that dies, but not one whose first start
+exits 2 (a setting it cannot use, which no restart mends; a worker that exits 2 later, say
+for a file gone missing, is restarted like any other), and exits once every worker has
+stopped. A worker stops by itself when this process dies (ingress/server.py).
 
 Metrics: the workers run prometheus_client's multiprocess mode in a directory the parent
 makes fresh for them (PROMETHEUS_MULTIPROC_DIR, in their environment only), so whichever
@@ -34,19 +36,21 @@ from types import FrameType
 
 from prometheus_client.multiprocess import mark_process_dead
 
-from ingress.server import SHUTDOWN_GRACE_SECONDS
+from ingress.server import SHUTDOWN_GRACE_SECONDS, WorkerLink
 from ingress.settings import IngressSettings
-from ingress.sharedreplays import TABLE_ENV, create_table
+from ingress.sharedreplays import create_table
 from ingress.takeover import worker_dir
 
 log = logging.getLogger(__name__)
 
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # Every callstream command's exit code for a setting or argument it cannot use.
 CONFIGURATION_ERROR = 2
 # A worker finishes its requests (SHUTDOWN_GRACE_SECONDS), then flushes its producer.
 STOP_GRACE_SECONDS = SHUTDOWN_GRACE_SECONDS + 15.0
 POLL_SECONDS = 0.2
+# A setting a worker cannot use stops it while it starts; an exit 2 after this long is a
+# fault of the moment (a file gone, a disk error), which a restart may mend.
+SETTLING_SECONDS = 30.0
 
 
 def worker_settings(settings: IngressSettings, index: int) -> IngressSettings:
@@ -62,6 +66,7 @@ class Worker:
     index: int
     process: subprocess.Popen[bytes] | None = None
     restarts: int = 0
+    started: float = 0.0
     next_start: float = 0.0
     given_up: bool = False
 
@@ -73,7 +78,7 @@ def run_workers(count: int, worker_argv: Callable[[int], list[str]], env: Mappin
     os.close(fd)
     replay_table = Path(name)
     create_table(replay_table)
-    child_env = dict(env) | {MULTIPROC_ENV: str(metrics_dir), TABLE_ENV: name}
+    child_env = dict(env) | WorkerLink(metrics_dir, replay_table, os.getpid()).env()
     stopping = False
 
     def request_stop(signum: int, frame: FrameType | None) -> None:
@@ -112,7 +117,8 @@ def _tend(
             return
         _mark_dead(worker.process.pid, metrics_dir)
         worker.process = None
-        if code == CONFIGURATION_ERROR:
+        first_start = worker.restarts == 0 and now - worker.started < SETTLING_SECONDS
+        if code == CONFIGURATION_ERROR and first_start:
             worker.given_up = True
             log.error(
                 "ingress worker %d cannot start with these settings (its line above says why);"
@@ -128,6 +134,7 @@ def _tend(
         worker.next_start = now + delay
     if now >= worker.next_start:
         worker.process = subprocess.Popen(worker_argv(worker.index), env=env)
+        worker.started = now
 
 
 def _stop_all(workers: list[Worker], metrics_dir: Path) -> None:

@@ -11,8 +11,9 @@ import threading
 from pathlib import Path
 
 from ingress.replays import MAX_REMEMBERED
+from ingress.server import MULTIPROC_ENV, PARENT_ENV
 from ingress.sharedreplays import TABLE_ENV
-from ingress.workers import MULTIPROC_ENV, run_workers
+from ingress.workers import run_workers
 
 
 def program(code: str) -> list[str]:
@@ -60,3 +61,25 @@ def test_a_worker_that_dies_is_started_again_until_sigterm_stops_them_all(
     assert not Path(metrics_dir).exists()
     assert table.startswith(tempfile.gettempdir())
     assert not Path(table).exists()
+
+
+def test_a_worker_that_exits_2_after_it_ran_is_restarted(tmp_path: Path) -> None:
+    """Oracle: a worker whose first start crashed (exit 1) and whose next starts exit 2 (a
+    file gone missing, not a setting) is started again each time until SIGTERM; each start
+    is told its parent's pid."""
+    starts = tmp_path / "starts"
+    code = (
+        "import os, pathlib, sys\n"
+        f"log = pathlib.Path({str(starts)!r})\n"
+        "first = not log.exists()\n"
+        f"told = int(os.environ[{PARENT_ENV!r}]) == os.getppid()\n"
+        "log.open('a').write('t' if told else 'f')\n"
+        "raise SystemExit(1 if first else 2)\n"
+    )
+    stopper = threading.Timer(8.0, os.kill, (os.getpid(), signal.SIGTERM))
+    stopper.start()
+    try:
+        assert run_workers(1, lambda index: program(code), dict(os.environ)) == 0
+    finally:
+        stopper.cancel()
+    assert starts.read_text() in ("ttt", "tttt")  # at 0 s, after 2 s and after 4 s more
