@@ -202,12 +202,13 @@ class ReplayTable:
                 content_type
             )
             self._map[at + _BODY_AT : at + _BODY_AT + len(answer.body)] = answer.body
-            # The state last: a reader never sees "answered" with a half-written answer
-            # (it holds the lock anyway; this keeps a crash mid-write harmless too).
+            # The state byte last, on its own: pack_into writes the state first, so a crash
+            # mid-pack would leave "answered" over a half-written answer (readers hold the
+            # lock anyway; this keeps a killed worker's slot harmless too).
             _SLOT.pack_into(
                 self._map,
                 at,
-                _ANSWERED,
+                _IN_FLIGHT,
                 self._pid,
                 expires,
                 answer.status,
@@ -215,6 +216,7 @@ class ReplayTable:
                 key,
                 len(content_type),
             )
+            self._map[at] = _ANSWERED
             return True
 
     def drop(self, claimed: Claimed, key: bytes) -> None:
