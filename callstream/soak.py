@@ -31,7 +31,9 @@ verdict is on the heap, not the resident memory: CPython hands an arena of small
 back to the system only once every object in it is gone, so a process that has carried
 200 reports/s keeps ~15-25 MiB above its cold start even with no fault at all (measured:
 cold 63, after 3 fault-free minutes 80 MiB), while the objects it holds are back where they
-started. A leak grows the heap; the resident memory's plateau is the allocator's.
+started. A leak grows the heap; the resident memory's plateau is the allocator's. A
+SIGKILL fault restarts a service, so the end is its last incarnation's: the report says
+which, and how much of the fault phase it lived through.
 
 The ingress spools to its tmpfs (CALLSTREAM_SPOOL_DIR), so a broker outage becomes
 acknowledged-and-spooled, not 503s; only with the spool's disk full are reports refused.
@@ -332,6 +334,9 @@ class Memory:
     heap_start: dict[str, int] = field(default_factory=dict)
     heap_baseline: dict[str, int] = field(default_factory=dict)
     heap_end: dict[str, int] = field(default_factory=dict)
+    # Per service: the incarnation measured at the end, and the seconds of the fault phase
+    # it lived through (a SIGKILL fault restarts it; its predecessors' heaps are gone).
+    lived: dict[str, tuple[int, float]] = field(default_factory=dict)
 
     def not_back(
         self, roles: tuple[str, ...] = ("ingress", "storage"), tolerance: float = MEMORY_TOLERANCE
@@ -454,6 +459,10 @@ async def _soak(
         await asyncio.sleep(max(0.0, p.load_stopped + MEMORY_SETTLE_SECONDS - time.monotonic()))
         memory.end = resident((ingress, storage))
         memory.heap_end = await heap_blocks((ingress, storage))
+        memory.lived = {
+            s.role: (s.incarnation, max(0.0, p.load_stopped - max(s.started_at, p.started)))
+            for s in (ingress, storage)
+        }
         stop_watching.set()
         await asyncio.gather(*background)
         copies = await topic_copies(brokers.kafka(topic))
@@ -547,6 +556,7 @@ def _account(
             "start": memory.heap_start,
             "baseline": memory.heap_baseline,
             "end": memory.heap_end,
+            "end_incarnation_and_fault_seconds_lived": memory.lived,
         },
         "incarnations": {
             "broker": p.brokers.incarnation,
@@ -576,7 +586,9 @@ def _account(
                 f"heap blocks, {role}",
                 f"cold {memory.heap_start.get(role, 0):,}, "
                 f"baseline {memory.heap_baseline.get(role, 0):,}, "
-                f"end {memory.heap_end.get(role, 0):,}",
+                f"end {memory.heap_end.get(role, 0):,} (incarnation {memory.lived[role][0]},"
+                f" through {memory.lived[role][1]:.0f} of {p.load_stopped - p.started:.0f} s"
+                " of faults)",
             )
             for role in ("ingress", "storage")
         ),

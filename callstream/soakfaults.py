@@ -50,12 +50,14 @@ class Service(ChildProcess):
         super().__init__(callstream_argv(*args), env=env, name=role)
         self.role, self.log_dir, self.port = role, log_dir, port
         self.incarnation = 0
+        self.started_at = 0.0
         self.peak_kib = 0
         self.unexpected_exits: list[int] = []
         self.deliberately_down = False
 
     def start(self) -> Self:
         self.incarnation += 1
+        self.started_at = time.monotonic()
         self.log_file = self.log_dir / f"{self.role}.{self.incarnation}.log"
         self.deliberately_down = False
         return super().start()
