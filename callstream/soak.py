@@ -6,7 +6,8 @@ account of every report. Not a test: run it by hand, it takes as long as you ask
 It starts its own Kafka (one broker, or with --brokers 3 a three-node cluster, in a
 temporary home), then the ingress and the storage consumer (SQLite) as `python -m
 callstream ...` processes, exactly as they run in production, and posts signed reports at a
-steady rate, each with a new call id. On a schedule, one fault at a time (the kinds:
+steady rate, each with a new call id. On a schedule, one fault at a time (none that
+restarts the ingress or the storage consumer in the last third; the kinds:
 callstream/soakfaults.py): SIGKILL and restart the ingress; SIGSTOP a broker and SIGCONT it
 later; SIGKILL and restart the storage consumer; SIGKILL a broker and restart it 10-30 s
 later; stop a broker gracefully and start it again; fill the spool's disk (a tmpfs of its
