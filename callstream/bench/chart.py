@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import TextIO
 
-from callstream.bench.report import Results
+from callstream.bench.report import CONSUMER_TARGET_PER_S, Results
 from callstream.bench.resultsfile import ResultsFileError, read_results
 
 _COLOURS = {
@@ -71,7 +71,6 @@ def write_chart(results: Results, path: Path) -> Path:
             marker="." if long else None,
             label=f"{run.label}, {run.body}: {run.reports_per_s:,.0f}/s",
         )
-    closed.axhline(4000, color="green", linewidth=0.8, linestyle=":", label="target 4,000/s")
     closed.set_title(f"Closed loop: accepted per second ({_generator(results)})")
     closed.set_xlabel("seconds into the run")
     closed.set_ylabel("reports/s (log scale)")
@@ -107,7 +106,9 @@ def write_chart(results: Results, path: Path) -> Path:
         ):
             values = finite([getattr(s, key) for s in fixed.per_second])
             latency.plot(ts, values, label=label, color=colour, linestyle=style)
-        latency.axhline(50, color="green", linewidth=0.8, linestyle=":", label="p99 target 50 ms")
+        latency.axhline(
+            50, color="green", linewidth=0.8, linestyle=":", label="target 50 ms (end to end p99)"
+        )
         latency.set_yscale("log")
         latency.yaxis.set_major_formatter(plain)
         latency.yaxis.set_minor_formatter(plain)
@@ -133,8 +134,9 @@ def write_chart(results: Results, path: Path) -> Path:
             color="#1f77b4" if consumer.backend == "postgresql" else "#ff7f0e",
             label=f"{consumer.kind} {consumer.backend}: {consumer.rate_per_s:,.0f}/s",
         )
-    consumers.axhline(20_000, color="green", linewidth=0.8, linestyle=":", label="20,000/s")
-    consumers.axhline(10_000, color="olive", linewidth=0.8, linestyle=":", label="10,000/s")
+    consumers.axhline(
+        CONSUMER_TARGET_PER_S, color="green", linewidth=0.8, linestyle=":", label="target 30,000/s"
+    )
     consumers.set_title("Storage consumer on a pre-filled topic: records handled per second")
     consumers.set_xlabel("seconds since the consumer process started")
     consumers.set_ylabel("records/s")
