@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterable
 from datetime import timedelta
@@ -24,10 +23,8 @@ from consumers.errors import PermanentError, RetryableError
 from consumers.sqlite_file import SqliteThread
 from consumers.storage.dialects import POSTGRES, SQLITE, Dialect
 from consumers.storage.statements import Result, Script
-from core.logs import Throttled
 
 _T = TypeVar("_T")
-log = logging.getLogger(__name__)
 if TYPE_CHECKING:
     _PgConnection: TypeAlias = asyncpg.pool.PoolConnectionProxy[asyncpg.Record]
 
@@ -38,11 +35,6 @@ Schema = Callable[[Dialect], Iterable[Script[None]]]
 
 
 # -- SQLite -------------------------------------------------------------------------------
-
-# The checkpointing connection's pace: the WAL stays a few MB at 1,000 reports/s.
-CHECKPOINT_INTERVAL_SECONDS = 1.0
-# The writer checkpoints by itself only past 256 MB of WAL (its fallback).
-WRITER_CHECKPOINT_PAGES = 65536
 
 # Failures of the file, the disk or a concurrent writer: the same batch can succeed later.
 _SQLITE_RETRYABLE: Final = frozenset(
@@ -95,24 +87,14 @@ class SqliteConnection:
         self._schema = schema
         self._busy_timeout = busy_timeout.total_seconds()
         self._db = SqliteThread("callstream-sqlite", self._connect, classify_sqlite)
-        self._checkpointer = SqliteThread(
-            "callstream-sqlite-checkpoint",
-            lambda: sqlite_file.connect(self.path, busy_timeout=self._busy_timeout),
-            classify_sqlite,
-        )
-        self._checkpoints: asyncio.Task[None] | None = None
-        self._closed = False
-        self._checkpoint_failed = Throttled(log, 60.0)
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite_file.connect(self.path, busy_timeout=self._busy_timeout)
         try:
-            # The WAL is checkpointed by a connection of its own (below), so no COMMIT
-            # waits for a checkpoint's copy and fsync of the database file: at 1,000
-            # reports/s the one in every 32 MB of WAL took 600-700 ms, and every report of
-            # that batch reached its row that much later. This is the writer's own check
-            # only should that connection fall behind.
-            conn.execute(f"PRAGMA wal_autocheckpoint = {WRITER_CHECKPOINT_PAGES}")
+            # Checkpoint the WAL into the database every 32 MB instead of every 4 MB: a
+            # batch of 500 reports writes ~2 MB, so the default checkpointed (and fsync'd
+            # the database file) inside every second COMMIT.
+            conn.execute("PRAGMA wal_autocheckpoint = 8192")
             for script in self._schema(SQLITE):
                 with sqlite_file.transaction(conn):
                     _drive_sqlite(conn, script)
@@ -122,40 +104,13 @@ class SqliteConnection:
         return conn
 
     async def open(self) -> None:
-        self._closed = False
         await self._db.open()
-        self._start_checkpoints()
 
     async def close(self) -> None:
-        self._closed = True
-        task, self._checkpoints = self._checkpoints, None
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-        await self._checkpointer.close()
         await self._db.close()
-
-    def _start_checkpoints(self) -> None:
-        if not self._closed and (self._checkpoints is None or self._checkpoints.done()):
-            self._checkpoints = asyncio.create_task(
-                self._checkpoint_forever(), name="sqlite-checkpoint"
-            )
-
-    async def _checkpoint_forever(self) -> None:
-        # PASSIVE: copies what no reader still needs and never waits for, nor blocks, the
-        # writer; the writer starts the WAL over once a checkpoint caught up with it.
-        while True:
-            await asyncio.sleep(CHECKPOINT_INTERVAL_SECONDS)
-            try:
-                await self._checkpointer.run(
-                    lambda conn: conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-                )
-            except RetryableError as exc:
-                self._checkpoint_failed.warning("storage: WAL checkpoint failed (%s)", exc)
 
     async def run(self, script: Script[_T], *, transaction: bool = False) -> _T:
         """Drive `script` to its end, in one transaction if `transaction`."""
-        self._start_checkpoints()  # a connection opened on first use checkpoints too
 
         def work(conn: sqlite3.Connection) -> _T:
             if not transaction:
