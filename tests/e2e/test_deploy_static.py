@@ -33,6 +33,8 @@ from consumers.service import port_setting
 from consumers.telemetry import RunnerMetrics
 from core.kafkasettings import KafkaSettings
 from core.topicadmin import replication_for
+from ingress.server import PARENT_ENV
+from ingress.sharedreplays import TABLE_ENV
 from ingress.telemetry import IngressMetrics
 from tests.support.paths import REPO
 
@@ -54,8 +56,9 @@ CODE_PACKAGES = ("core", "callstream", "ingress", "consumers", "schemas")
 ENV_NAME = re.compile(r"^(?:CALLSTREAM|KAFKA)_[A-Z0-9_]+$")
 # A quoted variable name in the code: a lookup, or an environment built for a child process.
 QUOTED_ENV_NAME = re.compile(r"[\"'](?P<name>(?:CALLSTREAM|KAFKA)_[A-Z0-9_]+)[\"']")
-# Quoted names of that shape that are Python names, not variables (localkafka's __all__).
-NOT_VARIABLES = frozenset({"KAFKA_VERSION"})
+# Quoted names of that shape that are Python names, not variables (localkafka's __all__),
+# and the ingress parent's hand-over to its workers (WorkerLink), which no person sets.
+NOT_VARIABLES = frozenset({"KAFKA_VERSION", PARENT_ENV, TABLE_ENV})
 # The consumers compose must run (each also has to be in consumers/catalog.py).
 COMPOSE_CONSUMERS = ("storage", "alerting", "metrics")
 INGRESS_PORT = 8080
