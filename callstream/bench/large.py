@@ -20,7 +20,7 @@ import aiohttp
 
 from callstream.bench import pool, profiling
 from callstream.bench.harness import SECRET, Harness
-from callstream.bench.report import LargeRun, Latency, ProcessUsage
+from callstream.bench.report import LargeRun, Latency, ProcessUsage, WrkTotals
 from callstream.bench.services import (
     HOST,
     CpuWindow,
@@ -168,9 +168,8 @@ class LargeReports(Harness):
         finally:
             await self._stop(ingress)
         data = wrk_summary(run)
-        seconds = data["duration_us"] / 1e6
-        errors = data["errors"]
-        good = data["requests"] - errors["status"]
+        totals = WrkTotals.of_wrk(data)
+        good, seconds = totals.good, totals.seconds
         processes = window.usage(good, [("wrk", run)])
         quantiles = {n: bucket_quantiles(hist_before[n], hist_after[n]) for n in histograms}
         fsyncs = hist_after[FSYNC_SECONDS].get(math.inf, 0.0) - hist_before[FSYNC_SECONDS].get(
@@ -187,10 +186,10 @@ class LargeReports(Harness):
             generator=generator,
             mix=mix,
             duration_s=round(seconds, 2),
-            requests=data["requests"],
-            non_2xx=errors["status"],
-            socket_errors=errors["connect"] + errors["read"] + errors["write"] + errors["timeout"],
-            reports_per_s=round(good / seconds, 1),
+            requests=totals.requests,
+            non_2xx=totals.non_2xx,
+            socket_errors=totals.socket_errors,
+            reports_per_s=totals.per_second,
             mb_per_s=round(good * mean_body_bytes(requests) / seconds / 1e6, 2),
             latency=latency,
             accepted=delta[ACCEPTED],

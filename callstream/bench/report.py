@@ -65,6 +65,35 @@ class Latency:
         )
 
 
+@dataclass(frozen=True)
+class WrkTotals:
+    """The counts of a wrk summary a closed-loop run reports: how long it ran, what it sent,
+    what was refused (non-2xx), what failed on the socket, and what was accepted."""
+
+    seconds: float
+    requests: int
+    non_2xx: int
+    socket_errors: int
+
+    @property
+    def good(self) -> int:
+        return self.requests - self.non_2xx
+
+    @property
+    def per_second(self) -> float:
+        return round(self.good / self.seconds, 1)
+
+    @classmethod
+    def of_wrk(cls, summary: dict[str, Any]) -> WrkTotals:
+        errors = summary["errors"]
+        return cls(
+            seconds=summary["duration_us"] / 1e6,
+            requests=summary["requests"],
+            non_2xx=errors["status"],
+            socket_errors=errors["connect"] + errors["read"] + errors["write"] + errors["timeout"],
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class ProcessUsage:
     name: str

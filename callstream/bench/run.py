@@ -49,6 +49,7 @@ from callstream.bench.report import (
     DrainRun,
     Latency,
     WrkRun,
+    WrkTotals,
     evaluate,
     render_table,
     run_meta,
@@ -122,9 +123,7 @@ class Bench(LargeReports):
             )
         window.close()
         data = wrk_summary(run)
-        errors = data["errors"]
-        seconds = data["duration_us"] / 1e6
-        good = data["requests"] - errors["status"]
+        totals = WrkTotals.of_wrk(data)
         counted = sampler.delta()
         result = WrkRun(
             server=server,
@@ -132,14 +131,14 @@ class Bench(LargeReports):
             body=template.name,
             body_bytes=template.size,
             generator=generator,
-            duration_s=round(seconds, 2),
-            requests=data["requests"],
-            non_2xx=errors["status"],
-            socket_errors=errors["connect"] + errors["read"] + errors["write"] + errors["timeout"],
-            reports_per_s=round(good / seconds, 1),
+            duration_s=round(totals.seconds, 2),
+            requests=totals.requests,
+            non_2xx=totals.non_2xx,
+            socket_errors=totals.socket_errors,
+            reports_per_s=totals.per_second,
             server_counted=int(counted) if counted is not None else None,
             latency=Latency.of_wrk(data),
-            processes=window.usage(good, [("wrk", run)]),
+            processes=window.usage(totals.good, [("wrk", run)]),
             series=sampler.rates(started),
         )
         self.say(
