@@ -44,7 +44,7 @@ from consumers.errors import ConsumerRegistryError, PermanentError, RetryableErr
 from consumers.service import run_consumer
 from consumers.storage import StorageSettings, sha256_hex
 from core import logs
-from core.kafkadiagnosis import KafkaUnreachable, explain
+from core.kafkadiagnosis import KafkaUnreachable, explain_now
 from core.kafkasettings import BOOTSTRAP, KafkaSettings, rejected_topic_of
 from core.settings import SettingsError, field_from_env
 from core.signing import WEBHOOK_PATH
@@ -431,7 +431,7 @@ def kafka_settings(env: Mapping[str, str], *, start_local: bool) -> KafkaSetting
     if kafka.security.protocol != "PLAINTEXT":
         # A rejected password or an untrusted certificate never heals by retrying: say so
         # now, in one line, rather than in a retry loop's log.
-        reason = asyncio.run(explain(kafka.bootstrap_servers, kafka.security))
+        reason = explain_now(kafka.bootstrap_servers, kafka.security)
         if reason is not None:
             raise KafkaUnreachable(reason)
     return kafka

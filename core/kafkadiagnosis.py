@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from typing import Any
 
 from aiokafka.conn import create_conn
 from aiokafka.errors import (
@@ -24,6 +25,22 @@ from core.kafkasecurity import KafkaSecurity
 
 class KafkaUnreachable(Exception):
     """Kafka cannot be reached with these settings, and retrying will not change that."""
+
+
+def explain_now(bootstrap: str, security: KafkaSecurity) -> str | None:
+    """`explain` on a loop of its own, for a command that has not started one yet."""
+    with asyncio.Runner() as runner:
+        runner.get_loop().set_exception_handler(_drop_failed_probe)
+        return runner.run(explain(bootstrap, security))
+
+
+def _drop_failed_probe(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    # A probe refused after its handshake leaves the refusal in the stream's "closed"
+    # future too, and whether Python reports that future as never retrieved depends on the
+    # order the garbage collector finalises it in: a traceback after the one-line reason,
+    # for a failure the reason already names.
+    if not isinstance(context.get("exception"), OSError):
+        loop.default_exception_handler(context)
 
 
 async def explain(bootstrap: str, security: KafkaSecurity, timeout: float = 5.0) -> str | None:
