@@ -9,7 +9,9 @@ Poll a batch, decode it, hand the reports to the consumer, commit only after it 
   A failing batch is split record by record to find the ones to dead-letter.
 * The next batch is fetched and decoded while the consumer handles the current one, so the
   handler (a database write, mostly) is what bounds catch-up, not the round trips and the
-  decoding in between.
+  decoding in between; it gathers everything that arrives meanwhile, so at a steady rate a
+  record waits for one batch in hand, not two. A batch's commit travels while the next one
+  is handled; the commit after it, a rebalance and a stop each wait for it first.
 * A rebalance waits for the batch in hand (committing it if it finished); a batch still
   retrying is dropped uncommitted, and the partition's new owner gets it again. So is a
   batch fetched ahead before the rebalance: it is never handled nor committed, and whoever
@@ -54,6 +56,9 @@ log = logging.getLogger(__name__)
 
 MAX_POLL_INTERVAL_MS = 15 * 60 * 1000
 STOP_COMMIT_GRACE_SECONDS = 10.0
+# While a batch is in hand, the next one is gathered in steps this long: each step takes what
+# has arrived, so that aiokafka goes on fetching.
+GATHER_STEP_SECONDS = 0.005
 _D = TypeVar("_D", Delivery, EventDelivery)
 
 
@@ -115,6 +120,18 @@ class _Batch:
     # poison), by position in `fetched`; records missing here need the schema registry.
     decoded: dict[int, Delivery | EventDelivery | DecodeError]
 
+    def then(self, later: _Batch) -> _Batch:
+        """This batch followed by one fetched after it; a later rebalance voids this one."""
+        if later.generation != self.generation:
+            return later
+        shift = len(self.fetched)
+        return _Batch(
+            self.generation,
+            self.fetched + later.fetched,
+            self.offsets | later.offsets,
+            self.decoded | {shift + i: outcome for i, outcome in later.decoded.items()},
+        )
+
 
 class _Abandoned(Exception):
     """The batch in hand must be dropped uncommitted (stop or rebalance while retrying)."""
@@ -135,6 +152,7 @@ class Runner:
         self._metrics = metrics
         self._decoder = decoder
         self._lock = asyncio.Lock()
+        self._committing: asyncio.Task[None] | None = None
         self._revoked = False
         # Counts rebalances: a batch fetched before the latest one is stale (see _Batch).
         self._generation = 0
@@ -190,30 +208,37 @@ class Runner:
                 if batch is None:
                     self._update_lag(kc)
                     continue
-                ahead = asyncio.create_task(self._fetch(kc))
-                async with self._lock:
-                    if batch.generation != self._generation:
-                        # aiokafka's rebalances revoke every partition and restart each
-                        # kept one at its committed offset, so these records come again.
-                        log.info(
-                            "batch of %d fetched before a rebalance dropped", len(batch.fetched)
+                handled = asyncio.Event()
+                ahead = asyncio.create_task(self._gather(kc, handled))
+                try:
+                    async with self._lock:
+                        if batch.generation != self._generation:
+                            # aiokafka's rebalances revoke every partition and restart each
+                            # kept one at its committed offset, so these records come again.
+                            log.info(
+                                "batch of %d fetched before a rebalance dropped", len(batch.fetched)
+                            )
+                            continue
+                        self._revoked = False
+                        started = time.perf_counter()
+                        try:
+                            await self._process(batch)
+                        except _Abandoned:
+                            log.info(
+                                "batch of %d dropped uncommitted (stop or rebalance)",
+                                len(batch.fetched),
+                            )
+                            continue
+                        # One commit in flight at a time, so they reach the group in order.
+                        await self._settled()
+                        self._committing = asyncio.create_task(
+                            self._commit(kc, batch.offsets, started)
                         )
-                        continue
-                    self._revoked = False
-                    started = time.perf_counter()
-                    try:
-                        await self._process(batch)
-                    except _Abandoned:
-                        log.info(
-                            "batch of %d dropped uncommitted (stop or rebalance)",
-                            len(batch.fetched),
-                        )
-                        continue
-                    await self._commit(kc, batch.offsets)
-                    self._metrics.batch_duration.observe(time.perf_counter() - started)
-                    self.last_batch_at = time.time()
+                finally:
+                    handled.set()
                 self._update_lag(kc)
         finally:
+            await self._settled()
             if ahead is not None:
                 # Whatever it fetched is dropped: the next owner reads it from the commit.
                 ahead.cancel()
@@ -221,11 +246,32 @@ class Runner:
                 if not ahead.cancelled() and ahead.exception() is not None:
                     log.info("fetching ahead failed on the way out: %s", ahead.exception())
 
-    async def _fetch(self, kc: AIOKafkaConsumer) -> _Batch | None:
+    async def _gather(self, kc: AIOKafkaConsumer, handled: asyncio.Event) -> _Batch | None:
+        """The next batch, gathered while the one in hand is handled: whatever arrives
+        meanwhile, up to a batch. Taking only the first records to arrive would leave the
+        rest buffered (aiokafka fetches no more until they are taken), so at a steady rate a
+        record would wait for two batches in hand instead of one."""
+        size = self._settings.batch_size
+        gathered: _Batch | None = None
+        while gathered is None or len(gathered.fetched) < size:
+            room = size - (len(gathered.fetched) if gathered is not None else 0)
+            if handled.is_set():
+                # The batch in hand is done: hand over what is here, plus what is buffered.
+                wait = 0.0 if gathered is not None else self._settings.poll_timeout_seconds
+                more = await self._fetch(kc, room, wait)
+                return more if gathered is None else gathered.then(more) if more else gathered
+            more = await self._fetch(kc, room, GATHER_STEP_SECONDS)
+            if more is not None:
+                gathered = more if gathered is None else gathered.then(more)
+        return gathered
+
+    async def _fetch(
+        self, kc: AIOKafkaConsumer, room: int | None = None, wait: float | None = None
+    ) -> _Batch | None:
         """The next batch, decoded as far as needs no I/O; None if there was none."""
         polled = await kc.getmany(
-            timeout_ms=int(self._settings.poll_timeout_seconds * 1000),
-            max_records=self._settings.batch_size,
+            timeout_ms=int((self._settings.poll_timeout_seconds if wait is None else wait) * 1000),
+            max_records=self._settings.batch_size if room is None else room,
         )
         # Read in the same step as getmany returned: aiokafka hands out nothing while a
         # rebalance is under way, so these records belong to this generation's assignment.
@@ -444,7 +490,16 @@ class Runner:
             _describe(exc),
         )
 
-    async def _commit(self, kc: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
+    async def _settled(self) -> None:
+        """The last batch's commit, once it is through (it travels while the next batch is
+        handled: a round trip to the group coordinator is as long as a small batch's write)."""
+        committing, self._committing = self._committing, None
+        if committing is not None:
+            await committing
+
+    async def _commit(
+        self, kc: AIOKafkaConsumer, offsets: dict[TopicPartition, int], started: float
+    ) -> None:
         # aiokafka retries a commit for as long as the group coordinator is unreachable: with
         # the broker gone, a stop would wait for it to come back. Once stopping, the commit
         # gets a grace period, then is given up (the next owner re-handles from the last one).
@@ -471,6 +526,8 @@ class Runner:
             return
         self._committed.update(offsets)
         self._metrics.last_commit.set(time.time())
+        self._metrics.batch_duration.observe(time.perf_counter() - started)
+        self.last_batch_at = time.time()
 
     def _update_lag(self, kc: AIOKafkaConsumer) -> None:
         for tp in kc.assignment():
@@ -488,6 +545,7 @@ class Runner:
         self._revoked = True
         # Waits for the batch in hand: it either commits or is abandoned (see _idle).
         async with self._lock:
+            await self._settled()
             for tp in revoked:
                 self._committed.pop(tp, None)
                 with contextlib.suppress(KeyError):

@@ -27,6 +27,7 @@ class Recorder(Consumer):
 
     def __init__(self) -> None:
         self.seen: list[str] = []
+        self.batches: list[list[str]] = []
         self.calls = 0
         self.gate: asyncio.Event | None = None
         self.retryable_failures = 0
@@ -43,6 +44,7 @@ class Recorder(Consumer):
             if delivery.report.call_id in self.poison_ids:
                 raise PermanentError(f"refused {delivery.report.call_id}")
         self.seen += [d.report.call_id for d in batch]
+        self.batches.append([d.report.call_id for d in batch])
 
 
 def running(
@@ -78,6 +80,26 @@ async def test_runner_commits_only_after_handler_returns(kafka: KafkaSettings) -
         await eventually(lambda: runner.last_batch_at is not None)
     assert sorted(consumer.seen) == sorted(ids)
     assert await committed(kafka, "g-commit") == 5
+
+
+async def test_what_arrives_while_a_batch_is_in_hand_is_all_in_the_next_batch(
+    kafka: KafkaSettings,
+) -> None:
+    """Records that reach Kafka one by one while the handler works on a batch are handed
+    over together next, not the first of them alone while the rest wait a batch more."""
+    consumer = Recorder()
+    consumer.gate = asyncio.Event()
+    async with running(consumer, kafka, "g-gather"):
+        first = await produce_reports(kafka, [sample_report()])
+        await eventually(lambda: consumer.calls >= 1)
+        later: list[str] = []
+        for _ in range(3):
+            later += await produce_reports(kafka, [sample_report()])
+            await asyncio.sleep(0.3)  # long enough for each to come in a fetch of its own
+        consumer.gate.set()
+        await eventually(lambda: len(consumer.seen) == 4)
+    assert consumer.batches[0] == first
+    assert [sorted(b) for b in consumer.batches[1:]] == [sorted(later)]
 
 
 async def test_retryable_error_backs_off_then_succeeds_without_losing_records(
