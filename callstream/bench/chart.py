@@ -76,7 +76,8 @@ def write_chart(results: Results, path: Path) -> Path:
     closed.set_ylabel("reports/s (log scale)")
     closed.set_yscale("log")
     closed.yaxis.set_major_formatter(plain)
-    closed.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
+    if closed.get_legend_handles_labels()[0]:  # a run of some phases may have drawn none
+        closed.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
     closed.grid(alpha=0.3)
 
     fixed = results.fixed_rate

@@ -204,3 +204,15 @@ def test_bench_chart_of_a_file_that_is_not_results_is_one_line_and_exit_2(
         assert done.stderr.startswith(f"callstream bench --chart: {bad} {reason}"), done.stderr
         assert done.stderr.count("\n") == 1, done.stderr
         assert not bad.with_suffix(".png").exists()
+
+
+def test_the_chart_of_a_run_of_one_phase_draws_without_warnings(tmp_path: Path) -> None:
+    """`callstream bench --phases fixed-rate` has no closed-loop or catch-up runs to draw."""
+    source = tmp_path / "20261207T140000Z.json"
+    write_json(dataclasses.replace(results(), wrk=[], spool=None, consumers=[]), source)
+
+    done = run_cli("bench", "--chart", str(source), env=cli_env())
+
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    assert png_size(tmp_path / "20261207T140000Z.png") == (1500, 1100)
