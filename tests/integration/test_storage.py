@@ -45,6 +45,7 @@ from schemas.normalise import normalise
 from schemas.report import CallReport
 from schemas.store import END_OF_CALL_REPORT, default_store
 from tests.support.paths import DATA, REPO
+from tests.support.runner import eventually
 from tests.support.storage import fresh_database, raw_row, running
 
 SAMPLE: dict[str, Any] = orjson.loads(
@@ -249,6 +250,26 @@ async def test_sqlite_keeps_nul_characters_as_they_are(tmp_path: Path) -> None:
     assert stored.structured_data is not None
     assert stored.structured_data["k\x00"] == "v\x00"
     assert stored.record == delivery.value
+
+
+async def test_sqlite_copies_a_batch_into_the_database_file_beside_the_writer(
+    tmp_path: Path,
+) -> None:
+    """What a batch wrote to the WAL reaches the database file soon after, long before the
+    writer's own checkpoint at 32 MB would copy it inside a later batch's COMMIT."""
+    path = tmp_path / "checkpointed.db"
+    async with running({"CALLSTREAM_SQLITE_PATH": str(path)}) as consumer:
+        await consumer.handle([deliver(flat())])
+        await eventually(lambda: path.with_name(path.name + "-wal").exists())
+        before = path.stat().st_size
+        batch = [deliver(flat()) for _ in range(200)]
+        await consumer.handle(batch)
+        wal = path.with_name(path.name + "-wal").stat().st_size
+        assert wal < 32 * 1024 * 1024
+        # 200 rows of several kB each: far more than a page or two of the schema.
+        await eventually(lambda: path.stat().st_size > before + 200 * 2_000, timeout=10)
+    with closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("SELECT count(*) FROM call_reports").fetchone()[0] == 201
 
 
 async def test_postgres_stores_nul_with_sanitised_columns_and_the_exact_record(
