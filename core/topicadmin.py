@@ -10,6 +10,7 @@ and one broker may fail without refusing writes.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 
@@ -59,6 +60,7 @@ async def ensure_topics(kafka: KafkaSettings, names: list[str]) -> None:
         await admin.start()
         existing = set(await admin.list_topics())
         if all(name in existing for name in names):
+            await _until_led(admin, names)
             return
         replicas, min_isr = replication_for(kafka, len((await admin.describe_cluster())["brokers"]))
         missing = [
@@ -81,8 +83,34 @@ async def ensure_topics(kafka: KafkaSettings, names: list[str]) -> None:
             replicas,
             min_isr,
         )
+        await _until_led(admin, names)
     finally:
         await admin.close()
+
+
+# How long ensure_topics waits for new topics' partitions to have leaders.
+LEADERS_WAIT_SECONDS = 30.0
+
+
+async def _until_led(admin: AIOKafkaAdminClient, names: list[str]) -> None:
+    """Return once every partition of every topic has a leader in the metadata (or after
+    LEADERS_WAIT_SECONDS). A topic another process created a moment ago is listed before
+    its partitions are: a consumer that subscribed then would be assigned none of them,
+    and not look again until its metadata is refreshed, minutes later."""
+    deadline = asyncio.get_running_loop().time() + LEADERS_WAIT_SECONDS
+    while True:
+        topics = await admin.describe_topics(names)
+        if all(
+            t["error_code"] == 0
+            and t["partitions"]
+            and all(p["leader"] >= 0 for p in t["partitions"])
+            for t in topics
+        ) and {t["topic"] for t in topics} >= set(names):
+            return
+        if asyncio.get_running_loop().time() >= deadline:
+            log.warning("topics %s have partitions without a leader yet", ", ".join(names))
+            return
+        await asyncio.sleep(0.1)
 
 
 def topic_configs(kafka: KafkaSettings, name: str, min_insync_replicas: int) -> dict[str, str]:
