@@ -38,7 +38,7 @@ _SAMPLE = Path(__file__).with_name("sample-report.json")
 _BATCH = 500
 
 
-def _records(count: int) -> list[bytes]:
+def sample_records(count: int) -> list[bytes]:
     """`count` sample reports as the ingress puts them on the topic, each its own call."""
     sample: dict[str, Any] = orjson.loads(_SAMPLE.read_bytes())
     encoder = single_object_encoder(default_store().current(END_OF_CALL_REPORT))
@@ -51,7 +51,7 @@ def _records(count: int) -> list[bytes]:
     return values
 
 
-def _deliveries(decoder: Decoder, values: Sequence[bytes], first: int) -> list[DecodedDelivery]:
+def deliveries(decoder: Decoder, values: Sequence[bytes], first: int) -> list[DecodedDelivery]:
     """What the runner hands the consumer for `values`."""
     out = []
     for offset, value in enumerate(values, first):
@@ -68,10 +68,10 @@ def _per_record(work: Callable[[], object], count: int) -> float:
 
 def stages(values: Sequence[bytes]) -> dict[str, float]:
     decoder = Decoder(default_store())
-    batch = _deliveries(decoder, values, 0)
+    batch = deliveries(decoder, values, 0)
     return {
         "decode": _per_record(lambda: [decoder.decode_local(v) for v in values], len(values)),
-        "decode + check": _per_record(lambda: _deliveries(decoder, values, 0), len(values)),
+        "decode + check": _per_record(lambda: deliveries(decoder, values, 0), len(values)),
         "sqlite rows": _per_record(lambda: SQLITE.rows(batch), len(values)),
         "postgresql rows": _per_record(lambda: POSTGRES.rows(batch), len(values)),
     }
@@ -89,7 +89,7 @@ async def handle(values: Sequence[bytes]) -> dict[str, tuple[float, float, float
                 wall, process, thread = time.perf_counter(), time.process_time(), time.thread_time()
                 for start in range(0, len(values), _BATCH):
                     chunk = values[start : start + _BATCH]
-                    await consumer.handle(_deliveries(decoder, chunk, start))
+                    await consumer.handle(deliveries(decoder, chunk, start))
                 n = len(values)
                 results[run] = (
                     n / (time.perf_counter() - wall),
@@ -106,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--records", type=int, default=20_000, help="for handle (%(default)s)")
     parser.add_argument("--rounds", type=int, default=1, help="of both (%(default)s)")
     args = parser.parse_args(argv)
-    values = _records(args.records)
+    values = sample_records(args.records)
     for _ in range(args.rounds):
         figures = stages(values[:_BATCH])
         print("stages, µs per record:", ", ".join(f"{k} {v:.1f}" for k, v in figures.items()))

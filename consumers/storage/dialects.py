@@ -330,6 +330,11 @@ class PostgresDialect(Dialect):
         columns = [list(column) for column in zip(*rows, strict=True)]
         return Statement(_PG_UPSERT, (*columns, stored_at))
 
+    def upsert_from(self, table: str) -> str:
+        """The same upsert from the rows of `table` (every column, stored_at included): the
+        COPY-then-upsert alternative callstream.bench.pgwrite measures against `upsert`."""
+        return f"{_INSERT} SELECT {', '.join(NAMES)} FROM {table}{_ON_CONFLICT}"  # noqa: S608
+
     def held(self, versions: Sequence[tuple[Any, Any, Any]]) -> Script[set[str]]:
         columns = [list(column) for column in zip(*versions, strict=True)]
         statement = Statement(_PG_HELD, tuple(columns), returns_rows=True)
