@@ -129,7 +129,7 @@ class CallReport:
     def to_record(self) -> dict[str, Any]:
         """The Avro-shaped record again (for re-publishing from storage)."""
         fields = asdict(self)
-        for name in ("structured_data", "user_metadata", "costs", "extra"):
+        for name in JSON_FIELDS:
             value = fields.pop(name)
             fields[f"{name}_json"] = None if value is None else orjson.dumps(value).decode()
         fields["source"] = {

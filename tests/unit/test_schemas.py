@@ -516,3 +516,18 @@ def test_record_headers_round_trip_under_their_wire_names() -> None:
     assert RecordHeaders.parse([("other", b"x"), *encoded]) == headers
     with pytest.raises(SchemaError, match="request-id"):
         RecordHeaders.parse(encoded[:-1])
+
+
+def test_a_report_goes_back_to_the_record_it_was_read_from() -> None:
+    """`to_record` (re-publishing from storage) gives every JSON field back as the record's
+    JSON text, the transcript's turns included, so the record encodes and reads back equal."""
+    store = default_store()
+    encoder = single_object_encoder(store.current(END_OF_CALL_REPORT))
+    record = Decoder(store).decode_local(encoder.encode(_sample_record())).record
+    report = CallReport.from_record(record)
+    assert report.transcript_turns, "the sample has a transcript to split into turns"
+
+    again = Decoder(store).decode_local(encoder.encode(report.to_record())).record
+
+    assert CallReport.from_record(again) == report
+    assert again.keys() == record.keys()
