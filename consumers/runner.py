@@ -133,6 +133,12 @@ class _Batch:
         )
 
 
+def _joined(first: _Batch | None, then: _Batch | None) -> _Batch | None:
+    if first is None or then is None:
+        return then if first is None else first
+    return first.then(then)
+
+
 class _Abandoned(Exception):
     """The batch in hand must be dropped uncommitted (stop or rebalance while retrying)."""
 
@@ -236,7 +242,6 @@ class Runner:
                         )
                 finally:
                     handled.set()
-                self._update_lag(kc)
         finally:
             await self._settled()
             if ahead is not None:
@@ -258,11 +263,8 @@ class Runner:
             if handled.is_set():
                 # The batch in hand is done: hand over what is here, plus what is buffered.
                 wait = 0.0 if gathered is not None else self._settings.poll_timeout_seconds
-                more = await self._fetch(kc, room, wait)
-                return more if gathered is None else gathered.then(more) if more else gathered
-            more = await self._fetch(kc, room, GATHER_STEP_SECONDS)
-            if more is not None:
-                gathered = more if gathered is None else gathered.then(more)
+                return _joined(gathered, await self._fetch(kc, room, wait))
+            gathered = _joined(gathered, await self._fetch(kc, room, GATHER_STEP_SECONDS))
         return gathered
 
     async def _fetch(
@@ -525,6 +527,7 @@ class Runner:
             log.warning("commit failed after a rebalance, records will be re-handled: %s", exc)
             return
         self._committed.update(offsets)
+        self._update_lag(kc)
         self._metrics.last_commit.set(time.time())
         self._metrics.batch_duration.observe(time.perf_counter() - started)
         self.last_batch_at = time.time()

@@ -59,33 +59,33 @@ async def ensure_topics(kafka: KafkaSettings, names: list[str]) -> None:
     try:
         await admin.start()
         existing = set(await admin.list_topics())
-        if all(name in existing for name in names):
-            await _until_led(admin, names)
-            return
-        replicas, min_isr = replication_for(kafka, len((await admin.describe_cluster())["brokers"]))
-        missing = [
-            NewTopic(
-                name, kafka.partitions, replicas, topic_configs=topic_configs(kafka, name, min_isr)
-            )
-            for name in names
-            if name not in existing
-        ]
-        if not missing:
-            return
-        response = await admin.create_topics(missing)
-        for topic_error in getattr(response, "topic_errors", []):
-            name, code = topic_error[0], topic_error[1]
-            if code not in (0, TopicAlreadyExistsError.errno):
-                raise KafkaError(f"creating topic {name} failed with error code {code}")
-        log.info(
-            "created topics %s (%d replicas, min.insync.replicas %d)",
-            ", ".join(t.name for t in missing),
-            replicas,
-            min_isr,
-        )
+        missing = [name for name in names if name not in existing]
+        if missing:
+            await _create(admin, kafka, missing)
         await _until_led(admin, names)
     finally:
         await admin.close()
+
+
+async def _create(admin: AIOKafkaAdminClient, kafka: KafkaSettings, names: list[str]) -> None:
+    replicas, min_isr = replication_for(kafka, len((await admin.describe_cluster())["brokers"]))
+    missing = [
+        NewTopic(
+            name, kafka.partitions, replicas, topic_configs=topic_configs(kafka, name, min_isr)
+        )
+        for name in names
+    ]
+    response = await admin.create_topics(missing)
+    for topic_error in getattr(response, "topic_errors", []):
+        name, code = topic_error[0], topic_error[1]
+        if code not in (0, TopicAlreadyExistsError.errno):
+            raise KafkaError(f"creating topic {name} failed with error code {code}")
+    log.info(
+        "created topics %s (%d replicas, min.insync.replicas %d)",
+        ", ".join(names),
+        replicas,
+        min_isr,
+    )
 
 
 # How long ensure_topics waits for new topics' partitions to have leaders.

@@ -8,6 +8,7 @@ import signal
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from ingress.replays import MAX_REMEMBERED
@@ -18,6 +19,18 @@ from ingress.workers import run_workers
 
 def program(code: str) -> list[str]:
     return [sys.executable, "-c", code]
+
+
+def run_workers_until_sigterm(
+    seconds: float, count: int, argv: Callable[[int], list[str]], env: dict[str, str]
+) -> int:
+    """`run_workers`, with this process sent SIGTERM after `seconds` as an operator would."""
+    stopper = threading.Timer(seconds, os.kill, (os.getpid(), signal.SIGTERM))
+    stopper.start()
+    try:
+        return run_workers(count, argv, env)
+    finally:
+        stopper.cancel()
 
 
 def test_workers_that_exit_2_are_not_restarted_and_the_parent_exits_2(tmp_path: Path) -> None:
@@ -46,12 +59,9 @@ def test_a_worker_that_dies_is_started_again_until_sigterm_stops_them_all(
         "signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))\n"
         "time.sleep(60)\n"
     )
-    stopper = threading.Timer(6.0, os.kill, (os.getpid(), signal.SIGTERM))
-    stopper.start()
-    try:
-        code = run_workers(2, lambda index: program(crash if index == 0 else serve), {})
-    finally:
-        stopper.cancel()
+    code = run_workers_until_sigterm(
+        6.0, 2, lambda index: program(crash if index == 0 else serve), {}
+    )
     assert code == 0
     assert len(crashes.read_text()) >= 2  # started, died, started again
     [line] = served.read_text().splitlines()  # started once, never restarted
@@ -76,10 +86,5 @@ def test_a_worker_that_exits_2_after_it_ran_is_restarted(tmp_path: Path) -> None
         "log.open('a').write('t' if told else 'f')\n"
         "raise SystemExit(1 if first else 2)\n"
     )
-    stopper = threading.Timer(8.0, os.kill, (os.getpid(), signal.SIGTERM))
-    stopper.start()
-    try:
-        assert run_workers(1, lambda index: program(code), dict(os.environ)) == 0
-    finally:
-        stopper.cancel()
+    assert run_workers_until_sigterm(8.0, 1, lambda index: program(code), dict(os.environ)) == 0
     assert starts.read_text() in ("ttt", "tttt")  # at 0 s, after 2 s and after 4 s more
