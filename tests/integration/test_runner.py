@@ -208,6 +208,25 @@ async def test_lag_and_commit_metrics(kafka: KafkaSettings) -> None:
     ) == pytest.approx(4)
 
 
+async def test_the_lag_is_current_as_soon_as_a_commit_lands(kafka: KafkaSettings) -> None:
+    """Commits travel in the background: the lag must follow the commit, not the handler."""
+    await produce_reports(kafka, [sample_report() for _ in range(4)])
+    registry = CollectorRegistry()
+    async with running(Recorder(), kafka, "g-lag-now", registry) as runner:
+        # Looked at on every loop turn, so before the idle loop's own refresh half a second on.
+        while runner.last_batch_at is None:  # noqa: ASYNC110 - the runner has no event for it
+            await asyncio.sleep(0)
+        found = [
+            registry.get_sample_value(
+                "callstream_consumer_lag", {"consumer": "recorder", "partition": str(p)}
+            )
+            for p in range(kafka.partitions)
+        ]
+    lags = [lag for lag in found if lag is not None]
+    assert lags, "no lag series once the first commit landed"
+    assert not any(lags)
+
+
 async def test_topic_read_back_helper_sees_what_was_produced(kafka: KafkaSettings) -> None:
     ids = await produce_reports(kafka, [sample_report()])
     [landed] = await read_back(kafka, kafka.topic, expect=1)
