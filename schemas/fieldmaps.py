@@ -231,11 +231,12 @@ def detect_format(payload: Any) -> SourceFormat:
     if any(marker in message for marker in FLIREO_NESTED_KEYS):
         return _spelling(message)
     # 2. Vapi's own keys, or an event type only Vapi sends: Vapi, so `analysis` is a wrapper.
-    call = message.get("call")
+    call, event_type = message.get("call"), message.get("type")
     if (
         any(marker in message for marker in VAPI_MESSAGE_KEYS)
         or (isinstance(call, dict) and any(marker in call for marker in VAPI_CALL_KEYS))
-        or message.get("type") in VAPI_ONLY_TYPES
+        # A list or object is unhashable: left to the field checks, which name it in a 422.
+        or (isinstance(event_type, str) and event_type in VAPI_ONLY_TYPES)
     ):
         return "VAPI"
     # 3. Only a minimal body (a test tool's) leaves the envelope ambiguous: then `analysis`

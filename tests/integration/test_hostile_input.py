@@ -202,6 +202,8 @@ MALFORMED: list[tuple[str, bytes, int]] = [
         + b"}",
         400,
     ),
+    ("nested event type is a list", b'{"message":{"type":["end-of-call-report"]}}', 422),
+    ("nested event type is an object", b'{"message":{"type":{},"call":{}}}', 422),
     ("NaN", _REPORT_PREFIX + b',"n":NaN}', 400),
     ("-Infinity", _REPORT_PREFIX + b',"n":-Infinity}', 400),
     ("20-digit run inside a string is fine", _REPORT_PREFIX + b',"s":"12345678901234567890"}', 202),

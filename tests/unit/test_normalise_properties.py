@@ -282,6 +282,9 @@ def _leaves(value: Any) -> list[Any]:
 
 @FAST
 @given(any_json)
+# A nested event type that is not a string (schemathesis found a list giving a 500).
+@example({"message": {"type": ["end-of-call-report"]}})
+@example({"message": {"type": {"name": "end-of-call-report"}, "call": {}}})
 def test_normalise_accepts_or_rejects_any_json_and_never_crashes(payload: Any) -> None:
     rejected: InvalidReport | None = None
     try:
