@@ -156,17 +156,8 @@ class SlackSender:
     async def send(self, context: AlertContext, timeout: float) -> None:
         escaped = {key: _slack_escape(value) for key, value in context.values.items()}
         body = orjson.dumps({"text": render(self.channel.template, escaped)})
-        await self.http.post(
-            self.channel.url.reveal(),
-            body,
-            lambda: {"Content-Type": "application/json"},
-            timeout,
-        )
-
-
-def sign(secret: bytes, timestamp: str, body: bytes) -> str:
-    """`sha256=<hex>` of HMAC-SHA256 over `timestamp.body` (as Flireo signs its own)."""
-    return SIGNATURE_PREFIX + hmac_hex(secret, timestamp, body)
+        headers = {"Content-Type": "application/json"}
+        await self.http.post(self.channel.url.reveal(), body, lambda: headers, timeout)
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,7 +182,8 @@ class WebhookSender:
             return {
                 "Content-Type": "application/json",
                 TIMESTAMP_HEADER: timestamp,
-                SIGNATURE_HEADER: sign(secret, timestamp, body),
+                # `sha256=<hex>` of HMAC-SHA256 over `timestamp.body`, as Flireo signs its own.
+                SIGNATURE_HEADER: SIGNATURE_PREFIX + hmac_hex(secret, timestamp, body),
                 ALERT_ID_HEADER: context.alert_id,
             }
 

@@ -102,20 +102,16 @@ _FOREIGN: Final = {
 
 
 def _unquote(text: str, offset: int) -> str:
-    out: list[str] = []
-    i = 1
-    while i < len(text) - 1:
-        char = text[i]
-        if char == "\\":
-            escaped = text[i + 1]
-            if escaped not in _ESCAPES:
-                raise ConditionError(f"unknown escape \\{escaped} in a string", offset + i)
-            out.append(_ESCAPES[escaped])
-            i += 2
-            continue
-        out.append(char)
-        i += 1
-    return "".join(out)
+    def escape(match: re.Match[str]) -> str:
+        escaped = match.group(1)
+        if escaped not in _ESCAPES:
+            # +1: the match is in the text without its opening quote.
+            raise ConditionError(
+                f"unknown escape \\{escaped} in a string", offset + match.start() + 1
+            )
+        return _ESCAPES[escaped]
+
+    return re.sub(r"\\(.)", escape, text[1:-1])
 
 
 def _tokenize(text: str) -> list[_Token]:
@@ -395,8 +391,6 @@ def _walk(expr: Expr) -> Iterator[FieldRef]:
         case All(operands) | AnyOf(operands):
             for operand in operands:
                 yield from _walk(operand)
-        case Const():
-            pass
 
 
 class ReportView:

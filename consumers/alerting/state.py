@@ -206,6 +206,18 @@ def decode_context(text: str) -> AlertContext:
     return AlertContext(str(data["alert_id"]), values, dict(data["payload"]))
 
 
+def _since(moment: datetime | None) -> str:
+    return "" if moment is None else _iso(moment)  # "": every stored time is later
+
+
+def _finish(conn: sqlite3.Connection, key: AlertKey, status: str, attempts: int, now: str) -> None:
+    conn.execute(
+        "UPDATE alert_notifications SET status = ?, attempts = ?, updated_at = ?"
+        " WHERE rule = ? AND call_id = ? AND channel = ?",
+        (status, attempts, now, *key),
+    )
+
+
 def _status(conn: sqlite3.Connection, key: AlertKey) -> str | None:
     row = conn.execute(
         "SELECT status FROM alert_notifications WHERE rule = ? AND call_id = ? AND channel = ?",
@@ -275,14 +287,7 @@ class AlertState:
         return await self._db.run(work)
 
     async def mark_sent(self, key: AlertKey, attempts: int) -> None:
-        def work(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "UPDATE alert_notifications SET status = 'sent', attempts = ?, updated_at = ?"
-                " WHERE rule = ? AND call_id = ? AND channel = ?",
-                (attempts, _now(), *key),
-            )
-
-        await self._db.run(work)
+        await self._db.run(lambda conn: _finish(conn, key, "sent", attempts, _now()))
 
     async def mark_dead_lettered(
         self,
@@ -297,11 +302,7 @@ class AlertState:
         def work(conn: sqlite3.Connection) -> None:
             now = _now()
             with sqlite_file.transaction(conn):
-                conn.execute(
-                    "UPDATE alert_notifications SET status = 'dead_lettered', attempts = ?,"
-                    " updated_at = ? WHERE rule = ? AND call_id = ? AND channel = ?",
-                    (attempts, now, *key),
-                )
+                _finish(conn, key, "dead_lettered", attempts, now)
                 conn.execute(
                     "INSERT INTO alert_dead_letters (rule, call_id, channel, channel_type,"
                     " reason, detail, attempts, created_at, context)"
@@ -318,10 +319,7 @@ class AlertState:
         """Every (rule, call, channel) changed since `since`, oldest change first."""
 
         def work(conn: sqlite3.Connection) -> list[AlertRecord]:
-            rows = conn.execute(
-                _HISTORY,
-                ("" if since is None else _iso(since), int(failed_only)),
-            ).fetchall()
+            rows = conn.execute(_HISTORY, (_since(since), int(failed_only))).fetchall()
             return [
                 AlertRecord(
                     AlertKey(row[0], row[1], row[2]),
@@ -339,10 +337,7 @@ class AlertState:
 
     async def dead_letter(self, dead_letter_id: int) -> DeadLetter | None:
         def work(conn: sqlite3.Connection) -> DeadLetter | None:
-            row = conn.execute(
-                _DEAD_LETTER,
-                (dead_letter_id,),
-            ).fetchone()
+            row = conn.execute(_DEAD_LETTER, (dead_letter_id,)).fetchone()
             return None if row is None else _dead_letter(row)
 
         return await self._db.run(work)
@@ -351,10 +346,7 @@ class AlertState:
         """Dead letters given up on since `since` that no retry has delivered, oldest first."""
 
         def work(conn: sqlite3.Connection) -> list[DeadLetter]:
-            rows = conn.execute(
-                _UNRESOLVED,
-                ("" if since is None else _iso(since),),
-            ).fetchall()
+            rows = conn.execute(_UNRESOLVED, (_since(since),)).fetchall()
             return [_dead_letter(row) for row in rows]
 
         return await self._db.run(work)
@@ -390,11 +382,7 @@ class AlertState:
                     " WHERE id = ?",
                     (now, now, dead_letter.id),
                 )
-                conn.execute(
-                    "UPDATE alert_notifications SET status = 'sent', attempts = ?, updated_at = ?"
-                    " WHERE rule = ? AND call_id = ? AND channel = ?",
-                    (attempts, now, *dead_letter.key),
-                )
+                _finish(conn, dead_letter.key, "sent", attempts, now)
 
         await self._db.run(work)
 

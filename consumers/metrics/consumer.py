@@ -64,8 +64,7 @@ Outcome = Literal["success", "failure", "unknown"]
 OUTCOMES: tuple[Outcome, ...] = get_args(Outcome)
 EVALUATION_RESULTS = ("true", "false", "other")
 
-_TRUE_WORDS = frozenset({"true", "yes"})
-_FALSE_WORDS = frozenset({"false", "no"})
+_FLAG_WORDS = {"true": True, "yes": True, "false": False, "no": False}
 _NUMERIC = re.compile(r"^[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?$")
 # Phone calls: a 5 s hang-up up to an hour-long conversation.
 DURATION_BUCKETS = (5, 10, 15, 30, 45, 60, 90, 120, 180, 300, 420, 600, 900, 1200, 1800, 2700, 3600)
@@ -89,13 +88,7 @@ def as_number(value: Any) -> float | None:
 def as_flag(value: Any) -> bool | None:
     if isinstance(value, bool):
         return value
-    if isinstance(value, str):
-        word = value.strip().lower()
-        if word in _TRUE_WORDS:
-            return True
-        if word in _FALSE_WORDS:
-            return False
-    return None
+    return _FLAG_WORDS.get(value.strip().lower()) if isinstance(value, str) else None
 
 
 def success_outcome(evaluation: bool | float | str | None, threshold: float) -> Outcome:
