@@ -161,7 +161,7 @@ def _resources(store: SchemaStore) -> Callable[[web.Application], AsyncIterator[
             )
         publisher = app[PUBLISHER]
         async with aiohttp.ClientSession() as session:
-            app[ENCODERS] = await _encoders(settings, store, session)
+            app[ENCODERS] = await encoders_for(settings.kafka, store, session)
             app[QUARANTINE].bind(app[ENCODERS][REJECTED_REQUEST])
             await publisher.start()
             takeover = _takeover(settings, publisher, app[METRICS].spool)
@@ -187,12 +187,6 @@ def _takeover(
     return Takeover(
         own, publisher.kafka, functools.partial(spool_at, settings, metrics=metrics), metrics
     )
-
-
-async def _encoders(
-    settings: IngressSettings, store: SchemaStore, session: aiohttp.ClientSession
-) -> dict[str, Encoder]:
-    return await encoders_for(settings.kafka, store, session)
 
 
 @web.middleware

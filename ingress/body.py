@@ -24,10 +24,6 @@ class BodyTooLarge(Problem):
         self.head = head
 
 
-def too_large(limit: int, what: str, head: bytes = b"") -> BodyTooLarge:
-    return BodyTooLarge(limit, what, head)
-
-
 async def read_wire_body(
     request: web.Request, limit: int, timeout: float, allowance: Allowance
 ) -> bytes:
@@ -39,7 +35,7 @@ async def read_wire_body(
     """
     declared = request.content_length
     if declared is not None and declared > limit:
-        raise too_large(limit, "Content-Length")
+        raise BodyTooLarge(limit, "Content-Length")
     allowance.take(declared or 0)
     chunks: list[bytes] = []
     size = 0
@@ -50,7 +46,7 @@ async def read_wire_body(
                 size += len(chunk)
                 del chunk
                 if size > limit:
-                    raise too_large(limit, "body", b"".join(chunks))
+                    raise BodyTooLarge(limit, "body", b"".join(chunks))
                 if size > allowance.taken:
                     allowance.take(size - allowance.taken)
         return b"".join(chunks)
@@ -99,10 +95,10 @@ def decode_content(body: bytes, encoding: str | None, limit: int) -> bytes:
         except zlib.error as exc:
             raise _bad_gzip(f"gzip body is corrupt: {exc}") from exc
         if len(out) > limit:
-            raise too_large(limit, "decompressed body")
+            raise BodyTooLarge(limit, "decompressed body")
         if not inflater.eof:
             if inflater.unconsumed_tail:
-                raise too_large(limit, "decompressed body")
+                raise BodyTooLarge(limit, "decompressed body")
             raise _bad_gzip("gzip body is truncated")
         rest = inflater.unused_data
         if rest and not rest.startswith(GZIP_MAGIC):

@@ -273,10 +273,6 @@ class IngressSettings(EnvSettings):
     def worker_count(self) -> int:
         return self.workers or os.cpu_count() or 1
 
-    @property
-    def authentication_required(self) -> bool:
-        return bool(self.webhook_secrets or self.shared_tokens)
-
 
 def _json_object(text: str) -> Any:
     try:

@@ -56,11 +56,6 @@ CrashPoint = Literal[
     "spool-after-fsync-before-response",
     "drain-after-publish-before-delete",
 ]
-CRASH_POINTS: Final[tuple[CrashPoint, ...]] = (
-    "spool-after-write-before-fsync",
-    "spool-after-fsync-before-response",
-    "drain-after-publish-before-delete",
-)
 CRASH_EXIT_CODE: Final = 99
 
 # One group commit writes at most this much, so one huge burst cannot hold every caller
@@ -257,7 +252,7 @@ class Spool:
         cursor_existed = cursor_path.exists()
         self._cursor_fd = open_for_update(cursor_path)
         cursor = self._read_cursor()
-        segments = self._segment_ids()
+        segments = segment_ids(directory)
         pending: list[Entry] = []
         for segment in segments:
             entries = self._recover_segment(segment)
@@ -655,17 +650,13 @@ class Spool:
             floor = min(first_needed, self._active_id)
             if self._writing_from is not None:
                 floor = min(floor, self._writing_from)
-            doomed = [
-                segment for segment in await asyncio.to_thread(self._segment_ids) if segment < floor
-            ]
+            segments = await asyncio.to_thread(segment_ids, self.directory)
+            doomed = [segment for segment in segments if segment < floor]
             if doomed:
                 try:
                     await asyncio.to_thread(self._delete_segments, doomed)
                 except OSError as exc:
                     log.warning("spool: could not delete drained segments (%s)", exc)
-
-    def _segment_ids(self) -> list[int]:
-        return segment_ids(self.directory)
 
     def _delete_segments(self, segments: list[int]) -> None:
         for segment in segments:
