@@ -25,7 +25,7 @@ from ingress.outgoing import OutgoingRecord as OutgoingRecord
 from ingress.outgoing import decode_record as decode_record
 from ingress.outgoing import encode_record as encode_record
 from ingress.settings import IngressSettings
-from ingress.spool import CrashPoint, Spool, Spooled, SpoolError, SpoolFull, crash
+from ingress.spool import CrashPoint, Spool, Spooled, SpoolError, SpoolFull, crash, finish_or_cancel
 from ingress.telemetry import SpoolMetrics
 
 log = logging.getLogger(__name__)
@@ -169,15 +169,9 @@ class DurablePublisher:
             self._stopping.set()
             # Without a connection there is no batch worth waiting for.
             grace = DRAIN_STOP_GRACE_SECONDS if self.kafka.connected() else 0.0
-            try:
-                async with asyncio.timeout(grace):
-                    await asyncio.shield(self._drainer)
-            except TimeoutError:
-                # Cancelled mid-batch: what was published but not committed is sent again on
-                # the next start (a duplicate, never a loss).
-                self._drainer.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._drainer
+            # Cancelled mid-batch: what was published but not committed is sent again on the
+            # next start (a duplicate, never a loss).
+            await finish_or_cancel(self._drainer, grace)
             self._drainer = None
         try:
             await self.kafka.stop()

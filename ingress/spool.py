@@ -189,13 +189,7 @@ class Spool:
             self._wake.set()
             # The writer exits once the queue is empty; a hung disk must not hang shutdown
             # for ever, though.
-            try:
-                async with asyncio.timeout(30):
-                    await asyncio.shield(self._writer)
-            except TimeoutError:
-                self._writer.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._writer
+            await finish_or_cancel(self._writer, 30)
             self._writer = None
         for pending in self._queue:
             if not pending.done.done():
@@ -662,6 +656,17 @@ class Spool:
         for segment in segments:
             (self.directory / segment_name(segment)).unlink(missing_ok=True)
         fsync_dir(self.directory)
+
+
+async def finish_or_cancel(task: asyncio.Task[None], grace: float) -> None:
+    """Lets `task` finish within `grace` seconds, then cancels it."""
+    try:
+        async with asyncio.timeout(grace):
+            await asyncio.shield(task)
+    except TimeoutError:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def crash(point: str) -> None:

@@ -29,7 +29,7 @@ from ingress.publisher import (
     deliver,
     failure_text,
 )
-from ingress.spool import Spool, SpoolError, SpoolLocked
+from ingress.spool import Spool, SpoolError, SpoolLocked, finish_or_cancel
 from ingress.spoolformat import HEADER_BYTES, segment_ids, segment_name
 from ingress.telemetry import SpoolMetrics
 
@@ -97,15 +97,9 @@ class Takeover:
         if self._task is None:
             return
         self._stopping.set()
-        try:
-            async with asyncio.timeout(DRAIN_STOP_GRACE_SECONDS):
-                await asyncio.shield(self._task)
-        except TimeoutError:
-            # Cancelled mid-batch: published but not committed is sent again by the next
-            # process to take the directory (a duplicate, never a loss).
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        # Cancelled mid-batch: published but not committed is sent again by the next process
+        # to take the directory (a duplicate, never a loss).
+        await finish_or_cancel(self._task, DRAIN_STOP_GRACE_SECONDS)
         self._task = None
 
     async def _run(self) -> None:
