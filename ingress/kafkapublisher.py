@@ -235,9 +235,7 @@ class KafkaPublisher:
                     )
                     self._watch(producer, future)
                     futures.append(future)
-        except TimeoutError as exc:
-            error = exc
-        except KafkaError as exc:
+        except (TimeoutError, KafkaError) as exc:
             error = exc
         if futures:
             # Nothing after the first failure can count as delivered, so there is no point
@@ -249,8 +247,9 @@ class KafkaPublisher:
             )
         acked = 0
         for future in futures:
-            if not _succeeded(future):
-                error = _failure(future)
+            failure = _failure(future)
+            if failure is not None:
+                error = failure
                 break
             acked += 1
         if acked < len(records):
@@ -343,15 +342,10 @@ class KafkaPublisher:
             )
 
 
-def _succeeded(future: asyncio.Future[object]) -> bool:
-    return future.done() and not future.cancelled() and future.exception() is None
-
-
-def _failure(future: asyncio.Future[object]) -> BaseException:
+def _failure(future: asyncio.Future[object]) -> BaseException | None:
+    """Why `future`'s record is not acknowledged; None when it is."""
     if not future.done():
         return TimeoutError("Kafka did not acknowledge in time")
     if future.cancelled():
         return asyncio.CancelledError()
-    exc = future.exception()
-    assert exc is not None
-    return exc
+    return future.exception()
