@@ -181,8 +181,7 @@ class DurablePublisher:
     async def publish(self, record: OutgoingRecord) -> Durable:
         """Returns where the record is durable; raises PublishUnavailable when it is not."""
         self.kafka.check_fits(record)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._publish_timeout
+        deadline = asyncio.get_running_loop().time() + self._publish_timeout
         key = order_key(record)
         if self._kafka_first(key):
             started = time.monotonic()
@@ -248,13 +247,10 @@ class DurablePublisher:
             ) from exc
 
     def _forget(self, key: OrderKey | None) -> None:
-        if key is None:
-            return
-        left = self._spooled[key] - 1
-        if left > 0:
-            self._spooled[key] = left
-        else:
-            self._spooled.pop(key, None)
+        if key is not None:
+            self._spooled[key] -= 1
+            if self._spooled[key] <= 0:
+                del self._spooled[key]
 
     def _kafka_first(self, key: OrderKey | None) -> bool:
         if self.spool.failing():
