@@ -146,10 +146,9 @@ class Takeover:
                     spool.depth(),
                     directory,
                 )
-            until = asyncio.get_running_loop().time() + HOLD_SECONDS
-            while not spool.empty() and not self._stopping.is_set():
-                if asyncio.get_running_loop().time() > until:
-                    break
+            loop = asyncio.get_running_loop()
+            until = loop.time() + HOLD_SECONDS
+            while not (spool.empty() or self._stopping.is_set() or loop.time() > until):
                 batch = await spool.read(DRAIN_MAX_RECORDS, DRAIN_MAX_BYTES)
                 acked, _, error = await deliver(self._kafka, batch)
                 if acked:
