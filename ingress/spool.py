@@ -16,7 +16,6 @@ import fcntl
 import logging
 import os
 import shutil
-import struct
 import tempfile
 import time
 import zlib
@@ -29,6 +28,7 @@ from typing import Final, Literal, TypeVar
 from core.logs import Throttled
 from ingress.spoolformat import (
     CURSOR,
+    CURSOR_CRC,
     FRAME_OVERHEAD,
     HEADER_BYTES,
     MAGIC,
@@ -340,7 +340,7 @@ class Spool:
         raw = CURSOR.pack(cursor.segment, cursor.offset)
         # Overwritten in place: a torn cursor fails its CRC and means "start from the oldest
         # segment", which costs duplicates, never records.
-        os.pwrite(self._cursor_fd, raw + struct.pack(">I", zlib.crc32(raw)), 0)
+        os.pwrite(self._cursor_fd, raw + CURSOR_CRC.pack(zlib.crc32(raw)), 0)
         os.fdatasync(self._cursor_fd)
 
     def _new_active(self) -> None:
@@ -576,9 +576,8 @@ class Spool:
             if not intact:
                 path = self.directory / segment_name(position.segment)
                 self._set_aside(path, position.offset, frame)
-                out.append(Spooled(position, entry.spooled_at_ms, None))
-                continue
-            out.append(Spooled(position, entry.spooled_at_ms, frame[FRAME_OVERHEAD:]))
+            payload = frame[FRAME_OVERHEAD:] if intact else None
+            out.append(Spooled(position, entry.spooled_at_ms, payload))
         return out
 
     def _frames(self, entries: list[Entry]) -> Iterator[tuple[Entry, bytes, bool]]:

@@ -116,9 +116,7 @@ def scan_frames(data: bytes | memoryview, start: int = HEADER_BYTES) -> tuple[li
     while offset + FRAME.size <= len(view):
         length, crc = FRAME.unpack_from(view, offset)
         end = offset + FRAME.size + length
-        if length < SPOOLED_AT.size or length > MAX_PAYLOAD_BYTES + SPOOLED_AT.size:
-            break
-        if end > len(view):
+        if not SPOOLED_AT.size <= length <= MAX_PAYLOAD_BYTES + SPOOLED_AT.size or end > len(view):
             break
         body = view[offset + FRAME.size : end]
         if zlib.crc32(body) != crc:
