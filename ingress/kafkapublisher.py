@@ -200,11 +200,7 @@ class KafkaPublisher:
                 assert self._producer is not None
                 # Cancelling send() itself withdraws the record; once it returned, the record
                 # is queued and a timeout only stops our waiting (it may still be delivered).
-                producer = self._producer
-                future = await producer.send(
-                    record.topic, record.value, key=record.key, headers=list(record.headers)
-                )
-                self._watch(producer, future)
+                future = await self._send(self._producer, record)
                 await asyncio.shield(future)
         except TimeoutError as exc:
             self._last_failure = time.monotonic()
@@ -230,11 +226,7 @@ class KafkaPublisher:
                 assert self._producer is not None
                 producer = self._producer
                 for record in records:
-                    future = await producer.send(
-                        record.topic, record.value, key=record.key, headers=list(record.headers)
-                    )
-                    self._watch(producer, future)
-                    futures.append(future)
+                    futures.append(await self._send(producer, record))
         except (TimeoutError, KafkaError) as exc:
             error = exc
         if futures:
@@ -257,10 +249,17 @@ class KafkaPublisher:
             return BatchOutcome(acked, error or TimeoutError())
         return BatchOutcome(acked, None)
 
-    def _watch(self, producer: AIOKafkaProducer, future: asyncio.Future[object]) -> None:
-        """Every outcome is retrieved (none is logged as never retrieved, even after its
-        caller stopped waiting), and one that shows the producer's state broken renews it."""
+    async def _send(
+        self, producer: AIOKafkaProducer, record: OutgoingRecord
+    ) -> asyncio.Future[object]:
+        """Hands `record` to `producer`. Every outcome is retrieved (none is logged as never
+        retrieved, even after its caller stopped waiting), and one that shows the producer's
+        state broken renews it."""
+        future: asyncio.Future[object] = await producer.send(
+            record.topic, record.value, key=record.key, headers=list(record.headers)
+        )
         future.add_done_callback(functools.partial(self._settled, producer))
+        return future
 
     def _settled(self, producer: AIOKafkaProducer, future: asyncio.Future[object]) -> None:
         if future.cancelled():
