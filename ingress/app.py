@@ -30,12 +30,7 @@ from ingress.auth import Authenticator
 from ingress.body import BodyTooLarge, decode_content, read_wire_body
 from ingress.errors import Problem, invalid, log_refusal
 from ingress.kafkapublisher import PublishUnavailable, RecordTooLarge
-from ingress.publisher import (
-    Durable,
-    DurablePublisher,
-    OutgoingRecord,
-    spool_at,
-)
+from ingress.publisher import Durable, DurablePublisher, OutgoingRecord, spool_at
 from ingress.quarantine import Quarantine
 from ingress.replays import Deliveries, RecentDeliveries, delivery_key
 from ingress.replies import Replies
