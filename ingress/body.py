@@ -13,6 +13,12 @@ from ingress.errors import Problem
 from ingress.hygiene import Allowance
 
 GZIP_MAGIC = b"\x1f\x8b"
+# How a body read fails when the sender goes away (or breaks the framing) mid-body.
+CUT_OFF = (
+    ConnectionResetError,
+    aiohttp.ClientPayloadError,
+    aiohttp.http_exceptions.HttpProcessingError,
+)
 
 
 class BodyTooLarge(Problem):
@@ -54,12 +60,8 @@ async def read_wire_body(
         raise Problem(
             408, "body-timeout", "Body too slow", f"the body did not arrive within {timeout:g} s"
         ) from None
-    except (
-        ConnectionResetError,
-        aiohttp.ClientPayloadError,
-        aiohttp.http_exceptions.HttpProcessingError,
-    ) as exc:
-        # The sender went away (or broke the framing) mid-body: its problem, not a 500.
+    except CUT_OFF as exc:
+        # The sender's problem, not a 500.
         raise Problem(
             400, "body-incomplete", "Body incomplete", f"the body ended early: {type(exc).__name__}"
         ) from None
