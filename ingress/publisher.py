@@ -259,14 +259,11 @@ class DurablePublisher:
 
     def readiness(self) -> Readiness:
         spool = self.spool
-        spool_usable = spool.has_room() and spool.writable()
-        durable: Durable | None
+        durable: Durable | None = None
         if self.kafka.ready() and (not self._kafka_missed or spool.failing()):
             durable = "kafka"
-        elif spool_usable:
+        elif spool.has_room() and spool.writable():
             durable = "spool"
-        else:
-            durable = None
         return Readiness(
             ready=durable is not None,
             durable=durable,
