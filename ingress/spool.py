@@ -247,14 +247,12 @@ class Spool:
         self._cursor_fd = open_for_update(cursor_path)
         cursor = self._read_cursor()
         segments = segment_ids(directory)
-        pending: list[Entry] = []
-        for segment in segments:
-            entries = self._recover_segment(segment)
-            pending.extend(
-                entry
-                for entry in entries
-                if (segment, entry.position.offset) >= (cursor.segment, cursor.offset)
-            )
+        pending = [
+            entry
+            for segment in segments
+            for entry in self._recover_segment(segment)
+            if (segment, entry.position.offset) >= (cursor.segment, cursor.offset)
+        ]
         keep = {entry.position.segment for entry in pending}
         # Fully drained, or holding nothing readable: nothing in it is owed to anyone.
         drained = [segment for segment in segments if segment not in keep]

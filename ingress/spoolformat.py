@@ -94,12 +94,9 @@ def read_pending(directory: Path) -> list[Pending]:
         entries, _ = scan_frames(data)
         for entry in entries:
             start, size = entry.position.offset, entry.position.size
-            if (segment, start) < cursor:
-                continue
-            position = Position(segment, start, size)
-            out.append(
-                Pending(position, entry.spooled_at_ms, data[start + FRAME_OVERHEAD : start + size])
-            )
+            if (segment, start) >= cursor:
+                payload = data[start + FRAME_OVERHEAD : start + size]
+                out.append(Pending(Position(segment, start, size), entry.spooled_at_ms, payload))
     return out
 
 
