@@ -387,12 +387,9 @@ class Spool:
         )
 
     def writable(self) -> bool:
-        if self._closed:
-            return False
-        return (
-            self._last_failure is None
-            or time.monotonic() - self._last_failure > FAILURE_MEMORY_SECONDS
-        )
+        failed = self._last_failure
+        recently_failed = failed is not None and time.monotonic() - failed <= FAILURE_MEMORY_SECONDS
+        return not self._closed and not recently_failed
 
     def failing(self) -> bool:
         """The last write failed and none succeeded since: a report that needs the spool
