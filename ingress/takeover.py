@@ -129,14 +129,12 @@ class Takeover:
         spool = self._open_spool(directory)
         try:
             await spool.open()
-        except SpoolLocked:
-            if self._metrics is not None:
-                self._metrics.forget(spool)
-            return 0  # its owner is alive, or another sibling is on it
         except (SpoolError, OSError) as exc:
             if self._metrics is not None:
                 self._metrics.forget(spool)
-            log.error("spool: cannot open %s to drain it (%s)", directory, exc)
+            # SpoolLocked: its owner is alive, or another sibling is on it.
+            if not isinstance(exc, SpoolLocked):
+                log.error("spool: cannot open %s to drain it (%s)", directory, exc)
             return 0
         drained = 0
         try:
