@@ -30,19 +30,14 @@ from ingress.auth import Authenticator
 from ingress.body import BodyTooLarge, decode_content, read_wire_body
 from ingress.errors import Problem, invalid, log_refusal
 from ingress.kafkapublisher import PublishUnavailable, RecordTooLarge
-from ingress.publisher import (
-    Durable,
-    DurablePublisher,
-    OutgoingRecord,
-    spool_at,
-)
+from ingress.publisher import Durable, DurablePublisher, OutgoingRecord, spool_at
 from ingress.quarantine import Quarantine
 from ingress.replays import Deliveries, RecentDeliveries, delivery_key
 from ingress.replies import Replies
 from ingress.settings import IngressSettings
 from ingress.sharedreplays import SharedDeliveries
 from ingress.takeover import Takeover
-from ingress.telemetry import IngressMetrics, Sampled, SpoolMetrics
+from ingress.telemetry import IngressMetrics, Sampled
 from schemas import jsonvalue
 from schemas.codec import Encoder, encoders_for
 from schemas.errors import InvalidReport, SchemaError
@@ -161,11 +156,15 @@ def _resources(store: SchemaStore) -> Callable[[web.Application], AsyncIterator[
             )
         publisher = app[PUBLISHER]
         async with aiohttp.ClientSession() as session:
-            app[ENCODERS] = await _encoders(settings, store, session)
+            app[ENCODERS] = await encoders_for(settings.kafka, store, session)
             app[QUARANTINE].bind(app[ENCODERS][REJECTED_REQUEST])
             await publisher.start()
-            takeover = _takeover(settings, publisher, app[METRICS].spool)
-            if takeover is not None:
+            # Draining siblings' left-over spools: only for a spool in a known place.
+            takeover = None
+            if settings.spool_dir is not None:
+                metrics = app[METRICS].spool
+                opener = functools.partial(spool_at, settings, metrics=metrics)
+                takeover = Takeover(settings.spool_dir, publisher.kafka, opener, metrics)
                 takeover.start()
             try:
                 yield
@@ -175,24 +174,6 @@ def _resources(store: SchemaStore) -> Callable[[web.Application], AsyncIterator[
                 await publisher.stop()
 
     return resources
-
-
-def _takeover(
-    settings: IngressSettings, publisher: DurablePublisher, metrics: SpoolMetrics
-) -> Takeover | None:
-    """Draining siblings' left-over spools: only for a spool in a known place."""
-    own = settings.spool_dir
-    if own is None:
-        return None
-    return Takeover(
-        own, publisher.kafka, functools.partial(spool_at, settings, metrics=metrics), metrics
-    )
-
-
-async def _encoders(
-    settings: IngressSettings, store: SchemaStore, session: aiohttp.ClientSession
-) -> dict[str, Encoder]:
-    return await encoders_for(settings.kafka, store, session)
 
 
 @web.middleware

@@ -13,6 +13,12 @@ from ingress.errors import Problem
 from ingress.hygiene import Allowance
 
 GZIP_MAGIC = b"\x1f\x8b"
+# How a body read fails when the sender goes away (or breaks the framing) mid-body.
+CUT_OFF = (
+    ConnectionResetError,
+    aiohttp.ClientPayloadError,
+    aiohttp.http_exceptions.HttpProcessingError,
+)
 
 
 class BodyTooLarge(Problem):
@@ -22,10 +28,6 @@ class BodyTooLarge(Problem):
     def __init__(self, limit: int, what: str, head: bytes = b"") -> None:
         super().__init__(413, "body-too-large", "Body too large", f"{what} exceeds {limit} bytes")
         self.head = head
-
-
-def too_large(limit: int, what: str, head: bytes = b"") -> BodyTooLarge:
-    return BodyTooLarge(limit, what, head)
 
 
 async def read_wire_body(
@@ -39,7 +41,7 @@ async def read_wire_body(
     """
     declared = request.content_length
     if declared is not None and declared > limit:
-        raise too_large(limit, "Content-Length")
+        raise BodyTooLarge(limit, "Content-Length")
     allowance.take(declared or 0)
     chunks: list[bytes] = []
     size = 0
@@ -50,7 +52,7 @@ async def read_wire_body(
                 size += len(chunk)
                 del chunk
                 if size > limit:
-                    raise too_large(limit, "body", b"".join(chunks))
+                    raise BodyTooLarge(limit, "body", b"".join(chunks))
                 if size > allowance.taken:
                     allowance.take(size - allowance.taken)
         return b"".join(chunks)
@@ -58,12 +60,8 @@ async def read_wire_body(
         raise Problem(
             408, "body-timeout", "Body too slow", f"the body did not arrive within {timeout:g} s"
         ) from None
-    except (
-        ConnectionResetError,
-        aiohttp.ClientPayloadError,
-        aiohttp.http_exceptions.HttpProcessingError,
-    ) as exc:
-        # The sender went away (or broke the framing) mid-body: its problem, not a 500.
+    except CUT_OFF as exc:
+        # The sender's problem, not a 500.
         raise Problem(
             400, "body-incomplete", "Body incomplete", f"the body ended early: {type(exc).__name__}"
         ) from None
@@ -99,10 +97,10 @@ def decode_content(body: bytes, encoding: str | None, limit: int) -> bytes:
         except zlib.error as exc:
             raise _bad_gzip(f"gzip body is corrupt: {exc}") from exc
         if len(out) > limit:
-            raise too_large(limit, "decompressed body")
+            raise BodyTooLarge(limit, "decompressed body")
         if not inflater.eof:
             if inflater.unconsumed_tail:
-                raise too_large(limit, "decompressed body")
+                raise BodyTooLarge(limit, "decompressed body")
             raise _bad_gzip("gzip body is truncated")
         rest = inflater.unused_data
         if rest and not rest.startswith(GZIP_MAGIC):

@@ -200,11 +200,7 @@ class KafkaPublisher:
                 assert self._producer is not None
                 # Cancelling send() itself withdraws the record; once it returned, the record
                 # is queued and a timeout only stops our waiting (it may still be delivered).
-                producer = self._producer
-                future = await producer.send(
-                    record.topic, record.value, key=record.key, headers=list(record.headers)
-                )
-                self._watch(producer, future)
+                future = await self._send(self._producer, record)
                 await asyncio.shield(future)
         except TimeoutError as exc:
             self._last_failure = time.monotonic()
@@ -230,14 +226,8 @@ class KafkaPublisher:
                 assert self._producer is not None
                 producer = self._producer
                 for record in records:
-                    future = await producer.send(
-                        record.topic, record.value, key=record.key, headers=list(record.headers)
-                    )
-                    self._watch(producer, future)
-                    futures.append(future)
-        except TimeoutError as exc:
-            error = exc
-        except KafkaError as exc:
+                    futures.append(await self._send(producer, record))
+        except (TimeoutError, KafkaError) as exc:
             error = exc
         if futures:
             # Nothing after the first failure can count as delivered, so there is no point
@@ -249,8 +239,9 @@ class KafkaPublisher:
             )
         acked = 0
         for future in futures:
-            if not _succeeded(future):
-                error = _failure(future)
+            failure = _failure(future)
+            if failure is not None:
+                error = failure
                 break
             acked += 1
         if acked < len(records):
@@ -258,10 +249,17 @@ class KafkaPublisher:
             return BatchOutcome(acked, error or TimeoutError())
         return BatchOutcome(acked, None)
 
-    def _watch(self, producer: AIOKafkaProducer, future: asyncio.Future[object]) -> None:
-        """Every outcome is retrieved (none is logged as never retrieved, even after its
-        caller stopped waiting), and one that shows the producer's state broken renews it."""
+    async def _send(
+        self, producer: AIOKafkaProducer, record: OutgoingRecord
+    ) -> asyncio.Future[object]:
+        """Hands `record` to `producer`. Every outcome is retrieved (none is logged as never
+        retrieved, even after its caller stopped waiting), and one that shows the producer's
+        state broken renews it."""
+        future: asyncio.Future[object] = await producer.send(
+            record.topic, record.value, key=record.key, headers=list(record.headers)
+        )
         future.add_done_callback(functools.partial(self._settled, producer))
+        return future
 
     def _settled(self, producer: AIOKafkaProducer, future: asyncio.Future[object]) -> None:
         if future.cancelled():
@@ -343,15 +341,10 @@ class KafkaPublisher:
             )
 
 
-def _succeeded(future: asyncio.Future[object]) -> bool:
-    return future.done() and not future.cancelled() and future.exception() is None
-
-
-def _failure(future: asyncio.Future[object]) -> BaseException:
+def _failure(future: asyncio.Future[object]) -> BaseException | None:
+    """Why `future`'s record is not acknowledged; None when it is."""
     if not future.done():
         return TimeoutError("Kafka did not acknowledge in time")
     if future.cancelled():
         return asyncio.CancelledError()
-    exc = future.exception()
-    assert exc is not None
-    return exc
+    return future.exception()

@@ -278,13 +278,12 @@ def _nested(*, snake: bool) -> dict[str, Any]:
 
 
 def _problem(description: str, *, headers: dict[str, Any] | None = None) -> dict[str, Any]:
-    response: dict[str, Any] = {
+    return {
         "description": description,
         "headers": {"X-Request-Id": {"$ref": "#/components/headers/X-Request-Id"}}
         | (headers or {}),
         "content": {PROBLEM_CONTENT_TYPE: {"schema": _ref("Problem")}},
     }
-    return response
 
 
 _RETRY_AFTER: Final = {

@@ -25,7 +25,7 @@ from ingress.outgoing import OutgoingRecord as OutgoingRecord
 from ingress.outgoing import decode_record as decode_record
 from ingress.outgoing import encode_record as encode_record
 from ingress.settings import IngressSettings
-from ingress.spool import CrashPoint, Spool, Spooled, SpoolError, SpoolFull, crash
+from ingress.spool import CrashPoint, Spool, Spooled, SpoolError, SpoolFull, crash, finish_or_cancel
 from ingress.telemetry import SpoolMetrics
 
 log = logging.getLogger(__name__)
@@ -169,15 +169,9 @@ class DurablePublisher:
             self._stopping.set()
             # Without a connection there is no batch worth waiting for.
             grace = DRAIN_STOP_GRACE_SECONDS if self.kafka.connected() else 0.0
-            try:
-                async with asyncio.timeout(grace):
-                    await asyncio.shield(self._drainer)
-            except TimeoutError:
-                # Cancelled mid-batch: what was published but not committed is sent again on
-                # the next start (a duplicate, never a loss).
-                self._drainer.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._drainer
+            # Cancelled mid-batch: what was published but not committed is sent again on the
+            # next start (a duplicate, never a loss).
+            await finish_or_cancel(self._drainer, grace)
             self._drainer = None
         try:
             await self.kafka.stop()
@@ -187,8 +181,7 @@ class DurablePublisher:
     async def publish(self, record: OutgoingRecord) -> Durable:
         """Returns where the record is durable; raises PublishUnavailable when it is not."""
         self.kafka.check_fits(record)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._publish_timeout
+        deadline = asyncio.get_running_loop().time() + self._publish_timeout
         key = order_key(record)
         if self._kafka_first(key):
             started = time.monotonic()
@@ -254,13 +247,10 @@ class DurablePublisher:
             ) from exc
 
     def _forget(self, key: OrderKey | None) -> None:
-        if key is None:
-            return
-        left = self._spooled[key] - 1
-        if left > 0:
-            self._spooled[key] = left
-        else:
-            self._spooled.pop(key, None)
+        if key is not None:
+            self._spooled[key] -= 1
+            if self._spooled[key] <= 0:
+                del self._spooled[key]
 
     def _kafka_first(self, key: OrderKey | None) -> bool:
         if self.spool.failing():
@@ -269,14 +259,11 @@ class DurablePublisher:
 
     def readiness(self) -> Readiness:
         spool = self.spool
-        spool_usable = spool.has_room() and spool.writable()
-        durable: Durable | None
+        durable: Durable | None = None
         if self.kafka.ready() and (not self._kafka_missed or spool.failing()):
             durable = "kafka"
-        elif spool_usable:
+        elif spool.has_room() and spool.writable():
             durable = "spool"
-        else:
-            durable = None
         return Readiness(
             ready=durable is not None,
             durable=durable,

@@ -19,13 +19,11 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Final
 
-import aiohttp
-import aiohttp.http_exceptions
 from aiohttp import web
 
 from core.signing import SIGNATURE_HEADER
 from ingress.auth import TOKEN_HEADER, Authenticator
-from ingress.body import BodyTooLarge
+from ingress.body import CUT_OFF, BodyTooLarge
 from ingress.errors import Problem
 from ingress.kafkapublisher import PublishUnavailable
 from ingress.publisher import Durable, DurablePublisher, OutgoingRecord
@@ -183,12 +181,7 @@ class Quarantine:
                         return
                     verifier.update(chunk)
                     head += chunk[: keep - len(head)]
-        except (
-            TimeoutError,
-            ConnectionResetError,
-            aiohttp.ClientPayloadError,
-            aiohttp.http_exceptions.HttpProcessingError,
-        ):
+        except (TimeoutError, *CUT_OFF):
             # Never whole: nothing can say who sent it.
             return
         try:

@@ -34,6 +34,9 @@ class Answer:
     body: bytes
     content_type: str
 
+    def response(self) -> web.Response:
+        return web.Response(status=self.status, body=self.body, content_type=self.content_type)
+
 
 @dataclass(slots=True)
 class _Seen:
@@ -81,6 +84,16 @@ def delivery_key(headers: Mapping[str, str]) -> str | None:
     return f"{timestamp.strip()}:{signature.strip().lower().removeprefix(SIGNATURE_PREFIX)}"
 
 
+def to_remember(response: web.Response) -> Answer | None:
+    """The answer to give a replay of this delivery: only a 2xx is remembered."""
+    body = response.body
+    if not (200 <= response.status < 300 and isinstance(body, bytes)):
+        return None
+    # A copy of exactly its length: the body orjson wrote sits in a buffer of 4 kB, and tens
+    # of thousands of answers are kept for the whole tolerance.
+    return Answer(response.status, bytes(memoryview(body)), response.content_type)
+
+
 class RecentDeliveries:
     def __init__(
         self,
@@ -116,11 +129,7 @@ class RecentDeliveries:
             await asyncio.wait({seen.answer})
             # Cancelled: the first was not accepted, so this one is handled on its own.
             if not seen.answer.cancelled():
-                kept = seen.answer.result()
-                replayed = web.Response(
-                    status=kept.status, body=kept.body, content_type=kept.content_type
-                )
-                return replayed, True
+                return seen.answer.result().response(), True
         answer: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
         self._seen[key] = _Seen(now + self._window, answer)
         while len(self._seen) > self._max:
@@ -130,14 +139,11 @@ class RecentDeliveries:
         except BaseException:
             self._drop(key, answer)
             raise
-        body = response.body
-        if 200 <= response.status < 300 and isinstance(body, bytes):
-            # A copy of exactly its length: the body orjson wrote sits in a buffer of 4 kB,
-            # and tens of thousands of answers are kept for the whole tolerance.
-            exact = bytes(memoryview(body))
-            answer.set_result(Answer(response.status, exact, response.content_type))
-        else:
+        kept = to_remember(response)
+        if kept is None:
             self._drop(key, answer)
+        else:
+            answer.set_result(kept)
         return response, False
 
     def _drop(self, key: str, answer: asyncio.Future[Answer]) -> None:

@@ -124,14 +124,12 @@ class IngressSettings(EnvSettings):
         doc="Bytes of request bodies held at once across all requests; a body that would pass "
         "it gets 503 with Retry-After.",
     )
-    # The whole budget to make a report durable (Kafka, then the spool's fsync); past it, 503.
     publish_timeout_seconds: float = setting(
         "CALLSTREAM_PUBLISH_TIMEOUT_SECONDS",
         default=10.0,
         minimum=0.1,
         doc="Seconds a report may take to become durable (Kafka, then the spool) before a 503.",
     )
-    # Kafka gets this long to acknowledge (acks=all) before the report goes to the spool.
     kafka_ack_deadline_seconds: float = setting(
         "CALLSTREAM_KAFKA_ACK_DEADLINE_SECONDS",
         default=2.0,
@@ -180,7 +178,6 @@ class IngressSettings(EnvSettings):
         minimum=4096,
         doc="Spool segment file size in bytes.",
     )
-    # Fault-injection for the crash tests only: the process exits (99) at this point.
     test_crash_at: CrashPoint | None = setting(
         "CALLSTREAM_TEST_CRASH_AT",
         default=None,
@@ -188,8 +185,6 @@ class IngressSettings(EnvSettings):
         "(spool-after-write-before-fsync, spool-after-fsync-before-response, "
         "drain-after-publish-before-delete). Leave empty.",
     )
-    # Per-source limit on webhook posts; 0 is off. Flireo posts a whole account's reports from
-    # a few addresses, so a limit must sit above that account's peak or it refuses real reports.
     rate_limit_per_second: float = setting(
         "CALLSTREAM_RATE_LIMIT_PER_SECOND",
         default=0.0,
@@ -272,10 +267,6 @@ class IngressSettings(EnvSettings):
     @property
     def worker_count(self) -> int:
         return self.workers or os.cpu_count() or 1
-
-    @property
-    def authentication_required(self) -> bool:
-        return bool(self.webhook_secrets or self.shared_tokens)
 
 
 def _json_object(text: str) -> Any:

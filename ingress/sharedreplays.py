@@ -35,7 +35,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from ingress.replays import MAX_REMEMBERED, SWEEP_INTERVAL_SECONDS, Answer, sweeping
+from ingress.replays import MAX_REMEMBERED, SWEEP_INTERVAL_SECONDS, Answer, sweeping, to_remember
 
 # The path of the table, in the workers' environment only (as PROMETHEUS_MULTIPROC_DIR).
 TABLE_ENV = "CALLSTREAM_INGRESS_REPLAY_TABLE"
@@ -281,10 +281,7 @@ class SharedDeliveries:
             now = time.monotonic()
             found = self._table.claim(hashed, now)
             if isinstance(found, Answer):
-                replayed = web.Response(
-                    status=found.status, body=found.body, content_type=found.content_type
-                )
-                return replayed, True
+                return found.response(), True
             if isinstance(found, Claimed):
                 break
             if now >= deadline:
@@ -297,10 +294,9 @@ class SharedDeliveries:
         except BaseException:
             self._table.drop(found, hashed)
             raise
-        body = response.body
-        if 200 <= response.status < 300 and isinstance(body, bytes):
-            kept = Answer(response.status, bytes(body), response.content_type)
-            self._table.complete(found, hashed, kept)
-        else:
+        kept = to_remember(response)
+        if kept is None:
             self._table.drop(found, hashed)
+        else:
+            self._table.complete(found, hashed, kept)
         return response, False

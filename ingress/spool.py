@@ -16,7 +16,6 @@ import fcntl
 import logging
 import os
 import shutil
-import struct
 import tempfile
 import time
 import zlib
@@ -29,6 +28,7 @@ from typing import Final, Literal, TypeVar
 from core.logs import Throttled
 from ingress.spoolformat import (
     CURSOR,
+    CURSOR_CRC,
     FRAME_OVERHEAD,
     HEADER_BYTES,
     MAGIC,
@@ -56,11 +56,6 @@ CrashPoint = Literal[
     "spool-after-fsync-before-response",
     "drain-after-publish-before-delete",
 ]
-CRASH_POINTS: Final[tuple[CrashPoint, ...]] = (
-    "spool-after-write-before-fsync",
-    "spool-after-fsync-before-response",
-    "drain-after-publish-before-delete",
-)
 CRASH_EXIT_CODE: Final = 99
 
 # One group commit writes at most this much, so one huge burst cannot hold every caller
@@ -194,13 +189,7 @@ class Spool:
             self._wake.set()
             # The writer exits once the queue is empty; a hung disk must not hang shutdown
             # for ever, though.
-            try:
-                async with asyncio.timeout(30):
-                    await asyncio.shield(self._writer)
-            except TimeoutError:
-                self._writer.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._writer
+            await finish_or_cancel(self._writer, 30)
             self._writer = None
         for pending in self._queue:
             if not pending.done.done():
@@ -257,15 +246,13 @@ class Spool:
         cursor_existed = cursor_path.exists()
         self._cursor_fd = open_for_update(cursor_path)
         cursor = self._read_cursor()
-        segments = self._segment_ids()
-        pending: list[Entry] = []
-        for segment in segments:
-            entries = self._recover_segment(segment)
-            pending.extend(
-                entry
-                for entry in entries
-                if (segment, entry.position.offset) >= (cursor.segment, cursor.offset)
-            )
+        segments = segment_ids(directory)
+        pending = [
+            entry
+            for segment in segments
+            for entry in self._recover_segment(segment)
+            if (segment, entry.position.offset) >= (cursor.segment, cursor.offset)
+        ]
         keep = {entry.position.segment for entry in pending}
         # Fully drained, or holding nothing readable: nothing in it is owed to anyone.
         drained = [segment for segment in segments if segment not in keep]
@@ -351,7 +338,7 @@ class Spool:
         raw = CURSOR.pack(cursor.segment, cursor.offset)
         # Overwritten in place: a torn cursor fails its CRC and means "start from the oldest
         # segment", which costs duplicates, never records.
-        os.pwrite(self._cursor_fd, raw + struct.pack(">I", zlib.crc32(raw)), 0)
+        os.pwrite(self._cursor_fd, raw + CURSOR_CRC.pack(zlib.crc32(raw)), 0)
         os.fdatasync(self._cursor_fd)
 
     def _new_active(self) -> None:
@@ -400,12 +387,9 @@ class Spool:
         )
 
     def writable(self) -> bool:
-        if self._closed:
-            return False
-        return (
-            self._last_failure is None
-            or time.monotonic() - self._last_failure > FAILURE_MEMORY_SECONDS
-        )
+        failed = self._last_failure
+        recently_failed = failed is not None and time.monotonic() - failed <= FAILURE_MEMORY_SECONDS
+        return not self._closed and not recently_failed
 
     def failing(self) -> bool:
         """The last write failed and none succeeded since: a report that needs the spool
@@ -587,9 +571,8 @@ class Spool:
             if not intact:
                 path = self.directory / segment_name(position.segment)
                 self._set_aside(path, position.offset, frame)
-                out.append(Spooled(position, entry.spooled_at_ms, None))
-                continue
-            out.append(Spooled(position, entry.spooled_at_ms, frame[FRAME_OVERHEAD:]))
+            payload = frame[FRAME_OVERHEAD:] if intact else None
+            out.append(Spooled(position, entry.spooled_at_ms, payload))
         return out
 
     def _frames(self, entries: list[Entry]) -> Iterator[tuple[Entry, bytes, bool]]:
@@ -655,22 +638,29 @@ class Spool:
             floor = min(first_needed, self._active_id)
             if self._writing_from is not None:
                 floor = min(floor, self._writing_from)
-            doomed = [
-                segment for segment in await asyncio.to_thread(self._segment_ids) if segment < floor
-            ]
+            segments = await asyncio.to_thread(segment_ids, self.directory)
+            doomed = [segment for segment in segments if segment < floor]
             if doomed:
                 try:
                     await asyncio.to_thread(self._delete_segments, doomed)
                 except OSError as exc:
                     log.warning("spool: could not delete drained segments (%s)", exc)
 
-    def _segment_ids(self) -> list[int]:
-        return segment_ids(self.directory)
-
     def _delete_segments(self, segments: list[int]) -> None:
         for segment in segments:
             (self.directory / segment_name(segment)).unlink(missing_ok=True)
         fsync_dir(self.directory)
+
+
+async def finish_or_cancel(task: asyncio.Task[None], grace: float) -> None:
+    """Lets `task` finish within `grace` seconds, then cancels it."""
+    try:
+        async with asyncio.timeout(grace):
+            await asyncio.shield(task)
+    except TimeoutError:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def crash(point: str) -> None:

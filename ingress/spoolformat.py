@@ -94,12 +94,9 @@ def read_pending(directory: Path) -> list[Pending]:
         entries, _ = scan_frames(data)
         for entry in entries:
             start, size = entry.position.offset, entry.position.size
-            if (segment, start) < cursor:
-                continue
-            position = Position(segment, start, size)
-            out.append(
-                Pending(position, entry.spooled_at_ms, data[start + FRAME_OVERHEAD : start + size])
-            )
+            if (segment, start) >= cursor:
+                payload = data[start + FRAME_OVERHEAD : start + size]
+                out.append(Pending(Position(segment, start, size), entry.spooled_at_ms, payload))
     return out
 
 
@@ -116,9 +113,7 @@ def scan_frames(data: bytes | memoryview, start: int = HEADER_BYTES) -> tuple[li
     while offset + FRAME.size <= len(view):
         length, crc = FRAME.unpack_from(view, offset)
         end = offset + FRAME.size + length
-        if length < SPOOLED_AT.size or length > MAX_PAYLOAD_BYTES + SPOOLED_AT.size:
-            break
-        if end > len(view):
+        if not SPOOLED_AT.size <= length <= MAX_PAYLOAD_BYTES + SPOOLED_AT.size or end > len(view):
             break
         body = view[offset + FRAME.size : end]
         if zlib.crc32(body) != crc:

@@ -29,7 +29,7 @@ from ingress.publisher import (
     deliver,
     failure_text,
 )
-from ingress.spool import Spool, SpoolError, SpoolLocked
+from ingress.spool import Spool, SpoolError, SpoolLocked, finish_or_cancel
 from ingress.spoolformat import HEADER_BYTES, segment_ids, segment_name
 from ingress.telemetry import SpoolMetrics
 
@@ -97,15 +97,9 @@ class Takeover:
         if self._task is None:
             return
         self._stopping.set()
-        try:
-            async with asyncio.timeout(DRAIN_STOP_GRACE_SECONDS):
-                await asyncio.shield(self._task)
-        except TimeoutError:
-            # Cancelled mid-batch: published but not committed is sent again by the next
-            # process to take the directory (a duplicate, never a loss).
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        # Cancelled mid-batch: published but not committed is sent again by the next process
+        # to take the directory (a duplicate, never a loss).
+        await finish_or_cancel(self._task, DRAIN_STOP_GRACE_SECONDS)
         self._task = None
 
     async def _run(self) -> None:
@@ -135,14 +129,12 @@ class Takeover:
         spool = self._open_spool(directory)
         try:
             await spool.open()
-        except SpoolLocked:
-            if self._metrics is not None:
-                self._metrics.forget(spool)
-            return 0  # its owner is alive, or another sibling is on it
         except (SpoolError, OSError) as exc:
             if self._metrics is not None:
                 self._metrics.forget(spool)
-            log.error("spool: cannot open %s to drain it (%s)", directory, exc)
+            # SpoolLocked: its owner is alive, or another sibling is on it.
+            if not isinstance(exc, SpoolLocked):
+                log.error("spool: cannot open %s to drain it (%s)", directory, exc)
             return 0
         drained = 0
         try:
@@ -152,10 +144,9 @@ class Takeover:
                     spool.depth(),
                     directory,
                 )
-            until = asyncio.get_running_loop().time() + HOLD_SECONDS
-            while not spool.empty() and not self._stopping.is_set():
-                if asyncio.get_running_loop().time() > until:
-                    break
+            loop = asyncio.get_running_loop()
+            until = loop.time() + HOLD_SECONDS
+            while not (spool.empty() or self._stopping.is_set() or loop.time() > until):
                 batch = await spool.read(DRAIN_MAX_RECORDS, DRAIN_MAX_BYTES)
                 acked, _, error = await deliver(self._kafka, batch)
                 if acked:

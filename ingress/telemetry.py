@@ -238,8 +238,7 @@ class IngressMetrics:
         self.spool = SpoolMetrics(registry, self.sampled)
 
     def outcome(self, slug: str) -> None:
-        child = self.by_outcome.get(slug) or self.by_outcome["internal-error"]
-        child.inc()
+        (self.by_outcome.get(slug) or self.by_outcome["internal-error"]).inc()
 
     def kept(self, slug: str) -> None:
         (self.by_reason.get(slug) or self.by_reason["other"]).inc()
