@@ -62,7 +62,6 @@ __all__ = [
     "Normalised",
     "SourceFormat",
     "denormalise",
-    "detect_format",
     "normalise",
 ]
 
