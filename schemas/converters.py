@@ -198,11 +198,7 @@ def lookup(payload: Any, path: tuple[str, ...]) -> Any:
 
 def peek(payload: Any, path: tuple[str, ...]) -> Any:
     """`lookup` for places nothing is promised about: a wrong shape is just absent."""
-    node: Any = payload
-    for part in path:
-        if not isinstance(node, dict):
-            return MISSING
-        node = node.get(part, MISSING)
-        if node is MISSING:
-            return MISSING
-    return node
+    try:
+        return lookup(payload, path)
+    except InvalidReport:
+        return MISSING

@@ -144,9 +144,7 @@ class CallReport:
     def to_json(self) -> JsonObject:
         """A JSON-ready dict (times as ISO-8601 UTC)."""
         out = asdict(self)
-        out["event_time"] = self.event_time.isoformat().replace("+00:00", "Z")
-        out["received_at"] = self.received_at.isoformat().replace("+00:00", "Z")
-        for name in ("started_at", "ended_at"):
+        for name in ("event_time", "received_at", "started_at", "ended_at"):
             moment = getattr(self, name)
             out[name] = None if moment is None else moment.isoformat().replace("+00:00", "Z")
         return out
