@@ -46,6 +46,7 @@ from core.kafkasettings import KafkaSettings
 from core.producer import durable_producer
 from core.settings import EnvSettings, setting, settings_class
 from core.topicadmin import ensure_topics
+from core.topicreader import RawRecord
 from schemas.codec import Decoded, Decoder
 from schemas.errors import DecodeError, SchemaError, UnknownSchemaError
 from schemas.events import FlireoEvent
@@ -99,22 +100,12 @@ class RunnerSettings(EnvSettings):
         return cls.from_env(env, group_id=f"callstream-{consumer}", topic=kafka.topic)
 
 
-@dataclass(frozen=True, slots=True)
-class _Fetched:
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes
-    headers: tuple[tuple[str, bytes], ...]
-
-
 @dataclass(slots=True)
 class _Batch:
     """A batch as fetched, decoded as far as needs no I/O, and the rebalance it came from."""
 
     generation: int
-    fetched: list[_Fetched]
+    fetched: list[RawRecord]
     offsets: dict[TopicPartition, int]
     # Decoded without I/O (a report, an event, or the DecodeError that makes the record
     # poison), by position in `fetched`; records missing here need the schema registry.
@@ -280,18 +271,14 @@ class Runner:
         generation = self._generation
         if not polled:
             return None
-        fetched = [
-            _Fetched(m.topic, m.partition, m.offset, m.key, m.value, tuple(m.headers or ()))
-            for records in polled.values()
-            for m in records
-        ]
+        fetched = [RawRecord.of(m) for records in polled.values() for m in records]
         offsets = {tp: records[-1].offset + 1 for tp, records in polled.items() if records}
         decoded: dict[int, Delivery | EventDelivery | DecodeError] = {}
         for i, record in enumerate(fetched):
             if not self._meant_for_us(record):
                 continue
             try:
-                decoded[i] = self._decode_local(record)
+                decoded[i] = self._formed(record, self._decoder.decode_local(record.value))
             except UnknownSchemaError:
                 pass  # the registry may know it: _process asks, with retries
             except DecodeError as undecodable:
@@ -303,7 +290,7 @@ class Runner:
         self._metrics.consumed.inc(len(fetched))
         deliveries: list[Delivery] = []
         events: list[EventDelivery] = []
-        poison: list[tuple[_Fetched, Exception]] = []
+        poison: list[tuple[RawRecord, Exception]] = []
         for i, record in enumerate(fetched):
             if not self._meant_for_us(record):
                 self._metrics.skipped.inc()
@@ -342,31 +329,23 @@ class Runner:
                 delay = (now - _event_time(delivery)).total_seconds()
                 self._metrics.end_to_end_delay.observe(max(delay, 0.0))
 
-    def _meant_for_us(self, record: _Fetched) -> bool:
+    def _meant_for_us(self, record: RawRecord) -> bool:
         for name, value in record.headers:
             if name == REDRIVE_HEADER:
                 return value == self._name_bytes
         return True
 
-    def _decode_local(self, record: _Fetched) -> Delivery | EventDelivery:
-        """Decode without I/O; UnknownSchemaError if the schema registry must be asked."""
-        return self._formed(record, self._decoder.decode_local(record.value))
-
-    async def _decode(self, record: _Fetched) -> Delivery | EventDelivery:
+    async def _decode(self, record: RawRecord) -> Delivery | EventDelivery:
         attempt = 0
         while True:
             try:
-                decoded = await self._decoder.decode(record.value)
-                break
-            except DecodeError:
-                raise
+                return self._formed(record, await self._decoder.decode(record.value))
             except SchemaError as exc:
                 # The schema registry is unreachable: the record is fine, the world is not.
                 attempt += 1
                 await self._back_off(exc, attempt)
-        return self._formed(record, decoded)
 
-    def _formed(self, record: _Fetched, decoded: Decoded) -> Delivery | EventDelivery:
+    def _formed(self, record: RawRecord, decoded: Decoded) -> Delivery | EventDelivery:
         """The report or event `decoded` holds, if its topic carries those; else DecodeError."""
         reports = record.topic == self._settings.topic
         expected, topic = (
@@ -456,7 +435,7 @@ class Runner:
         if self._stop.is_set() or self._revoked:
             raise _Abandoned
 
-    async def _dead_letter(self, record: _Fetched, exc: Exception) -> None:
+    async def _dead_letter(self, record: RawRecord, exc: Exception) -> None:
         dlq = self._dlq
         assert dlq is not None
         headers = [

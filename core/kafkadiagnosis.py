@@ -58,19 +58,11 @@ async def explain(bootstrap: str, security: KafkaSecurity, timeout: float = 5.0)
 
 async def _probe(host: str, port: int, security: KafkaSecurity, timeout: float) -> str | None:
     where = f"{host}:{port}"
-    kwargs = security.client_kwargs()
     try:
         async with asyncio.timeout(timeout):
+            # The client's own options: create_conn takes aiokafka's names for them too.
             conn = await create_conn(
-                host,
-                port,
-                request_timeout_ms=int(timeout * 1000),
-                security_protocol=kwargs["security_protocol"],
-                ssl_context=kwargs.get("ssl_context"),
-                sasl_mechanism=kwargs.get("sasl_mechanism", "PLAIN"),
-                sasl_plain_username=kwargs.get("sasl_plain_username"),
-                sasl_plain_password=kwargs.get("sasl_plain_password"),
-                sasl_oauth_token_provider=kwargs.get("sasl_oauth_token_provider"),
+                host, port, request_timeout_ms=int(timeout * 1000), **security.client_kwargs()
             )
     except SaslAuthenticationFailed:
         return (

@@ -24,6 +24,19 @@ class RawRecord:
     value: bytes
     headers: tuple[tuple[str, bytes], ...]
 
+    @classmethod
+    def of(cls, msg: Any) -> RawRecord:
+        """From an aiokafka ConsumerRecord."""
+        return cls(
+            msg.topic,
+            msg.partition,
+            msg.offset,
+            msg.timestamp,
+            msg.key,
+            msg.value,
+            tuple(msg.headers or ()),
+        )
+
     def header(self, name: str) -> str | None:
         for key, value in self.headers:
             if key == name:
@@ -65,24 +78,12 @@ async def read_topic(
                 continue
             for records in batch.values():
                 for msg in records:
-                    yield _raw(msg)
+                    yield RawRecord.of(msg)
                     seen += 1
                     if limit is not None and seen >= limit:
                         return
     finally:
         await consumer.stop()
-
-
-def _raw(msg: Any) -> RawRecord:
-    return RawRecord(
-        msg.topic,
-        msg.partition,
-        msg.offset,
-        msg.timestamp,
-        msg.key,
-        msg.value,
-        tuple(msg.headers or ()),
-    )
 
 
 async def _wait_for_assignment(consumer: AIOKafkaConsumer, timeout: float | None) -> bool:
@@ -125,7 +126,7 @@ async def read_range(
                 for msg in records:
                     if msg.offset >= stop:
                         break
-                    yield _raw(msg)
+                    yield RawRecord.of(msg)
             # Positions, not the last offset seen: transaction markers and compaction leave
             # offsets that are never delivered.
             for p in list(remaining):

@@ -177,14 +177,8 @@ class Decoder:
         if not isinstance(writer, dict) or "name" not in writer:
             raise DecodeError("the writer schema is not a named record")
         full_name = writer["name"]
-        current = next(
-            (
-                self._store.current(name)
-                for name in self._store.names()
-                if self._store.current(name).full_name == full_name
-            ),
-            None,
-        )
+        currents = map(self._store.current, self._store.names())
+        current = next((c for c in currents if c.full_name == full_name), None)
         if current is None:
             raise UnknownSchemaError(f"no schema in this repo reads {full_name}")
         same = version is not None and version.fingerprint == current.fingerprint

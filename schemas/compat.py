@@ -34,6 +34,8 @@ PROMOTIONS = frozenset(
     }
 )
 _NAMED = ("record", "enum", "fixed")
+# The one child schema of each container type, and how a path names it.
+_CONTAINERS = {"array": ("items", "[]"), "map": ("values", "{}")}
 _SNAKE_CASE = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$")
 
 
@@ -88,15 +90,13 @@ class _Names:
                 self.table[_full_name(str(schema["name"]), inner)] = _Node(schema, inner)
                 for child in schema.get("fields", ()):
                     self._collect(child["type"], inner)
-            elif kind == "array":
-                self._collect(schema["items"], namespace)
-            elif kind == "map":
-                self._collect(schema["values"], namespace)
+            elif kind in _CONTAINERS:
+                self._collect(schema[_CONTAINERS[kind][0]], namespace)
 
     def deref(self, node: _Node) -> _Node:
         """Follow a reference; unwrap `{"type": "long", "logicalType": ...}` to `"long"`."""
         schema = node.schema
-        if isinstance(schema, dict) and schema.get("type") not in (*_NAMED, "array", "map"):
+        if isinstance(schema, dict) and schema.get("type") not in (*_NAMED, *_CONTAINERS):
             # A primitive with attributes: logical types resolve as their underlying type.
             return self.deref(_Node(schema["type"], node.namespace))
         if isinstance(schema, str) and schema not in PRIMITIVES:
@@ -149,12 +149,10 @@ class _Resolver:
             yield from self._into_union(reader, writer, path)
             return
         rk, wk = _kind(r), _kind(w)
-        if rk in PRIMITIVES or wk in PRIMITIVES:
-            if rk != wk and (wk, rk) not in PROMOTIONS:
-                yield f"{path}: writer {_describe(w)} cannot be read as {_describe(r)}"
-            return
         if rk != wk:
-            yield f"{path}: writer {_describe(w)} cannot be read as {_describe(r)}"
+            # Only primitives promote; any other difference of kind is a break.
+            if (wk, rk) not in PROMOTIONS:
+                yield f"{path}: writer {_describe(w)} cannot be read as {_describe(r)}"
             return
         if rk in _NAMED and not _names_match(r, w):
             yield f"{path}: writer {_describe(w)} is not reader {_describe(r)} (nor an alias)"
@@ -165,17 +163,10 @@ class _Resolver:
             yield from _enum(r, w, path)
         elif rk == "fixed" and r["size"] != w["size"]:
             yield f"{path}: fixed size {w['size']} cannot be read as size {r['size']}"
-        elif rk == "array":
+        elif rk in _CONTAINERS:
+            child, step = _CONTAINERS[rk]
             yield from self.check(
-                _Node(r["items"], reader.namespace),
-                _Node(w["items"], writer.namespace),
-                path + "[]",
-            )
-        elif rk == "map":
-            yield from self.check(
-                _Node(r["values"], reader.namespace),
-                _Node(w["values"], writer.namespace),
-                path + "{}",
+                _Node(r[child], reader.namespace), _Node(w[child], writer.namespace), path + step
             )
 
     def _into_union(self, reader: _Node, writer: _Node, path: str) -> Iterator[str]:

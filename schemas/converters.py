@@ -153,12 +153,31 @@ class Field:
     fallbacks: tuple[tuple[str, ...], ...] = ()
 
 
+# What each converter's value is written back as; any other is written back as it is.
+_RENDERERS: dict[Converter, Renderer] = {
+    timestamp: render_iso,
+    object_json: from_json,
+    array_json: from_json,
+}
+# Every format requires these; the rest are optional.
+_REQUIRED = ("event_type", "call_id")
+
+
 def fields(
-    *spec: tuple[tuple[str, ...], str, Converter, Renderer, bool]
-    | tuple[tuple[str, ...], str, Converter, Renderer, bool, tuple[tuple[str, ...], ...]],
+    *spec: tuple[tuple[str, ...], str, Converter, *tuple[tuple[str, ...], ...]],
 ) -> tuple[Field, ...]:
+    """A format's table from rows of (path, name, converter, fallback paths...)."""
     return tuple(
-        Field(row[0], row[1], row[2], row[3], row[4], pointer(row[0]), *row[5:]) for row in spec
+        Field(
+            path,
+            name,
+            convert,
+            _RENDERERS.get(convert, same),
+            name in _REQUIRED,
+            pointer(path),
+            tuple(fallbacks),
+        )
+        for path, name, convert, *fallbacks in spec
     )
 
 
@@ -179,11 +198,7 @@ def lookup(payload: Any, path: tuple[str, ...]) -> Any:
 
 def peek(payload: Any, path: tuple[str, ...]) -> Any:
     """`lookup` for places nothing is promised about: a wrong shape is just absent."""
-    node: Any = payload
-    for part in path:
-        if not isinstance(node, dict):
-            return MISSING
-        node = node.get(part, MISSING)
-        if node is MISSING:
-            return MISSING
-    return node
+    try:
+        return lookup(payload, path)
+    except InvalidReport:
+        return MISSING

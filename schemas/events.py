@@ -9,22 +9,17 @@ schema, already on the topic, give the same timeline when they are read again.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any, Literal
 
 import orjson
 
-from schemas.converters import EPOCH, MISSING, peek
+from schemas.converters import MISSING, peek
 from schemas.errors import InvalidReport
 from schemas.fieldmaps import STATUS_UPDATE_PATHS, Path, detect_format
+from schemas.report import record_time
 
 STATUS_UPDATE_TYPE = "status-update"
-
-
-def _aware(value: datetime | int) -> datetime:
-    if isinstance(value, int):
-        return EPOCH + timedelta(milliseconds=value)
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,10 +39,10 @@ class FlireoEvent:
         return cls(
             event_type=record["event_type"],
             call_id=record.get("call_id"),
-            event_time=None if sent is None else _aware(sent),
+            event_time=None if sent is None else record_time(sent),
             body_json=record["body_json"],
             source_format=source["format"],
-            received_at=_aware(source["received_at"]),
+            received_at=record_time(source["received_at"]),
             request_id=source["request_id"],
         )
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -66,10 +67,7 @@ def _refuse_repeated_keys(body: bytes) -> None:
             seen[key] = item
         return seen
 
-    try:
-        json.loads(body, object_pairs_hook=pairs, parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as exc:
-        raise InvalidReport("", f"body is not valid JSON: {exc}") from exc
+    _parse_exact(body, pairs)
 
 
 def _scan(value: Any, max_depth: int) -> tuple[int, int]:
@@ -111,9 +109,9 @@ def _reject_constant(name: str) -> Any:
     raise InvalidReport("", f"{name} is not a JSON number")
 
 
-def _parse_exact(body: bytes) -> Any:
+def _parse_exact(body: bytes, pairs: Callable[[list[tuple[str, Any]]], Any] | None = None) -> Any:
     try:
-        return json.loads(body, parse_constant=_reject_constant)
+        return json.loads(body, object_pairs_hook=pairs, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as exc:
         raise InvalidReport("", f"body is not valid JSON: {exc}") from exc
 
@@ -123,18 +121,12 @@ def check_bounds(value: Any, max_depth: int) -> None:
     stack: list[tuple[Any, str, int]] = [(value, "", 0)]
     while stack:
         node, pointer, depth = stack.pop()
-        if isinstance(node, dict):
+        if isinstance(node, dict | list):
             if depth >= max_depth:
                 raise InvalidReport(pointer, f"nesting deeper than {max_depth} levels")
-            for key, child in node.items():
+            for key, child in node.items() if isinstance(node, dict) else enumerate(node):
                 if isinstance(child, dict | list | int) and not isinstance(child, bool):
-                    stack.append((child, f"{pointer}/{escape(key)}", depth + 1))
-        elif isinstance(node, list):
-            if depth >= max_depth:
-                raise InvalidReport(pointer, f"nesting deeper than {max_depth} levels")
-            for index, child in enumerate(node):
-                if isinstance(child, dict | list | int) and not isinstance(child, bool):
-                    stack.append((child, f"{pointer}/{index}", depth + 1))
+                    stack.append((child, f"{pointer}/{escape(str(key))}", depth + 1))
         elif (
             isinstance(node, int)
             and not isinstance(node, bool)

@@ -62,12 +62,10 @@ __all__ = [
     "Normalised",
     "SourceFormat",
     "denormalise",
-    "detect_format",
     "normalise",
 ]
 
 Kind = Literal["report", "event", "request"]
-EventTimeSource = Literal["sent", "received"]
 
 END_OF_CALL_REPORT_TYPE = "end-of-call-report"
 # These expect an answer the platform acts on within seconds (an assistant configuration,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
 from typing import Any, Final, Literal
 
@@ -23,6 +23,8 @@ REJECTED_EVENT_TYPE: Final = "rejected-request"
 UNKNOWN_FORMAT: Final = "UNKNOWN"
 
 State = Literal["QUARANTINED", "REPROCESSED"]
+# The fields the record names otherwise: times, in epoch milliseconds here (see _millis).
+_MILLIS: Final = {"received_at_ms": "received_at", "reprocessed_at_ms": "reprocessed_at"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,45 +47,15 @@ class RejectedRequest:
     call_id: str | None = None
 
     def to_record(self) -> dict[str, Any]:
-        return {
-            "request_id": self.request_id,
-            "state": self.state,
-            "received_at": self.received_at_ms,
-            "status": self.status,
-            "problem": self.problem,
-            "title": self.title,
-            "detail": self.detail,
-            "pointer": self.pointer,
-            "body": self.body,
-            "body_size": self.body_size,
-            "body_truncated": self.body_truncated,
-            "headers": dict(self.headers),
-            "authenticated_by": self.authenticated_by,
-            "reprocessed_at": self.reprocessed_at_ms,
-            "reprocessed_to": self.reprocessed_to,
-            "call_id": self.call_id,
-        }
+        record = {_MILLIS.get(f.name, f.name): getattr(self, f.name) for f in fields(self)}
+        return record | {"headers": dict(self.headers)}
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> RejectedRequest:
-        return cls(
-            request_id=record["request_id"],
-            received_at_ms=_millis(record["received_at"]),
-            status=record["status"],
-            problem=record["problem"],
-            title=record["title"],
-            detail=record["detail"],
-            pointer=record["pointer"],
-            body=record["body"],
-            body_size=record["body_size"],
-            body_truncated=record["body_truncated"],
-            headers=dict(record["headers"]),
-            authenticated_by=record["authenticated_by"],
-            state=record["state"],
-            reprocessed_at_ms=_millis(record["reprocessed_at"]),
-            reprocessed_to=record["reprocessed_to"],
-            call_id=record["call_id"],
-        )
+        values = {f.name: record[_MILLIS.get(f.name, f.name)] for f in fields(cls)}
+        for name in _MILLIS:
+            values[name] = _millis(values[name])
+        return cls(**values | {"headers": dict(values["headers"])})
 
     def reprocessed(self, at_ms: int, topic: str, call_id: str | None) -> RejectedRequest:
         """The REPROCESSED state: the whole entry stays, so `show` still tells its story."""

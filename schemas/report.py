@@ -22,10 +22,6 @@ JSON_FIELDS: Final = ("structured_data", "user_metadata", "costs", "transcript_t
 
 def record_time(value: datetime | int) -> datetime:
     """A time of the record as the report holds it: aware, UTC when the writer gave none."""
-    return _aware(value)
-
-
-def _aware(value: datetime | int) -> datetime:
     if isinstance(value, int):
         return EPOCH + timedelta(milliseconds=value)
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
@@ -36,7 +32,7 @@ def _parse(text: str | None) -> Any:
 
 
 def _optional_time(value: datetime | int | None) -> datetime | None:
-    return None if value is None else _aware(value)
+    return None if value is None else record_time(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +77,7 @@ class CallReport:
         return cls(
             call_id=record["call_id"],
             event_type=record["event_type"],
-            event_time=_aware(record["event_time"]),
+            event_time=record_time(record["event_time"]),
             call_type=record.get("call_type"),
             call_status=record.get("call_status"),
             ended_reason=record.get("ended_reason"),
@@ -105,7 +101,7 @@ class CallReport:
             transcript_turns=_parse(record.get("transcript_turns_json")),
             extra=_parse(record.get("extra_json")),
             source_format=source["format"],
-            received_at=_aware(source["received_at"]),
+            received_at=record_time(source["received_at"]),
             request_id=source["request_id"],
             event_time_source=source.get("event_time_source") or "sent",
             derived_fields=source.get("derived_fields"),
@@ -117,10 +113,10 @@ class CallReport:
         (KeyError, TypeError or ValueError): the runner checks every record this way and
         leaves the report to be built only if a consumer reads it."""
         record["call_id"], record["event_type"]  # required: KeyError if absent
-        _aware(record["event_time"])
+        record_time(record["event_time"])
         source = record["source"]
         source["format"], source["request_id"]
-        _aware(source["received_at"])
+        record_time(source["received_at"])
         for name in JSON_FIELDS:
             text = record.get(f"{name}_json")
             if text is not None:
@@ -148,9 +144,7 @@ class CallReport:
     def to_json(self) -> JsonObject:
         """A JSON-ready dict (times as ISO-8601 UTC)."""
         out = asdict(self)
-        out["event_time"] = self.event_time.isoformat().replace("+00:00", "Z")
-        out["received_at"] = self.received_at.isoformat().replace("+00:00", "Z")
-        for name in ("started_at", "ended_at"):
+        for name in ("event_time", "received_at", "started_at", "ended_at"):
             moment = getattr(self, name)
             out[name] = None if moment is None else moment.isoformat().replace("+00:00", "Z")
         return out

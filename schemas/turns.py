@@ -59,9 +59,7 @@ def _from_message(message: Any) -> Turn | None:
     text = message.get("message", message.get("content"))
     if role is None or not isinstance(text, str):
         return None
-    return {
-        "role": role,
-        "text": text,
+    return _turn(role, text) | {
         "start_ms": _epoch_ms(message.get("time")),
         "end_ms": _epoch_ms(message.get("endTime")),
         "seconds_from_start": _seconds(message.get("secondsFromStart")),

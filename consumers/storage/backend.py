@@ -164,10 +164,7 @@ class StorageBackend:
                 (f"{_ERASE_REPORTS} AND call_id = ?", text(phone), text(call_id)),
             ]
         elif phone is not None:
-            statements = [
-                (_ERASE_EVENTS, text(phone), text(phone)),
-                (_ERASE_REPORTS, text(phone)),
-            ]
+            statements = [(_ERASE_EVENTS, text(phone), text(phone)), (_ERASE_REPORTS, text(phone))]
         elif call_id is not None:
             statements = [(_ERASE_CALL_EVENTS, text(call_id)), (_ERASE_CALL_REPORT, text(call_id))]
         else:

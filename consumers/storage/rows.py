@@ -39,7 +39,7 @@ class StoredReport(CallReport):
 
 
 # Objects are JSON. Offsets outgrow 32 bits, so every integer column is written as 64-bit.
-_KINDS: Final[dict[object, Kind]] = {
+KINDS: Final[dict[object, Kind]] = {
     datetime: "time",
     datetime | None: "time",
     str: "text",
@@ -54,7 +54,7 @@ _AS_TEXT: Final = frozenset({"success_evaluation"})
 _HINTS: Final = get_type_hints(StoredReport)
 # Every column in row order. `stored_at` comes last: it is bound once per batch.
 COLUMNS: Final[tuple[tuple[str, Kind], ...]] = tuple(
-    (f.name, "text" if f.name in _AS_TEXT else _KINDS.get(_HINTS[f.name], "json"))
+    (f.name, "text" if f.name in _AS_TEXT else KINDS.get(_HINTS[f.name], "json"))
     for f in dataclasses.fields(StoredReport)
 )
 NAMES: Final = tuple(name for name, _ in COLUMNS)
@@ -90,7 +90,11 @@ def success_flag(evaluation: bool | int | float | str | None) -> bool | None:
 
 def row_values(delivery: Delivery) -> list[Any]:
     """The row for one delivery as Python values, in COLUMNS order without `stored_at`."""
-    values = [*_report_values(delivery.report)]
+    return _row(delivery, [*_report_values(delivery.report)])
+
+
+def _row(delivery: Delivery, values: list[Any]) -> list[Any]:
+    """The report's `values` with success_evaluation as its column holds it, then the rest."""
     evaluation = values[_EVALUATION]
     if evaluation is not None:
         values[_EVALUATION] = evaluation_text(evaluation)
@@ -113,7 +117,7 @@ _SOURCE: Final = {
     "event_time_source": "event_time_source",
     "derived_fields": "derived_fields",
 }
-_TIMES: Final = frozenset(n for n in _REPORT_FIELDS if _KINDS.get(_HINTS[n]) == "time")
+_TIMES: Final = frozenset(n for n in _REPORT_FIELDS if KINDS.get(_HINTS[n]) == "time")
 #: Columns whose value the record holds as JSON text (a dialect passes it on as it is).
 JSON_TEXT: Final = frozenset(JSON_FIELDS)
 _TOP: Final = tuple(n for n in _REPORT_FIELDS if n not in _SOURCE)
@@ -137,11 +141,7 @@ def record_row_values(delivery: DecodedDelivery) -> list[Any]:
             values[i] = record_time(values[i])
     # Records written before v3 have no event_time_source: their time was the sender's.
     values[_EVENT_TIME_SOURCE] = values[_EVENT_TIME_SOURCE] or "sent"
-    evaluation = values[_EVALUATION]
-    if evaluation is not None:
-        values[_EVALUATION] = evaluation_text(evaluation)
-    success = success_flag(evaluation)
-    return [*values, delivery.value, delivery.partition, delivery.offset, success]
+    return _row(delivery, values)
 
 
 def from_record(delivery: Delivery) -> TypeGuard[DecodedDelivery]:

@@ -6,41 +6,18 @@ events topic still has them). docs/storage.md shows the table and how to query i
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Final
+from typing import Any, Final, get_type_hints
 
 from consumers.contract import EventDelivery
 from consumers.errors import PermanentError
 from consumers.storage.dialects import Dialect
-from consumers.storage.rows import Kind
+from consumers.storage.rows import KINDS
 from consumers.storage.statements import Statement
 from schemas.events import StatusUpdate, status_update
-
-# Every column in row order; stored_at, last, is bound once per batch.
-COLUMNS: Final[tuple[tuple[str, Kind], ...]] = (
-    ("call_id", "text"),
-    ("request_id", "text"),
-    ("event_type", "text"),
-    ("event_time", "time"),
-    ("event_time_source", "text"),
-    ("received_at", "time"),
-    ("status", "text"),
-    ("ended_reason", "text"),
-    ("error", "text"),
-    ("from_number", "text"),
-    ("source_format", "text"),
-    ("kafka_partition", "int"),
-    ("kafka_offset", "int"),
-    ("stored_at", "time"),
-)
-NAMES: Final = tuple(name for name, _ in COLUMNS)
-KEY: Final = ("call_id", "request_id")
-_TIMELINE: Final = (
-    f"SELECT {', '.join(NAMES)} FROM call_events WHERE call_id = ?"  # noqa: S608
-    " ORDER BY event_time, received_at"
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +38,18 @@ class StoredStatus:
     kafka_partition: int
     kafka_offset: int
     stored_at: datetime
+
+
+_HINTS: Final = get_type_hints(StoredStatus)
+# Every column in row order, StoredStatus's fields; stored_at, last, is bound once per batch.
+COLUMNS: Final = tuple((f.name, KINDS[_HINTS[f.name]]) for f in dataclasses.fields(StoredStatus))
+NAMES: Final = tuple(name for name, _ in COLUMNS)
+_TIMES: Final = tuple(name for name, kind in COLUMNS if kind == "time")
+KEY: Final = ("call_id", "request_id")
+_TIMELINE: Final = (
+    f"SELECT {', '.join(NAMES)} FROM call_events WHERE call_id = ?"  # noqa: S608
+    " ORDER BY event_time, received_at"
+)
 
 
 def status_updates(batch: Iterable[EventDelivery]) -> list[tuple[EventDelivery, StatusUpdate]]:
@@ -117,6 +106,6 @@ def timeline_query(dialect: Dialect, call_id: str) -> Statement:
 
 def stored(dialect: Dialect, row: Sequence[Any]) -> StoredStatus:
     values = dict(zip(NAMES, row, strict=True))
-    for name in ("event_time", "received_at", "stored_at"):
+    for name in _TIMES:
         values[name] = dialect.read_time(values[name])
     return StoredStatus(**values)
