@@ -4,6 +4,7 @@ and the run's circumstances (machine, versions, revision)."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import platform
@@ -45,24 +46,13 @@ class Latency:
     def of_wrk(cls, summary: dict[str, Any]) -> Latency:
         """wrk's own figures (its summary line, microseconds), from send to answer."""
         lat = summary["latency_us"]
-        return cls(
-            count=summary["requests"],
-            p50_ms=lat["p50"] / 1000,
-            p90_ms=lat["p90"] / 1000,
-            p99_ms=lat["p99"] / 1000,
-            max_ms=lat["max"] / 1000,
-        )
+        return cls(summary["requests"], *(lat[q] / 1000 for q in ("p50", "p90", "p99", "max")))
 
     @classmethod
     def of_seconds(cls, values: Iterable[float]) -> Latency:
         ordered = sorted(values)
-        return cls(
-            count=len(ordered),
-            p50_ms=percentile(ordered, 50) * 1000,
-            p90_ms=percentile(ordered, 90) * 1000,
-            p99_ms=percentile(ordered, 99) * 1000,
-            max_ms=(ordered[-1] * 1000) if ordered else math.nan,
-        )
+        # The 100th percentile is the maximum (NaN when there are no values).
+        return cls(len(ordered), *(percentile(ordered, q) * 1000 for q in (50, 90, 99, 100)))
 
 
 @dataclass(frozen=True)
@@ -297,19 +287,15 @@ def evaluate(results: Results) -> list[Target]:
                 None if e2e is None else e2e.p99_ms < 50 and fixed.failed == 0,
             )
         )
-    for kind, backend in (
-        ("catch-up", "postgresql"),
-        ("catch-up", "sqlite"),
-        ("replay", "postgresql"),
-        ("replay", "sqlite"),
-    ):
+    for kind, backend in itertools.product(("catch-up", "replay"), ("postgresql", "sqlite")):
         run = results.consumer_run(kind, backend)
-        name = f"storage {kind}, {backend}"
-        if run is None:
-            targets.append(Target(name, ">= 30,000/s", "not measured", None))
-            continue
-        ok = run.handled >= run.records and run.rate_per_s >= CONSUMER_TARGET_PER_S
-        targets.append(Target(name, ">= 30,000/s", f"{run.rate_per_s:,.0f}/s", ok))
+        measured = "not measured" if run is None else f"{run.rate_per_s:,.0f}/s"
+        ok = (
+            None
+            if run is None
+            else run.handled >= run.records and run.rate_per_s >= CONSUMER_TARGET_PER_S
+        )
+        targets.append(Target(f"storage {kind}, {backend}", ">= 30,000/s", measured, ok))
     met: bool | None = None
     measured = results.spool_note or "not measured"
     if results.spool is not None:
@@ -421,9 +407,7 @@ def render_table(results: Results) -> str:
         f"{meta.get('cpus', '?')} CPUs  load at start {meta.get('loadavg_start', '?')}"
     )
     if results.wrk:
-        first = results.wrk[0]
-        add("")
-        add(f"Closed loop, {first.generator} (latency: wrk, from send; not CO-safe)")
+        add(f"\nClosed loop, {results.wrk[0].generator} (latency: wrk, from send; not CO-safe)")
         add(
             f"  {'server':<26}{'body':<24}{'reports/s':>10}{'p50 ms':>9}{'p90 ms':>9}"
             f"{'p99 ms':>9}{'max ms':>9}{'errors':>8}{'vs bare':>9}{'vs naive':>9}"
@@ -464,8 +448,7 @@ def render_table(results: Results) -> str:
         out.extend(_workers_lines(results))
     fixed = results.fixed_rate
     if fixed is not None:
-        add("")
-        add(f"Fixed rate, {fixed.generator}: {fixed.body_mix}")
+        add(f"\nFixed rate, {fixed.generator}: {fixed.body_mix}")
         add(
             f"  offered {fixed.offered_per_s:,.0f}/s for {fixed.duration_s:.0f} s: "
             f"{fixed.ok:,} accepted, {fixed.failed:,} failed, {fixed.achieved_per_s:,.0f}/s"
@@ -489,20 +472,15 @@ def render_table(results: Results) -> str:
                 f"max {_num(figures.max_ms)} ms  (n={figures.count:,})"
             )
         for name, bounds in fixed.server_side.items():
-            add(
-                f"  {name:<40} "
-                + "  ".join(f"{k.split('_')[0]} <= {_num(v, 1)}" for k, v in bounds.items())
-                + " ms (histogram buckets)"
-            )
+            add(f"  {name:<40} {_bounds(bounds)} (histogram buckets)")
         if fixed.storage_write_mean_ms is not None:
             add(f"  {'storage batch write + commit (mean)':<40} {fixed.storage_write_mean_ms} ms")
         add(f"  CPU ms per report: {_cpu(fixed.processes)}")
         add(f"  peak RSS MiB:      {_mem(fixed.processes)}")
     if results.consumers:
-        add("")
         produced = results.produce_rate_per_s
         add(
-            "Storage consumer on a pre-filled topic (fresh consumer group each run"
+            "\nStorage consumer on a pre-filled topic (fresh consumer group each run"
             + (f"; topic filled at {produced:,.0f}/s" if produced else "")
             + ")"
         )
@@ -517,27 +495,22 @@ def render_table(results: Results) -> str:
                 f"{consumer.wall_seconds:>8.1f}  {_cpu(consumer.processes)}"
                 + (f"  ({consumer.note})" if consumer.note else "")
             )
-    if results.spool is not None or results.spool_note:
-        add("")
-        if results.spool is not None:
-            add(f"Spool path: {results.spool.reports_per_s:,.0f} reports/s")
-        else:
-            add(f"Spool path: {results.spool_note}")
+    if results.spool is not None:
+        add(f"\nSpool path: {results.spool.reports_per_s:,.0f} reports/s")
+    elif results.spool_note:
+        add(f"\nSpool path: {results.spool_note}")
     if (drain := results.drain) is not None:
-        add("")
         add(
-            f"Spool drain: {drain.records:,} reports in {drain.seconds:.1f} s, "
+            f"\nSpool drain: {drain.records:,} reports in {drain.seconds:.1f} s, "
             f"{drain.rate_per_s:,.0f}/s ({drain.from_start_seconds:.1f} s from the ingress's "
             "start, recovery and connecting included)"
         )
     if results.large:
-        add("")
-        add(f"Large reports, {results.large[0].generator}")
+        add(f"\nLarge reports, {results.large[0].generator}")
         for large in results.large:
             add("  " + "\n  ".join(_large_lines(large)))
     if results.profile:
-        add("")
-        add("Profiles (py-spy, share of on-CPU samples by stage)")
+        add("\nProfiles (py-spy, share of on-CPU samples by stage)")
         for name, summary in results.profile.items():
             if not isinstance(summary, dict):
                 continue
@@ -548,8 +521,7 @@ def render_table(results: Results) -> str:
             add(f"  {name} ({_num(rate, 0)}/s while profiled): {summary.get('note', '')}")
             add("    " + ", ".join(f"{stage} {pct:.0f}%" for stage, pct in stages[:8]))
     if results.targets:
-        add("")
-        add("Targets")
+        add("\nTargets")
         for target in results.targets:
             state = {True: "met", False: "MISSED", None: "not measured"}[target.met]
             add(f"  {state:<13}{target.name:<58}{target.wanted:>12}  measured {target.measured}")
@@ -568,10 +540,10 @@ def run_meta(options: BenchOptions, started_at: datetime) -> dict[str, Any]:
 
     cpu_model = ""
     with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu_model = next(
+            (x.split(":", 1)[1].strip() for x in lines if x.startswith("model name")), ""
+        )
     return {
         "started_at": started_at.isoformat(timespec="seconds"),
         "argv": sys.argv,
