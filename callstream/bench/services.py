@@ -202,20 +202,14 @@ def wrk_summary(run: Measured) -> dict[str, Any]:
 
 
 def stored_times(db: Path) -> dict[str, float]:
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
         rows = conn.execute("SELECT call_id, stored_at FROM call_reports").fetchall()
-    finally:
-        conn.close()
     return {call_id: datetime.fromisoformat(stamp).timestamp() for call_id, stamp in rows}
 
 
 def sqlite_count(db: Path) -> int:
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
         return int(conn.execute("SELECT count(*) FROM call_reports").fetchone()[0])
-    finally:
-        conn.close()
 
 
 async def postgres_count(dsn: str) -> int:
