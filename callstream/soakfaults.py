@@ -98,6 +98,9 @@ class Brokers:
         self.count = count
         self.cluster = LocalCluster(home, brokers=count) if count > 1 else None
         self.single = LocalKafka(home) if count == 1 else None
+        self.whole: LocalCluster | LocalKafka = self.cluster or self.node(
+            1
+        )  # started, stopped as one
         self.peak_kib = 0
         self.incarnation = 0  # node starts, all nodes together
         self.paused: set[int] = set()
@@ -138,10 +141,7 @@ class Brokers:
                 self.peak_kib = max(self.peak_kib, vm_hwm_kib(self.pid(number)))
 
     async def start(self) -> None:
-        if self.cluster is not None:
-            await asyncio.to_thread(self.cluster.start)
-        else:
-            await asyncio.to_thread(self.node(1).start)
+        await asyncio.to_thread(self.whole.start)
         self.incarnation += self.count
 
     async def start_node(self, number: int) -> None:
@@ -184,10 +184,7 @@ class Brokers:
             with contextlib.suppress(Exception):
                 self.node(number).resume()
         self.sample()
-        if self.cluster is not None:
-            self.cluster.stop()
-        else:
-            self.node(1).stop()
+        self.whole.stop()
 
 
 # -- the spool's disk ---------------------------------------------------------------------
@@ -251,13 +248,11 @@ class Pipeline:
 
 
 async def kill_broker(p: Pipeline, rng: random.Random) -> None:
-    number = rng.choice(p.brokers.numbers())
-    await _broker_down(p, number, rng.uniform(10, 30), graceful=False)
+    await _broker_down(p, rng.choice(p.brokers.numbers()), rng.uniform(10, 30), graceful=False)
 
 
 async def restart_broker(p: Pipeline, rng: random.Random) -> None:
-    number = rng.choice(p.brokers.numbers())
-    await _broker_down(p, number, rng.uniform(10, 30), graceful=True)
+    await _broker_down(p, rng.choice(p.brokers.numbers()), rng.uniform(10, 30), graceful=True)
 
 
 async def kill_leader(p: Pipeline, rng: random.Random) -> None:
