@@ -28,7 +28,6 @@ from callstream.bench.services import (
     Service,
     bucket_quantiles,
     py_spy_record,
-    run_measured,
     wrk_summary,
 )
 
@@ -142,9 +141,7 @@ class LargeReports(Harness):
             mix = f"1 in {long_every} reports a {long.name}, the rest {self.short.name}"
             generator = f"wrk -t{o.threads} -c{o.connections} -d{round(o.duration)}s"
             self.say(f"large reports ({label}): {mix}, {generator}")
-            if o.warmup > 0:
-                warm = self._wrk(script, ingress.port, o.warmup, min(32, o.connections))
-                await asyncio.to_thread(run_measured, warm)
+            await self._warm_up(script, ingress.port)
             names = (SPOOLED, ACK_MISSED, ACCEPTED)
             before = {n: await self._counter(ingress, n) for n in names}
             histograms = (ACK_SECONDS, FSYNC_SECONDS, PUBLISH_SECONDS)
@@ -156,9 +153,7 @@ class LargeReports(Harness):
             if profile is not None and (py_spy := profiling.find_py_spy()) is not None:
                 spy = py_spy_record(py_spy, ingress.pid, round(o.duration) + 1, profile)
             async with sampler:
-                run = await asyncio.to_thread(
-                    run_measured, self._wrk(script, ingress.port, o.duration, o.connections)
-                )
+                run = await self._wrk(script, ingress.port, o.duration, o.connections)
             if spy is not None:
                 await asyncio.to_thread(spy.stop, o.duration + 30, signal.SIGINT)
             window.close()

@@ -112,15 +112,11 @@ class Bench(LargeReports):
         generator = f"wrk -t{o.threads} -c{o.connections} -d{round(o.duration)}s"
         self.say(f"closed loop: {label}, {template.name}, {generator}")
         script = self._wrk_script(server, template, service.port)
-        if o.warmup > 0:
-            warm = self._wrk(script, service.port, o.warmup, min(32, o.connections))
-            await asyncio.to_thread(run_measured, warm)
+        await self._warm_up(script, service.port)
         started = time.time()
         window = CpuWindow(watched)
         async with Sampler(count) as sampler:
-            run = await asyncio.to_thread(
-                run_measured, self._wrk(script, service.port, o.duration, o.connections)
-            )
+            run = await self._wrk(script, service.port, o.duration, o.connections)
         window.close()
         data = wrk_summary(run)
         totals = WrkTotals.of_wrk(data)
@@ -547,14 +543,12 @@ class Bench(LargeReports):
         seconds = max(1, round(self.o.profile_seconds))
         self.say(f"profile: py-spy on the ingress for {seconds} s under wrk")
         script = self._wrk_script("profile", self.short, ingress.port)
-        await asyncio.to_thread(run_measured, self._wrk(script, ingress.port, 2, 32))
+        await self._wrk(script, ingress.port, 2, 32)
         collapsed = Path(f"{self.out_prefix}-ingress.collapsed")
         collapsed.parent.mkdir(parents=True, exist_ok=True)
         spy = py_spy_record(py_spy, ingress.pid, seconds + 1, collapsed)
         try:
-            run = await asyncio.to_thread(
-                run_measured, self._wrk(script, ingress.port, seconds, self.o.connections)
-            )
+            run = await self._wrk(script, ingress.port, seconds, self.o.connections)
         finally:
             await asyncio.to_thread(spy.stop, seconds + 30, signal.SIGINT)
         await self._stop(ingress)
