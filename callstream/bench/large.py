@@ -106,9 +106,6 @@ class LargeReports(Harness):
             if long_every > 0:
                 self.results.large.append(await self.large_run(long_every))
 
-    async def _counter(self, service: Service, series: str) -> float:
-        return await self._metric(service, series) or 0.0
-
     async def _wait_drained(self, service: Service) -> tuple[int, float]:
         """Spooled reports left once the drainer had DRAIN_WAIT_SECONDS, and how long it took."""
         started = time.monotonic()
@@ -143,7 +140,7 @@ class LargeReports(Harness):
             self.say(f"large reports ({label}): {mix}, {generator}")
             await self._warm_up(script, ingress.port)
             names = (SPOOLED, ACK_MISSED, ACCEPTED)
-            before = {n: await self._counter(ingress, n) for n in names}
+            before = {n: await self._metric(ingress, n) or 0.0 for n in names}
             histograms = (ACK_SECONDS, FSYNC_SECONDS, PUBLISH_SECONDS)
             hist_before = {n: await self._histogram(ingress, n) for n in histograms}
             started = time.time()
@@ -157,7 +154,7 @@ class LargeReports(Harness):
             if spy is not None:
                 await asyncio.to_thread(spy.stop, o.duration + 30, signal.SIGINT)
             window.close()
-            after = {n: await self._counter(ingress, n) for n in names}
+            after = {n: await self._metric(ingress, n) or 0.0 for n in names}
             hist_after = {n: await self._histogram(ingress, n) for n in histograms}
             spool_left, drain_s = await self._wait_drained(ingress)
         finally:

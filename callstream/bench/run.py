@@ -41,7 +41,7 @@ import orjson
 from callstream.bench import openloop, pool, profiling
 from callstream.bench.chart import write_chart
 from callstream.bench.harness import PARTITIONS, SECRET
-from callstream.bench.large import LargeReports
+from callstream.bench.large import ACCEPTED, PUBLISH_SECONDS, SPOOL_RECORDS, SPOOLED, LargeReports
 from callstream.bench.options import BenchOptions
 from callstream.bench.procstat import Watched, loadavg
 from callstream.bench.report import (
@@ -85,15 +85,11 @@ from schemas.store import END_OF_CALL_REPORT, default_store
 
 _HANDLED = 'callstream_consumer_records_handled_total{consumer="storage"}'
 _LAST_COMMIT = 'callstream_consumer_last_commit_timestamp_seconds{consumer="storage"}'
-_ACCEPTED = 'callstream_ingress_requests_total{outcome="accepted"}'
 # The ingress phase's worker counts: the per-worker figure, and what a second one adds.
 INGRESS_WORKERS = (1, 2)
-_SPOOLED = "callstream_ingress_spool_writes_total"
 _DRAINED = "callstream_ingress_spool_drained_total"
-_SPOOL_RECORDS = "callstream_ingress_spool_records"
 DRAIN_GIVE_UP_SECONDS = 600.0
 _REQUEST_SECONDS = "callstream_ingress_request_duration_seconds"
-_PUBLISH_SECONDS = "callstream_ingress_publish_duration_seconds"
 
 
 class Bench(LargeReports):
@@ -160,16 +156,10 @@ class Bench(LargeReports):
             server = "ingress" if workers == 1 else f"ingress-{workers}w"
             label = "callstream ingress" if workers == 1 else f"ingress, {workers} workers"
             ingress = await self.start_ingress(f"bench.{server}", workers=workers)
-            accepted = functools.partial(self._metric, ingress, _ACCEPTED)
+            accepted = functools.partial(self._metric, ingress, ACCEPTED)
+            watched = [ingress.watched(), self.broker]
             for template in (self.short, self.long):
-                run = await self.closed_loop(
-                    server,
-                    label,
-                    ingress,
-                    template,
-                    accepted,
-                    [ingress.watched(), self.broker],
-                )
+                run = await self.closed_loop(server, label, ingress, template, accepted, watched)
                 self.results.wrk.append(dataclasses.replace(run, workers=workers))
             await self._stop(ingress)
 
@@ -228,17 +218,17 @@ class Bench(LargeReports):
         self.say(f"fixed rate: {o.rate:,.0f}/s for {o.rate_duration:.0f} s, {mix}")
         warm = self._mixed(max(1, int(o.rate * max(o.warmup, 1.0))), ingress.port)
         await self._open_loop(warm, ingress.port, "openloop-warmup")
-        await self._wait_handled(consumer, await self._metric(ingress, _ACCEPTED) or 0.0, 60.0)
+        await self._wait_handled(consumer, await self._metric(ingress, ACCEPTED) or 0.0, 60.0)
 
         requests = self._mixed(int(o.rate * o.rate_duration), ingress.port)
         started = time.time()
         writes_before = await self._write_stats(consumer)
-        histograms = (_REQUEST_SECONDS, _PUBLISH_SECONDS)
+        histograms = (_REQUEST_SECONDS, PUBLISH_SECONDS)
         server_before = [await self._histogram(ingress, name) for name in histograms]
         window = CpuWindow([ingress.watched(), self.broker, consumer.watched()])
         async with Sampler(functools.partial(self._metric, consumer, _HANDLED)) as stored:
             data, run = await self._open_loop(requests, ingress.port, "openloop")
-            accepted = await self._metric(ingress, _ACCEPTED) or 0.0
+            accepted = await self._metric(ingress, ACCEPTED) or 0.0
             await self._wait_handled(consumer, accepted, 120.0)
         window.close()
         server_after = [await self._histogram(ingress, name) for name in histograms]
@@ -458,14 +448,10 @@ class Bench(LargeReports):
             KAFKA_BOOTSTRAP_SERVERS=f"{HOST}:{free_port()}",
             CALLSTREAM_KAFKA_ACK_DEADLINE_SECONDS="0.1",
         )
+        count = functools.partial(self._metric, service, SPOOLED)
         try:
             run = await self.closed_loop(
-                "spool",
-                "ingress, Kafka down",
-                service,
-                self.short,
-                functools.partial(self._metric, service, _SPOOLED),
-                [service.watched()],
+                "spool", "ingress, Kafka down", service, self.short, count, [service.watched()]
             )
         finally:
             await self._stop(service)
@@ -476,7 +462,7 @@ class Bench(LargeReports):
         else:
             self.results.spool_note = (
                 f"not measured: {good:,} reports accepted with Kafka unreachable but only "
-                f"{spooled:,} counted by {_SPOOLED}"
+                f"{spooled:,} counted by {SPOOLED}"
             )
 
     # -- drain --------------------------------------------------------------------------------
@@ -504,7 +490,7 @@ class Bench(LargeReports):
             first: tuple[float, float] | None = None  # (when, drained by then)
             while True:
                 drained = await self._metric(service, _DRAINED) or 0.0
-                left = await self._metric(service, _SPOOL_RECORDS)
+                left = await self._metric(service, SPOOL_RECORDS)
                 now = time.monotonic()
                 if first is None and drained > 0:
                     first = (now, drained)
