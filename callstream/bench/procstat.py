@@ -75,9 +75,8 @@ def _status_kib(pid: int, field: str) -> int | None:
 def tree_peak_rss_kib(pid: int) -> int | None:
     """The largest VmHWM in a process tree (summing would count shared memory again
     for every PostgreSQL backend)."""
-    values = [peak_rss_kib(p) for p in (pid, *descendants(pid))]
-    known = [v for v in values if v is not None]
-    return max(known) if known else None
+    values = (peak_rss_kib(p) for p in (pid, *descendants(pid)))
+    return max((v for v in values if v is not None), default=None)
 
 
 @dataclass(frozen=True, slots=True)
