@@ -176,10 +176,8 @@ class Driver:
         self.template = sample_report()
 
     def body(self, call_id: str) -> bytes:
-        payload = dict(self.template)
-        payload["callId"] = call_id
-        payload["eventTimestamp"] = int(time.time() * 1000)
-        return orjson.dumps(payload)
+        stamp = int(time.time() * 1000)
+        return orjson.dumps(self.template | {"callId": call_id, "eventTimestamp": stamp})
 
     async def run(self, rate: float, until: float, label: str = "soak load") -> None:
         loop = asyncio.get_running_loop()
@@ -517,9 +515,8 @@ def _account(
     spool_left: int | None,
 ) -> int:
     services = (p.ingress, p.storage)
-    peaks = {"broker": p.brokers.peak_kib, **{s.role: s.peak_kib for s in services}} | {
-        "driver": own_peak
-    }
+    peaks = {"broker": p.brokers.peak_kib} | {s.role: s.peak_kib for s in services}
+    peaks["driver"] = own_peak
     stored = stored_ids(db) & tally.sent
     lost = tally.acked - stored
     duplicated = {key: n for key, n in copies.items() if key in tally.acked and n > 1}
