@@ -93,8 +93,6 @@ _REQUEST_SECONDS = "callstream_ingress_request_duration_seconds"
 
 
 class Bench(LargeReports):
-    """The phases, each one method; `run_bench` runs those asked for."""
-
     async def closed_loop(
         self,
         server: str,
@@ -292,13 +290,8 @@ class Bench(LargeReports):
         ).encode()
         self.say(f"{count:,} reports for {topic} ({len(value):,} bytes of Avro each)")
         for first in range(0, count, 5000):
-            records = []
-            for _ in range(min(5000, count - first)):
-                call_id = str(uuid.uuid4()).encode()
-                records.append(
-                    OutgoingRecord(topic, call_id, value.replace(marker, call_id), headers)
-                )
-            yield records
+            keys = [str(uuid.uuid4()).encode() for _ in range(min(5000, count - first))]
+            yield [OutgoingRecord(topic, k, value.replace(marker, k), headers) for k in keys]
 
     async def fill_topic(self, topic: str, count: int) -> float:
         """`count` reports on `topic`, each its own call."""
