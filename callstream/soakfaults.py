@@ -66,7 +66,6 @@ class Service(ChildProcess):
         self.peak_kib = max(self.peak_kib, vm_hwm_kib(self.pid if self.running() else None))
 
     def rss_kib(self) -> int:
-        """Resident memory now (0 when not running)."""
         return (rss_kib(self.pid) or 0) if self.running() and self.pid is not None else 0
 
     def kill(self) -> int:
@@ -75,7 +74,6 @@ class Service(ChildProcess):
         return super().kill()
 
     def check(self) -> None:
-        """Restart after an exit nobody asked for."""
         if self.deliberately_down or (code := self.poll()) is None:
             return
         self.unexpected_exits.append(code)

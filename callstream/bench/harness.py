@@ -49,8 +49,6 @@ class _Owned:
 
 
 class Harness:
-    """The run's temp dir, HTTP session and everything it started."""
-
     def __init__(
         self, options: BenchOptions, tmp: Path, http: aiohttp.ClientSession, out_prefix: Path
     ) -> None:

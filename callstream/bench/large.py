@@ -98,8 +98,6 @@ def _core_share(processes: Sequence[ProcessUsage], name: str, seconds: float) ->
 
 
 class LargeReports(Harness):
-    """The phase's runs, on the bench's harness."""
-
     async def phase_large(self) -> None:
         """The mix of --long-every, then every report a long call (the worst case)."""
         for long_every in dict.fromkeys((self.o.long_every, 1)):

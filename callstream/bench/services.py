@@ -62,8 +62,6 @@ class Service(ChildProcess):
 
 @dataclass(frozen=True, slots=True)
 class Measured:
-    """A load generator run to completion: its output and what it cost."""
-
     output: str
     cpu_seconds: float
     peak_rss_kib: int
