@@ -425,22 +425,18 @@ def render_table(results: Results) -> str:
                 f"{_ratio(run.reports_per_s, naive.reports_per_s if naive else None):>9}"
             )
         add("  ingress as a ratio to the baselines (reports/s: higher is better; the rest lower):")
-        for index in range(len({r.body_bytes for r in results.wrk})):
-            ingress = results.wrk_run("ingress", index)
-            if ingress is None:
+        bodies = range(len({r.body_bytes for r in results.wrk}))
+        for index, base_name in itertools.product(bodies, ("bare", "naive")):
+            ingress, base = results.wrk_run("ingress", index), results.wrk_run(base_name, index)
+            if ingress is None or base is None:
                 continue
-            for base_name in ("bare", "naive"):
-                base = results.wrk_run(base_name, index)
-                if base is None:
-                    continue
-                add(
-                    f"    vs {base.label:<24}{ingress.body:<24}"
-                    f"reports/s {_ratio(ingress.reports_per_s, base.reports_per_s)}  "
-                    f"p50 {_ratio(ingress.latency.p50_ms, base.latency.p50_ms)}  "
-                    f"p99 {_ratio(ingress.latency.p99_ms, base.latency.p99_ms)}  "
-                    f"server CPU/report "
-                    f"{_ratio(_server_cpu(ingress), _server_cpu(base))}"
-                )
+            add(
+                f"    vs {base.label:<24}{ingress.body:<24}"
+                f"reports/s {_ratio(ingress.reports_per_s, base.reports_per_s)}  "
+                f"p50 {_ratio(ingress.latency.p50_ms, base.latency.p50_ms)}  "
+                f"p99 {_ratio(ingress.latency.p99_ms, base.latency.p99_ms)}  "
+                f"server CPU/report {_ratio(_server_cpu(ingress), _server_cpu(base))}"
+            )
         add("  CPU ms per report (= CPU s per 1,000) and peak RSS MiB, by process:")
         for run in results.wrk:
             add(f"    {run.label:<24}{run.body:<24}{_cpu(run.processes)}")
