@@ -96,9 +96,6 @@ class Brokers:
         self.count = count
         self.cluster = LocalCluster(home, brokers=count) if count > 1 else None
         self.single = LocalKafka(home) if count == 1 else None
-        self.whole: LocalCluster | LocalKafka = self.cluster or self.node(
-            1
-        )  # started, stopped as one
         self.peak_kib = 0
         self.incarnation = 0  # node starts, all nodes together
         self.paused: set[int] = set()
@@ -139,7 +136,7 @@ class Brokers:
                 self.peak_kib = max(self.peak_kib, vm_hwm_kib(self.pid(number)))
 
     async def start(self) -> None:
-        await asyncio.to_thread(self.whole.start)
+        await asyncio.to_thread((self.cluster or self.node(1)).start)
         self.incarnation += self.count
 
     async def start_node(self, number: int) -> None:
@@ -182,7 +179,7 @@ class Brokers:
             with contextlib.suppress(Exception):
                 self.node(number).resume()
         self.sample()
-        self.whole.stop()
+        (self.cluster or self.node(1)).stop()
 
 
 # -- the spool's disk ---------------------------------------------------------------------
