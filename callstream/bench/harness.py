@@ -242,6 +242,15 @@ class Harness:
         if self.o.warmup > 0:
             await self._wrk(script, port, self.o.warmup, min(32, self.o.connections))
 
+    def _mixed(
+        self, long: pool.BodyTemplate, long_every: int, count: int, port: int
+    ) -> list[pool.SignedRequest]:
+        """`count` requests for `port`, every `long_every`-th with `long`, the rest the sample."""
+        host = f"{HOST}:{port}"
+        return pool.mixed_requests(
+            self.short, long, count, long_every=long_every, secret=SECRET, host=host
+        )
+
     def _wrk_script(self, name: str, template: pool.BodyTemplate, port: int) -> Path:
         # Enough distinct call ids that a run cycles through each a few dozen times at most.
         size = 4096 if template.size < 10_000 else 256

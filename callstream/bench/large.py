@@ -19,10 +19,9 @@ from pathlib import Path
 import aiohttp
 
 from callstream.bench import pool, profiling
-from callstream.bench.harness import SECRET, Harness
+from callstream.bench.harness import Harness
 from callstream.bench.report import LargeRun, Latency, ProcessUsage, WrkTotals
 from callstream.bench.services import (
-    HOST,
     CpuWindow,
     Sampler,
     Service,
@@ -124,14 +123,8 @@ class LargeReports(Harness):
         label = f"{1 / long_every:.0%} long" + "".join(f", {k}={v}" for k, v in o.env)
         ingress = await self.start_ingress("bench.large")
         try:
-            requests = pool.mixed_requests(
-                self.short,
-                long,
-                min(POOL_SIZE, POOL_LONG * long_every),
-                long_every=long_every,
-                secret=SECRET,
-                host=f"{HOST}:{ingress.port}",
-            )
+            size = min(POOL_SIZE, POOL_LONG * long_every)
+            requests = self._mixed(long, long_every, size, ingress.port)
             script = pool.write_wrk_script(self.tmp / "wrk-large.lua", requests)
             mix = f"1 in {long_every} reports a {long.name}, the rest {self.short.name}"
             generator = f"wrk -t{o.threads} -c{o.connections} -d{round(o.duration)}s"

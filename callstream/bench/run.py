@@ -40,7 +40,7 @@ import orjson
 
 from callstream.bench import openloop, pool, profiling
 from callstream.bench.chart import write_chart
-from callstream.bench.harness import PARTITIONS, SECRET
+from callstream.bench.harness import PARTITIONS
 from callstream.bench.large import ACCEPTED, PUBLISH_SECONDS, SPOOL_RECORDS, SPOOLED, LargeReports
 from callstream.bench.options import BenchOptions
 from callstream.bench.procstat import Watched, loadavg
@@ -177,16 +177,6 @@ class Bench(LargeReports):
         data: dict[str, Any] = orjson.loads(await asyncio.to_thread(out_path.read_bytes))
         return data, run
 
-    def _mixed(self, count: int, port: int) -> list[pool.SignedRequest]:
-        return pool.mixed_requests(
-            self.short,
-            self.long,
-            count,
-            long_every=self.o.long_every,
-            secret=SECRET,
-            host=f"{HOST}:{port}",
-        )
-
     async def _wait_handled(self, consumer: Service, target: float, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -214,22 +204,27 @@ class Bench(LargeReports):
         o = self.o
         mix = f"every {o.long_every}th report long" if o.long_every else "sample reports only"
         self.say(f"fixed rate: {o.rate:,.0f}/s for {o.rate_duration:.0f} s, {mix}")
-        warm = self._mixed(max(1, int(o.rate * max(o.warmup, 1.0))), ingress.port)
+        warm = self._mixed(
+            self.long, o.long_every, max(1, int(o.rate * max(o.warmup, 1.0))), ingress.port
+        )
         await self._open_loop(warm, ingress.port, "openloop-warmup")
         await self._wait_handled(consumer, await self._metric(ingress, ACCEPTED) or 0.0, 60.0)
 
-        requests = self._mixed(int(o.rate * o.rate_duration), ingress.port)
+        requests = self._mixed(self.long, o.long_every, int(o.rate * o.rate_duration), ingress.port)
         started = time.time()
         writes_before = await self._write_stats(consumer)
-        histograms = (_REQUEST_SECONDS, PUBLISH_SECONDS)
-        server_before = [await self._histogram(ingress, name) for name in histograms]
+        histograms = {
+            "ingress request (server side)": _REQUEST_SECONDS,
+            "Kafka acknowledgement (publish)": PUBLISH_SECONDS,
+        }
+        server_before = {k: await self._histogram(ingress, n) for k, n in histograms.items()}
         window = CpuWindow([ingress.watched(), self.broker, consumer.watched()])
         async with Sampler(functools.partial(self._metric, consumer, _HANDLED)) as stored:
             data, run = await self._open_loop(requests, ingress.port, "openloop")
             accepted = await self._metric(ingress, ACCEPTED) or 0.0
             await self._wait_handled(consumer, accepted, 120.0)
         window.close()
-        server_after = [await self._histogram(ingress, name) for name in histograms]
+        server_after = {k: await self._histogram(ingress, n) for k, n in histograms.items()}
         writes_after = await self._write_stats(consumer)
         stored_at = await asyncio.to_thread(stored_times, db)
         await self._stop(ingress)
@@ -254,15 +249,7 @@ class Bench(LargeReports):
             storage_write_mean_ms=write_mean,
             processes=window.usage(fixed.ok, [("openloop", run)]),
             stored_series=stored.rates(started),
-            server_side={
-                label: bucket_quantiles(before, after)
-                for label, before, after in zip(
-                    ("ingress request (server side)", "Kafka acknowledgement (publish)"),
-                    server_before,
-                    server_after,
-                    strict=True,
-                )
-            },
+            server_side={k: bucket_quantiles(server_before[k], v) for k, v in server_after.items()},
         )
         self.results.fixed_rate = fixed
         lat = fixed.latency
