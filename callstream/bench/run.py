@@ -321,17 +321,13 @@ class Bench(LargeReports):
             spy = py_spy_record(py_spy, consumer.pid, 600, profile)
         window = CpuWindow([consumer.watched(), self.broker, *extra])
         points: list[tuple[float, float]] = []
-        first: tuple[float, float] | None = None
         deadline = time.monotonic() + max(120.0, expected / 1000)
         handled = 0.0
         note = ""
         while True:
             with contextlib.suppress(aiohttp.ClientError, OSError):
                 handled = await self._metric(consumer, _HANDLED) or 0.0
-                now = time.time()
-                points.append((now, handled))
-                if first is None and handled > 0:
-                    first = (now, handled)
+                points.append((time.time(), handled))
             if handled >= expected:
                 break
             if time.monotonic() > deadline:
@@ -349,6 +345,7 @@ class Bench(LargeReports):
             await asyncio.to_thread(spy.stop, 30.0, signal.SIGINT)
         rows = await count_rows()
         await self._stop(consumer)
+        first = next(((t, v) for t, v in points if v > 0), None)  # the first records handled
         if first is None or last_commit <= first[0]:
             seconds = rate = math.nan
         else:
