@@ -119,28 +119,24 @@ class CpuWindow:
     def usage(
         self, reports: int, generators: Sequence[tuple[str, Measured]] = ()
     ) -> list[ProcessUsage]:
-        out: list[ProcessUsage] = []
-        ours = self._bench_delta
-        for w in self._watched:
-            cpu = self._after[w.name] - self._before[w.name]
-            ours += cpu
-            out.append(_usage(w.name, cpu, reports, self._peak_rss[w.name]))
-        for name, run in generators:
-            ours += run.cpu_seconds
-            out.append(_usage(name, run.cpu_seconds, reports, run.peak_rss_kib))
+        # (name, CPU seconds, peak RSS KiB): the watched processes, then the load generators.
+        measured = [
+            (w.name, self._after[w.name] - self._before[w.name], self._peak_rss[w.name])
+            for w in self._watched
+        ] + [(name, run.cpu_seconds, run.peak_rss_kib) for name, run in generators]
+        out = [
+            ProcessUsage(
+                name,
+                round(cpu, 3),
+                round(cpu * 1000 / reports, 3) if reports else None,
+                round(rss_kib / 1024, 1) if rss_kib is not None else None,
+            )
+            for name, cpu, rss_kib in measured
+        ]
         # Load generators run inside the window, so their CPU is in the machine's total too.
-        others = max(0.0, self._busy_delta - ours)
-        out.append(ProcessUsage(OTHERS, round(others, 2), None, None))
+        ours = sum((cpu for _, cpu, _ in measured), self._bench_delta)
+        out.append(ProcessUsage(OTHERS, round(max(0.0, self._busy_delta - ours), 2), None, None))
         return out
-
-
-def _usage(name: str, cpu: float, reports: int, rss_kib: int | None) -> ProcessUsage:
-    return ProcessUsage(
-        name,
-        round(cpu, 3),
-        round(cpu * 1000 / reports, 3) if reports else None,
-        round(rss_kib / 1024, 1) if rss_kib is not None else None,
-    )
 
 
 class Sampler:
