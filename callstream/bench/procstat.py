@@ -63,12 +63,10 @@ def rss_kib(pid: int) -> int | None:
 
 
 def _status_kib(pid: int, field: str) -> int | None:
-    try:
+    with contextlib.suppress(OSError):
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith(field):
                 return int(line.split()[1])
-    except OSError:
-        return None
     return None
 
 
