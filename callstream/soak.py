@@ -474,17 +474,7 @@ async def _soak(
         storage.stop()
         brokers.stop()
     return _account(
-        opts,
-        p,
-        tally,
-        db,
-        copies,
-        scrapers,
-        settled,
-        home,
-        own_peak=vm_hwm_kib(os.getpid()),
-        memory=memory,
-        spool_left=spool_left,
+        opts, p, tally, db, copies, scrapers, settled, home, memory=memory, spool_left=spool_left
     )
 
 
@@ -510,13 +500,12 @@ def _account(
     settled: float,
     home: Path,
     *,
-    own_peak: int,
     memory: Memory,
     spool_left: int | None,
 ) -> int:
     services = (p.ingress, p.storage)
     peaks = {"broker": p.brokers.peak_kib} | {s.role: s.peak_kib for s in services}
-    peaks["driver"] = own_peak
+    peaks["driver"] = vm_hwm_kib(os.getpid())
     stored = stored_ids(db) & tally.sent
     lost = tally.acked - stored
     duplicated = {key: n for key, n in copies.items() if key in tally.acked and n > 1}
