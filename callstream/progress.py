@@ -25,7 +25,6 @@ import os
 import sys
 import time
 from collections.abc import AsyncIterator
-from types import TracebackType
 from typing import Self, TextIO
 
 from rich.console import Console
@@ -85,12 +84,7 @@ class Progress:
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        trace: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.finish()
 
 

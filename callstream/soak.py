@@ -176,10 +176,8 @@ class Driver:
         self.template = sample_report()
 
     def body(self, call_id: str) -> bytes:
-        payload = dict(self.template)
-        payload["callId"] = call_id
-        payload["eventTimestamp"] = int(time.time() * 1000)
-        return orjson.dumps(payload)
+        stamp = int(time.time() * 1000)
+        return orjson.dumps(self.template | {"callId": call_id, "eventTimestamp": stamp})
 
     async def run(self, rate: float, until: float, label: str = "soak load") -> None:
         loop = asyncio.get_running_loop()
@@ -476,17 +474,7 @@ async def _soak(
         storage.stop()
         brokers.stop()
     return _account(
-        opts,
-        p,
-        tally,
-        db,
-        copies,
-        scrapers,
-        settled,
-        home,
-        own_peak=vm_hwm_kib(os.getpid()),
-        memory=memory,
-        spool_left=spool_left,
+        opts, p, tally, db, copies, scrapers, settled, home, memory=memory, spool_left=spool_left
     )
 
 
@@ -512,14 +500,12 @@ def _account(
     settled: float,
     home: Path,
     *,
-    own_peak: int,
     memory: Memory,
     spool_left: int | None,
 ) -> int:
     services = (p.ingress, p.storage)
-    peaks = {"broker": p.brokers.peak_kib, **{s.role: s.peak_kib for s in services}} | {
-        "driver": own_peak
-    }
+    peaks = {"broker": p.brokers.peak_kib} | {s.role: s.peak_kib for s in services}
+    peaks["driver"] = vm_hwm_kib(os.getpid())
     stored = stored_ids(db) & tally.sent
     lost = tally.acked - stored
     duplicated = {key: n for key, n in copies.items() if key in tally.acked and n > 1}

@@ -66,7 +66,6 @@ class Service(ChildProcess):
         self.peak_kib = max(self.peak_kib, vm_hwm_kib(self.pid if self.running() else None))
 
     def rss_kib(self) -> int:
-        """Resident memory now (0 when not running)."""
         return (rss_kib(self.pid) or 0) if self.running() and self.pid is not None else 0
 
     def kill(self) -> int:
@@ -75,7 +74,6 @@ class Service(ChildProcess):
         return super().kill()
 
     def check(self) -> None:
-        """Restart after an exit nobody asked for."""
         if self.deliberately_down or (code := self.poll()) is None:
             return
         self.unexpected_exits.append(code)
@@ -138,10 +136,7 @@ class Brokers:
                 self.peak_kib = max(self.peak_kib, vm_hwm_kib(self.pid(number)))
 
     async def start(self) -> None:
-        if self.cluster is not None:
-            await asyncio.to_thread(self.cluster.start)
-        else:
-            await asyncio.to_thread(self.node(1).start)
+        await asyncio.to_thread((self.cluster or self.node(1)).start)
         self.incarnation += self.count
 
     async def start_node(self, number: int) -> None:
@@ -184,10 +179,7 @@ class Brokers:
             with contextlib.suppress(Exception):
                 self.node(number).resume()
         self.sample()
-        if self.cluster is not None:
-            self.cluster.stop()
-        else:
-            self.node(1).stop()
+        (self.cluster or self.node(1)).stop()
 
 
 # -- the spool's disk ---------------------------------------------------------------------
@@ -251,13 +243,11 @@ class Pipeline:
 
 
 async def kill_broker(p: Pipeline, rng: random.Random) -> None:
-    number = rng.choice(p.brokers.numbers())
-    await _broker_down(p, number, rng.uniform(10, 30), graceful=False)
+    await _broker_down(p, rng.choice(p.brokers.numbers()), rng.uniform(10, 30), graceful=False)
 
 
 async def restart_broker(p: Pipeline, rng: random.Random) -> None:
-    number = rng.choice(p.brokers.numbers())
-    await _broker_down(p, number, rng.uniform(10, 30), graceful=True)
+    await _broker_down(p, rng.choice(p.brokers.numbers()), rng.uniform(10, 30), graceful=True)
 
 
 async def kill_leader(p: Pipeline, rng: random.Random) -> None:

@@ -71,7 +71,8 @@ def write_chart(results: Results, path: Path) -> Path:
             marker="." if long else None,
             label=f"{run.label}, {run.body}: {run.reports_per_s:,.0f}/s",
         )
-    closed.set_title(f"Closed loop: accepted per second ({_generator(results)})")
+    generator = results.wrk[0].generator if results.wrk else "wrk"
+    closed.set_title(f"Closed loop: accepted per second ({generator})")
     closed.set_xlabel("seconds into the run")
     closed.set_ylabel("reports/s (log scale)")
     closed.set_yscale("log")
@@ -149,7 +150,3 @@ def write_chart(results: Results, path: Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
-
-
-def _generator(results: Results) -> str:
-    return results.wrk[0].generator if results.wrk else "wrk"

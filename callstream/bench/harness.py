@@ -20,7 +20,7 @@ from callstream.bench import pool
 from callstream.bench.options import BenchOptions
 from callstream.bench.procstat import Watched
 from callstream.bench.report import Results
-from callstream.bench.services import HOST, Service, say
+from callstream.bench.services import HOST, Measured, Service, run_measured, say
 from callstream.localkafka import KAFKA_VERSION, LocalKafka
 from callstream.localpg import PostgresServer
 from callstream.ports import free_port
@@ -49,8 +49,6 @@ class _Owned:
 
 
 class Harness:
-    """The run's temp dir, HTTP session and everything it started."""
-
     def __init__(
         self, options: BenchOptions, tmp: Path, http: aiohttp.ClientSession, out_prefix: Path
     ) -> None:
@@ -150,20 +148,20 @@ class Harness:
                 raise RuntimeError(f"{service.name} did not answer {path}:\n{service.log_tail()}")
             await asyncio.sleep(0.05)
 
-    async def _metric(self, service: Service, series: str) -> float | None:
+    async def _metrics(self, service: Service) -> list[str]:
         async with self.http.get(service.url + "/metrics", headers=_UNCOMPRESSED) as resp:
-            text = await resp.text()
-        for line in text.splitlines():
+            return (await resp.text()).splitlines()
+
+    async def _metric(self, service: Service, series: str) -> float | None:
+        for line in await self._metrics(service):
             if line.startswith(series + " "):
                 return float(line.rsplit(" ", 1)[1])
         return None
 
     async def _histogram(self, service: Service, name: str) -> dict[float, float]:
         """A Prometheus histogram's cumulative bucket counts, by upper bound in seconds."""
-        async with self.http.get(service.url + "/metrics", headers=_UNCOMPRESSED) as resp:
-            text = await resp.text()
         buckets: dict[float, float] = {}
-        for line in text.splitlines():
+        for line in await self._metrics(service):
             if line.startswith(name + "_bucket{"):
                 bound = line.split('le="', 1)[1].split('"', 1)[0]
                 buckets[float(bound)] = float(line.rsplit(" ", 1)[1])
@@ -227,8 +225,8 @@ class Harness:
 
     # -- closed loop: wrk ---------------------------------------------------------------------
 
-    def _wrk(self, script: Path, port: int, seconds: float, connections: int) -> list[str]:
-        return [
+    async def _wrk(self, script: Path, port: int, seconds: float, connections: int) -> Measured:
+        argv = [
             "wrk",
             f"-t{self.o.threads}",
             f"-c{connections}",
@@ -238,6 +236,20 @@ class Harness:
             str(script),
             f"http://{HOST}:{port}{WEBHOOK_PATH}",
         ]
+        return await asyncio.to_thread(run_measured, argv)
+
+    async def _warm_up(self, script: Path, port: int) -> None:
+        if self.o.warmup > 0:
+            await self._wrk(script, port, self.o.warmup, min(32, self.o.connections))
+
+    def _mixed(
+        self, long: pool.BodyTemplate, long_every: int, count: int, port: int
+    ) -> list[pool.SignedRequest]:
+        """`count` requests for `port`, every `long_every`-th with `long`, the rest the sample."""
+        host = f"{HOST}:{port}"
+        return pool.mixed_requests(
+            self.short, long, count, long_every=long_every, secret=SECRET, host=host
+        )
 
     def _wrk_script(self, name: str, template: pool.BodyTemplate, port: int) -> Path:
         # Enough distinct call ids that a run cycles through each a few dozen times at most.

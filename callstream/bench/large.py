@@ -19,16 +19,14 @@ from pathlib import Path
 import aiohttp
 
 from callstream.bench import pool, profiling
-from callstream.bench.harness import SECRET, Harness
+from callstream.bench.harness import Harness
 from callstream.bench.report import LargeRun, Latency, ProcessUsage, WrkTotals
 from callstream.bench.services import (
-    HOST,
     CpuWindow,
     Sampler,
     Service,
     bucket_quantiles,
     py_spy_record,
-    run_measured,
     wrk_summary,
 )
 
@@ -99,16 +97,11 @@ def _core_share(processes: Sequence[ProcessUsage], name: str, seconds: float) ->
 
 
 class LargeReports(Harness):
-    """The phase's runs, on the bench's harness."""
-
     async def phase_large(self) -> None:
         """The mix of --long-every, then every report a long call (the worst case)."""
         for long_every in dict.fromkeys((self.o.long_every, 1)):
             if long_every > 0:
                 self.results.large.append(await self.large_run(long_every))
-
-    async def _counter(self, service: Service, series: str) -> float:
-        return await self._metric(service, series) or 0.0
 
     async def _wait_drained(self, service: Service) -> tuple[int, float]:
         """Spooled reports left once the drainer had DRAIN_WAIT_SECONDS, and how long it took."""
@@ -130,23 +123,15 @@ class LargeReports(Harness):
         label = f"{1 / long_every:.0%} long" + "".join(f", {k}={v}" for k, v in o.env)
         ingress = await self.start_ingress("bench.large")
         try:
-            requests = pool.mixed_requests(
-                self.short,
-                long,
-                min(POOL_SIZE, POOL_LONG * long_every),
-                long_every=long_every,
-                secret=SECRET,
-                host=f"{HOST}:{ingress.port}",
-            )
+            size = min(POOL_SIZE, POOL_LONG * long_every)
+            requests = self._mixed(long, long_every, size, ingress.port)
             script = pool.write_wrk_script(self.tmp / "wrk-large.lua", requests)
             mix = f"1 in {long_every} reports a {long.name}, the rest {self.short.name}"
             generator = f"wrk -t{o.threads} -c{o.connections} -d{round(o.duration)}s"
             self.say(f"large reports ({label}): {mix}, {generator}")
-            if o.warmup > 0:
-                warm = self._wrk(script, ingress.port, o.warmup, min(32, o.connections))
-                await asyncio.to_thread(run_measured, warm)
+            await self._warm_up(script, ingress.port)
             names = (SPOOLED, ACK_MISSED, ACCEPTED)
-            before = {n: await self._counter(ingress, n) for n in names}
+            before = {n: await self._metric(ingress, n) or 0.0 for n in names}
             histograms = (ACK_SECONDS, FSYNC_SECONDS, PUBLISH_SECONDS)
             hist_before = {n: await self._histogram(ingress, n) for n in histograms}
             started = time.time()
@@ -156,13 +141,11 @@ class LargeReports(Harness):
             if profile is not None and (py_spy := profiling.find_py_spy()) is not None:
                 spy = py_spy_record(py_spy, ingress.pid, round(o.duration) + 1, profile)
             async with sampler:
-                run = await asyncio.to_thread(
-                    run_measured, self._wrk(script, ingress.port, o.duration, o.connections)
-                )
+                run = await self._wrk(script, ingress.port, o.duration, o.connections)
             if spy is not None:
                 await asyncio.to_thread(spy.stop, o.duration + 30, signal.SIGINT)
             window.close()
-            after = {n: await self._counter(ingress, n) for n in names}
+            after = {n: await self._metric(ingress, n) or 0.0 for n in names}
             hist_after = {n: await self._histogram(ingress, n) for n in histograms}
             spool_left, drain_s = await self._wait_drained(ingress)
         finally:

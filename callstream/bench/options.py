@@ -85,6 +85,34 @@ def _pair(item: str) -> tuple[str, str]:
     return key, value
 
 
+# (flag, type, help) in --help's order: each takes its default from BenchOptions' field of the
+# same name; bool is a flag of its own (store_true).
+_ARGUMENTS: tuple[tuple[str, type, str], ...] = (
+    (
+        "--sample",
+        Path,
+        "a flat end-of-call report to send (default: the one shipped with callstream)",
+    ),
+    ("--duration", float, "seconds per wrk run (%(default)s)"),
+    ("--warmup", float, "seconds (%(default)s)"),
+    ("--connections", int, "wrk -c (%(default)s)"),
+    ("--threads", int, "wrk -t (%(default)s)"),
+    ("--rate", float, "open-loop reports/s (%(default)s)"),
+    ("--rate-duration", float, "seconds (%(default)s)"),
+    (
+        "--long-every",
+        int,
+        "open loop and large reports: every Nth report is a long one; 0 for none (%(default)s)",
+    ),
+    ("--catchup-records", int, "records pre-filled for the catch-up and replay runs (%(default)s)"),
+    ("--drain-records", int, "reports left in the spool for the drain run (%(default)s)"),
+    ("--no-postgres", bool, "skip the PostgreSQL catch-up and replay"),
+    ("--profile", bool, "also profile the ingress under wrk load with py-spy (in the bench extra)"),
+    ("--profile-seconds", float, "how long py-spy records with --profile (%(default)s)"),
+    ("--quick", bool, "short runs to check the bench itself works"),
+)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = BenchOptions()
     parser.add_argument("--out-dir", type=Path, default=d.out_dir, help="default: %(default)s")
@@ -101,62 +129,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FILE.png",
         help="where --chart writes (default: next to the results file, .json -> .png)",
     )
-    parser.add_argument(
-        "--sample",
-        type=Path,
-        default=d.sample,
-        help="a flat end-of-call report to send (default: the one shipped with callstream)",
-    )
-    parser.add_argument(
-        "--duration", type=float, default=d.duration, help="seconds per wrk run (%(default)s)"
-    )
-    parser.add_argument("--warmup", type=float, default=d.warmup, help="seconds (%(default)s)")
-    parser.add_argument(
-        "--connections", type=int, default=d.connections, help="wrk -c (%(default)s)"
-    )
-    parser.add_argument("--threads", type=int, default=d.threads, help="wrk -t (%(default)s)")
-    parser.add_argument(
-        "--rate", type=float, default=d.rate, help="open-loop reports/s (%(default)s)"
-    )
-    parser.add_argument(
-        "--rate-duration", type=float, default=d.rate_duration, help="seconds (%(default)s)"
-    )
-    parser.add_argument(
-        "--long-every",
-        type=int,
-        default=d.long_every,
-        help="open loop and large reports: every Nth report is a long one; 0 for none"
-        " (%(default)s)",
-    )
-    parser.add_argument(
-        "--catchup-records",
-        type=int,
-        default=d.catchup_records,
-        help="records pre-filled for the catch-up and replay runs (%(default)s)",
-    )
-    parser.add_argument(
-        "--drain-records",
-        type=int,
-        default=d.drain_records,
-        help="reports left in the spool for the drain run (%(default)s)",
-    )
-    parser.add_argument(
-        "--no-postgres", action="store_true", help="skip the PostgreSQL catch-up and replay"
-    )
-    parser.add_argument(
-        "--profile",
-        action="store_true",
-        help="also profile the ingress under wrk load with py-spy (in the bench extra)",
-    )
-    parser.add_argument(
-        "--profile-seconds",
-        type=float,
-        default=d.profile_seconds,
-        help="how long py-spy records with --profile (%(default)s)",
-    )
-    parser.add_argument(
-        "--quick", action="store_true", help="short runs to check the bench itself works"
-    )
+    for flag, kind, text in _ARGUMENTS:
+        if kind is bool:
+            parser.add_argument(flag, action="store_true", help=text)
+        else:
+            default = getattr(d, flag[2:].replace("-", "_"))
+            parser.add_argument(flag, type=kind, default=default, help=text)
     parser.add_argument(
         "--phases",
         help=f"comma-separated, in this order: {', '.join(PHASES)} (default: all but profile)",

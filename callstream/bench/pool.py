@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -196,14 +196,10 @@ def write_pool_file(path: Path, requests: Sequence[SignedRequest]) -> None:
 
 def read_pool_file(path: Path) -> list[bytes]:
     data = path.read_bytes()
-    return list(_split(data))
-
-
-def _split(data: bytes) -> Iterator[bytes]:
+    out: list[bytes] = []
     pos = 0
-    view = memoryview(data)
     while pos < len(data):
         (length,) = _LENGTH.unpack_from(data, pos)
-        pos += _LENGTH.size
-        yield bytes(view[pos : pos + length])
-        pos += length
+        pos += _LENGTH.size + length
+        out.append(data[pos - length : pos])
+    return out

@@ -63,21 +63,18 @@ def rss_kib(pid: int) -> int | None:
 
 
 def _status_kib(pid: int, field: str) -> int | None:
-    try:
+    with contextlib.suppress(OSError):
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith(field):
                 return int(line.split()[1])
-    except OSError:
-        return None
     return None
 
 
 def tree_peak_rss_kib(pid: int) -> int | None:
     """The largest VmHWM in a process tree (summing would count shared memory again
     for every PostgreSQL backend)."""
-    values = [peak_rss_kib(p) for p in (pid, *descendants(pid))]
-    known = [v for v in values if v is not None]
-    return max(known) if known else None
+    values = (peak_rss_kib(p) for p in (pid, *descendants(pid)))
+    return max((v for v in values if v is not None), default=None)
 
 
 @dataclass(frozen=True, slots=True)

@@ -68,9 +68,7 @@ def _short(file: str) -> str:
 
 def _parse_frame(text: str) -> Frame:
     match = _FRAME.match(text.strip())
-    if match is None:
-        return Frame(text.strip(), "")
-    return Frame(match["name"], match["file"])
+    return Frame(match["name"], match["file"]) if match else Frame(text.strip(), "")
 
 
 def _stage(frame: Frame) -> str | None:

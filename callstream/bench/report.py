@@ -4,6 +4,7 @@ and the run's circumstances (machine, versions, revision)."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import platform
@@ -45,24 +46,13 @@ class Latency:
     def of_wrk(cls, summary: dict[str, Any]) -> Latency:
         """wrk's own figures (its summary line, microseconds), from send to answer."""
         lat = summary["latency_us"]
-        return cls(
-            count=summary["requests"],
-            p50_ms=lat["p50"] / 1000,
-            p90_ms=lat["p90"] / 1000,
-            p99_ms=lat["p99"] / 1000,
-            max_ms=lat["max"] / 1000,
-        )
+        return cls(summary["requests"], *(lat[q] / 1000 for q in ("p50", "p90", "p99", "max")))
 
     @classmethod
     def of_seconds(cls, values: Iterable[float]) -> Latency:
         ordered = sorted(values)
-        return cls(
-            count=len(ordered),
-            p50_ms=percentile(ordered, 50) * 1000,
-            p90_ms=percentile(ordered, 90) * 1000,
-            p99_ms=percentile(ordered, 99) * 1000,
-            max_ms=(ordered[-1] * 1000) if ordered else math.nan,
-        )
+        # The 100th percentile is the maximum (NaN when there are no values).
+        return cls(len(ordered), *(percentile(ordered, q) * 1000 for q in (50, 90, 99, 100)))
 
 
 @dataclass(frozen=True)
@@ -268,63 +258,39 @@ def evaluate(results: Results) -> list[Target]:
         # One ingress process against the baseline's one process: the checks cost nothing
         # when the signed, validated, Avro path keeps up with plain json + send_and_wait.
         ratio = ingress.reports_per_s / naive.reports_per_s
-        targets.append(
-            Target(
-                f"ingress (1 worker) vs json + send_and_wait, {ingress.body}",
-                ">= 1.00x",
-                f"{ratio:.2f}x",
-                ratio >= 1.0,
-            )
-        )
-    cpu = None if ingress is None else _server_cpu(ingress)
+        name = f"ingress (1 worker) vs json + send_and_wait, {ingress.body}"
+        targets.append(Target(name, ">= 1.00x", f"{ratio:.2f}x", ratio >= 1.0))
     if ingress is not None:
-        targets.append(
-            Target(
-                f"ingress CPU per report, {ingress.body}",
-                "<= 0.12 ms",
-                "not measured" if cpu is None else f"{cpu:.3f} ms",
-                None if cpu is None else cpu <= 0.12,
-            )
-        )
-    fixed = results.fixed_rate
-    if fixed is not None:
+        cpu = _server_cpu(ingress)
+        measured = "not measured" if cpu is None else f"{cpu:.3f} ms"
+        met = None if cpu is None else cpu <= 0.12
+        name = f"ingress CPU per report, {ingress.body}"
+        targets.append(Target(name, "<= 0.12 ms", measured, met))
+    if (fixed := results.fixed_rate) is not None:
         e2e = fixed.e2e
-        targets.append(
-            Target(
-                f"POST -> row p99 at {fixed.offered_per_s:,.0f} reports/s offered",
-                "< 50 ms",
-                "not measured" if e2e is None else f"{e2e.p99_ms:.1f} ms",
-                None if e2e is None else e2e.p99_ms < 50 and fixed.failed == 0,
-            )
-        )
-    for kind, backend in (
-        ("catch-up", "postgresql"),
-        ("catch-up", "sqlite"),
-        ("replay", "postgresql"),
-        ("replay", "sqlite"),
-    ):
+        name = f"POST -> row p99 at {fixed.offered_per_s:,.0f} reports/s offered"
+        measured = "not measured" if e2e is None else f"{e2e.p99_ms:.1f} ms"
+        met = None if e2e is None else e2e.p99_ms < 50 and fixed.failed == 0
+        targets.append(Target(name, "< 50 ms", measured, met))
+    for kind, backend in itertools.product(("catch-up", "replay"), ("postgresql", "sqlite")):
         run = results.consumer_run(kind, backend)
-        name = f"storage {kind}, {backend}"
-        if run is None:
-            targets.append(Target(name, ">= 30,000/s", "not measured", None))
-            continue
-        ok = run.handled >= run.records and run.rate_per_s >= CONSUMER_TARGET_PER_S
-        targets.append(Target(name, ">= 30,000/s", f"{run.rate_per_s:,.0f}/s", ok))
-    met: bool | None = None
+        measured = "not measured" if run is None else f"{run.rate_per_s:,.0f}/s"
+        ok = (
+            None
+            if run is None
+            else run.handled >= run.records and run.rate_per_s >= CONSUMER_TARGET_PER_S
+        )
+        targets.append(Target(f"storage {kind}, {backend}", ">= 30,000/s", measured, ok))
+    met = None
     measured = results.spool_note or "not measured"
     if results.spool is not None:
         rate = results.spool.reports_per_s
         measured, met = f"{rate:,.0f}/s", rate >= 2000
     targets.append(Target("spool path (Kafka down, fsync)", ">= 2,000/s", measured, met))
     drain = results.drain
-    targets.append(
-        Target(
-            "spool drain (Kafka back)",
-            ">= 5,000/s",
-            "not measured" if drain is None else f"{drain.rate_per_s:,.0f}/s",
-            None if drain is None else drain.rate_per_s >= 5000,
-        )
-    )
+    measured = "not measured" if drain is None else f"{drain.rate_per_s:,.0f}/s"
+    met = None if drain is None else drain.rate_per_s >= 5000
+    targets.append(Target("spool drain (Kafka back)", ">= 5,000/s", measured, met))
     return targets
 
 
@@ -421,9 +387,7 @@ def render_table(results: Results) -> str:
         f"{meta.get('cpus', '?')} CPUs  load at start {meta.get('loadavg_start', '?')}"
     )
     if results.wrk:
-        first = results.wrk[0]
-        add("")
-        add(f"Closed loop, {first.generator} (latency: wrk, from send; not CO-safe)")
+        add(f"\nClosed loop, {results.wrk[0].generator} (latency: wrk, from send; not CO-safe)")
         add(
             f"  {'server':<26}{'body':<24}{'reports/s':>10}{'p50 ms':>9}{'p90 ms':>9}"
             f"{'p99 ms':>9}{'max ms':>9}{'errors':>8}{'vs bare':>9}{'vs naive':>9}"
@@ -441,22 +405,18 @@ def render_table(results: Results) -> str:
                 f"{_ratio(run.reports_per_s, naive.reports_per_s if naive else None):>9}"
             )
         add("  ingress as a ratio to the baselines (reports/s: higher is better; the rest lower):")
-        for index in range(len({r.body_bytes for r in results.wrk})):
-            ingress = results.wrk_run("ingress", index)
-            if ingress is None:
+        bodies = range(len({r.body_bytes for r in results.wrk}))
+        for index, base_name in itertools.product(bodies, ("bare", "naive")):
+            ingress, base = results.wrk_run("ingress", index), results.wrk_run(base_name, index)
+            if ingress is None or base is None:
                 continue
-            for base_name in ("bare", "naive"):
-                base = results.wrk_run(base_name, index)
-                if base is None:
-                    continue
-                add(
-                    f"    vs {base.label:<24}{ingress.body:<24}"
-                    f"reports/s {_ratio(ingress.reports_per_s, base.reports_per_s)}  "
-                    f"p50 {_ratio(ingress.latency.p50_ms, base.latency.p50_ms)}  "
-                    f"p99 {_ratio(ingress.latency.p99_ms, base.latency.p99_ms)}  "
-                    f"server CPU/report "
-                    f"{_ratio(_server_cpu(ingress), _server_cpu(base))}"
-                )
+            add(
+                f"    vs {base.label:<24}{ingress.body:<24}"
+                f"reports/s {_ratio(ingress.reports_per_s, base.reports_per_s)}  "
+                f"p50 {_ratio(ingress.latency.p50_ms, base.latency.p50_ms)}  "
+                f"p99 {_ratio(ingress.latency.p99_ms, base.latency.p99_ms)}  "
+                f"server CPU/report {_ratio(_server_cpu(ingress), _server_cpu(base))}"
+            )
         add("  CPU ms per report (= CPU s per 1,000) and peak RSS MiB, by process:")
         for run in results.wrk:
             add(f"    {run.label:<24}{run.body:<24}{_cpu(run.processes)}")
@@ -464,8 +424,7 @@ def render_table(results: Results) -> str:
         out.extend(_workers_lines(results))
     fixed = results.fixed_rate
     if fixed is not None:
-        add("")
-        add(f"Fixed rate, {fixed.generator}: {fixed.body_mix}")
+        add(f"\nFixed rate, {fixed.generator}: {fixed.body_mix}")
         add(
             f"  offered {fixed.offered_per_s:,.0f}/s for {fixed.duration_s:.0f} s: "
             f"{fixed.ok:,} accepted, {fixed.failed:,} failed, {fixed.achieved_per_s:,.0f}/s"
@@ -489,20 +448,15 @@ def render_table(results: Results) -> str:
                 f"max {_num(figures.max_ms)} ms  (n={figures.count:,})"
             )
         for name, bounds in fixed.server_side.items():
-            add(
-                f"  {name:<40} "
-                + "  ".join(f"{k.split('_')[0]} <= {_num(v, 1)}" for k, v in bounds.items())
-                + " ms (histogram buckets)"
-            )
+            add(f"  {name:<40} {_bounds(bounds)} (histogram buckets)")
         if fixed.storage_write_mean_ms is not None:
             add(f"  {'storage batch write + commit (mean)':<40} {fixed.storage_write_mean_ms} ms")
         add(f"  CPU ms per report: {_cpu(fixed.processes)}")
         add(f"  peak RSS MiB:      {_mem(fixed.processes)}")
     if results.consumers:
-        add("")
         produced = results.produce_rate_per_s
         add(
-            "Storage consumer on a pre-filled topic (fresh consumer group each run"
+            "\nStorage consumer on a pre-filled topic (fresh consumer group each run"
             + (f"; topic filled at {produced:,.0f}/s" if produced else "")
             + ")"
         )
@@ -517,27 +471,22 @@ def render_table(results: Results) -> str:
                 f"{consumer.wall_seconds:>8.1f}  {_cpu(consumer.processes)}"
                 + (f"  ({consumer.note})" if consumer.note else "")
             )
-    if results.spool is not None or results.spool_note:
-        add("")
-        if results.spool is not None:
-            add(f"Spool path: {results.spool.reports_per_s:,.0f} reports/s")
-        else:
-            add(f"Spool path: {results.spool_note}")
+    if results.spool is not None:
+        add(f"\nSpool path: {results.spool.reports_per_s:,.0f} reports/s")
+    elif results.spool_note:
+        add(f"\nSpool path: {results.spool_note}")
     if (drain := results.drain) is not None:
-        add("")
         add(
-            f"Spool drain: {drain.records:,} reports in {drain.seconds:.1f} s, "
+            f"\nSpool drain: {drain.records:,} reports in {drain.seconds:.1f} s, "
             f"{drain.rate_per_s:,.0f}/s ({drain.from_start_seconds:.1f} s from the ingress's "
             "start, recovery and connecting included)"
         )
     if results.large:
-        add("")
-        add(f"Large reports, {results.large[0].generator}")
+        add(f"\nLarge reports, {results.large[0].generator}")
         for large in results.large:
             add("  " + "\n  ".join(_large_lines(large)))
     if results.profile:
-        add("")
-        add("Profiles (py-spy, share of on-CPU samples by stage)")
+        add("\nProfiles (py-spy, share of on-CPU samples by stage)")
         for name, summary in results.profile.items():
             if not isinstance(summary, dict):
                 continue
@@ -548,8 +497,7 @@ def render_table(results: Results) -> str:
             add(f"  {name} ({_num(rate, 0)}/s while profiled): {summary.get('note', '')}")
             add("    " + ", ".join(f"{stage} {pct:.0f}%" for stage, pct in stages[:8]))
     if results.targets:
-        add("")
-        add("Targets")
+        add("\nTargets")
         for target in results.targets:
             state = {True: "met", False: "MISSED", None: "not measured"}[target.met]
             add(f"  {state:<13}{target.name:<58}{target.wanted:>12}  measured {target.measured}")
@@ -568,10 +516,10 @@ def run_meta(options: BenchOptions, started_at: datetime) -> dict[str, Any]:
 
     cpu_model = ""
     with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu_model = next(
+            (x.split(":", 1)[1].strip() for x in lines if x.startswith("model name")), ""
+        )
     return {
         "started_at": started_at.isoformat(timespec="seconds"),
         "argv": sys.argv,

@@ -40,8 +40,8 @@ import orjson
 
 from callstream.bench import openloop, pool, profiling
 from callstream.bench.chart import write_chart
-from callstream.bench.harness import PARTITIONS, SECRET
-from callstream.bench.large import LargeReports
+from callstream.bench.harness import PARTITIONS
+from callstream.bench.large import ACCEPTED, PUBLISH_SECONDS, SPOOL_RECORDS, SPOOLED, LargeReports
 from callstream.bench.options import BenchOptions
 from callstream.bench.procstat import Watched, loadavg
 from callstream.bench.report import (
@@ -85,20 +85,14 @@ from schemas.store import END_OF_CALL_REPORT, default_store
 
 _HANDLED = 'callstream_consumer_records_handled_total{consumer="storage"}'
 _LAST_COMMIT = 'callstream_consumer_last_commit_timestamp_seconds{consumer="storage"}'
-_ACCEPTED = 'callstream_ingress_requests_total{outcome="accepted"}'
 # The ingress phase's worker counts: the per-worker figure, and what a second one adds.
 INGRESS_WORKERS = (1, 2)
-_SPOOLED = "callstream_ingress_spool_writes_total"
 _DRAINED = "callstream_ingress_spool_drained_total"
-_SPOOL_RECORDS = "callstream_ingress_spool_records"
 DRAIN_GIVE_UP_SECONDS = 600.0
 _REQUEST_SECONDS = "callstream_ingress_request_duration_seconds"
-_PUBLISH_SECONDS = "callstream_ingress_publish_duration_seconds"
 
 
 class Bench(LargeReports):
-    """The phases, each one method; `run_bench` runs those asked for."""
-
     async def closed_loop(
         self,
         server: str,
@@ -112,15 +106,11 @@ class Bench(LargeReports):
         generator = f"wrk -t{o.threads} -c{o.connections} -d{round(o.duration)}s"
         self.say(f"closed loop: {label}, {template.name}, {generator}")
         script = self._wrk_script(server, template, service.port)
-        if o.warmup > 0:
-            warm = self._wrk(script, service.port, o.warmup, min(32, o.connections))
-            await asyncio.to_thread(run_measured, warm)
+        await self._warm_up(script, service.port)
         started = time.time()
         window = CpuWindow(watched)
         async with Sampler(count) as sampler:
-            run = await asyncio.to_thread(
-                run_measured, self._wrk(script, service.port, o.duration, o.connections)
-            )
+            run = await self._wrk(script, service.port, o.duration, o.connections)
         window.close()
         data = wrk_summary(run)
         totals = WrkTotals.of_wrk(data)
@@ -164,16 +154,10 @@ class Bench(LargeReports):
             server = "ingress" if workers == 1 else f"ingress-{workers}w"
             label = "callstream ingress" if workers == 1 else f"ingress, {workers} workers"
             ingress = await self.start_ingress(f"bench.{server}", workers=workers)
-            accepted = functools.partial(self._metric, ingress, _ACCEPTED)
+            accepted = functools.partial(self._metric, ingress, ACCEPTED)
+            watched = [ingress.watched(), self.broker]
             for template in (self.short, self.long):
-                run = await self.closed_loop(
-                    server,
-                    label,
-                    ingress,
-                    template,
-                    accepted,
-                    [ingress.watched(), self.broker],
-                )
+                run = await self.closed_loop(server, label, ingress, template, accepted, watched)
                 self.results.wrk.append(dataclasses.replace(run, workers=workers))
             await self._stop(ingress)
 
@@ -192,16 +176,6 @@ class Bench(LargeReports):
             raise RuntimeError(f"the open-loop client failed (exit {run.exit_code}):\n{run.output}")
         data: dict[str, Any] = orjson.loads(await asyncio.to_thread(out_path.read_bytes))
         return data, run
-
-    def _mixed(self, count: int, port: int) -> list[pool.SignedRequest]:
-        return pool.mixed_requests(
-            self.short,
-            self.long,
-            count,
-            long_every=self.o.long_every,
-            secret=SECRET,
-            host=f"{HOST}:{port}",
-        )
 
     async def _wait_handled(self, consumer: Service, target: float, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -230,22 +204,27 @@ class Bench(LargeReports):
         o = self.o
         mix = f"every {o.long_every}th report long" if o.long_every else "sample reports only"
         self.say(f"fixed rate: {o.rate:,.0f}/s for {o.rate_duration:.0f} s, {mix}")
-        warm = self._mixed(max(1, int(o.rate * max(o.warmup, 1.0))), ingress.port)
+        warm = self._mixed(
+            self.long, o.long_every, max(1, int(o.rate * max(o.warmup, 1.0))), ingress.port
+        )
         await self._open_loop(warm, ingress.port, "openloop-warmup")
-        await self._wait_handled(consumer, await self._metric(ingress, _ACCEPTED) or 0.0, 60.0)
+        await self._wait_handled(consumer, await self._metric(ingress, ACCEPTED) or 0.0, 60.0)
 
-        requests = self._mixed(int(o.rate * o.rate_duration), ingress.port)
+        requests = self._mixed(self.long, o.long_every, int(o.rate * o.rate_duration), ingress.port)
         started = time.time()
         writes_before = await self._write_stats(consumer)
-        histograms = (_REQUEST_SECONDS, _PUBLISH_SECONDS)
-        server_before = [await self._histogram(ingress, name) for name in histograms]
+        histograms = {
+            "ingress request (server side)": _REQUEST_SECONDS,
+            "Kafka acknowledgement (publish)": PUBLISH_SECONDS,
+        }
+        server_before = {k: await self._histogram(ingress, n) for k, n in histograms.items()}
         window = CpuWindow([ingress.watched(), self.broker, consumer.watched()])
         async with Sampler(functools.partial(self._metric, consumer, _HANDLED)) as stored:
             data, run = await self._open_loop(requests, ingress.port, "openloop")
-            accepted = await self._metric(ingress, _ACCEPTED) or 0.0
+            accepted = await self._metric(ingress, ACCEPTED) or 0.0
             await self._wait_handled(consumer, accepted, 120.0)
         window.close()
-        server_after = [await self._histogram(ingress, name) for name in histograms]
+        server_after = {k: await self._histogram(ingress, n) for k, n in histograms.items()}
         writes_after = await self._write_stats(consumer)
         stored_at = await asyncio.to_thread(stored_times, db)
         await self._stop(ingress)
@@ -270,15 +249,7 @@ class Bench(LargeReports):
             storage_write_mean_ms=write_mean,
             processes=window.usage(fixed.ok, [("openloop", run)]),
             stored_series=stored.rates(started),
-            server_side={
-                label: bucket_quantiles(before, after)
-                for label, before, after in zip(
-                    ("ingress request (server side)", "Kafka acknowledgement (publish)"),
-                    server_before,
-                    server_after,
-                    strict=True,
-                )
-            },
+            server_side={k: bucket_quantiles(server_before[k], v) for k, v in server_after.items()},
         )
         self.results.fixed_rate = fixed
         lat = fixed.latency
@@ -306,13 +277,8 @@ class Bench(LargeReports):
         ).encode()
         self.say(f"{count:,} reports for {topic} ({len(value):,} bytes of Avro each)")
         for first in range(0, count, 5000):
-            records = []
-            for _ in range(min(5000, count - first)):
-                call_id = str(uuid.uuid4()).encode()
-                records.append(
-                    OutgoingRecord(topic, call_id, value.replace(marker, call_id), headers)
-                )
-            yield records
+            keys = [str(uuid.uuid4()).encode() for _ in range(min(5000, count - first))]
+            yield [OutgoingRecord(topic, k, value.replace(marker, k), headers) for k in keys]
 
     async def fill_topic(self, topic: str, count: int) -> float:
         """`count` reports on `topic`, each its own call."""
@@ -355,17 +321,13 @@ class Bench(LargeReports):
             spy = py_spy_record(py_spy, consumer.pid, 600, profile)
         window = CpuWindow([consumer.watched(), self.broker, *extra])
         points: list[tuple[float, float]] = []
-        first: tuple[float, float] | None = None
         deadline = time.monotonic() + max(120.0, expected / 1000)
         handled = 0.0
         note = ""
         while True:
             with contextlib.suppress(aiohttp.ClientError, OSError):
                 handled = await self._metric(consumer, _HANDLED) or 0.0
-                now = time.time()
-                points.append((now, handled))
-                if first is None and handled > 0:
-                    first = (now, handled)
+                points.append((time.time(), handled))
             if handled >= expected:
                 break
             if time.monotonic() > deadline:
@@ -383,6 +345,7 @@ class Bench(LargeReports):
             await asyncio.to_thread(spy.stop, 30.0, signal.SIGINT)
         rows = await count_rows()
         await self._stop(consumer)
+        first = next(((t, v) for t, v in points if v > 0), None)  # the first records handled
         if first is None or last_commit <= first[0]:
             seconds = rate = math.nan
         else:
@@ -462,14 +425,10 @@ class Bench(LargeReports):
             KAFKA_BOOTSTRAP_SERVERS=f"{HOST}:{free_port()}",
             CALLSTREAM_KAFKA_ACK_DEADLINE_SECONDS="0.1",
         )
+        count = functools.partial(self._metric, service, SPOOLED)
         try:
             run = await self.closed_loop(
-                "spool",
-                "ingress, Kafka down",
-                service,
-                self.short,
-                functools.partial(self._metric, service, _SPOOLED),
-                [service.watched()],
+                "spool", "ingress, Kafka down", service, self.short, count, [service.watched()]
             )
         finally:
             await self._stop(service)
@@ -480,7 +439,7 @@ class Bench(LargeReports):
         else:
             self.results.spool_note = (
                 f"not measured: {good:,} reports accepted with Kafka unreachable but only "
-                f"{spooled:,} counted by {_SPOOLED}"
+                f"{spooled:,} counted by {SPOOLED}"
             )
 
     # -- drain --------------------------------------------------------------------------------
@@ -508,7 +467,7 @@ class Bench(LargeReports):
             first: tuple[float, float] | None = None  # (when, drained by then)
             while True:
                 drained = await self._metric(service, _DRAINED) or 0.0
-                left = await self._metric(service, _SPOOL_RECORDS)
+                left = await self._metric(service, SPOOL_RECORDS)
                 now = time.monotonic()
                 if first is None and drained > 0:
                     first = (now, drained)
@@ -547,14 +506,12 @@ class Bench(LargeReports):
         seconds = max(1, round(self.o.profile_seconds))
         self.say(f"profile: py-spy on the ingress for {seconds} s under wrk")
         script = self._wrk_script("profile", self.short, ingress.port)
-        await asyncio.to_thread(run_measured, self._wrk(script, ingress.port, 2, 32))
+        await self._wrk(script, ingress.port, 2, 32)
         collapsed = Path(f"{self.out_prefix}-ingress.collapsed")
         collapsed.parent.mkdir(parents=True, exist_ok=True)
         spy = py_spy_record(py_spy, ingress.pid, seconds + 1, collapsed)
         try:
-            run = await asyncio.to_thread(
-                run_measured, self._wrk(script, ingress.port, seconds, self.o.connections)
-            )
+            run = await self._wrk(script, ingress.port, seconds, self.o.connections)
         finally:
             await asyncio.to_thread(spy.stop, seconds + 30, signal.SIGINT)
         await self._stop(ingress)

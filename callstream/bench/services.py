@@ -62,8 +62,6 @@ class Service(ChildProcess):
 
 @dataclass(frozen=True, slots=True)
 class Measured:
-    """A load generator run to completion: its output and what it cost."""
-
     output: str
     cpu_seconds: float
     peak_rss_kib: int
@@ -121,28 +119,24 @@ class CpuWindow:
     def usage(
         self, reports: int, generators: Sequence[tuple[str, Measured]] = ()
     ) -> list[ProcessUsage]:
-        out: list[ProcessUsage] = []
-        ours = self._bench_delta
-        for w in self._watched:
-            cpu = self._after[w.name] - self._before[w.name]
-            ours += cpu
-            out.append(_usage(w.name, cpu, reports, self._peak_rss[w.name]))
-        for name, run in generators:
-            ours += run.cpu_seconds
-            out.append(_usage(name, run.cpu_seconds, reports, run.peak_rss_kib))
+        # (name, CPU seconds, peak RSS KiB): the watched processes, then the load generators.
+        measured = [
+            (w.name, self._after[w.name] - self._before[w.name], self._peak_rss[w.name])
+            for w in self._watched
+        ] + [(name, run.cpu_seconds, run.peak_rss_kib) for name, run in generators]
+        out = [
+            ProcessUsage(
+                name,
+                round(cpu, 3),
+                round(cpu * 1000 / reports, 3) if reports else None,
+                round(rss_kib / 1024, 1) if rss_kib is not None else None,
+            )
+            for name, cpu, rss_kib in measured
+        ]
         # Load generators run inside the window, so their CPU is in the machine's total too.
-        others = max(0.0, self._busy_delta - ours)
-        out.append(ProcessUsage(OTHERS, round(others, 2), None, None))
+        ours = sum((cpu for _, cpu, _ in measured), self._bench_delta)
+        out.append(ProcessUsage(OTHERS, round(max(0.0, self._busy_delta - ours), 2), None, None))
         return out
-
-
-def _usage(name: str, cpu: float, reports: int, rss_kib: int | None) -> ProcessUsage:
-    return ProcessUsage(
-        name,
-        round(cpu, 3),
-        round(cpu * 1000 / reports, 3) if reports else None,
-        round(rss_kib / 1024, 1) if rss_kib is not None else None,
-    )
 
 
 class Sampler:
@@ -202,20 +196,14 @@ def wrk_summary(run: Measured) -> dict[str, Any]:
 
 
 def stored_times(db: Path) -> dict[str, float]:
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
         rows = conn.execute("SELECT call_id, stored_at FROM call_reports").fetchall()
-    finally:
-        conn.close()
     return {call_id: datetime.fromisoformat(stamp).timestamp() for call_id, stamp in rows}
 
 
 def sqlite_count(db: Path) -> int:
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
         return int(conn.execute("SELECT count(*) FROM call_reports").fetchone()[0])
-    finally:
-        conn.close()
 
 
 async def postgres_count(dsn: str) -> int:

@@ -62,7 +62,6 @@ def deliveries(decoder: Decoder, values: Sequence[bytes], first: int) -> list[De
 
 
 def _per_record(work: Callable[[], object], count: int) -> float:
-    """Main-thread µs per record, best of 15."""
     return min(timeit.repeat(work, number=1, repeat=15, timer=time.thread_time)) / count * 1e6
 
 
