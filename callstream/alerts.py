@@ -18,6 +18,7 @@ from typing import Any
 
 import orjson
 
+from callstream.clihelp import table
 from callstream.replayplan import parse_time
 from consumers.alerting import AlertingSettings, load_rule_file
 from consumers.alerting.redelivery import Redelivery, RetryResult, UnknownDeadLetter, failed
@@ -128,10 +129,8 @@ def _row(record: AlertRecord) -> list[str]:
 
 def _print_table(rows: Sequence[list[str]]) -> None:
     header = ["UPDATED", "STATUS", "DEAD", "RULE", "CHANNEL", "CALL", "ATTEMPTS", "ERROR"]
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header) - 1)]
-    for row in [header, *rows]:
-        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
-        print("  ".join([*cells, row[-1]]).rstrip())
+    for line in table([header, *rows]):
+        print(line)
 
 
 # -- retry --------------------------------------------------------------------------------

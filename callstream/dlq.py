@@ -29,6 +29,7 @@ from typing import Any, TextIO
 import orjson
 from aiokafka.errors import KafkaError
 
+from callstream.clihelp import table
 from callstream.consumerstatus import KafkaInspector, TopicMissingError
 from callstream.progress import track
 from callstream.replay import EXIT_FAILED, EXIT_OK
@@ -169,11 +170,7 @@ def _table(letters: list[DeadLetter], redriven: Callable[[DeadLetter], bool]) ->
         (name, kind, str(n), str(waiting[(name, kind)]), _iso(newest[(name, kind)]))
         for (name, kind), n in sorted(counts.items())
     ]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() + "\n"
-        for row in rows
-    )
+    return "".join(line + "\n" for line in table(rows))
 
 
 async def redrive_command(

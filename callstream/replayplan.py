@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from callstream.clihelp import table
 from callstream.consumerstatus import KafkaInspector
 from callstream.erase import parse_age
 
@@ -165,10 +166,7 @@ def render_plan(plan: ReplayPlan, *, bounded: bool) -> str:
                 _note(p, bounded=bounded),
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(6)]
-    for row in rows:
-        cells = [cell.rjust(width) for cell, width in zip(row[:6], widths, strict=True)]
-        lines.append("  ".join([*cells, row[6]]).rstrip())
+    lines += table(rows, right=range(6))
     lines.append(f"total: {plan.total} records")
     return "\n".join(lines) + "\n"
 
