@@ -32,7 +32,7 @@ from aiokafka.errors import KafkaError
 from callstream.clihelp import table
 from callstream.consumerstatus import KafkaInspector, TopicMissingError
 from callstream.progress import track
-from callstream.replay import EXIT_FAILED, EXIT_OK
+from callstream.replay import EXIT_FAILED, EXIT_OK, PUBLISH_WINDOW, all_acked
 from consumers.contract import REDRIVE_HEADER
 from core.kafkasettings import KafkaSettings
 from core.offsets import commit_group_offsets
@@ -40,7 +40,6 @@ from core.producer import durable_producer
 from core.topicreader import RawRecord, read_range
 
 _DLQ_HEADER_PREFIX = "dlq."
-_PUBLISH_WINDOW = 1000  # records in flight before waiting for their acks
 _UNKNOWN = "unknown"
 
 
@@ -261,12 +260,9 @@ async def _send_back(
                 )
             )
             sent[letter.origin_topic] += 1
-            if len(pending) >= _PUBLISH_WINDOW:
-                await asyncio.gather(*pending)
-                acked(len(pending))
-                pending.clear()
-        await asyncio.gather(*pending)
-        acked(len(pending))
+            if len(pending) >= PUBLISH_WINDOW:
+                acked(await all_acked(pending))
+        acked(await all_acked(pending))
     finally:
         await producer.stop()
     return sent

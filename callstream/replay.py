@@ -62,7 +62,7 @@ EXIT_REFUSED = 2  # like argparse: the command was not run as asked, nothing cha
 # A restore right after the Runner left can meet the group between "last member gone" and
 # "Empty"; the broker refuses outside commits until then.
 _RESTORE_ATTEMPTS = 30
-_PUBLISH_WINDOW = 1000  # records in flight before waiting for their acks
+PUBLISH_WINDOW = 1000  # records in flight before waiting for their acks
 
 
 # -- replaying through a consumer's group ----------------------------------------------------
@@ -441,10 +441,10 @@ async def republish_from_storage(
                     headers=record_headers(record, decoded),
                 )
             )
-            if len(pending) >= _PUBLISH_WINDOW:
-                published += await _acked(pending)
+            if len(pending) >= PUBLISH_WINDOW:
+                published += await all_acked(pending)
                 progress.update(published)
-        published += await _acked(pending)
+        published += await all_acked(pending)
     except KafkaError as exc:
         err.write(f"publishing to {topic} failed after {published} record(s): {exc}\n")
         return EXIT_FAILED
@@ -459,7 +459,7 @@ async def republish_from_storage(
     return EXIT_OK if published == total else EXIT_FAILED
 
 
-async def _acked(pending: list[asyncio.Future[Any]]) -> int:
+async def all_acked(pending: list[asyncio.Future[Any]]) -> int:
     """Wait for every send in flight; raises the first failure."""
     count = len(pending)
     await asyncio.gather(*pending)
@@ -512,7 +512,21 @@ async def replay_command(
         loop.add_signal_handler(sig, stop.set)
     try:
         if request.from_storage:
-            return await _from_storage(env, kafka, since, until, request.dry_run, out, err, stop)
+            async with (
+                open_backend(StorageSettings.from_env(env)) as backend,
+                aiohttp.ClientSession() as session,
+            ):
+                return await republish_from_storage(
+                    kafka,
+                    backend,
+                    since,
+                    until,
+                    out=out,
+                    err=err,
+                    dry_run=request.dry_run,
+                    stop=stop,
+                    decoder=Decoder(default_store(), registry_client(kafka, session)),
+                )
         assert request.consumer is not None
         return await replay_consumer(
             kafka,
@@ -533,27 +547,3 @@ async def replay_command(
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
-
-
-async def _from_storage(
-    env: Mapping[str, str],
-    kafka: KafkaSettings,
-    since: datetime,
-    until: datetime | None,
-    dry_run: bool,
-    out: TextIO,
-    err: TextIO,
-    stop: asyncio.Event,
-) -> int:
-    async with open_backend(StorageSettings.from_env(env)) as backend, aiohttp.ClientSession() as s:
-        return await republish_from_storage(
-            kafka,
-            backend,
-            since,
-            until,
-            out=out,
-            err=err,
-            dry_run=dry_run,
-            stop=stop,
-            decoder=Decoder(default_store(), registry_client(kafka, s)),
-        )
