@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -177,8 +178,6 @@ def _result_line(result: RetryResult) -> str:
 def _summary(results: Sequence[RetryResult], *, dry_run: bool) -> str:
     if not results:
         return "nothing to retry"
-    counts: dict[str, int] = {}
-    for result in results:
-        counts[result.outcome] = counts.get(result.outcome, 0) + 1
+    counts = Counter(result.outcome for result in results)
     told = ", ".join(f"{count} {outcome}" for outcome, count in counts.items())
     return f"dry run, nothing sent: {told}" if dry_run else told

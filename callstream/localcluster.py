@@ -217,11 +217,8 @@ class LocalCluster:
 
     def _node(self, layout: Layout, number: int) -> LocalKafka:
         i = number - 1
-        internal, client, controller = (
-            layout.internal_ports[i],
-            layout.client_ports[i],
-            layout.controller_ports[i],
-        )
+        internal, client = layout.internal_ports[i], layout.client_ports[i]
+        controller = layout.controller_ports[i]
         home = self.home / f"node-{number}"
         self._seed_state(home, layout, number)
         voters = ",".join(

@@ -184,10 +184,7 @@ def renormalise(
     if body is None:
         raise InvalidReport("", "the kept body is cut short or cannot be decoded")
     payload = jsonvalue.parse(body, max_depth=limits.max_json_depth)
-    result: Normalised = normaliser(
-        payload, received_at_ms=entry.received_at_ms, request_id=entry.request_id
-    )
-    return result
+    return normaliser(payload, received_at_ms=entry.received_at_ms, request_id=entry.request_id)
 
 
 async def reprocess(
