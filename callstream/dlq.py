@@ -243,9 +243,7 @@ async def _send_back(
     """Every dead letter of `consumer` in [start, end) onto its topic; all acknowledged
     (`acked` hears how many more each time)."""
     sent = Counter[str]()
-    producer = durable_producer(kafka, "callstream-dlq-redrive", linger_ms=5)
-    await producer.start()
-    try:
+    async with durable_producer(kafka, "callstream-dlq-redrive", linger_ms=5) as producer:
         pending: list[asyncio.Future[Any]] = []
         async for record in read_range(kafka, kafka.dlq_topic, start, end):
             letter = DeadLetter.of(record, kafka.topic)
@@ -263,8 +261,6 @@ async def _send_back(
             if len(pending) >= PUBLISH_WINDOW:
                 acked(await all_acked(pending))
         acked(await all_acked(pending))
-    finally:
-        await producer.stop()
     return sent
 
 
