@@ -30,19 +30,17 @@ class _CommandError(Exception):
     """One line for the operator; exit code 2."""
 
 
-def parse_since(text: str, *, now: datetime | None = None) -> datetime:
+def _since(args: argparse.Namespace) -> datetime | None:
     """An ISO time (UTC unless a zone is given) or an age back from now: `-2h`, `-7d`."""
+    if args.since is None:
+        return None
     try:
-        return parse_time(text, now=now)
+        return parse_time(args.since)
     except ValueError:
         raise _CommandError(
-            f"--since {text!r}: give an ISO time (2026-12-01T09:00Z) or an age back from now"
+            f"--since {args.since!r}: give an ISO time (2026-12-01T09:00Z) or an age back from now"
             " (-90m, -2h, -7d)"
         ) from None
-
-
-def _since(args: argparse.Namespace) -> datetime | None:
-    return None if args.since is None else parse_since(args.since)
 
 
 def _existing_state(settings: AlertingSettings) -> None:
