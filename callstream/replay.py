@@ -36,7 +36,7 @@ from prometheus_client import CollectorRegistry
 from callstream import progress as display
 from callstream.consumerstatus import KafkaInspector, TopicMissingError
 from callstream.replayoffsets import SavedOffsets, default_path, restore_command, save
-from callstream.replayplan import ReplayPlan, parse_time, plan_replay, render_plan
+from callstream.replayplan import ReplayPlan, parse_time, plan_replay, render_plan, time_range
 from consumers.catalog import registered
 from consumers.contract import Consumer, Delivery
 from consumers.runner import Runner, RunnerSettings
@@ -130,7 +130,6 @@ async def replay_consumer(
     if found is None:
         err.write(f"no consumer named {consumer!r}; registered: {', '.join(sorted(known))}\n")
         return EXIT_REFUSED
-    spec = found.spec
     if until is not None and until <= since:
         err.write("--to must be later than --from\n")
         return EXIT_REFUSED
@@ -165,7 +164,7 @@ async def replay_consumer(
             kafka,
             inspector,
             plan,
-            spec.build(env, registry),
+            found.spec.build(env, registry),
             settings,
             registry,
             out=out,
@@ -328,11 +327,8 @@ async def _restore(
     for attempt in range(_RESTORE_ATTEMPTS):
         group = await inspector.group(plan.group_id)
         if not group.active:
-            try:
+            with contextlib.suppress(CommitFailedError):
                 await commit_group_offsets(kafka, plan.group_id, plan.topic, offsets)
-            except CommitFailedError:
-                pass
-            else:
                 return True
         if attempt + 1 < _RESTORE_ATTEMPTS:
             await asyncio.sleep(0.5)
@@ -392,14 +388,11 @@ async def republish_from_storage(
         err.write("--to must be later than --from\n")
         return EXIT_REFUSED
     topic = topic or kafka.topic
-    window = f"from {since.isoformat()}" + (
-        f" to {until.isoformat()}" if until is not None else " to the end"
-    )
     # Counting first costs one more read of the range, and buys a real total and ETA.
     total = 0
     async for _ in records.iter_records(since, until):
         total += 1
-    out.write(f"{total} stored report(s) with event times {window}\n")
+    out.write(f"{total} stored report(s) with event times {time_range(since, until)}\n")
     if dry_run:
         out.write(f"dry run: nothing published to {topic}\n")
         return EXIT_OK

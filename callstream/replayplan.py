@@ -140,13 +140,14 @@ async def plan_replay(
     return ReplayPlan(consumer, group_id, topic, since, until, tuple(plans))
 
 
+def time_range(since: datetime, until: datetime | None) -> str:
+    return f"from {since.isoformat()} to " + ("the end" if until is None else until.isoformat())
+
+
 def render_plan(plan: ReplayPlan, *, bounded: bool) -> str:
-    window = f"from {plan.since.isoformat()}" + (
-        f" to {plan.until.isoformat()}" if plan.until is not None else " to the end"
-    )
     lines = [
         f"consumer {plan.consumer}, group {plan.group_id}, topic {plan.topic}",
-        f"records with Kafka timestamps {window}",
+        f"records with Kafka timestamps {time_range(plan.since, plan.until)}",
     ]
     rows = [("partition", "from-offset", "to-offset", "records", "committed", "after", "note")]
     for p in plan.partitions:
