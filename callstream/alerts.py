@@ -12,12 +12,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
 import orjson
 
+from callstream.clihelp import table
 from callstream.replayplan import parse_time
 from consumers.alerting import AlertingSettings, load_rule_file
 from consumers.alerting.redelivery import Redelivery, RetryResult, UnknownDeadLetter, failed
@@ -28,19 +30,17 @@ class _CommandError(Exception):
     """One line for the operator; exit code 2."""
 
 
-def parse_since(text: str, *, now: datetime | None = None) -> datetime:
+def _since(args: argparse.Namespace) -> datetime | None:
     """An ISO time (UTC unless a zone is given) or an age back from now: `-2h`, `-7d`."""
+    if args.since is None:
+        return None
     try:
-        return parse_time(text, now=now)
+        return parse_time(args.since)
     except ValueError:
         raise _CommandError(
-            f"--since {text!r}: give an ISO time (2026-12-01T09:00Z) or an age back from now"
+            f"--since {args.since!r}: give an ISO time (2026-12-01T09:00Z) or an age back from now"
             " (-90m, -2h, -7d)"
         ) from None
-
-
-def _since(args: argparse.Namespace) -> datetime | None:
-    return None if args.since is None else parse_since(args.since)
 
 
 def _existing_state(settings: AlertingSettings) -> None:
@@ -128,10 +128,8 @@ def _row(record: AlertRecord) -> list[str]:
 
 def _print_table(rows: Sequence[list[str]]) -> None:
     header = ["UPDATED", "STATUS", "DEAD", "RULE", "CHANNEL", "CALL", "ATTEMPTS", "ERROR"]
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header) - 1)]
-    for row in [header, *rows]:
-        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
-        print("  ".join([*cells, row[-1]]).rstrip())
+    for line in table([header, *rows]):
+        print(line)
 
 
 # -- retry --------------------------------------------------------------------------------
@@ -178,8 +176,6 @@ def _result_line(result: RetryResult) -> str:
 def _summary(results: Sequence[RetryResult], *, dry_run: bool) -> str:
     if not results:
         return "nothing to retry"
-    counts: dict[str, int] = {}
-    for result in results:
-        counts[result.outcome] = counts.get(result.outcome, 0) + 1
+    counts = Counter(result.outcome for result in results)
     told = ", ".join(f"{count} {outcome}" for outcome, count in counts.items())
     return f"dry run, nothing sent: {told}" if dry_run else told

@@ -521,8 +521,7 @@ def _cmd_consumers(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 def _cmd_trace(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     if args.lookback < 1:
-        print("callstream trace: --lookback must be at least 1", file=sys.stderr)
-        return 2
+        return _fail(args, "--lookback must be at least 1")
     kafka = kafka_settings(env, start_local=False)
     return _run_async(
         trace_command(
@@ -649,8 +648,7 @@ def _cmd_purge(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     try:
         age = parse_age(args.older_than)
     except ValueError as exc:
-        print(f"callstream purge: --older-than: {exc}", file=sys.stderr)
-        return 2
+        return _fail(args, f"--older-than: {exc}")
     try:
         outcome = _run_async(purge(StorageSettings.from_env(env), age))
     except (RetryableError, PermanentError) as exc:

@@ -30,6 +30,7 @@ from aiokafka.errors import (
     for_code,
 )
 
+from callstream.clihelp import table
 from consumers.catalog import BUILT_IN, registered
 from core.kafkasettings import KafkaSettings
 
@@ -275,15 +276,7 @@ def render_table(statuses: Iterable[ConsumerStatus]) -> str:
         (s.name, s.group.group_id, s.group.state, str(s.group.members), str(s.lag), s.origin)
         for s in statuses
     ]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = []
-    for row in rows:
-        cells = [
-            cell.rjust(width) if i in (3, 4) else cell.ljust(width)
-            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
-        ]
-        lines.append("  ".join(cells).rstrip())
-    return "\n".join(lines) + "\n"
+    return "\n".join(table(rows, right=(3, 4))) + "\n"
 
 
 def render_json(statuses: Iterable[ConsumerStatus]) -> str:

@@ -29,9 +29,10 @@ from typing import Any, TextIO
 import orjson
 from aiokafka.errors import KafkaError
 
+from callstream.clihelp import table
 from callstream.consumerstatus import KafkaInspector, TopicMissingError
 from callstream.progress import track
-from callstream.replay import EXIT_FAILED, EXIT_OK
+from callstream.replay import EXIT_FAILED, EXIT_OK, PUBLISH_WINDOW, all_acked
 from consumers.contract import REDRIVE_HEADER
 from core.kafkasettings import KafkaSettings
 from core.offsets import commit_group_offsets
@@ -39,7 +40,6 @@ from core.producer import durable_producer
 from core.topicreader import RawRecord, read_range
 
 _DLQ_HEADER_PREFIX = "dlq."
-_PUBLISH_WINDOW = 1000  # records in flight before waiting for their acks
 _UNKNOWN = "unknown"
 
 
@@ -169,11 +169,7 @@ def _table(letters: list[DeadLetter], redriven: Callable[[DeadLetter], bool]) ->
         (name, kind, str(n), str(waiting[(name, kind)]), _iso(newest[(name, kind)]))
         for (name, kind), n in sorted(counts.items())
     ]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() + "\n"
-        for row in rows
-    )
+    return "".join(line + "\n" for line in table(rows))
 
 
 async def redrive_command(
@@ -247,9 +243,7 @@ async def _send_back(
     """Every dead letter of `consumer` in [start, end) onto its topic; all acknowledged
     (`acked` hears how many more each time)."""
     sent = Counter[str]()
-    producer = durable_producer(kafka, "callstream-dlq-redrive", linger_ms=5)
-    await producer.start()
-    try:
+    async with durable_producer(kafka, "callstream-dlq-redrive", linger_ms=5) as producer:
         pending: list[asyncio.Future[Any]] = []
         async for record in read_range(kafka, kafka.dlq_topic, start, end):
             letter = DeadLetter.of(record, kafka.topic)
@@ -264,14 +258,9 @@ async def _send_back(
                 )
             )
             sent[letter.origin_topic] += 1
-            if len(pending) >= _PUBLISH_WINDOW:
-                await asyncio.gather(*pending)
-                acked(len(pending))
-                pending.clear()
-        await asyncio.gather(*pending)
-        acked(len(pending))
-    finally:
-        await producer.stop()
+            if len(pending) >= PUBLISH_WINDOW:
+                acked(await all_acked(pending))
+        acked(await all_acked(pending))
     return sent
 
 

@@ -56,8 +56,7 @@ async def erase(
     if phone is None and call_id is None:
         raise ValueError("say whose reports to erase: --phone NUMBER, --call ID, or both")
     kind: ErasureKind = "phone+call" if phone and call_id else "phone" if phone else "call"
-    backend = open_backend(settings)
-    async with backend:
+    async with open_backend(settings) as backend:
         erasures = erasure_log(settings)
         async with erasures.fenced():
             entry = await erasures.begin(
@@ -80,8 +79,7 @@ async def erase(
 
 async def purge(settings: StorageSettings, older_than: timedelta) -> Outcome:
     """Delete the calls whose event time is more than `older_than` ago, recording it."""
-    backend = open_backend(settings)
-    async with backend:
+    async with open_backend(settings) as backend:
         erasures = erasure_log(settings)
         entry = await erasures.begin(
             "retention", older_than_seconds=int(older_than.total_seconds())

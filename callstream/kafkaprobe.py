@@ -46,11 +46,8 @@ def broker_ready(port: int, cluster_id: str, node_id: int, timeout: float) -> bo
             sock.sendall(struct.pack(">i", len(body)) + body)
             (size,) = struct.unpack(">i", _recv_exact(sock, 4))
             resp = _recv_exact(sock, size)
-    except (OSError, struct.error, EOFError):
-        return False
-    try:
         return _metadata_lists_broker(resp, correlation_id, cluster_id, node_id, port)
-    except (struct.error, IndexError, UnicodeDecodeError):
+    except (OSError, struct.error, EOFError, IndexError, UnicodeDecodeError):
         return False
 
 

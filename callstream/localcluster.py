@@ -75,6 +75,8 @@ class LocalCluster:
         if brokers < 1:
             raise LocalKafkaError("a cluster needs at least one broker")
         self.home = Path(home).absolute()
+        self.state_file = self.home / "cluster.json"
+        self.tls_dir = self.home / "tls"
         self._wanted = (brokers, security)
 
     @classmethod
@@ -82,14 +84,6 @@ class LocalCluster:
         """The cluster laid out in `home` before, whatever its size and security."""
         layout = Layout(**json.loads((home / "cluster.json").read_text()))
         return cls(home, layout.brokers, layout.security)
-
-    @property
-    def state_file(self) -> Path:
-        return self.home / "cluster.json"
-
-    @property
-    def tls_dir(self) -> Path:
-        return self.home / "tls"
 
     def layout(self) -> Layout:
         """The cluster's layout, made on first use and kept: clients remember its ports."""
@@ -217,11 +211,8 @@ class LocalCluster:
 
     def _node(self, layout: Layout, number: int) -> LocalKafka:
         i = number - 1
-        internal, client, controller = (
-            layout.internal_ports[i],
-            layout.client_ports[i],
-            layout.controller_ports[i],
-        )
+        internal, client = layout.internal_ports[i], layout.client_ports[i]
+        controller = layout.controller_ports[i]
         home = self.home / f"node-{number}"
         self._seed_state(home, layout, number)
         voters = ",".join(

@@ -110,36 +110,18 @@ class LocalKafka(StartStop):
         format_args: Sequence[str] = (),
     ) -> None:
         self.home = Path(home).absolute()
+        self.data_dir = self.home / "data"
+        self.log_dir = self.home / "logs"
+        self.pid_file = self.home / "broker.pid"
+        self.state_file = self.home / "broker.json"
+        self.config_file = self.home / "server.properties"
+        self.log_file = self.log_dir / "server.log"
         self.version = version
         self.node_id = node_id
         self._port = port
         self._controller_port = controller_port
         self._extra_config = dict(extra_config or {})
         self._format_args = tuple(format_args)
-
-    @property
-    def data_dir(self) -> Path:
-        return self.home / "data"
-
-    @property
-    def log_dir(self) -> Path:
-        return self.home / "logs"
-
-    @property
-    def pid_file(self) -> Path:
-        return self.home / "broker.pid"
-
-    @property
-    def state_file(self) -> Path:
-        return self.home / "broker.json"
-
-    @property
-    def config_file(self) -> Path:
-        return self.home / "server.properties"
-
-    @property
-    def log_file(self) -> Path:
-        return self.log_dir / "server.log"
 
     @property
     def bootstrap(self) -> str:

@@ -184,10 +184,7 @@ def renormalise(
     if body is None:
         raise InvalidReport("", "the kept body is cut short or cannot be decoded")
     payload = jsonvalue.parse(body, max_depth=limits.max_json_depth)
-    result: Normalised = normaliser(
-        payload, received_at_ms=entry.received_at_ms, request_id=entry.request_id
-    )
-    return result
+    return normaliser(payload, received_at_ms=entry.received_at_ms, request_id=entry.request_id)
 
 
 async def reprocess(
@@ -239,16 +236,12 @@ async def _publish(
         encoders = await encoders_for(kafka, default_store(), session)
     marker = encoders[REJECTED_REQUEST]
     done: list[str] = []
-    producer = durable_producer(kafka, "callstream-rejected-reprocess", linger_ms=5)
-    await producer.start()
-    try:
+    async with durable_producer(kafka, "callstream-rejected-reprocess", linger_ms=5) as producer:
         with track("reprocess", len(ready), unit="reports") as bar:
             for entry, event in ready:
                 await _reprocess_one(producer, kafka, marker, encoders, entry, event)
                 done.append(entry.request_id)
                 bar.advance()
-    finally:
-        await producer.stop()
     return done
 
 
@@ -320,13 +313,9 @@ async def erase_matching(kafka: KafkaSettings, *, phone: str | None, call_id: st
     matching = [e.request_id for e in (await load(kafka)).values() if mentions(e, wanted)]
     if not matching:
         return 0
-    producer = durable_producer(kafka, "callstream-erase", linger_ms=5)
-    await producer.start()
-    try:
+    async with durable_producer(kafka, "callstream-erase", linger_ms=5) as producer:
         for request_id in matching:
             await producer.send_and_wait(kafka.rejected_topic, None, key=request_id.encode())
-    finally:
-        await producer.stop()
     return len(matching)
 
 

@@ -36,7 +36,7 @@ from prometheus_client import CollectorRegistry
 from callstream import progress as display
 from callstream.consumerstatus import KafkaInspector, TopicMissingError
 from callstream.replayoffsets import SavedOffsets, default_path, restore_command, save
-from callstream.replayplan import ReplayPlan, parse_time, plan_replay, render_plan
+from callstream.replayplan import ReplayPlan, parse_time, plan_replay, render_plan, time_range
 from consumers.catalog import registered
 from consumers.contract import Consumer, Delivery
 from consumers.runner import Runner, RunnerSettings
@@ -62,7 +62,7 @@ EXIT_REFUSED = 2  # like argparse: the command was not run as asked, nothing cha
 # A restore right after the Runner left can meet the group between "last member gone" and
 # "Empty"; the broker refuses outside commits until then.
 _RESTORE_ATTEMPTS = 30
-_PUBLISH_WINDOW = 1000  # records in flight before waiting for their acks
+PUBLISH_WINDOW = 1000  # records in flight before waiting for their acks
 
 
 # -- replaying through a consumer's group ----------------------------------------------------
@@ -130,7 +130,6 @@ async def replay_consumer(
     if found is None:
         err.write(f"no consumer named {consumer!r}; registered: {', '.join(sorted(known))}\n")
         return EXIT_REFUSED
-    spec = found.spec
     if until is not None and until <= since:
         err.write("--to must be later than --from\n")
         return EXIT_REFUSED
@@ -165,7 +164,7 @@ async def replay_consumer(
             kafka,
             inspector,
             plan,
-            spec.build(env, registry),
+            found.spec.build(env, registry),
             settings,
             registry,
             out=out,
@@ -328,11 +327,8 @@ async def _restore(
     for attempt in range(_RESTORE_ATTEMPTS):
         group = await inspector.group(plan.group_id)
         if not group.active:
-            try:
+            with contextlib.suppress(CommitFailedError):
                 await commit_group_offsets(kafka, plan.group_id, plan.topic, offsets)
-            except CommitFailedError:
-                pass
-            else:
                 return True
         if attempt + 1 < _RESTORE_ATTEMPTS:
             await asyncio.sleep(0.5)
@@ -392,14 +388,11 @@ async def republish_from_storage(
         err.write("--to must be later than --from\n")
         return EXIT_REFUSED
     topic = topic or kafka.topic
-    window = f"from {since.isoformat()}" + (
-        f" to {until.isoformat()}" if until is not None else " to the end"
-    )
     # Counting first costs one more read of the range, and buys a real total and ETA.
     total = 0
     async for _ in records.iter_records(since, until):
         total += 1
-    out.write(f"{total} stored report(s) with event times {window}\n")
+    out.write(f"{total} stored report(s) with event times {time_range(since, until)}\n")
     if dry_run:
         out.write(f"dry run: nothing published to {topic}\n")
         return EXIT_OK
@@ -441,10 +434,10 @@ async def republish_from_storage(
                     headers=record_headers(record, decoded),
                 )
             )
-            if len(pending) >= _PUBLISH_WINDOW:
-                published += await _acked(pending)
+            if len(pending) >= PUBLISH_WINDOW:
+                published += await all_acked(pending)
                 progress.update(published)
-        published += await _acked(pending)
+        published += await all_acked(pending)
     except KafkaError as exc:
         err.write(f"publishing to {topic} failed after {published} record(s): {exc}\n")
         return EXIT_FAILED
@@ -459,7 +452,7 @@ async def republish_from_storage(
     return EXIT_OK if published == total else EXIT_FAILED
 
 
-async def _acked(pending: list[asyncio.Future[Any]]) -> int:
+async def all_acked(pending: list[asyncio.Future[Any]]) -> int:
     """Wait for every send in flight; raises the first failure."""
     count = len(pending)
     await asyncio.gather(*pending)
@@ -512,7 +505,21 @@ async def replay_command(
         loop.add_signal_handler(sig, stop.set)
     try:
         if request.from_storage:
-            return await _from_storage(env, kafka, since, until, request.dry_run, out, err, stop)
+            async with (
+                open_backend(StorageSettings.from_env(env)) as backend,
+                aiohttp.ClientSession() as session,
+            ):
+                return await republish_from_storage(
+                    kafka,
+                    backend,
+                    since,
+                    until,
+                    out=out,
+                    err=err,
+                    dry_run=request.dry_run,
+                    stop=stop,
+                    decoder=Decoder(default_store(), registry_client(kafka, session)),
+                )
         assert request.consumer is not None
         return await replay_consumer(
             kafka,
@@ -533,27 +540,3 @@ async def replay_command(
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
-
-
-async def _from_storage(
-    env: Mapping[str, str],
-    kafka: KafkaSettings,
-    since: datetime,
-    until: datetime | None,
-    dry_run: bool,
-    out: TextIO,
-    err: TextIO,
-    stop: asyncio.Event,
-) -> int:
-    async with open_backend(StorageSettings.from_env(env)) as backend, aiohttp.ClientSession() as s:
-        return await republish_from_storage(
-            kafka,
-            backend,
-            since,
-            until,
-            out=out,
-            err=err,
-            dry_run=dry_run,
-            stop=stop,
-            decoder=Decoder(default_store(), registry_client(kafka, s)),
-        )

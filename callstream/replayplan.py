@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from callstream.clihelp import table
 from callstream.consumerstatus import KafkaInspector
 from callstream.erase import parse_age
 
@@ -139,13 +140,14 @@ async def plan_replay(
     return ReplayPlan(consumer, group_id, topic, since, until, tuple(plans))
 
 
+def time_range(since: datetime, until: datetime | None) -> str:
+    return f"from {since.isoformat()} to " + ("the end" if until is None else until.isoformat())
+
+
 def render_plan(plan: ReplayPlan, *, bounded: bool) -> str:
-    window = f"from {plan.since.isoformat()}" + (
-        f" to {plan.until.isoformat()}" if plan.until is not None else " to the end"
-    )
     lines = [
         f"consumer {plan.consumer}, group {plan.group_id}, topic {plan.topic}",
-        f"records with Kafka timestamps {window}",
+        f"records with Kafka timestamps {time_range(plan.since, plan.until)}",
     ]
     rows = [("partition", "from-offset", "to-offset", "records", "committed", "after", "note")]
     for p in plan.partitions:
@@ -165,10 +167,7 @@ def render_plan(plan: ReplayPlan, *, bounded: bool) -> str:
                 _note(p, bounded=bounded),
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(6)]
-    for row in rows:
-        cells = [cell.rjust(width) for cell, width in zip(row[:6], widths, strict=True)]
-        lines.append("  ".join([*cells, row[6]]).rstrip())
+    lines += table(rows, right=range(6))
     lines.append(f"total: {plan.total} records")
     return "\n".join(lines) + "\n"
 

@@ -26,8 +26,7 @@ async def tail(
     out: TextIO,
 ) -> int:
     async with aiohttp.ClientSession() as session:
-        registry = registry_client(kafka, session)
-        decoder = Decoder(default_store(), registry)
+        decoder = Decoder(default_store(), registry_client(kafka, session))
         async for raw in read_topic(
             kafka,
             topic,

@@ -311,17 +311,10 @@ async def _storage(
 ) -> tuple[Json, Json, Json]:
     """The stored row, the status-update timeline and the erasures that cover the call."""
     settings = StorageSettings.from_env(env)
-    absent = (
-        None
-        if settings.database_url is not None
-        else _absent(
-            settings.sqlite_path,
-            "storage database",
-            "CALLSTREAM_SQLITE_PATH; CALLSTREAM_DATABASE_URL for PostgreSQL",
-        )
-    )
-    if absent is not None:
-        return absent, absent, absent
+    if settings.database_url is None:
+        where = "CALLSTREAM_SQLITE_PATH; CALLSTREAM_DATABASE_URL for PostgreSQL"
+        if (absent := _absent(settings.sqlite_path, "storage database", where)) is not None:
+            return absent, absent, absent
     connect = _reader(settings)
     backend = StorageBackend(connect())
     try:

@@ -73,49 +73,35 @@ def _storage(doc: Json) -> list[str]:
     ]
 
 
-def _timeline(doc: Json) -> list[str]:
-    section = doc["timeline"]
-    lines = ["status updates:"]
-    if (off := _unavailable(section)) is not None:
-        return [*lines, off]
-    for e in section["events"]:
-        error = f"  error {e['error']}" if e["error"] else ""
-        lines.append(f"  {e['event_time']}  {e['status']}{error}  stored {e['stored_at']}")
-    return lines if section["events"] else [*lines, "  none stored"]
+def _event(e: Json) -> str:
+    error = f"  error {e['error']}" if e["error"] else ""
+    return f"  {e['event_time']}  {e['status']}{error}  stored {e['stored_at']}"
 
 
-def _alerts(doc: Json) -> list[str]:
-    section = doc["alerts"]
-    lines = ["alerts:"]
-    if (off := _unavailable(section)) is not None:
-        return [*lines, off]
-    for a in section["alerts"]:
-        error = f"  {a['error']}" if a["error"] else ""
-        lines.append(
-            f"  {a['rule']} -> {a['channel']}: {a['status']} after {a['attempts']} attempt(s)"
-            f" ({a['updated_at']}){error}"
-        )
-    return lines if section["alerts"] else [*lines, "  none"]
+def _alert(a: Json) -> str:
+    error = f"  {a['error']}" if a["error"] else ""
+    return (
+        f"  {a['rule']} -> {a['channel']}: {a['status']} after {a['attempts']} attempt(s)"
+        f" ({a['updated_at']}){error}"
+    )
 
 
-def _dead_letters(doc: Json) -> list[str]:
-    lines = ["dead letters:"]
-    entries = doc["dead_letters"]["entries"]
-    for d in entries:
-        redriven = "re-driven" if d["redriven"] else "not re-driven"
-        lines.append(
-            f"  {d['consumer']} gave up {d['dead_lettered_at']} on {d['origin']['topic']}"
-            f"[{d['origin']['partition']}]@{d['origin']['offset']}: {d['error']} ({redriven})"
-        )
-    return lines if entries else [*lines, "  none"]
+def _dead_letter(d: Json) -> str:
+    redriven = "re-driven" if d["redriven"] else "not re-driven"
+    return (
+        f"  {d['consumer']} gave up {d['dead_lettered_at']} on {d['origin']['topic']}"
+        f"[{d['origin']['partition']}]@{d['origin']['offset']}: {d['error']} ({redriven})"
+    )
 
 
-def _entries(title: str, section: Json, line: Any) -> list[str]:
+def _entries(
+    title: str, section: Json, line: Any, key: str = "entries", none: str = "none"
+) -> list[str]:
     lines = [f"{title}:"]
     if (off := _unavailable(section)) is not None:
         return [*lines, off]
-    found = [line(entry) for entry in section.get("entries", [])]
-    return [*lines, *found] if found else [*lines, "  none"]
+    found = [line(entry) for entry in section.get(key, [])]
+    return [*lines, *found] if found else [*lines, f"  {none}"]
 
 
 def render_text(doc: Json) -> str:
@@ -131,7 +117,10 @@ def render_text(doc: Json) -> str:
         doc["spool"],
         lambda s: f"  {s['event_type']} request {s['request_id']} spooled {s['spooled_at']}",
     )
-    lines += _storage(doc) + _timeline(doc) + _alerts(doc) + _dead_letters(doc)
+    lines += _storage(doc)
+    lines += _entries("status updates", doc["timeline"], _event, "events", "none stored")
+    lines += _entries("alerts", doc["alerts"], _alert, "alerts")
+    lines += _entries("dead letters", doc["dead_letters"], _dead_letter)
     lines += _entries(
         "quarantine",
         doc["quarantine"],
