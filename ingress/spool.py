@@ -614,6 +614,9 @@ class Spool:
             count += 1
         if not self._pending:
             self._has_pending.clear()
+        # Counted as they leave the depth gauge, so no scrape sees records gone uncounted.
+        if self._metrics is not None:
+            self._metrics.drained.inc(count)
         self._refused_full = False
         cursor = Position(
             through.position.segment, through.position.offset + through.position.size, 0
@@ -624,8 +627,6 @@ class Spool:
             # The payloads are delivered either way; a stale cursor only means a restart
             # delivers them again.
             log.warning("spool: could not save drain progress (%s)", exc)
-        if self._metrics is not None:
-            self._metrics.drained.inc(count)
         await self._collect()
         if self.empty():
             self._roll_requested = True

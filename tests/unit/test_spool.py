@@ -11,18 +11,21 @@ import asyncio
 import contextlib
 import errno
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from core.kafkasettings import KafkaSettings
 from core.settings import SettingsError
 from ingress.publisher import OutgoingRecord, decode_record, encode_record
 from ingress.settings import IngressSettings
 from ingress.spool import Spool, SpoolFull, SpoolLocked, SpoolWriteFailed
-from ingress.spoolformat import HEADER_BYTES, read_pending, segment_name
+from ingress.spoolformat import HEADER_BYTES, Position, read_pending, segment_name
+from ingress.telemetry import SpoolMetrics
 from tests.support.disk import small_disk
 
 MiB = 1024 * 1024
@@ -435,3 +438,33 @@ async def test_read_pending_lists_what_is_owed_while_the_spool_is_open(tmp_path:
         assert all(p.spooled_at_ms > 0 for p in pending)
         assert _files(tmp_path) == before
     assert read_pending(tmp_path) == pending
+
+
+async def test_a_scrape_during_a_commit_sees_the_records_drained_not_lost(tmp_path: Path) -> None:
+    """The records gauge drops as a commit takes records off the spool; the drained counter must
+    rise at the same moment, not after the cursor is saved, or a scrape in between sees records
+    gone that were counted nowhere (the bench's drain phase stopped on exactly that)."""
+    registry = CollectorRegistry()
+    metrics = SpoolMetrics(registry)
+    saving, resume = threading.Event(), threading.Event()
+    async with opened(tmp_path, metrics=metrics) as spool:
+        metrics.watch(spool)
+        for payload in payloads(5):
+            await spool.append(payload)
+        items = await spool.read(100, 64 * MiB)
+        save_cursor = spool._write_cursor
+
+        def slow_save(cursor: Position) -> None:
+            saving.set()
+            resume.wait(10)
+            save_cursor(cursor)
+
+        spool._write_cursor = slow_save  # type: ignore[method-assign]
+        commit = asyncio.create_task(spool.commit(items[-1]))
+        try:
+            assert await asyncio.to_thread(saving.wait, 10)
+            assert registry.get_sample_value("callstream_ingress_spool_records") == 0
+            assert registry.get_sample_value("callstream_ingress_spool_drained_total") == 5
+        finally:
+            resume.set()
+            assert await commit == 5
