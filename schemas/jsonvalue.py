@@ -112,6 +112,8 @@ def _reject_constant(name: str) -> Any:
 def _parse_exact(body: bytes, pairs: Callable[[list[tuple[str, Any]]], Any] | None = None) -> Any:
     try:
         return json.loads(body, object_pairs_hook=pairs, parse_constant=_reject_constant)
+    except InvalidReport:
+        raise  # a ValueError too, but already in its own words
     except (ValueError, RecursionError) as exc:
         raise InvalidReport("", f"body is not valid JSON: {exc}") from exc
 

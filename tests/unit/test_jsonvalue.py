@@ -54,3 +54,15 @@ def test_a_key_repeated_in_any_object_is_refused(
     )
     with pytest.raises(InvalidReport, match="appears twice"):
         jsonvalue.parse(body, max_depth=64)
+
+
+@pytest.mark.parametrize(
+    ("body", "key"), [(b'{"a":1,"a":2}', "a"), (b'{"x":{"call":1, "call" :2},"y":1e300}', "call")]
+)
+def test_a_repeated_key_is_refused_in_its_own_words_not_as_invalid_json(
+    body: bytes, key: str
+) -> None:
+    with pytest.raises(InvalidReport) as refused:
+        jsonvalue.parse(body, max_depth=64)
+    assert refused.value.detail == f"the key {key!r} appears twice in one object"
+    assert str(refused.value) == f"/: the key {key!r} appears twice in one object"
