@@ -58,12 +58,13 @@ async def explain(bootstrap: str, security: KafkaSecurity, timeout: float = 5.0)
 
 async def _probe(host: str, port: int, security: KafkaSecurity, timeout: float) -> str | None:
     where = f"{host}:{port}"
+    # Outside the try: a CA or key file that cannot be loaded is its own error, not the
+    # server's (the handlers below would blame the protocol, or call the server unreachable).
+    # create_conn takes the client's own options under aiokafka's names.
+    kwargs = security.client_kwargs()
     try:
         async with asyncio.timeout(timeout):
-            # The client's own options: create_conn takes aiokafka's names for them too.
-            conn = await create_conn(
-                host, port, request_timeout_ms=int(timeout * 1000), **security.client_kwargs()
-            )
+            conn = await create_conn(host, port, request_timeout_ms=int(timeout * 1000), **kwargs)
     except SaslAuthenticationFailed:
         return (
             f"Kafka at {where} rejected the SASL credentials: check KAFKA_SASL_USERNAME and"

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from core.kafkadiagnosis import explain
 from core.kafkasecurity import KafkaSecurity
 from core.settings import SettingsError
 
@@ -68,3 +69,17 @@ def test_a_token_provider_that_is_not_one_is_refused(tmp_path: Path) -> None:
     security = KafkaSecurity.from_env(env)
     with pytest.raises(SettingsError, match="not an aiokafka AbstractTokenProvider"):
         security.client_kwargs()
+
+
+async def test_a_ca_file_that_holds_no_certificate_is_its_own_error_not_a_protocol_hint(
+    tmp_path: Path,
+) -> None:
+    """Building the client's TLS context fails before any connection: the diagnosis must let
+    that error through, not blame KAFKA_SECURITY_PROTOCOL (or call the server unreachable)."""
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not a certificate\n")
+    security = KafkaSecurity.from_env(
+        {"KAFKA_SECURITY_PROTOCOL": "ssl", "KAFKA_SSL_CAFILE": str(ca)}
+    )
+    with pytest.raises(ssl.SSLError):
+        await explain("127.0.0.1:1", security, timeout=2.0)
