@@ -466,8 +466,10 @@ class Bench(LargeReports):
         try:
             first: tuple[float, float] | None = None  # (when, drained by then)
             while True:
-                drained = await self._metric(service, _DRAINED) or 0.0
+                # What is left first: a record leaves the spool no earlier than it is counted
+                # drained, so a later read of the count holds every record already gone.
                 left = await self._metric(service, SPOOL_RECORDS)
+                drained = await self._metric(service, _DRAINED) or 0.0
                 now = time.monotonic()
                 if first is None and drained > 0:
                     first = (now, drained)
