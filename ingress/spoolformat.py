@@ -113,7 +113,8 @@ def scan_frames(data: bytes | memoryview, start: int = HEADER_BYTES) -> tuple[li
     while offset + FRAME.size <= len(view):
         length, crc = FRAME.unpack_from(view, offset)
         end = offset + FRAME.size + length
-        if not SPOOLED_AT.size <= length <= MAX_PAYLOAD_BYTES + SPOOLED_AT.size or end > len(view):
+        sane = SPOOLED_AT.size <= length <= MAX_PAYLOAD_BYTES + SPOOLED_AT.size
+        if not sane or end > len(view):
             break
         body = view[offset + FRAME.size : end]
         if zlib.crc32(body) != crc:

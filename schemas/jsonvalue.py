@@ -126,7 +126,8 @@ def check_bounds(value: Any, max_depth: int) -> None:
         if isinstance(node, dict | list):
             if depth >= max_depth:
                 raise InvalidReport(pointer, f"nesting deeper than {max_depth} levels")
-            for key, child in node.items() if isinstance(node, dict) else enumerate(node):
+            entries = node.items() if isinstance(node, dict) else enumerate(node)
+            for key, child in entries:
                 if isinstance(child, dict | list | int) and not isinstance(child, bool):
                     stack.append((child, f"{pointer}/{escape(str(key))}", depth + 1))
         elif (
