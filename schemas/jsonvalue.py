@@ -58,16 +58,35 @@ def _may_repeat_a_key(body: bytes, parsed_keys: int) -> bool:
     return body.count(b'":') != parsed_keys or _SPACE_BEFORE_COLON.search(body) is not None
 
 
+class _Repeated(dict[str, Any]):
+    """Stands in the parsed tree for an object that holds `key` twice: the parser's hook
+    sees an object's pairs but not where the object is, so the walk after it says where."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__()
+        self.key = key
+
+
 def _refuse_repeated_keys(body: bytes) -> None:
     def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
         seen: dict[str, Any] = {}
         for key, item in items:
             if key in seen:
-                raise InvalidReport("", f"the key {key!r} appears twice in one object")
+                return _Repeated(key)
             seen[key] = item
         return seen
 
-    _parse_exact(body, pairs)
+    # Depth first, children in document order: the first repeat in the text is named.
+    stack: list[tuple[Any, str]] = [(_parse_exact(body, pairs), "")]
+    while stack:
+        node, pointer = stack.pop()
+        if isinstance(node, _Repeated):
+            where = f"{pointer}/{escape(node.key)}"
+            raise InvalidReport(where, f"the key {node.key!r} appears twice in one object")
+        if isinstance(node, dict | list):
+            entries = node.items() if isinstance(node, dict) else enumerate(node)
+            children = [(child, f"{pointer}/{escape(str(key))}") for key, child in entries]
+            stack.extend(reversed(children))
 
 
 def _scan(value: Any, max_depth: int) -> tuple[int, int]:

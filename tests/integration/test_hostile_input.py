@@ -458,24 +458,32 @@ def _report_with(tail: bytes) -> bytes:
 
 
 @pytest.mark.parametrize(
-    ("name", "body", "key"),
+    ("name", "body", "pointer"),
     [
-        ("callId twice", _report_with(b'"callId":"the-other-call"'), "callId"),
+        ("callId twice", _report_with(b'"callId":"the-other-call"'), "/callId"),
         (
-            "nested, inside analysis",
-            _report_with(b'"analysis":{"summary":"a","structuredData":{"x":1,"x":2}}'),
-            "x",
+            "nested, in an unknown object",
+            _report_with(b'"notes":{"summary":"a","structuredData":{"x":1,"x":2}}'),
+            "/notes/structuredData/x",
         ),
-        ("white space before the colon", _report_with(b'"callId" :"the-other-call"'), "callId"),
+        (
+            # The report's own `analysis` again: the outer repeat is the first in the text.
+            "analysis twice",
+            _report_with(b'"analysis":{"summary":"a","structuredData":{"x":1,"x":2}}'),
+            "/analysis",
+        ),
+        ("white space before the colon", _report_with(b'"callId" :"the-other-call"'), "/callId"),
     ],
 )
 async def test_a_key_written_twice_is_refused_with_400_naming_it(
-    hostile: Client, name: str, body: bytes, key: str
+    hostile: Client, name: str, body: bytes, pointer: str
 ) -> None:
     status, content_type, answer = await post(hostile, body)
     assert status == 400, (name, answer)
     assert_refused_properly(status, content_type, answer)
-    assert repr(key) in answer["detail"], answer
+    key = pointer.rsplit("/", 1)[1]
+    assert answer["detail"] == f"the key {key!r} appears twice in one object", answer
+    assert answer["pointer"] == pointer, answer
     await assert_still_serving(hostile)
 
 
