@@ -49,7 +49,12 @@ async def _kept(kafka: KafkaSettings) -> list[RejectedRequest]:
     [
         pytest.param(b'{"eventType": "end-of-call', None, 400, "invalid-json", None, id="parse"),
         pytest.param(
-            b'{"callId": "a", "callId": "b"}', None, 400, "invalid-json", None, id="duplicate-key"
+            b'{"callId": "a", "callId": "b"}',
+            None,
+            400,
+            "invalid-json",
+            "/callId",
+            id="duplicate-key",
         ),
         pytest.param(NO_CALL_ID, None, 422, "invalid-report", "/message/call/id", id="no-call-id"),
         pytest.param(
