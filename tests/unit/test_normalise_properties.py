@@ -21,11 +21,11 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from schemas import jsonvalue
-from schemas.codec import Decoder, single_object_encoder
 from schemas.errors import InvalidReport
 from schemas.normalise import FIELDS, Normalised, SourceFormat, denormalise, normalise
 from schemas.report import CallReport
-from schemas.store import END_OF_CALL_REPORT, FLIREO_EVENT, default_store
+from schemas.store import FLIREO_EVENT
+from tests.support.avro import through_avro
 from tests.support.jsontree import objects
 from tests.support.paths import DATA
 from tests.support.samples import SAMPLE
@@ -247,14 +247,6 @@ def _normalise(payload: Any) -> Normalised:
     return normalise(payload, received_at_ms=_RECEIVED_AT_MS, request_id=_REQUEST_ID)
 
 
-def _through_avro(record: dict[str, Any], name: str = END_OF_CALL_REPORT) -> dict[str, Any]:
-    store = default_store()
-    wire = single_object_encoder(store.current(name)).encode(record)
-    decoded = Decoder(store).decode_local(wire)
-    assert decoded.name == name
-    return decoded.record
-
-
 def _ints_in_range(value: Any) -> bool:
     return all(
         jsonvalue.INT64_MIN <= node <= jsonvalue.INT64_MAX
@@ -309,10 +301,10 @@ def test_whatever_normalise_accepts_fits_the_schema_and_round_trips(payload: Any
         return
     if result.kind == "report":
         assert result.record is not None
-        assert _canonical(denormalise(_through_avro(result.record))) == before
+        assert _canonical(denormalise(through_avro(result.record))) == before
     elif result.kind == "event":
         assert result.record is not None
-        decoded = _through_avro(result.record, FLIREO_EVENT)
+        decoded = through_avro(result.record, FLIREO_EVENT)
         assert _canonical(orjson.loads(decoded["body_json"])) == before
 
 
@@ -330,7 +322,7 @@ def test_valid_reports_round_trip_exactly_through_avro(case: tuple[SourceFormat,
     assert result.record is not None
     flat = source_format == "FLAT"
     assert result.call_id == (payload["callId"] if flat else payload["message"]["call"]["id"])
-    decoded = _through_avro(result.record)
+    decoded = through_avro(result.record)
     assert _canonical(denormalise(decoded)) == expected
     assert _canonical(CallReport.from_record(decoded).source_payload()) == expected
     assert _canonical(payload) == expected

@@ -17,10 +17,9 @@ from typing import Any
 import orjson
 import pytest
 
-from schemas.codec import Decoder, single_object_encoder
 from schemas.errors import InvalidReport
 from schemas.normalise import normalise
-from schemas.store import default_store
+from tests.support.avro import through_avro
 from tests.support.paths import DATA
 from tests.support.samples import SAMPLE
 
@@ -105,10 +104,8 @@ def _failure(payload: Any) -> str | None:
         return None
     except Exception as exc:
         return f"normalise raised {exc!r}"
-    store = default_store()
     try:
-        wire = single_object_encoder(store.current(result.schema_name)).encode(result.record)
-        Decoder(store).decode_local(wire)
+        through_avro(result.record, result.schema_name)
     except Exception as exc:
         return f"{result.schema_name} does not round-trip through Avro: {exc!r}"
     return None
