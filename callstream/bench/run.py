@@ -404,11 +404,11 @@ class Bench(LargeReports):
 
     async def start_postgres(self, database: str) -> tuple[str, Watched]:
         """A DSN for a new, empty database on the run's throwaway cluster."""
-        server = self.owned.postgres
+        server = self.postgres
         if server is None:
             self.say("starting a throwaway PostgreSQL cluster")
             server = PostgresServer(self.tmp / "pg")
-            self.owned.postgres = server
+            self.postgres = server
             await asyncio.to_thread(server.start)
         dsn = await asyncio.to_thread(server.create_database, database)
         assert server.pid is not None
