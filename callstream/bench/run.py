@@ -85,7 +85,6 @@ from schemas.store import END_OF_CALL_REPORT, default_store
 
 _HANDLED = 'callstream_consumer_records_handled_total{consumer="storage"}'
 _LAST_COMMIT = 'callstream_consumer_last_commit_timestamp_seconds{consumer="storage"}'
-# The ingress phase's worker counts: the per-worker figure, and what a second one adds.
 INGRESS_WORKERS = (1, 2)
 _DRAINED = "callstream_ingress_spool_drained_total"
 DRAIN_GIVE_UP_SECONDS = 600.0
@@ -280,25 +279,6 @@ class Bench(LargeReports):
             keys = [str(uuid.uuid4()).encode() for _ in range(min(5000, count - first))]
             yield [OutgoingRecord(topic, k, value.replace(marker, k), headers) for k in keys]
 
-    async def fill_topic(self, topic: str, count: int) -> float:
-        """`count` reports on `topic`, each its own call."""
-        await self._ensure_topic(topic)
-        publisher = KafkaPublisher(
-            KafkaSettings(self.bootstrap, topic=topic, partitions=PARTITIONS),
-            client_id="callstream-bench-fill",
-        )
-        await publisher.start()
-        started = time.perf_counter()
-        try:
-            await publisher.wait_connected(30.0)
-            for records in self.report_records(topic, count):
-                await asyncio.gather(*(publisher.publish(r, 60.0) for r in records))
-        finally:
-            await publisher.stop()
-        rate = count / (time.perf_counter() - started)
-        self.say(f"  filled at {rate:,.0f}/s")
-        return rate
-
     async def consumer_run(
         self,
         kind: str,
@@ -373,10 +353,26 @@ class Bench(LargeReports):
         return run
 
     async def _filled_topic(self) -> str:
+        """The catch-up topic, filled with --catchup-records reports the first time."""
         topic = "bench.catchup"
-        if self.results.produce_rate_per_s is None:
-            filled = await self.fill_topic(topic, self.o.catchup_records)
-            self.results.produce_rate_per_s = round(filled, 1)
+        if self.results.produce_rate_per_s is not None:
+            return topic
+        await self._ensure_topic(topic)
+        publisher = KafkaPublisher(
+            KafkaSettings(self.bootstrap, topic=topic, partitions=PARTITIONS),
+            client_id="callstream-bench-fill",
+        )
+        await publisher.start()
+        started = time.perf_counter()
+        try:
+            await publisher.wait_connected(30.0)
+            for records in self.report_records(topic, self.o.catchup_records):
+                await asyncio.gather(*(publisher.publish(r, 60.0) for r in records))
+        finally:
+            await publisher.stop()
+        rate = self.o.catchup_records / (time.perf_counter() - started)
+        self.say(f"  filled at {rate:,.0f}/s")
+        self.results.produce_rate_per_s = round(rate, 1)
         return topic
 
     async def phase_catch_up(self) -> None:
@@ -414,8 +410,6 @@ class Bench(LargeReports):
         assert server.pid is not None
         return dsn, Watched("postgres", server.pid, tree=True)
 
-    # -- spool --------------------------------------------------------------------------------
-
     async def phase_spool(self) -> None:
         # Kafka unreachable (a port nothing listens on): once the first reports have waited
         # out the ack deadline (shortened, so the warm-up covers it), every report goes
@@ -441,8 +435,6 @@ class Bench(LargeReports):
                 f"not measured: {good:,} reports accepted with Kafka unreachable but only "
                 f"{spooled:,} counted by {SPOOLED}"
             )
-
-    # -- drain --------------------------------------------------------------------------------
 
     async def phase_drain(self) -> None:
         """A spool left behind by a run with Kafka away (written here through the spool
@@ -496,8 +488,6 @@ class Bench(LargeReports):
         )
         self.say(f"  drained at {rate:,.0f}/s ({now - spawned:.1f} s from the ingress's start)")
 
-    # -- profile ------------------------------------------------------------------------------
-
     async def phase_profile(self) -> None:
         py_spy = profiling.find_py_spy()
         if py_spy is None:
@@ -544,9 +534,7 @@ class Bench(LargeReports):
             return {"note": "py-spy wrote nothing (is ptrace allowed?)"}
         summary = profiling.summarise(collapsed)
         if run is not None:
-            data = wrk_summary(run)
-            good = data["requests"] - data["errors"]["status"]
-            summary["reports_per_s_while_profiled"] = round(good / (data["duration_us"] / 1e6), 1)
+            summary["reports_per_s_while_profiled"] = WrkTotals.of_wrk(wrk_summary(run)).per_second
         summary["collapsed_stacks"] = str(collapsed)
         say(f"{collapsed.name}\n{profiling.render(summary)}")
         return summary
