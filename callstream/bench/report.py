@@ -57,8 +57,7 @@ class Latency:
 
 @dataclass(frozen=True)
 class WrkTotals:
-    """The counts of a wrk summary a closed-loop run reports: how long it ran, what it sent,
-    what was refused (non-2xx), what failed on the socket, and what was accepted."""
+    """The counts a closed-loop run reports from wrk's summary; `good` is what was accepted."""
 
     seconds: float
     requests: int
@@ -337,8 +336,6 @@ def _mem(processes: Sequence[ProcessUsage]) -> str:
 
 
 def _workers_lines(results: Results) -> list[str]:
-    """The ingress by CALLSTREAM_INGRESS_WORKERS: reports/s, the CPU of its whole process
-    tree per report, and what each worker adds over one."""
     runs = [r for r in results.wrk if r.workers is not None]
     if len({r.workers for r in runs}) < 2:
         return []
