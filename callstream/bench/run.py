@@ -85,7 +85,6 @@ from schemas.store import END_OF_CALL_REPORT, default_store
 
 _HANDLED = 'callstream_consumer_records_handled_total{consumer="storage"}'
 _LAST_COMMIT = 'callstream_consumer_last_commit_timestamp_seconds{consumer="storage"}'
-INGRESS_WORKERS = (1, 2)
 _DRAINED = "callstream_ingress_spool_drained_total"
 DRAIN_GIVE_UP_SECONDS = 600.0
 _REQUEST_SECONDS = "callstream_ingress_request_duration_seconds"
@@ -149,7 +148,7 @@ class Bench(LargeReports):
     async def phase_ingress(self) -> None:
         """One worker, then two (CALLSTREAM_INGRESS_WORKERS): what one core's worth gives,
         and how much a second adds. CPU is the ingress's whole process tree."""
-        for workers in INGRESS_WORKERS:
+        for workers in (1, 2):
             server = "ingress" if workers == 1 else f"ingress-{workers}w"
             label = "callstream ingress" if workers == 1 else f"ingress, {workers} workers"
             ingress = await self.start_ingress(f"bench.{server}", workers=workers)
@@ -395,20 +394,14 @@ class Bench(LargeReports):
             db = self.tmp / f"{name}.db"
             rows = functools.partial(asyncio.to_thread, sqlite_count, db)
             return {"CALLSTREAM_SQLITE_PATH": str(db)}, rows, []
-        dsn, postgres = await self.start_postgres(f"callstream_{name}")
-        return {"CALLSTREAM_DATABASE_URL": dsn}, functools.partial(postgres_count, dsn), [postgres]
-
-    async def start_postgres(self, database: str) -> tuple[str, Watched]:
-        """A DSN for a new, empty database on the run's throwaway cluster."""
-        server = self.postgres
-        if server is None:
+        if self.postgres is None:
             self.say("starting a throwaway PostgreSQL cluster")
-            server = PostgresServer(self.tmp / "pg")
-            self.postgres = server
-            await asyncio.to_thread(server.start)
-        dsn = await asyncio.to_thread(server.create_database, database)
-        assert server.pid is not None
-        return dsn, Watched("postgres", server.pid, tree=True)
+            self.postgres = PostgresServer(self.tmp / "pg")
+            await asyncio.to_thread(self.postgres.start)
+        dsn = await asyncio.to_thread(self.postgres.create_database, f"callstream_{name}")
+        assert self.postgres.pid is not None
+        postgres = Watched("postgres", self.postgres.pid, tree=True)
+        return {"CALLSTREAM_DATABASE_URL": dsn}, functools.partial(postgres_count, dsn), [postgres]
 
     async def phase_spool(self) -> None:
         # Kafka unreachable (a port nothing listens on): once the first reports have waited
