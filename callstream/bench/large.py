@@ -149,8 +149,7 @@ class LargeReports(Harness):
             await self._stop(ingress)
         data = wrk_summary(run)
         totals = WrkTotals.of_wrk(data)
-        good, seconds = totals.good, totals.seconds
-        processes = window.usage(good, [("wrk", run)])
+        processes = window.usage(totals.good, [("wrk", run)])
         quantiles = {n: bucket_quantiles(hist_before[n], hist_after[n]) for n in histograms}
         fsyncs = hist_after[FSYNC_SECONDS].get(math.inf, 0.0) - hist_before[FSYNC_SECONDS].get(
             math.inf, 0.0
@@ -165,12 +164,12 @@ class LargeReports(Harness):
             env=dict(o.env),
             generator=generator,
             mix=mix,
-            duration_s=round(seconds, 2),
+            duration_s=round(totals.seconds, 2),
             requests=totals.requests,
             non_2xx=totals.non_2xx,
             socket_errors=totals.socket_errors,
             reports_per_s=totals.per_second,
-            mb_per_s=round(good * mean_body_bytes(requests) / seconds / 1e6, 2),
+            mb_per_s=round(totals.good * mean_body_bytes(requests) / totals.seconds / 1e6, 2),
             latency=latency,
             accepted=delta[ACCEPTED],
             spooled=delta[SPOOLED],

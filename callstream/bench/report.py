@@ -23,8 +23,6 @@ from callstream.bench.options import BenchOptions
 from callstream.bench.procstat import loadavg
 from callstream.kafkajars import KAFKA_VERSION
 
-# -- figures --------------------------------------------------------------------------------
-
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:
     """Nearest-rank percentile of already sorted values (inf counts as the slowest)."""
@@ -243,8 +241,6 @@ class Results:
         return next((c for c in self.consumers if c.kind == kind and c.backend == backend), None)
 
 
-# -- targets --------------------------------------------------------------------------------
-
 # Storage catch-up and replay, SQLite and PostgreSQL alike ("consumers at database speed").
 CONSUMER_TARGET_PER_S = 30_000
 
@@ -291,9 +287,6 @@ def evaluate(results: Results) -> list[Target]:
     met = None if drain is None else drain.rate_per_s >= 5000
     targets.append(Target("spool drain (Kafka back)", ">= 5,000/s", measured, met))
     return targets
-
-
-# -- output ---------------------------------------------------------------------------------
 
 
 def write_json(results: Results, path: Path) -> None:
@@ -499,9 +492,6 @@ def render_table(results: Results) -> str:
             state = {True: "met", False: "MISSED", None: "not measured"}[target.met]
             add(f"  {state:<13}{target.name:<58}{target.wanted:>12}  measured {target.measured}")
     return "\n".join(out)
-
-
-# -- the run's circumstances ---------------------------------------------------------------
 
 
 def run_meta(options: BenchOptions, started_at: datetime) -> dict[str, Any]:
