@@ -118,8 +118,7 @@ class Harness:
 
     async def _stop(self, service: Service) -> None:
         await asyncio.to_thread(service.stop)
-        with contextlib.suppress(ValueError):
-            self.services.remove(service)
+        self.services.remove(service)
 
     async def _wait_http(self, service: Service, path: str) -> None:
         deadline = time.monotonic() + _STARTUP_TIMEOUT

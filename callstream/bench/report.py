@@ -185,8 +185,7 @@ class DrainRun:
 
 @dataclass(frozen=True, slots=True)
 class LargeRun:
-    """Closed loop where a share of the reports are long calls: what was accepted, and the
-    figures that say where the bound is."""
+    """Closed loop where a share of the reports are long calls, and where its bound is."""
 
     label: str  # what was varied: "defaults", or the settings given
     env: dict[str, str]
