@@ -334,9 +334,8 @@ def _workers_lines(results: Results) -> list[str]:
     out = ["  ingress by workers (CPU: the parent and all its workers, ms per report):"]
     for body in sorted({r.body_bytes for r in runs}):
         same = sorted((r for r in runs if r.body_bytes == body), key=lambda r: r.workers or 0)
-        one = same[0]
         for run in same:
-            scale = _ratio(run.reports_per_s, one.reports_per_s)
+            scale = _ratio(run.reports_per_s, same[0].reports_per_s)
             count = f"{run.workers} worker{'s' if run.workers != 1 else ''}"
             out.append(
                 f"    {count:<12}{run.body:<24}{run.reports_per_s:>10,.0f}/s"
