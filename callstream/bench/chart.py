@@ -62,7 +62,7 @@ def write_chart(results: Results, path: Path) -> Path:
         if not run.series:
             continue
         xs, ys = zip(*run.series, strict=True)
-        long = bodies.index(run.body_bytes) > 0 if run.body_bytes in bodies else False
+        long = run.body_bytes in bodies[1:]
         closed.plot(
             xs,
             ys,
@@ -95,10 +95,6 @@ def write_chart(results: Results, path: Path) -> Path:
         rate.set_ylim(bottom=0, top=fixed.offered_per_s * 1.6)
         rate.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3)
         rate.grid(alpha=0.3)
-
-        def finite(values: list[float]) -> list[float]:
-            return [v if math.isfinite(v) else math.nan for v in values]
-
         for key, label, colour, style in (
             ("p50_ms", "p50", "#1f77b4", "-"),
             ("p99_ms", "p99", "#ff7f0e", "-"),
@@ -106,8 +102,9 @@ def write_chart(results: Results, path: Path) -> Path:
             ("e2e_p50_ms", "end to end p50 (POST to row)", "#2ca02c", "--"),
             ("e2e_p99_ms", "end to end p99", "#17becf", "--"),
         ):
-            values = finite([getattr(s, key) for s in fixed.per_second])
-            latency.plot(ts, values, label=label, color=colour, linestyle=style)
+            values = [getattr(s, key) for s in fixed.per_second]
+            finite = [v if math.isfinite(v) else math.nan for v in values]
+            latency.plot(ts, finite, label=label, color=colour, linestyle=style)
         latency.axhline(
             50, color="green", linewidth=0.8, linestyle=":", label="target 50 ms (end to end p99)"
         )

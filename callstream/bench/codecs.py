@@ -66,8 +66,7 @@ def build_batch(value: bytes, records: int, codec: int, batch_bytes: int) -> byt
 
 
 def measure(repeat: int = 20) -> Iterator[CodecCost]:
-    short = pool.templates()[0]
-    for template in (short, pool.long_call()):
+    for template in (pool.templates()[0], pool.long_call()):
         value = encoded(template.fresh()[1])
         for batch_bytes in BATCH_BYTES:
             # As many as the producer puts in one batch (each record has some framing).

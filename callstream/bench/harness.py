@@ -10,7 +10,6 @@ import sys
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
@@ -39,16 +38,9 @@ _STARTUP_TIMEOUT = 60.0
 _UNCOMPRESSED: Final = {"Accept-Encoding": "identity"}
 
 
-@dataclass
-class _Owned:
-    """Everything this run started, stopped in reverse order however the run ends."""
-
-    services: list[Service] = field(default_factory=list)
-    kafka: LocalKafka | None = None
-    postgres: PostgresServer | None = None
-
-
 class Harness:
+    broker: Watched  # set by start_broker, which runs before every phase
+
     def __init__(
         self, options: BenchOptions, tmp: Path, http: aiohttp.ClientSession, out_prefix: Path
     ) -> None:
@@ -56,9 +48,11 @@ class Harness:
         self.out_prefix = out_prefix
         self.tmp = tmp
         self.http = http
-        self.owned = _Owned()
+        # Everything this run started, stopped in reverse order however the run ends.
+        self.services: list[Service] = []
+        self.kafka: LocalKafka | None = None
+        self.postgres: PostgresServer | None = None
         self.bootstrap = ""
-        self._broker: Watched | None = None
         self.started = time.monotonic()
         self.results = Results(meta={})
         self.short, self.long = pool.templates(options.sample)
@@ -66,33 +60,27 @@ class Harness:
     def say(self, message: str) -> None:
         say(f"[{time.monotonic() - self.started:5.0f}s] {message}")
 
-    @property
-    def broker(self) -> Watched:
-        assert self._broker is not None
-        return self._broker
-
     # -- what runs ----------------------------------------------------------------------------
 
     async def start_broker(self) -> None:
         self.say(f"starting a Kafka {KAFKA_VERSION} broker (KRaft) in {self.tmp / 'kafka'}")
-        kafka = LocalKafka(self.tmp / "kafka")
-        self.owned.kafka = kafka
-        self.bootstrap = await asyncio.to_thread(kafka.start, 120.0)
-        status = kafka.status()
+        self.kafka = LocalKafka(self.tmp / "kafka")
+        self.bootstrap = await asyncio.to_thread(self.kafka.start, 120.0)
+        status = self.kafka.status()
         assert status is not None
-        self._broker = Watched("broker", status.pid)
+        self.broker = Watched("broker", status.pid)
 
     async def close(self) -> None:
-        for service in reversed(self.owned.services):
+        for service in reversed(self.services):
             await asyncio.to_thread(service.stop)
-        self.owned.services.clear()
-        if self.owned.postgres is not None:
+        self.services.clear()
+        if self.postgres is not None:
             with contextlib.suppress(Exception):
-                await asyncio.to_thread(self.owned.postgres.stop)
-            self.owned.postgres = None
-        if self.owned.kafka is not None:
-            await asyncio.to_thread(self.owned.kafka.stop)
-            self.owned.kafka = None
+                await asyncio.to_thread(self.postgres.stop)
+            self.postgres = None
+        if self.kafka is not None:
+            await asyncio.to_thread(self.kafka.stop)
+            self.kafka = None
 
     def _env(self, **extra: str) -> dict[str, str]:
         # Nothing from the caller's environment may redirect a child to another broker or
@@ -125,13 +113,12 @@ class Harness:
     ) -> Service:
         service = Service(name, argv, env, self.tmp / f"{log or name}.log", port, tree=tree)
         service.start()
-        self.owned.services.append(service)
+        self.services.append(service)
         return service
 
     async def _stop(self, service: Service) -> None:
         await asyncio.to_thread(service.stop)
-        with contextlib.suppress(ValueError):
-            self.owned.services.remove(service)
+        self.services.remove(service)
 
     async def _wait_http(self, service: Service, path: str) -> None:
         deadline = time.monotonic() + _STARTUP_TIMEOUT
@@ -245,10 +232,8 @@ class Harness:
     def _mixed(
         self, long: pool.BodyTemplate, long_every: int, count: int, port: int
     ) -> list[pool.SignedRequest]:
-        """`count` requests for `port`, every `long_every`-th with `long`, the rest the sample."""
-        host = f"{HOST}:{port}"
         return pool.mixed_requests(
-            self.short, long, count, long_every=long_every, secret=SECRET, host=host
+            self.short, long, count, long_every=long_every, secret=SECRET, host=f"{HOST}:{port}"
         )
 
     def _wrk_script(self, name: str, template: pool.BodyTemplate, port: int) -> Path:

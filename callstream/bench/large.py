@@ -1,8 +1,6 @@
 """The large-reports phase: a closed loop at --connections where every --long-every-th report
-is a long call (~59 kB: transcript and messages), the rest the sample report. It reports
-what the ingress accepted (reports/s, MB/s), how long answers took, and the figures that say
-where the bound is: Kafka's acknowledgement time, how many reports went through the spool
-instead (and its fsyncs), and the CPU each process spent per report.
+is a long call (~59 kB: transcript and messages), the rest the sample report, with the
+figures that say where the bound is.
 """
 
 from __future__ import annotations
@@ -61,9 +59,8 @@ def bound_of(
     ack_p50_ms: float,
     answer_p50_ms: float,
 ) -> str:
-    """Where the closed loop's throughput is bounded, in one sentence, from the run's figures
-    (the first that applies): reports diverted to the spool, the ingress's event loop (one
-    core), the broker, the machine's CPUs, waiting on Kafka's acknowledgement."""
+    """Where the closed loop's throughput is bounded, in one sentence: the first figure
+    that applies, in this order."""
     if accepted and spooled / accepted >= SPOOLED_SHARE:
         return (
             f"the spool: {spooled / accepted:.0%} of accepted reports went to disk instead of"
@@ -152,8 +149,7 @@ class LargeReports(Harness):
             await self._stop(ingress)
         data = wrk_summary(run)
         totals = WrkTotals.of_wrk(data)
-        good, seconds = totals.good, totals.seconds
-        processes = window.usage(good, [("wrk", run)])
+        processes = window.usage(totals.good, [("wrk", run)])
         quantiles = {n: bucket_quantiles(hist_before[n], hist_after[n]) for n in histograms}
         fsyncs = hist_after[FSYNC_SECONDS].get(math.inf, 0.0) - hist_before[FSYNC_SECONDS].get(
             math.inf, 0.0
@@ -168,12 +164,12 @@ class LargeReports(Harness):
             env=dict(o.env),
             generator=generator,
             mix=mix,
-            duration_s=round(seconds, 2),
+            duration_s=round(totals.seconds, 2),
             requests=totals.requests,
             non_2xx=totals.non_2xx,
             socket_errors=totals.socket_errors,
             reports_per_s=totals.per_second,
-            mb_per_s=round(good * mean_body_bytes(requests) / seconds / 1e6, 2),
+            mb_per_s=round(totals.good * mean_body_bytes(requests) / totals.seconds / 1e6, 2),
             latency=latency,
             accepted=delta[ACCEPTED],
             spooled=delta[SPOOLED],

@@ -39,9 +39,10 @@ _CONTENT_LENGTH = b"\r\ncontent-length:"
 
 
 class _Connection(asyncio.Protocol):
+    _transport: asyncio.Transport  # from connection_made, before anything else is called
+
     def __init__(self, client: _OpenLoop) -> None:
         self._client = client
-        self._transport: asyncio.Transport | None = None
         self._buf = bytearray()
         self._need: int | None = None
         self._status = 0
@@ -54,7 +55,6 @@ class _Connection(asyncio.Protocol):
         self._client.connected(self)
 
     def send(self, index: int) -> None:
-        assert self._transport is not None
         self.current = index
         self._client.sent[index] = time.perf_counter()
         self._transport.write(self._client.requests[index])
@@ -89,8 +89,7 @@ class _Connection(asyncio.Protocol):
             self._client.connected(self)
 
     def close(self) -> None:
-        if self._transport is not None:
-            self._transport.close()
+        self._transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._client.lost(self, self.current)
@@ -112,21 +111,19 @@ class _OpenLoop:
         self._waiting: deque[int] = deque()
         self._open = 0  # open or opening
         self._outstanding = 0
-        self._tasks: set[asyncio.Task[object]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         self._all_done = asyncio.Event()
         self._dispatched_all = False
         self.connections_opened = 0
         self.connect_errors = 0
 
-    # -- connections ----------------------------------------------------------------------
-
     def _grow(self) -> None:
         self._open += 1
-        task: asyncio.Task[object] = asyncio.get_running_loop().create_task(self._connect())
+        task = asyncio.get_running_loop().create_task(self._connect())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _connect(self) -> object:
+    async def _connect(self) -> None:
         loop = asyncio.get_running_loop()
         try:
             await loop.create_connection(lambda: _Connection(self), self._host, self._port)
@@ -137,7 +134,6 @@ class _OpenLoop:
             if self._open == 0 and self._waiting:
                 await asyncio.sleep(0.05)
                 self._grow()
-        return None
 
     def connected(self, conn: _Connection) -> None:
         """`conn` is free: give it the oldest waiting request, or keep it idle."""
@@ -154,8 +150,6 @@ class _OpenLoop:
             self.completed(current, 0)
         if self._waiting and self._open < self._max:
             self._grow()
-
-    # -- requests ---------------------------------------------------------------------------
 
     def dispatch(self, index: int, scheduled: float) -> None:
         self.sched[index] = scheduled
@@ -231,9 +225,6 @@ async def _main(args: argparse.Namespace) -> None:
     )
 
 
-GENERATOR = "callstream.bench.openloop (asyncio + uvloop, open loop)"
-
-
 def summarise(
     data: Mapping[str, Any],
     call_ids: Sequence[str],
@@ -290,7 +281,7 @@ def summarise(
     matched = [v for v in e2e if v is not None]
     last_done = max((d for d in done if d is not None), default=duration)
     return FixedRateRun(
-        generator=GENERATOR,
+        generator="callstream.bench.openloop (asyncio + uvloop, open loop)",
         offered_per_s=offered,
         duration_s=duration,
         body_mix=mix,

@@ -160,14 +160,6 @@ def mixed_requests(
 # -- wrk: a generated Lua script with the pool in it -------------------------------------
 
 
-def _lua_string(raw: bytes) -> bytes:
-    # A quoted Lua string rather than a long bracket: Lua turns the CRLFs of a long
-    # bracket into plain LFs. Bytes >= 0x80 (UTF-8 in the transcript) are fine as they are.
-    escaped = raw.replace(b"\\", b"\\\\").replace(b'"', b'\\"')
-    escaped = escaped.replace(b"\r", b"\\r").replace(b"\n", b"\\n")
-    return b'"' + escaped + b'"'
-
-
 def write_wrk_script(path: Path, requests: Sequence[SignedRequest]) -> Path:
     """wrk_post.lua with `requests` in place of its pool marker."""
     template = resources.files("callstream.bench").joinpath("wrk_post.lua").read_bytes()
@@ -177,7 +169,11 @@ def write_wrk_script(path: Path, requests: Sequence[SignedRequest]) -> Path:
     with path.open("wb") as out:
         out.write(before)
         for request in requests:
-            out.write(b"  " + _lua_string(request.raw) + b",\n")
+            # A quoted Lua string rather than a long bracket: Lua turns the CRLFs of a long
+            # bracket into plain LFs. Bytes >= 0x80 (UTF-8 in the transcript) are fine as they are.
+            escaped = request.raw.replace(b"\\", b"\\\\").replace(b'"', b'\\"')
+            escaped = escaped.replace(b"\r", b"\\r").replace(b"\n", b"\\n")
+            out.write(b'  "' + escaped + b'",\n')
         out.write(after)
     return path
 

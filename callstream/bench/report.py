@@ -23,8 +23,6 @@ from callstream.bench.options import BenchOptions
 from callstream.bench.procstat import loadavg
 from callstream.kafkajars import KAFKA_VERSION
 
-# -- figures --------------------------------------------------------------------------------
-
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:
     """Nearest-rank percentile of already sorted values (inf counts as the slowest)."""
@@ -57,8 +55,7 @@ class Latency:
 
 @dataclass(frozen=True)
 class WrkTotals:
-    """The counts of a wrk summary a closed-loop run reports: how long it ran, what it sent,
-    what was refused (non-2xx), what failed on the socket, and what was accepted."""
+    """The counts a closed-loop run reports from wrk's summary; `good` is what was accepted."""
 
     seconds: float
     requests: int
@@ -188,8 +185,7 @@ class DrainRun:
 
 @dataclass(frozen=True, slots=True)
 class LargeRun:
-    """Closed loop where a share of the reports are long calls: what was accepted, and the
-    figures that say where the bound is."""
+    """Closed loop where a share of the reports are long calls, and where its bound is."""
 
     label: str  # what was varied: "defaults", or the settings given
     env: dict[str, str]
@@ -244,8 +240,6 @@ class Results:
         return next((c for c in self.consumers if c.kind == kind and c.backend == backend), None)
 
 
-# -- targets --------------------------------------------------------------------------------
-
 # Storage catch-up and replay, SQLite and PostgreSQL alike ("consumers at database speed").
 CONSUMER_TARGET_PER_S = 30_000
 
@@ -294,9 +288,6 @@ def evaluate(results: Results) -> list[Target]:
     return targets
 
 
-# -- output ---------------------------------------------------------------------------------
-
-
 def write_json(results: Results, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # orjson writes dataclasses as objects, and NaN/inf (a missing figure) as null.
@@ -337,17 +328,14 @@ def _mem(processes: Sequence[ProcessUsage]) -> str:
 
 
 def _workers_lines(results: Results) -> list[str]:
-    """The ingress by CALLSTREAM_INGRESS_WORKERS: reports/s, the CPU of its whole process
-    tree per report, and what each worker adds over one."""
     runs = [r for r in results.wrk if r.workers is not None]
     if len({r.workers for r in runs}) < 2:
         return []
     out = ["  ingress by workers (CPU: the parent and all its workers, ms per report):"]
     for body in sorted({r.body_bytes for r in runs}):
         same = sorted((r for r in runs if r.body_bytes == body), key=lambda r: r.workers or 0)
-        one = same[0]
         for run in same:
-            scale = _ratio(run.reports_per_s, one.reports_per_s)
+            scale = _ratio(run.reports_per_s, same[0].reports_per_s)
             count = f"{run.workers} worker{'s' if run.workers != 1 else ''}"
             out.append(
                 f"    {count:<12}{run.body:<24}{run.reports_per_s:>10,.0f}/s"
@@ -502,9 +490,6 @@ def render_table(results: Results) -> str:
             state = {True: "met", False: "MISSED", None: "not measured"}[target.met]
             add(f"  {state:<13}{target.name:<58}{target.wanted:>12}  measured {target.measured}")
     return "\n".join(out)
-
-
-# -- the run's circumstances ---------------------------------------------------------------
 
 
 def run_meta(options: BenchOptions, started_at: datetime) -> dict[str, Any]:

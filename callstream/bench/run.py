@@ -85,8 +85,6 @@ from schemas.store import END_OF_CALL_REPORT, default_store
 
 _HANDLED = 'callstream_consumer_records_handled_total{consumer="storage"}'
 _LAST_COMMIT = 'callstream_consumer_last_commit_timestamp_seconds{consumer="storage"}'
-# The ingress phase's worker counts: the per-worker figure, and what a second one adds.
-INGRESS_WORKERS = (1, 2)
 _DRAINED = "callstream_ingress_spool_drained_total"
 DRAIN_GIVE_UP_SECONDS = 600.0
 _REQUEST_SECONDS = "callstream_ingress_request_duration_seconds"
@@ -150,7 +148,7 @@ class Bench(LargeReports):
     async def phase_ingress(self) -> None:
         """One worker, then two (CALLSTREAM_INGRESS_WORKERS): what one core's worth gives,
         and how much a second adds. CPU is the ingress's whole process tree."""
-        for workers in INGRESS_WORKERS:
+        for workers in (1, 2):
             server = "ingress" if workers == 1 else f"ingress-{workers}w"
             label = "callstream ingress" if workers == 1 else f"ingress, {workers} workers"
             ingress = await self.start_ingress(f"bench.{server}", workers=workers)
@@ -280,25 +278,6 @@ class Bench(LargeReports):
             keys = [str(uuid.uuid4()).encode() for _ in range(min(5000, count - first))]
             yield [OutgoingRecord(topic, k, value.replace(marker, k), headers) for k in keys]
 
-    async def fill_topic(self, topic: str, count: int) -> float:
-        """`count` reports on `topic`, each its own call."""
-        await self._ensure_topic(topic)
-        publisher = KafkaPublisher(
-            KafkaSettings(self.bootstrap, topic=topic, partitions=PARTITIONS),
-            client_id="callstream-bench-fill",
-        )
-        await publisher.start()
-        started = time.perf_counter()
-        try:
-            await publisher.wait_connected(30.0)
-            for records in self.report_records(topic, count):
-                await asyncio.gather(*(publisher.publish(r, 60.0) for r in records))
-        finally:
-            await publisher.stop()
-        rate = count / (time.perf_counter() - started)
-        self.say(f"  filled at {rate:,.0f}/s")
-        return rate
-
     async def consumer_run(
         self,
         kind: str,
@@ -373,10 +352,26 @@ class Bench(LargeReports):
         return run
 
     async def _filled_topic(self) -> str:
+        """The catch-up topic, filled with --catchup-records reports the first time."""
         topic = "bench.catchup"
-        if self.results.produce_rate_per_s is None:
-            filled = await self.fill_topic(topic, self.o.catchup_records)
-            self.results.produce_rate_per_s = round(filled, 1)
+        if self.results.produce_rate_per_s is not None:
+            return topic
+        await self._ensure_topic(topic)
+        publisher = KafkaPublisher(
+            KafkaSettings(self.bootstrap, topic=topic, partitions=PARTITIONS),
+            client_id="callstream-bench-fill",
+        )
+        await publisher.start()
+        started = time.perf_counter()
+        try:
+            await publisher.wait_connected(30.0)
+            for records in self.report_records(topic, self.o.catchup_records):
+                await asyncio.gather(*(publisher.publish(r, 60.0) for r in records))
+        finally:
+            await publisher.stop()
+        rate = self.o.catchup_records / (time.perf_counter() - started)
+        self.say(f"  filled at {rate:,.0f}/s")
+        self.results.produce_rate_per_s = round(rate, 1)
         return topic
 
     async def phase_catch_up(self) -> None:
@@ -399,22 +394,14 @@ class Bench(LargeReports):
             db = self.tmp / f"{name}.db"
             rows = functools.partial(asyncio.to_thread, sqlite_count, db)
             return {"CALLSTREAM_SQLITE_PATH": str(db)}, rows, []
-        dsn, postgres = await self.start_postgres(f"callstream_{name}")
-        return {"CALLSTREAM_DATABASE_URL": dsn}, functools.partial(postgres_count, dsn), [postgres]
-
-    async def start_postgres(self, database: str) -> tuple[str, Watched]:
-        """A DSN for a new, empty database on the run's throwaway cluster."""
-        server = self.owned.postgres
-        if server is None:
+        if self.postgres is None:
             self.say("starting a throwaway PostgreSQL cluster")
-            server = PostgresServer(self.tmp / "pg")
-            self.owned.postgres = server
-            await asyncio.to_thread(server.start)
-        dsn = await asyncio.to_thread(server.create_database, database)
-        assert server.pid is not None
-        return dsn, Watched("postgres", server.pid, tree=True)
-
-    # -- spool --------------------------------------------------------------------------------
+            self.postgres = PostgresServer(self.tmp / "pg")
+            await asyncio.to_thread(self.postgres.start)
+        dsn = await asyncio.to_thread(self.postgres.create_database, f"callstream_{name}")
+        assert self.postgres.pid is not None
+        postgres = Watched("postgres", self.postgres.pid, tree=True)
+        return {"CALLSTREAM_DATABASE_URL": dsn}, functools.partial(postgres_count, dsn), [postgres]
 
     async def phase_spool(self) -> None:
         # Kafka unreachable (a port nothing listens on): once the first reports have waited
@@ -441,8 +428,6 @@ class Bench(LargeReports):
                 f"not measured: {good:,} reports accepted with Kafka unreachable but only "
                 f"{spooled:,} counted by {SPOOLED}"
             )
-
-    # -- drain --------------------------------------------------------------------------------
 
     async def phase_drain(self) -> None:
         """A spool left behind by a run with Kafka away (written here through the spool
@@ -496,8 +481,6 @@ class Bench(LargeReports):
         )
         self.say(f"  drained at {rate:,.0f}/s ({now - spawned:.1f} s from the ingress's start)")
 
-    # -- profile ------------------------------------------------------------------------------
-
     async def phase_profile(self) -> None:
         py_spy = profiling.find_py_spy()
         if py_spy is None:
@@ -544,9 +527,7 @@ class Bench(LargeReports):
             return {"note": "py-spy wrote nothing (is ptrace allowed?)"}
         summary = profiling.summarise(collapsed)
         if run is not None:
-            data = wrk_summary(run)
-            good = data["requests"] - data["errors"]["status"]
-            summary["reports_per_s_while_profiled"] = round(good / (data["duration_us"] / 1e6), 1)
+            summary["reports_per_s_while_profiled"] = WrkTotals.of_wrk(wrk_summary(run)).per_second
         summary["collapsed_stacks"] = str(collapsed)
         say(f"{collapsed.name}\n{profiling.render(summary)}")
         return summary

@@ -184,9 +184,6 @@ class Sampler:
         return self.points[-1][1] - self.points[0][1] if len(self.points) >= 2 else None
 
 
-# -- reading what was measured ---------------------------------------------------------------
-
-
 def wrk_summary(run: Measured) -> dict[str, Any]:
     line = next((x for x in run.output.splitlines() if x.startswith("CALLSTREAM_WRK ")), None)
     if line is None:

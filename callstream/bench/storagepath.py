@@ -20,12 +20,10 @@ import time
 import timeit
 import uuid
 from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Any
 
-import orjson
 from prometheus_client import CollectorRegistry
 
+from callstream.bench import pool
 from consumers.contract import DecodedDelivery
 from consumers.storage.consumer import build
 from consumers.storage.dialects import POSTGRES, SQLITE
@@ -34,13 +32,12 @@ from schemas.normalise import normalise
 from schemas.report import CallReport
 from schemas.store import END_OF_CALL_REPORT, default_store
 
-_SAMPLE = Path(__file__).with_name("sample-report.json")
 _BATCH = 500
 
 
 def sample_records(count: int) -> list[bytes]:
     """`count` sample reports as the ingress puts them on the topic, each its own call."""
-    sample: dict[str, Any] = orjson.loads(_SAMPLE.read_bytes())
+    sample = pool.sample_report()
     encoder = single_object_encoder(default_store().current(END_OF_CALL_REPORT))
     values = []
     for i in range(count):
