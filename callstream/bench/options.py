@@ -47,8 +47,8 @@ class BenchOptions:
         # Every other field has an argument of its own name (add_arguments below).
         derived: dict[str, Any] = {
             "postgres": not args.no_postgres,
-            "phases": _phases(args.phases, profile=args.profile),
-            "env": tuple(_pair(item) for item in args.env),
+            "phases": _in_bench_order(args.phases, profile=args.profile),
+            "env": tuple(args.env),
         }
         plain = {f.name: getattr(args, f.name) for f in fields(cls) if f.name not in derived}
         options = cls(**plain, **derived)
@@ -68,11 +68,17 @@ class BenchOptions:
         )
 
 
-def _phases(text: str | None, *, profile: bool) -> tuple[str, ...]:
-    chosen = DEFAULT_PHASES if not text else tuple(p.strip() for p in text.split(",") if p)
+# --phases and --env are checked as argparse types, so that a mistake is a usage error.
+def _phase_list(text: str) -> tuple[str, ...]:
+    chosen = tuple(name for part in text.split(",") if (name := part.strip()))
     unknown = [p for p in chosen if p not in PHASES]
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown phases {unknown}; known: {', '.join(PHASES)}")
+    return chosen
+
+
+def _in_bench_order(chosen: tuple[str, ...] | None, *, profile: bool) -> tuple[str, ...]:
+    chosen = chosen or DEFAULT_PHASES
     if profile and "profile" not in chosen:
         chosen = (*chosen, "profile")
     return tuple(p for p in PHASES if p in chosen)
@@ -137,11 +143,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=kind, default=default, help=text)
     parser.add_argument(
         "--phases",
+        type=_phase_list,
         help=f"comma-separated, in this order: {', '.join(PHASES)} (default: all but profile)",
     )
     parser.add_argument(
         "--env",
         action="append",
+        type=_pair,
         default=[],
         metavar="KEY=VALUE",
         help="extra environment for the services under test, e.g. CALLSTREAM_BATCH_SIZE=2000",
