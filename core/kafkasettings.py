@@ -57,7 +57,6 @@ class KafkaSettings(EnvSettings):
         "trust store.",
     )
     client_id: str = "callstream"
-    # Partitions cap how many instances of one consumer can share the work.
     partitions: int = setting(
         "CALLSTREAM_TOPIC_PARTITIONS",
         default=6,
@@ -113,7 +112,6 @@ class KafkaSettings(EnvSettings):
         return rejected_topic_of(self.topic)
 
     def client_kwargs(self) -> dict[str, Any]:
-        """What every Kafka client callstream makes is given: where, who, and how securely."""
         return {
             "bootstrap_servers": self.bootstrap_servers,
             "client_id": self.client_id,
