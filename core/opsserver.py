@@ -26,8 +26,7 @@ async def ops_server(
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
-    bound = int(runner.addresses[0][1]) if port == 0 else port
     try:
-        yield bound
+        yield int(runner.addresses[0][1]) if port == 0 else port
     finally:
         await runner.cleanup()

@@ -96,11 +96,9 @@ class Setting:
         value = self.fallback
         if self.secret or value is MISSING or value is None or value == ():
             return ""
-        if isinstance(value, bool):
-            return str(value).lower()
         if isinstance(value, float) and value.is_integer():
             value = int(value)
-        text = str(value)
+        text = _render(value)
         return f'"{text}"' if " " in text else text
 
 

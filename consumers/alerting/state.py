@@ -318,8 +318,7 @@ class AlertState:
         """Dead letters given up on since `since` that no retry has delivered, oldest first."""
 
         def work(conn: sqlite3.Connection) -> list[DeadLetter]:
-            rows = conn.execute(_UNRESOLVED, (_since(since),)).fetchall()
-            return [_dead_letter(row) for row in rows]
+            return [_dead_letter(row) for row in conn.execute(_UNRESOLVED, (_since(since),))]
 
         return await self._db.run(work)
 
