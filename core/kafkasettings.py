@@ -10,9 +10,6 @@ from core.kafkasecurity import KafkaSecurity
 from core.secret import Secret
 from core.settings import EnvSettings, declared, setting, settings_class
 
-DEFAULT_TOPIC = "flireo.end-of-call-report"
-DEFAULT_EVENTS_TOPIC = "flireo.events"
-
 
 @settings_class
 class KafkaSettings(EnvSettings):
@@ -24,12 +21,12 @@ class KafkaSettings(EnvSettings):
     )
     topic: str = setting(
         "CALLSTREAM_TOPIC",
-        default=DEFAULT_TOPIC,
+        default="flireo.end-of-call-report",
         doc="Topic the ingress writes end-of-call reports to and the consumers read.",
     )
     events_topic: str = setting(
         "CALLSTREAM_EVENTS_TOPIC",
-        default=DEFAULT_EVENTS_TOPIC,
+        default="flireo.events",
         doc="Topic for the other Flireo events (status updates, ...).",
     )
     schema_registry_url: str | None = setting(

@@ -19,7 +19,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Literal, TypeAlias
+from typing import Literal
 
 from prometheus_client import CollectorRegistry
 
@@ -32,8 +32,6 @@ from consumers.alerting.state import AlertState, DeadLetter
 
 log = logging.getLogger("callstream.alerting")
 
-RetryOutcome: TypeAlias = Literal["sent", "failed", "skipped", "would send", "would fail"]
-
 # Beyond the retry budget and one attempt's timeout, for token-bucket waits and a slow disk.
 _CLAIM_MARGIN = timedelta(seconds=60)
 
@@ -45,7 +43,7 @@ class UnknownDeadLetter(LookupError):
 @dataclass(frozen=True, slots=True)
 class RetryResult:
     dead_letter: DeadLetter
-    outcome: RetryOutcome
+    outcome: Literal["sent", "failed", "skipped", "would send", "would fail"]
     detail: str  # the error, or why it was skipped; "" when sent
     attempts: int = 0
 
