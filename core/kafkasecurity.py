@@ -144,7 +144,6 @@ class KafkaSecurity(EnvSettings):
             )
 
     def client_kwargs(self) -> dict[str, Any]:
-        """The aiokafka keyword arguments for this security set-up."""
         kwargs: dict[str, Any] = {"security_protocol": self.protocol}
         if self.uses_tls:
             kwargs["ssl_context"] = self.ssl_context()

@@ -10,9 +10,6 @@ from core.kafkasecurity import KafkaSecurity
 from core.secret import Secret
 from core.settings import EnvSettings, declared, setting, settings_class
 
-DEFAULT_TOPIC = "flireo.end-of-call-report"
-DEFAULT_EVENTS_TOPIC = "flireo.events"
-
 
 @settings_class
 class KafkaSettings(EnvSettings):
@@ -24,12 +21,12 @@ class KafkaSettings(EnvSettings):
     )
     topic: str = setting(
         "CALLSTREAM_TOPIC",
-        default=DEFAULT_TOPIC,
+        default="flireo.end-of-call-report",
         doc="Topic the ingress writes end-of-call reports to and the consumers read.",
     )
     events_topic: str = setting(
         "CALLSTREAM_EVENTS_TOPIC",
-        default=DEFAULT_EVENTS_TOPIC,
+        default="flireo.events",
         doc="Topic for the other Flireo events (status updates, ...).",
     )
     schema_registry_url: str | None = setting(
@@ -57,7 +54,6 @@ class KafkaSettings(EnvSettings):
         "trust store.",
     )
     client_id: str = "callstream"
-    # Partitions cap how many instances of one consumer can share the work.
     partitions: int = setting(
         "CALLSTREAM_TOPIC_PARTITIONS",
         default=6,
@@ -113,7 +109,6 @@ class KafkaSettings(EnvSettings):
         return rejected_topic_of(self.topic)
 
     def client_kwargs(self) -> dict[str, Any]:
-        """What every Kafka client callstream makes is given: where, who, and how securely."""
         return {
             "bootstrap_servers": self.bootstrap_servers,
             "client_id": self.client_id,

@@ -63,11 +63,8 @@ class CoordinatorWait(logging.Filter):
         self._last = now
         if burst or not logging.getLogger().isEnabledFor(logging.INFO):
             return False
-        record.name, record.msg, record.args = (
-            "callstream.kafka",
-            "waiting for the group coordinator",
-            (),
-        )
+        record.name = "callstream.kafka"
+        record.msg, record.args = "waiting for the group coordinator", ()
         record.levelno, record.levelname = logging.INFO, "INFO"
         record.exc_info = record.exc_text = None
         return True
@@ -97,11 +94,8 @@ class MissingTopic(logging.Filter):
         if last is not None and now - last < self._quiet:
             return False
         self._last[topic] = now
-        record.name, record.levelno, record.levelname = (
-            "callstream.kafka",
-            logging.WARNING,
-            "WARNING",
-        )
+        record.name = "callstream.kafka"
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
         record.msg = "topic %s is not in the cluster's metadata (yet): waiting for it to be created"
         return True
 

@@ -25,10 +25,8 @@ async def ops_server(
     app.router.add_get("/healthz", healthz)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
-    bound = int(runner.addresses[0][1]) if port == 0 else port
+    await web.TCPSite(runner, host, port).start()
     try:
-        yield bound
+        yield int(runner.addresses[0][1]) if port == 0 else port
     finally:
         await runner.cleanup()

@@ -43,8 +43,6 @@ MISSING: Final = _Missing()
 
 @dataclass(frozen=True, slots=True)
 class Setting:
-    """One environment variable: what it means and how its value is checked."""
-
     env: str
     doc: str
     default: object = MISSING
@@ -98,11 +96,9 @@ class Setting:
         value = self.fallback
         if self.secret or value is MISSING or value is None or value == ():
             return ""
-        if isinstance(value, bool):
-            return str(value).lower()
         if isinstance(value, float) and value.is_integer():
             value = int(value)
-        text = str(value)
+        text = _render(value)
         return f'"{text}"' if " " in text else text
 
 
@@ -139,19 +135,6 @@ def declared(cls: type[Any]) -> dict[str, Setting]:
     return {f.name: f.metadata[_KEY] for f in dataclasses.fields(cls) if _KEY in f.metadata}
 
 
-def from_env(cls: type[T], env: Mapping[str, str], **given: Any) -> T:
-    """`cls` with every declared field read from `env`.
-
-    `given` holds the fields that are not read from the environment (other settings), and
-    fallbacks for declared ones: a set variable wins over them, they win over the default.
-    """
-    hints = typing.get_type_hints(cls)
-    values = dict(given)
-    for name, decl in declared(cls).items():
-        values[name] = decl.read(env, hints[name], given.get(name, MISSING))
-    return cls(**values)
-
-
 def field_from_env(cls: type[Any], name: str, env: Mapping[str, str]) -> Any:
     """One declared field of `cls`, for a tool that needs it without the whole service."""
     return declared(cls)[name].read(env, typing.get_type_hints(cls)[name])
@@ -163,7 +146,6 @@ def to_env(settings: object) -> dict[str, str]:
     nested in a field (KafkaSettings.security) are included."""
     env: dict[str, str] = {}
     assert dataclasses.is_dataclass(settings)
-    assert not isinstance(settings, type)
     decls = declared(type(settings))
     for f in dataclasses.fields(settings):
         value = getattr(settings, f.name)
@@ -190,7 +172,14 @@ class EnvSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], **given: Any) -> Self:
-        return from_env(cls, env, **given)
+        """`given` holds the fields that are not read from the environment (other settings),
+        and fallbacks for declared ones: a set variable wins over them, they win over the
+        default."""
+        hints = typing.get_type_hints(cls)
+        values = dict(given)
+        for name, decl in declared(cls).items():
+            values[name] = decl.read(env, hints[name], given.get(name, MISSING))
+        return cls(**values)
 
 
 # -- parsing one value ---------------------------------------------------------------------

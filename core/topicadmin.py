@@ -76,8 +76,7 @@ async def _create(admin: AIOKafkaAdminClient, kafka: KafkaSettings, names: list[
         for name in names
     ]
     response = await admin.create_topics(missing)
-    for topic_error in getattr(response, "topic_errors", []):
-        name, code = topic_error[0], topic_error[1]
+    for name, code, *_ in getattr(response, "topic_errors", []):
         if code not in (0, TopicAlreadyExistsError.errno):
             raise KafkaError(f"creating topic {name} failed with error code {code}")
     log.info(
@@ -88,7 +87,6 @@ async def _create(admin: AIOKafkaAdminClient, kafka: KafkaSettings, names: list[
     )
 
 
-# How long ensure_topics waits for new topics' partitions to have leaders.
 LEADERS_WAIT_SECONDS = 30.0
 
 
@@ -114,9 +112,7 @@ async def _until_led(admin: AIOKafkaAdminClient, names: list[str]) -> None:
 
 
 def topic_configs(kafka: KafkaSettings, name: str, min_insync_replicas: int) -> dict[str, str]:
-    """The configs a topic callstream creates gets.
-
-    The quarantine is keyed by request id and compacted as well as deleted: the latest record
+    """The quarantine is keyed by request id and compacted as well as deleted: the latest record
     per request id is its state, and an erasure's tombstone removes the kept body for good
     once the log cleaner has passed (and at the latest when retention deletes the segment).
     """
@@ -137,7 +133,6 @@ class ClusterView:
 
 
 async def describe(kafka: KafkaSettings, topics: list[str]) -> ClusterView:
-    """The brokers, the active controller, and how durable each existing topic is."""
     admin = AIOKafkaAdminClient(**kafka.client_kwargs() | {"client_id": "callstream-admin"})
     try:
         await admin.start()

@@ -75,17 +75,13 @@ class _Token:
 _KEYWORDS: Final = frozenset({"and", "or", "not", "true", "false", "null"})
 _NAME_PART = r"[^\W\d][\w-]*"
 _TOKEN = re.compile(
-    r"""
+    rf"""
     (?P<ws>\s+)
     | (?P<num>-?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][+-]?\d+)?)
     | (?P<str>"(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*')
     | (?P<op>==|!=|<=|>=|<|>)
     | (?P<paren>[()])
-    | (?P<name>"""
-    + _NAME_PART
-    + r"(?:\."
-    + _NAME_PART
-    + r""")*)
+    | (?P<name>{_NAME_PART}(?:\.{_NAME_PART})*)
     """,
     re.VERBOSE,
 )
@@ -365,10 +361,7 @@ class Condition:
     @property
     def fields(self) -> tuple[FieldRef, ...]:
         """The fields it reads, first occurrence order (for the message's `$matched`)."""
-        seen: dict[str, FieldRef] = {}
-        for ref in _walk(self.expr):
-            seen.setdefault(ref.text, ref)
-        return tuple(seen.values())
+        return tuple(dict.fromkeys(_walk(self.expr)))
 
 
 def parse_condition(text: str) -> Condition:
@@ -454,9 +447,7 @@ def _compare(op: CompareOp, left: Any, right: Any, *, presence: bool) -> bool:
         return bool(left == right)
     if op == "!=":
         return bool(left != right)
-    if kind not in ("number", "string"):
-        return False
-    return bool(_ORDERING[op](left, right))
+    return kind in ("number", "string") and bool(_ORDERING[op](left, right))
 
 
 def _truthy(value: Any) -> bool:

@@ -48,8 +48,6 @@ class _Planned:
 
 
 class AlertingConsumer(Consumer):
-    """Evaluates the rules on each report and notifies their channels once per call."""
-
     name = "alerting"
 
     def __init__(

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -32,14 +32,11 @@ log = logging.getLogger("callstream.alerting")
 class TokenBucket:
     """`rate` tokens per second, at most `burst` saved up; a 429 pauses the whole channel."""
 
-    def __init__(
-        self, rate: float, burst: int, *, clock: Callable[[], float] = time.monotonic
-    ) -> None:
+    def __init__(self, rate: float, burst: int) -> None:
         self._rate = rate
         self._burst = float(burst)
-        self._clock = clock
         self._tokens = float(burst)
-        self._updated = clock()
+        self._updated = time.monotonic()
         self._paused_until = 0.0
         # FIFO: alerts leave in the order they asked, so none starves behind later ones.
         self._lock = asyncio.Lock()
@@ -47,7 +44,7 @@ class TokenBucket:
     async def acquire(self) -> None:
         async with self._lock:
             while True:
-                now = self._clock()
+                now = time.monotonic()
                 self._tokens = min(self._burst, self._tokens + (now - self._updated) * self._rate)
                 self._updated = now
                 wait = self._paused_until - now
@@ -59,7 +56,7 @@ class TokenBucket:
                 await asyncio.sleep(wait)
 
     def pause(self, seconds: float) -> None:
-        self._paused_until = max(self._paused_until, self._clock() + seconds)
+        self._paused_until = max(self._paused_until, time.monotonic() + seconds)
 
 
 class AlertMetrics:

@@ -54,12 +54,11 @@ class NetworkPolicy:
     def parse(cls, text: str | None) -> NetworkPolicy:
         """Comma-separated CIDRs; raises ValueError naming the bad entry."""
         networks: list[IPNetwork] = []
-        for part in (text or "").split(","):
-            if part.strip():
-                try:
-                    networks.append(ipaddress.ip_network(part.strip(), strict=False))
-                except ValueError as exc:
-                    raise ValueError(f"{part.strip()!r} is not a CIDR network: {exc}") from None
+        for part in filter(None, (entry.strip() for entry in (text or "").split(","))):
+            try:
+                networks.append(ipaddress.ip_network(part, strict=False))
+            except ValueError as exc:
+                raise ValueError(f"{part!r} is not a CIDR network: {exc}") from None
         return cls(tuple(networks))
 
     def refusal(self, address: IPAddress) -> str | None:
@@ -97,8 +96,6 @@ def _ip_address(text: str) -> IPAddress | None:
 
 
 class GuardedResolver(AbstractResolver):
-    """Resolves with the system resolver and hands aiohttp only the allowed addresses."""
-
     def __init__(self, policy: NetworkPolicy) -> None:
         self._policy = policy
         self._inner = aiohttp.ThreadedResolver()

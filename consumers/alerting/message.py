@@ -74,10 +74,6 @@ def _json_safe(value: Any, limit: int = 200) -> Any:
     return _display(value, limit)
 
 
-def alert_id(key: AlertKey) -> str:
-    return hashlib.sha256("\x1f".join(key).encode()).hexdigest()[:32]
-
-
 def build_context(
     key: AlertKey, rule: Rule, report: CallReport, *, excerpt_chars: int, summary_chars: int
 ) -> AlertContext:
@@ -117,4 +113,5 @@ def build_context(
         "excerpt": values["excerpt"],
         "matched": {name: _json_safe(value) for name, value in matched.items()},
     }
-    return AlertContext(alert_id(key), values, payload)
+    alert_id = hashlib.sha256("\x1f".join(key).encode()).hexdigest()[:32]
+    return AlertContext(alert_id, values, payload)

@@ -19,7 +19,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Literal, TypeAlias
+from typing import Literal
 
 from prometheus_client import CollectorRegistry
 
@@ -32,8 +32,6 @@ from consumers.alerting.state import AlertState, DeadLetter
 
 log = logging.getLogger("callstream.alerting")
 
-RetryOutcome: TypeAlias = Literal["sent", "failed", "skipped", "would send", "would fail"]
-
 # Beyond the retry budget and one attempt's timeout, for token-bucket waits and a slow disk.
 _CLAIM_MARGIN = timedelta(seconds=60)
 
@@ -45,7 +43,7 @@ class UnknownDeadLetter(LookupError):
 @dataclass(frozen=True, slots=True)
 class RetryResult:
     dead_letter: DeadLetter
-    outcome: RetryOutcome
+    outcome: Literal["sent", "failed", "skipped", "would send", "would fail"]
     detail: str  # the error, or why it was skipped; "" when sent
     attempts: int = 0
 
@@ -73,30 +71,24 @@ class Redelivery:
         await self._http.close()
         await self._state.close()
 
-    async def selected(
-        self, *, dead_letter_id: int | None, since: datetime | None
-    ) -> tuple[list[DeadLetter], list[RetryResult]]:
-        """What a retry would send, and what it names but will not send (already delivered)."""
-        if dead_letter_id is None:
-            return await self._state.unresolved_dead_letters(since=since), []
-        found = await self._state.dead_letter(dead_letter_id)
-        if found is None:
-            raise UnknownDeadLetter(
-                f"no dead letter #{dead_letter_id} in {self._settings.state_path}"
-            )
-        if found.resolved_at is not None:
-            done = f"already delivered by a retry at {found.resolved_at}"
-            return [], [RetryResult(found, "skipped", done)]
-        return [found], []
-
     async def retry(
         self, *, dead_letter_id: int | None, since: datetime | None, dry_run: bool
     ) -> list[RetryResult]:
-        """Each selected dead letter sent once (or, with `dry_run`, what would happen)."""
-        candidates, results = await self.selected(dead_letter_id=dead_letter_id, since=since)
-        for dead_letter in candidates:
-            results.append(await self._one(dead_letter, dry_run=dry_run))
-        return results
+        """The dead letter `dead_letter_id`, or every one not yet delivered, sent once (or,
+        with `dry_run`, what would happen); one named that is delivered already is skipped."""
+        if dead_letter_id is None:
+            candidates = await self._state.unresolved_dead_letters(since=since)
+        else:
+            found = await self._state.dead_letter(dead_letter_id)
+            if found is None:
+                raise UnknownDeadLetter(
+                    f"no dead letter #{dead_letter_id} in {self._settings.state_path}"
+                )
+            if found.resolved_at is not None:
+                done = f"already delivered by a retry at {found.resolved_at}"
+                return [RetryResult(found, "skipped", done)]
+            candidates = [found]
+        return [await self._one(dead_letter, dry_run=dry_run) for dead_letter in candidates]
 
     def _problem(self, dead_letter: DeadLetter) -> str | None:
         if dead_letter.context is None:

@@ -241,9 +241,7 @@ def _rule(node: _Node, channels: set[str], problems: _Problems) -> Rule | None:
         return None
     where = f"rule {name!r}"
     _unknown_keys(spec, _RULE_KEYS, where, problems)
-    enabled = spec.get("enabled")
-    if enabled is not None and not isinstance(enabled.value, bool):
-        problems.add(enabled.line, f"{where}: `enabled` must be true or false")
+    enabled = _Reader(spec, node.line, where, {}, problems).boolean("enabled", True)
 
     condition: Condition | None = None
     when = spec.get("when")
@@ -277,7 +275,7 @@ def _rule(node: _Node, channels: set[str], problems: _Problems) -> Rule | None:
                 problems.add(item.line, f"{where}: channel {item.value!r} is listed twice")
             else:
                 channel_names.append(item.value)
-    if condition is None or not channel_names or (enabled is not None and enabled.value is False):
+    if condition is None or not channel_names or not enabled:
         return None
     return Rule(name, condition, tuple(channel_names), node.line)
 
@@ -386,12 +384,9 @@ def _channel(
         username = read.optional_str("username")
         password = read.secret("password_env")
         if username and not (tls or starttls):
-            problems.add(
-                spec["username"].line,
-                f"{where}: refusing to send a password without `tls` or `starttls`",
-            )
+            read.problem("username", "refusing to send a password without `tls` or `starttls`")
         if password is not None and not username:
-            problems.add(spec["password_env"].line, f"{where}: `password_env` needs `username`")
+            read.problem("password_env", "`password_env` needs `username`")
         channel = EmailChannel(
             name=name,
             host=read.required_str("host"),
@@ -436,15 +431,15 @@ def _rate(node: _Node | None, where: str, problems: _Problems) -> RateLimit:
 
 @dataclass(frozen=True, slots=True)
 class _Reader:
-    """Typed access to one channel's settings; each problem is recorded with its line."""
+    """Typed access to one channel's or rule's settings, each problem recorded with its line."""
 
     spec: Mapping[str, _Node]
-    line: int  # the channel's own, for a problem with a key that is missing
+    line: int  # the channel's or rule's own, for a problem with a key that is missing
     where: str
     env: Mapping[str, str]
     problems: _Problems
 
-    def _problem(self, key: str, message: str) -> None:
+    def problem(self, key: str, message: str) -> None:
         node = self.spec.get(key)
         self.problems.add(node.line if node else self.line, f"{self.where}: {message}")
 
@@ -453,13 +448,13 @@ class _Reader:
         if node is None:
             return None
         if not isinstance(node.value, str) or not node.value.strip():
-            self._problem(key, f"`{key}` must be a non-empty string")
+            self.problem(key, f"`{key}` must be a non-empty string")
             return None
         return node.value.strip()
 
     def required_str(self, key: str) -> str:
         if key not in self.spec:
-            self._problem(key, f"needs `{key}`")
+            self.problem(key, f"needs `{key}`")
             return ""
         return self.optional_str(key) or ""
 
@@ -468,7 +463,7 @@ class _Reader:
         if node is None:
             return default
         if not isinstance(node.value, bool):
-            self._problem(key, f"`{key}` must be true or false")
+            self.problem(key, f"`{key}` must be true or false")
             return default
         return node.value
 
@@ -478,7 +473,7 @@ class _Reader:
             return default
         value = node.value
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            self._problem(key, f"`{key}` must be an integer in [{low}, {high}]")
+            self.problem(key, f"`{key}` must be an integer in [{low}, {high}]")
             return default
         return value
 
@@ -488,11 +483,11 @@ class _Reader:
         text: str = self.spec[key].value  # unstripped: the author's layout is kept
         template = Template(text)
         if not template.is_valid():
-            self._problem(key, f"`{key}` has a stray '$': write $$ for a dollar sign")
+            self.problem(key, f"`{key}` has a stray '$': write $$ for a dollar sign")
             return default
         unknown = sorted(set(template.get_identifiers()) - TEMPLATE_FIELDS)
         if unknown:
-            self._problem(
+            self.problem(
                 key,
                 f"`{key}` uses unknown placeholder(s) {', '.join('$' + u for u in unknown)}; "
                 f"available: {', '.join('$' + f for f in sorted(TEMPLATE_FIELDS))}",
@@ -505,11 +500,11 @@ class _Reader:
         if name is None:
             return None
         if not _ENV_NAME.match(name):
-            self._problem(key, f"`{key}` names an environment variable, not a value")
+            self.problem(key, f"`{key}` names an environment variable, not a value")
             return None
         value = self.env.get(name, "").strip()
         if not value:
-            self._problem(key, f"environment variable {name} (from `{key}`) is not set")
+            self.problem(key, f"environment variable {name} (from `{key}`) is not set")
             return None
         return value
 
@@ -521,13 +516,13 @@ class _Reader:
 
     def required_secret(self, key: str) -> Secret:
         if key not in self.spec:
-            self._problem(key, f"needs `{key}`, the environment variable holding the secret")
+            self.problem(key, f"needs `{key}`, the environment variable holding the secret")
         return self.secret(key) or Secret("")
 
     def url(self) -> Secret:
         has_url, has_env = "url" in self.spec, "url_env" in self.spec
         if has_url == has_env:
-            self._problem("url", "needs exactly one of `url` and `url_env`")
+            self.problem("url", "needs exactly one of `url` and `url_env`")
             return Secret("")
         key = "url" if has_url else "url_env"
         value = self.optional_str(key) if has_url else self._from_env(key)
@@ -539,24 +534,24 @@ class _Reader:
             parsed = None
         if parsed is None or parsed.scheme not in ("http", "https") or not parsed.host:
             # The value may be a secret (url_env): describe it, never echo it.
-            self._problem(key, f"`{key}` must be an http:// or https:// URL with a host")
+            self.problem(key, f"`{key}` must be an http:// or https:// URL with a host")
             return Secret("")
         return Secret(value)
 
     def address(self, key: str) -> str:
         value = self.required_str(key)
         if value and not _EMAIL.match(value):
-            self._problem(key, f"`{key}` must be one e-mail address")
+            self.problem(key, f"`{key}` must be one e-mail address")
         return value
 
     def addresses(self, key: str) -> tuple[str, ...]:
         node = self.spec.get(key)
         if node is None:
-            self._problem(key, f"needs `{key}`: one address or a list")
+            self.problem(key, f"needs `{key}`: one address or a list")
             return ()
         items = node.value if isinstance(node.value, list) else [node]
         if not items:
-            self._problem(key, f"`{key}` is empty")
+            self.problem(key, f"`{key}` is empty")
         out: list[str] = []
         for item in items:
             if isinstance(item.value, str) and _EMAIL.match(item.value.strip()):

@@ -141,6 +141,7 @@ class AlertRecord:
     dead_letter: DeadLetter | None
 
 
+# DeadLetter's fields in order, the key's three spelled out.
 _DEAD_LETTER_COLUMNS: Final = (
     "d.id, d.rule, d.call_id, d.channel, d.channel_type, d.reason, d.detail, d.attempts,"
     " d.created_at, d.context, d.retry_started_at, d.retries, d.retried_at, d.retry_error,"
@@ -167,21 +168,9 @@ _UNRESOLVED: Final = (
 
 
 def _dead_letter(row: Sequence[Any]) -> DeadLetter:
-    return DeadLetter(
-        id=int(row[0]),
-        key=AlertKey(str(row[1]), str(row[2]), str(row[3])),
-        channel_type=str(row[4]),
-        reason=str(row[5]),
-        detail=str(row[6]),
-        attempts=int(row[7]),
-        created_at=str(row[8]),
-        context=None if row[9] is None else decode_context(str(row[9])),
-        retry_started_at=row[10],
-        retries=int(row[11]),
-        retried_at=row[12],
-        retry_error=row[13],
-        resolved_at=row[14],
-    )
+    # The context is kept as the JSON of its fields.
+    context = None if row[9] is None else AlertContext(**orjson.loads(row[9]))
+    return DeadLetter(*[row[0], AlertKey(*row[1:4]), *row[4:9], context, *row[10:]])
 
 
 def _add_missing_columns(conn: sqlite3.Connection) -> None:
@@ -192,18 +181,6 @@ def _add_missing_columns(conn: sqlite3.Connection) -> None:
         for name, declaration in _V2_DEAD_LETTER_COLUMNS:
             if name not in present:
                 conn.execute(f"ALTER TABLE alert_dead_letters ADD COLUMN {name} {declaration}")
-
-
-def encode_context(context: AlertContext) -> str:
-    return orjson.dumps(
-        {"alert_id": context.alert_id, "values": context.values, "payload": context.payload}
-    ).decode()
-
-
-def decode_context(text: str) -> AlertContext:
-    data: dict[str, Any] = orjson.loads(text)
-    values = {str(name): str(value) for name, value in data["values"].items()}
-    return AlertContext(str(data["alert_id"]), values, dict(data["payload"]))
 
 
 def _since(moment: datetime | None) -> str:
@@ -299,6 +276,8 @@ class AlertState:
         attempts: int,
         context: AlertContext,
     ) -> None:
+        kept = orjson.dumps(context).decode()  # the JSON of its fields, as _dead_letter reads it
+
         def work(conn: sqlite3.Connection) -> None:
             now = _now()
             with sqlite_file.transaction(conn):
@@ -307,7 +286,7 @@ class AlertState:
                     "INSERT INTO alert_dead_letters (rule, call_id, channel, channel_type,"
                     " reason, detail, attempts, created_at, context)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (*key, channel_type, reason, detail, attempts, now, encode_context(context)),
+                    (*key, channel_type, reason, detail, attempts, now, kept),
                 )
 
         await self._db.run(work)
@@ -319,19 +298,12 @@ class AlertState:
         """Every (rule, call, channel) changed since `since`, oldest change first."""
 
         def work(conn: sqlite3.Connection) -> list[AlertRecord]:
-            rows = conn.execute(_HISTORY, (_since(since), int(failed_only))).fetchall()
-            return [
-                AlertRecord(
-                    AlertKey(row[0], row[1], row[2]),
-                    status=str(row[3]),
-                    attempts=int(row[4]),
-                    claims=int(row[5]),
-                    created_at=str(row[6]),
-                    updated_at=str(row[7]),
-                    dead_letter=None if row[8] is None else _dead_letter(row[8:]),
-                )
-                for row in rows
-            ]
+            records: list[AlertRecord] = []
+            for row in conn.execute(_HISTORY, (_since(since), int(failed_only))):
+                dead_letter = None if row[8] is None else _dead_letter(row[8:])
+                # The notification's columns are AlertRecord's fields in order.
+                records.append(AlertRecord(*[AlertKey(*row[:3]), *row[3:8], dead_letter]))
+            return records
 
         return await self._db.run(work)
 
@@ -346,8 +318,7 @@ class AlertState:
         """Dead letters given up on since `since` that no retry has delivered, oldest first."""
 
         def work(conn: sqlite3.Connection) -> list[DeadLetter]:
-            rows = conn.execute(_UNRESOLVED, (_since(since),)).fetchall()
-            return [_dead_letter(row) for row in rows]
+            return [_dead_letter(row) for row in conn.execute(_UNRESOLVED, (_since(since),))]
 
         return await self._db.run(work)
 
