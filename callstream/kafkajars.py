@@ -122,13 +122,11 @@ def find_java() -> str:
 @contextlib.contextmanager
 def flocked(path: Path) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Python opens files non-inheritable, so the broker JVM never holds this lock.
+    # Python opens files non-inheritable, so the broker JVM never holds this lock, and
+    # closing the file releases it.
     with path.open("a") as fh:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        yield
 
 
 def tail_text(text: str, lines: int = 40) -> str:
