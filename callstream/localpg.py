@@ -90,13 +90,8 @@ def _version_key(bindir: Path) -> tuple[int, ...]:
         return ()
 
 
-def _is_server_bindir(bindir: Path) -> bool:
-    return all(os.access(bindir / name, os.X_OK) for name in _REQUIRED_BINARIES)
-
-
 @functools.cache
 def find_bindir() -> Path:
-    """The directory holding ``initdb``, ``postgres`` and ``psql``."""
     candidates: list[Path] = []
     pg_config = shutil.which("pg_config")
     if pg_config is not None:
@@ -109,7 +104,7 @@ def find_bindir() -> Path:
             candidates.append(Path(result.stdout.strip()))
     candidates.extend(sorted(_DEBIAN_ROOT.glob("*/bin"), key=_version_key, reverse=True))
     for bindir in candidates:
-        if _is_server_bindir(bindir):
+        if all(os.access(bindir / name, os.X_OK) for name in _REQUIRED_BINARIES):
             return bindir
     looked = ", ".join(str(c) for c in candidates) or f"{_DEBIAN_ROOT}/*/bin (none exist)"
     raise PostgresNotFoundError(
@@ -241,16 +236,11 @@ class PostgresServer(StartStop):
 
     @property
     def pid(self) -> int | None:
-        """The postmaster's PID while it runs."""
         return self._proc.pid if self.running and self._proc is not None else None
 
     @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
-
-    @property
-    def initialized(self) -> bool:
-        return (self.data_dir / "PG_VERSION").is_file()
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -269,7 +259,7 @@ class PostgresServer(StartStop):
             last = attempt == _START_ATTEMPTS
             self._prepare_directories(user)
             try:
-                if not self.initialized:
+                if not (self.data_dir / "PG_VERSION").is_file():
                     self._initdb(bindir, user)
                 self._launch(bindir, user, timeout)
                 break
@@ -334,15 +324,15 @@ class PostgresServer(StartStop):
         proc.wait()
         self._proc = None
         _RUNNING.discard(self)
-        data_dir = str(self.data_dir.resolve())
+        data_dir = self.data_dir.resolve()
         deadline = time.monotonic() + grace
-        while (orphans := _processes_in(Path(data_dir))) and time.monotonic() < deadline:
+        while (orphans := _processes_in(data_dir)) and time.monotonic() < deadline:
             time.sleep(0.01)
         for pid in orphans:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 10.0
-        while _processes_in(Path(data_dir)):
+        while _processes_in(data_dir):
             if time.monotonic() > deadline:
                 raise PostgresServerError(f"processes of the killed cluster in {data_dir} linger")
             time.sleep(0.01)
@@ -350,7 +340,6 @@ class PostgresServer(StartStop):
     # -- databases -------------------------------------------------------------------
 
     def create_database(self, name: str) -> str:
-        """Create an empty database ``name`` and return its DSN."""
         encoded = name.encode()
         if not encoded or b"\0" in encoded or len(encoded) > _MAX_IDENTIFIER_BYTES:
             raise ValueError(
@@ -417,9 +406,8 @@ class PostgresServer(StartStop):
 
     def _as_server(self, user: _ServerUser) -> dict[str, Any]:
         """subprocess arguments that run a server binary as `user`, in base_dir."""
-        env = {"PATH": os.environ.get("PATH", os.defpath), "HOME": user.home, "LC_ALL": "C"}
         return {
-            "env": env,
+            "env": {"PATH": os.environ.get("PATH", os.defpath), "HOME": user.home, "LC_ALL": "C"},
             "cwd": self.base_dir,
             "user": user.uid,
             "group": user.gid,
