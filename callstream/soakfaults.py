@@ -66,7 +66,7 @@ class Service(ChildProcess):
         self.peak_kib = max(self.peak_kib, vm_hwm_kib(self.pid if self.running() else None))
 
     def rss_kib(self) -> int:
-        return (rss_kib(self.pid) or 0) if self.running() and self.pid is not None else 0
+        return (rss_kib(self.pid) or 0) if self.running() else 0
 
     def kill(self) -> int:
         self.sample()
