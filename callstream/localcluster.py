@@ -144,7 +144,6 @@ class LocalCluster:
         )
 
     def env(self) -> dict[str, str]:
-        """What a client needs in its environment to reach this cluster."""
         security = self.security()
         env = {"KAFKA_BOOTSTRAP_SERVERS": self.bootstrap}
         if security.protocol != "PLAINTEXT":

@@ -16,9 +16,8 @@ as the ``postgres`` system user (created by Debian's ``postgresql-common``). Tha
 owns ``data/`` and ``socket/``, and directories above ``base_dir`` it cannot pass through
 (pytest's 0700 ``/tmp/pytest-of-root``) get search permission (o+x) added.
 
-Durability settings are the server defaults (``fsync``, ``synchronous_commit`` and
-``full_page_writes`` all on) because the restart and crash tests are only meaningful
-against them. Only resource sizes are trimmed. Not thread-safe: one thread drives a server.
+Durability is as in production, resource sizes are trimmed (see _server_command). Not
+thread-safe: one thread drives a server.
 """
 
 from __future__ import annotations
