@@ -49,7 +49,6 @@ def ensure_kafka_jars(version: str = KAFKA_VERSION) -> Path:
             f"Kafka {version} jars are not cached in {libs} and Maven (mvn) is not on PATH to "
             "download them; install Maven or set KAFKA_BOOTSTRAP_SERVERS to use another broker"
         )
-    libs.parent.mkdir(parents=True, exist_ok=True)
     with flocked(libs.parent / ".lock"):
         # Another process may have finished the download while we waited for the lock.
         if (libs / _MARKER).is_file():

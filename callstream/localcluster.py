@@ -108,7 +108,6 @@ class LocalCluster:
             password=secrets.token_urlsafe(18),
             mtls_ports=[] if security == "plaintext" else ports[3 * brokers :],
         )
-        self.home.mkdir(parents=True, exist_ok=True)
         atomic_write(self.state_file, json.dumps(asdict(layout), indent=2) + "\n")
         self.state_file.chmod(0o600)
         return layout

@@ -142,7 +142,6 @@ class LocalKafka(StartStop):
         produce immediately.
         """
         deadline = time.monotonic() + timeout
-        self.home.mkdir(parents=True, exist_ok=True)
         # Serialises concurrent `callstream run` / test processes sharing a home: the loser
         # waits and then adopts the winner's broker instead of formatting or binding twice.
         with flocked(self.home / ".lock"):
