@@ -208,10 +208,10 @@ class PostgresServer(StartStop):
         self.data_dir = self.base_dir / "data"
         self.socket_dir = self.base_dir / "socket"
         self.log_path = self.base_dir / "postgres.log"
-        self._port_given = port is not None
+        # A port given, or one a start has handed out in DSNs, is never chosen again.
+        self._port_pinned = port is not None
         self._port = port if port is not None else free_port()
         self._proc: subprocess.Popen[bytes] | None = None
-        self._has_started = False
 
     def __repr__(self) -> str:
         state = f"pid {self.pid}" if self.running else "stopped"
@@ -264,16 +264,15 @@ class PostgresServer(StartStop):
                 break
             except _PortInUseError:
                 # An automatically chosen port can be taken between choosing and
-                # binding; choose again, but only before a successful start has
-                # handed out DSNs with the old one.
-                if last or self._port_given or self._has_started:
+                # binding: choose again, unless it is pinned.
+                if last or self._port_pinned:
                     raise
                 self._port = free_port()
             except _AccessLostError:
                 # See _make_traversable: the next round re-grants search permission.
                 if last:
                     raise
-        self._has_started = True
+        self._port_pinned = True
         _RUNNING.add(self)
 
     def stop(self, mode: ShutdownMode = "fast", timeout: float = 60.0) -> None:
