@@ -105,11 +105,10 @@ def _print_env(values: Mapping[str, str]) -> None:
 
 def _cluster_status(cluster: LocalCluster, env: Mapping[str, str]) -> int:
     states = cluster.status()
-    for number, state in states:
-        running = state is not None and state.running
-        pid = f" pid={state.pid}" if state is not None and running else ""
-        print(f"node {number}: {'running' if running else 'stopped'}{pid}")
-    if not any(state is not None and state.running for _, state in states):
+    pids = {number: state.pid for number, state in states if state is not None and state.running}
+    for number, _ in states:
+        print(f"node {number}: " + (f"running pid={pids[number]}" if number in pids else "stopped"))
+    if not pids:
         return 1
     topic = field_from_env(KafkaSettings, "topic", env)
     kafka = KafkaSettings(cluster.bootstrap, topic=topic, security=cluster.security())

@@ -49,7 +49,6 @@ def ensure_kafka_jars(version: str = KAFKA_VERSION) -> Path:
             f"Kafka {version} jars are not cached in {libs} and Maven (mvn) is not on PATH to "
             "download them; install Maven or set KAFKA_BOOTSTRAP_SERVERS to use another broker"
         )
-    libs.parent.mkdir(parents=True, exist_ok=True)
     with flocked(libs.parent / ".lock"):
         # Another process may have finished the download while we waited for the lock.
         if (libs / _MARKER).is_file():
@@ -122,13 +121,11 @@ def find_java() -> str:
 @contextlib.contextmanager
 def flocked(path: Path) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Python opens files non-inheritable, so the broker JVM never holds this lock.
+    # Python opens files non-inheritable, so the broker JVM never holds this lock, and
+    # closing the file releases it.
     with path.open("a") as fh:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        yield
 
 
 def tail_text(text: str, lines: int = 40) -> str:

@@ -42,23 +42,20 @@ def broker_ready(port: int, cluster_id: str, node_id: int, timeout: float) -> bo
     body = struct.pack(">hhih", 3, 4, correlation_id, len(client_id)) + client_id
     body += struct.pack(">i?", 0, False)  # no topics, no auto-creation
     try:
-        with socket.create_connection((_HOST, port), timeout=timeout) as sock:
+        with (
+            socket.create_connection((_HOST, port), timeout=timeout) as sock,
+            sock.makefile("rb") as answer,
+        ):
             sock.sendall(struct.pack(">i", len(body)) + body)
-            (size,) = struct.unpack(">i", _recv_exact(sock, 4))
-            resp = _recv_exact(sock, size)
-        return _metadata_lists_broker(resp, correlation_id, cluster_id, node_id, port)
-    except (OSError, struct.error, EOFError, IndexError, UnicodeDecodeError):
+            (size,) = struct.unpack(">i", answer.read(4))
+            resp = answer.read(size)
+        # A buffered read stops short only at the end of the stream: the broker hung up.
+        return len(resp) == size and _metadata_lists_broker(
+            resp, correlation_id, cluster_id, node_id, port
+        )
+    # ValueError: a negative size, or a name that is not UTF-8.
+    except (OSError, struct.error, IndexError, ValueError):
         return False
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise EOFError("connection closed")
-        buf += chunk
-    return bytes(buf)
 
 
 def _metadata_lists_broker(

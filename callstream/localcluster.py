@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import secrets
 import signal
-import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -108,7 +108,6 @@ class LocalCluster:
             password=secrets.token_urlsafe(18),
             mtls_ports=[] if security == "plaintext" else ports[3 * brokers :],
         )
-        self.home.mkdir(parents=True, exist_ok=True)
         atomic_write(self.state_file, json.dumps(asdict(layout), indent=2) + "\n")
         self.state_file.chmod(0o600)
         return layout
@@ -144,7 +143,6 @@ class LocalCluster:
         )
 
     def env(self) -> dict[str, str]:
-        """What a client needs in its environment to reach this cluster."""
         security = self.security()
         env = {"KAFKA_BOOTSTRAP_SERVERS": self.bootstrap}
         if security.protocol != "PLAINTEXT":
@@ -174,21 +172,10 @@ class LocalCluster:
         layout = self.layout()
         if layout.security == "sasl_ssl":
             ensure_tls_files(self.tls_dir)
-        errors: list[BaseException] = []
-
-        def run(node: LocalKafka) -> None:
-            try:
-                node.start(timeout)
-            except BaseException as exc:  # re-raised below, in the caller's thread
-                errors.append(exc)
-
-        threads = [threading.Thread(target=run, args=(node,)) for node in self.nodes()]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        if errors:
-            raise errors[0]
+        # Leaving the block waits for every node, so a failure is raised after all have tried.
+        with ThreadPoolExecutor(max_workers=layout.brokers) as pool:
+            for started in [pool.submit(node.start, timeout) for node in self.nodes()]:
+                started.result()
         return self.bootstrap
 
     def start_node(self, number: int, timeout: float = 120.0) -> None:

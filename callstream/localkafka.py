@@ -142,7 +142,6 @@ class LocalKafka(StartStop):
         produce immediately.
         """
         deadline = time.monotonic() + timeout
-        self.home.mkdir(parents=True, exist_ok=True)
         # Serialises concurrent `callstream run` / test processes sharing a home: the loser
         # waits and then adopts the winner's broker instead of formatting or binding twice.
         with flocked(self.home / ".lock"):
@@ -153,11 +152,11 @@ class LocalKafka(StartStop):
             libs = ensure_kafka_jars(self.version)
             java = find_java()
             state = self._prepare_state()
-            config = self._write_config(state)
+            self._write_config(state)
             self._write_log4j_config()
             if not (self.data_dir / "meta.properties").is_file():
                 self._format_storage(java, libs, state["cluster_id"])
-            return self._spawn(java, libs, state, config, deadline)
+            return self._spawn(java, libs, state, deadline)
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM the broker's process group, escalate to SIGKILL after `timeout`."""
@@ -243,7 +242,7 @@ class LocalKafka(StartStop):
                 f"the broker in {self.home} is already running on port {port}, not {self._port}"
             )
         cluster_id = state.get("cluster_id") or _read_meta_cluster_id(self.data_dir) or ""
-        self._wait_ready(pid, port, str(cluster_id), deadline, log_offset=None)
+        self._wait_ready(pid, port, str(cluster_id), deadline, log_offset=(0, 0))
         return f"{_HOST}:{port}"
 
     def _load_state(self) -> dict[str, Any]:
@@ -286,7 +285,7 @@ class LocalKafka(StartStop):
         atomic_write(self.state_file, json.dumps(state, indent=2, sort_keys=True) + "\n")
         return state
 
-    def _write_config(self, state: Mapping[str, Any]) -> dict[str, str]:
+    def _write_config(self, state: Mapping[str, Any]) -> None:
         port, cport = state["port"], state["controller_port"]
         config = {
             "process.roles": "broker,controller",
@@ -325,7 +324,6 @@ class LocalKafka(StartStop):
                 raise LocalKafkaError(f"config value for {key!r} must be a single line")
             lines.append(f"{key}={_escape_property(value)}")
         atomic_write(self.config_file, "\n".join(lines) + "\n")
-        return config
 
     def _write_log4j_config(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -392,14 +390,7 @@ logger.request.appenderRef.file.ref = FILE
         what = f"kafka-storage format in {self.home}"
         run_tool(cmd, what=what, timeout=_FORMAT_TIMEOUT_S, cwd=self.home)
 
-    def _spawn(
-        self,
-        java: str,
-        libs: Path,
-        state: Mapping[str, Any],
-        config: Mapping[str, str],
-        deadline: float,
-    ) -> str:
+    def _spawn(self, java: str, libs: Path, state: Mapping[str, Any], deadline: float) -> str:
         port = int(state["port"])
         out_path = self.log_dir / "broker.out"
         log_offset = _file_size(self.log_file)
@@ -419,7 +410,6 @@ logger.request.appenderRef.file.ref = FILE
                 start_new_session=True,
             )
         atomic_write(self.pid_file, f"{proc.pid}\n")
-        node_id = int(config.get("node.id", self.node_id))
         try:
             self._wait_ready(
                 proc.pid,
@@ -427,7 +417,6 @@ logger.request.appenderRef.file.ref = FILE
                 str(state["cluster_id"]),
                 deadline,
                 log_offset=(log_offset, out_offset),
-                node_id=node_id,
             )
         except BaseException:
             # A half-started broker left behind would hold the port and the data-dir lock.
@@ -438,21 +427,14 @@ logger.request.appenderRef.file.ref = FILE
         return f"{_HOST}:{port}"
 
     def _wait_ready(
-        self,
-        pid: int,
-        port: int,
-        cluster_id: str,
-        deadline: float,
-        log_offset: tuple[int, int] | None,
-        node_id: int | None = None,
+        self, pid: int, port: int, cluster_id: str, deadline: float, log_offset: tuple[int, int]
     ) -> None:
-        node_id = self.node_id if node_id is None else node_id
         while True:
             if not _alive(pid):
                 raise LocalKafkaError(
                     f"Kafka broker (pid {pid}) exited during startup\n{self._log_tail(log_offset)}"
                 )
-            if broker_ready(port, cluster_id, node_id, timeout=1.0):
+            if broker_ready(port, cluster_id, self.node_id, timeout=1.0):
                 return
             if time.monotonic() >= deadline:
                 raise LocalKafkaError(
@@ -461,10 +443,10 @@ logger.request.appenderRef.file.ref = FILE
                 )
             time.sleep(0.1)
 
-    def _log_tail(self, offsets: tuple[int, int] | None) -> str:
+    def _log_tail(self, offsets: tuple[int, int]) -> str:
         # Only what this start wrote: the files append across runs and an old run's error
         # would be a convincing red herring.
-        server_off, out_off = offsets if offsets is not None else (0, 0)
+        server_off, out_off = offsets
         parts = []
         server_log = _read_from(self.log_file, server_off)
         errors = _logged_errors(server_log)

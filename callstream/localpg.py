@@ -16,9 +16,8 @@ as the ``postgres`` system user (created by Debian's ``postgresql-common``). Tha
 owns ``data/`` and ``socket/``, and directories above ``base_dir`` it cannot pass through
 (pytest's 0700 ``/tmp/pytest-of-root``) get search permission (o+x) added.
 
-Durability settings are the server defaults (``fsync``, ``synchronous_commit`` and
-``full_page_writes`` all on) because the restart and crash tests are only meaningful
-against them. Only resource sizes are trimmed. Not thread-safe: one thread drives a server.
+Durability is as in production, resource sizes are trimmed (see _server_command). Not
+thread-safe: one thread drives a server.
 """
 
 from __future__ import annotations
@@ -90,13 +89,8 @@ def _version_key(bindir: Path) -> tuple[int, ...]:
         return ()
 
 
-def _is_server_bindir(bindir: Path) -> bool:
-    return all(os.access(bindir / name, os.X_OK) for name in _REQUIRED_BINARIES)
-
-
 @functools.cache
 def find_bindir() -> Path:
-    """The directory holding ``initdb``, ``postgres`` and ``psql``."""
     candidates: list[Path] = []
     pg_config = shutil.which("pg_config")
     if pg_config is not None:
@@ -109,7 +103,7 @@ def find_bindir() -> Path:
             candidates.append(Path(result.stdout.strip()))
     candidates.extend(sorted(_DEBIAN_ROOT.glob("*/bin"), key=_version_key, reverse=True))
     for bindir in candidates:
-        if _is_server_bindir(bindir):
+        if all(os.access(bindir / name, os.X_OK) for name in _REQUIRED_BINARIES):
             return bindir
     looked = ", ".join(str(c) for c in candidates) or f"{_DEBIAN_ROOT}/*/bin (none exist)"
     raise PostgresNotFoundError(
@@ -214,10 +208,10 @@ class PostgresServer(StartStop):
         self.data_dir = self.base_dir / "data"
         self.socket_dir = self.base_dir / "socket"
         self.log_path = self.base_dir / "postgres.log"
-        self._port_given = port is not None
+        # A port given, or one a start has handed out in DSNs, is never chosen again.
+        self._port_pinned = port is not None
         self._port = port if port is not None else free_port()
         self._proc: subprocess.Popen[bytes] | None = None
-        self._has_started = False
 
     def __repr__(self) -> str:
         state = f"pid {self.pid}" if self.running else "stopped"
@@ -241,16 +235,11 @@ class PostgresServer(StartStop):
 
     @property
     def pid(self) -> int | None:
-        """The postmaster's PID while it runs."""
         return self._proc.pid if self.running and self._proc is not None else None
 
     @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
-
-    @property
-    def initialized(self) -> bool:
-        return (self.data_dir / "PG_VERSION").is_file()
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -269,22 +258,21 @@ class PostgresServer(StartStop):
             last = attempt == _START_ATTEMPTS
             self._prepare_directories(user)
             try:
-                if not self.initialized:
+                if not (self.data_dir / "PG_VERSION").is_file():
                     self._initdb(bindir, user)
                 self._launch(bindir, user, timeout)
                 break
             except _PortInUseError:
                 # An automatically chosen port can be taken between choosing and
-                # binding; choose again, but only before a successful start has
-                # handed out DSNs with the old one.
-                if last or self._port_given or self._has_started:
+                # binding: choose again, unless it is pinned.
+                if last or self._port_pinned:
                     raise
                 self._port = free_port()
             except _AccessLostError:
                 # See _make_traversable: the next round re-grants search permission.
                 if last:
                     raise
-        self._has_started = True
+        self._port_pinned = True
         _RUNNING.add(self)
 
     def stop(self, mode: ShutdownMode = "fast", timeout: float = 60.0) -> None:
@@ -334,15 +322,15 @@ class PostgresServer(StartStop):
         proc.wait()
         self._proc = None
         _RUNNING.discard(self)
-        data_dir = str(self.data_dir.resolve())
+        data_dir = self.data_dir.resolve()
         deadline = time.monotonic() + grace
-        while (orphans := _processes_in(Path(data_dir))) and time.monotonic() < deadline:
+        while (orphans := _processes_in(data_dir)) and time.monotonic() < deadline:
             time.sleep(0.01)
         for pid in orphans:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 10.0
-        while _processes_in(Path(data_dir)):
+        while _processes_in(data_dir):
             if time.monotonic() > deadline:
                 raise PostgresServerError(f"processes of the killed cluster in {data_dir} linger")
             time.sleep(0.01)
@@ -350,7 +338,6 @@ class PostgresServer(StartStop):
     # -- databases -------------------------------------------------------------------
 
     def create_database(self, name: str) -> str:
-        """Create an empty database ``name`` and return its DSN."""
         encoded = name.encode()
         if not encoded or b"\0" in encoded or len(encoded) > _MAX_IDENTIFIER_BYTES:
             raise ValueError(
@@ -417,9 +404,8 @@ class PostgresServer(StartStop):
 
     def _as_server(self, user: _ServerUser) -> dict[str, Any]:
         """subprocess arguments that run a server binary as `user`, in base_dir."""
-        env = {"PATH": os.environ.get("PATH", os.defpath), "HOME": user.home, "LC_ALL": "C"}
         return {
-            "env": env,
+            "env": {"PATH": os.environ.get("PATH", os.defpath), "HOME": user.home, "LC_ALL": "C"},
             "cwd": self.base_dir,
             "user": user.uid,
             "group": user.gid,

@@ -85,12 +85,10 @@ class ChildProcess:
         return self.popen.wait(timeout)
 
     def kill(self) -> int:
-        """SIGKILL, and its exit status once it is gone."""
         self.send_signal(signal.SIGKILL)
         return self.popen.wait()
 
     def wait_or_kill(self, grace: float) -> int:
-        """Its exit status, waiting up to `grace` seconds before killing it."""
         try:
             return self.popen.wait(max(0.1, grace))
         except subprocess.TimeoutExpired:

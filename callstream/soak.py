@@ -175,10 +175,6 @@ class Driver:
         self.tally = tally
         self.template = sample_report()
 
-    def body(self, call_id: str) -> bytes:
-        stamp = int(time.time() * 1000)
-        return orjson.dumps(self.template | {"callId": call_id, "eventTimestamp": stamp})
-
     async def run(self, rate: float, until: float, label: str = "soak load") -> None:
         loop = asyncio.get_running_loop()
         connector = aiohttp.TCPConnector(limit=MAX_IN_FLIGHT)
@@ -204,7 +200,8 @@ class Driver:
 
     async def send(self, session: aiohttp.ClientSession) -> None:
         call_id = str(uuid.uuid4())
-        body = self.body(call_id)
+        stamp = int(time.time() * 1000)
+        body = orjson.dumps(self.template | {"callId": call_id, "eventTimestamp": stamp})
         headers = signed_headers(body, self.secret, None)
         self.tally.sent.add(call_id)
         try:
@@ -352,23 +349,21 @@ class Memory:
         }
 
 
-async def heap_blocks(services: tuple[Service, ...]) -> dict[str, int]:
-    """Each service's callstream_python_heap_blocks (0: no answer)."""
-    out: dict[str, int] = {}
+async def measure(services: tuple[Service, ...]) -> tuple[dict[str, int], dict[str, int]]:
+    """Resident memory in KiB (the driver's too), and each service's
+    callstream_python_heap_blocks (0: no answer)."""
+    resident = {s.role: s.rss_kib() for s in services} | {"driver": rss_kib(os.getpid()) or 0}
+    blocks: dict[str, int] = {}
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
         for service in services:
-            out[service.role] = 0
+            blocks[service.role] = 0
             with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError, ValueError):
                 url = f"http://127.0.0.1:{service.port}/metrics"
                 async with session.get(url) as resp:
                     for line in (await resp.text()).splitlines():
                         if line.startswith(f"{heap.NAME} "):
-                            out[service.role] = int(float(line.rsplit(" ", 1)[1]))
-    return out
-
-
-def resident(services: tuple[Service, ...]) -> dict[str, int]:
-    return {s.role: s.rss_kib() for s in services} | {"driver": rss_kib(os.getpid()) or 0}
+                            blocks[service.role] = int(float(line.rsplit(" ", 1)[1]))
+    return resident, blocks
 
 
 async def soak(opts: Options) -> int:
@@ -434,14 +429,12 @@ async def _soak(
             asyncio.create_task(scrape_forever(scrapers, stop_watching)),
         ]
         loop = asyncio.get_running_loop()
-        memory.start = resident((ingress, storage))
-        memory.heap_start = await heap_blocks((ingress, storage))
+        memory.start, memory.heap_start = await measure((ingress, storage))
         driver = Driver(f"http://127.0.0.1:{ingress_port}{WEBHOOK_PATH}", secret, tally)
         await driver.run(opts.rate, loop.time() + opts.warm_up, "soak warm-up")
         print("  warm-up done; quiet until the memory baseline", flush=True)
         await asyncio.sleep(MEMORY_SETTLE_SECONDS)
-        memory.baseline = resident((ingress, storage))
-        memory.heap_baseline = await heap_blocks((ingress, storage))
+        memory.baseline, memory.heap_baseline = await measure((ingress, storage))
         until = loop.time() + opts.minutes * 60
         p.started = time.monotonic()
         faults = asyncio.create_task(
@@ -456,8 +449,7 @@ async def _soak(
         # Memory "at the end" is once the load's remembered answers have expired and the
         # ingress had a chance to hand the freed heap back.
         await asyncio.sleep(max(0.0, p.load_stopped + MEMORY_SETTLE_SECONDS - time.monotonic()))
-        memory.end = resident((ingress, storage))
-        memory.heap_end = await heap_blocks((ingress, storage))
+        memory.end, memory.heap_end = await measure((ingress, storage))
         memory.lived = {
             s.role: (s.incarnation, max(0.0, p.load_stopped - max(s.started_at, p.started)))
             for s in (ingress, storage)

@@ -1,12 +1,5 @@
-"""The soak's processes and the faults it injects into them (callstream/soak.py drives the
-load and keeps the account).
-
-Fault kinds, one at a time on a schedule: the ingress SIGKILLed; a broker SIGSTOPped, then
-SIGCONTed; the storage consumer SIGKILLed; a broker SIGKILLed; a broker stopped gracefully
-(SIGTERM, waiting for it to exit, as `callstream kafka stop` does) and started again; the
-spool's disk (a real tmpfs) filled while Kafka is away, with the ingress restarted on it;
-and, on a cluster (`--brokers 3`), the leader of the topic's partition 0 SIGKILLed.
-"""
+"""The soak's processes and the faults it injects into them, one at a time on a schedule
+(the kinds: fault_kinds; callstream/soak.py drives the load and keeps the account)."""
 
 from __future__ import annotations
 
@@ -66,7 +59,7 @@ class Service(ChildProcess):
         self.peak_kib = max(self.peak_kib, vm_hwm_kib(self.pid if self.running() else None))
 
     def rss_kib(self) -> int:
-        return (rss_kib(self.pid) or 0) if self.running() and self.pid is not None else 0
+        return (rss_kib(self.pid) or 0) if self.running() else 0
 
     def kill(self) -> int:
         self.sample()
