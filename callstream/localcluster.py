@@ -109,7 +109,6 @@ class LocalCluster:
             mtls_ports=[] if security == "plaintext" else ports[3 * brokers :],
         )
         atomic_write(self.state_file, json.dumps(asdict(layout), indent=2) + "\n")
-        self.state_file.chmod(0o600)
         return layout
 
     @property

@@ -585,9 +585,13 @@ def _escape_property(value: str) -> str:
 
 
 def atomic_write(path: Path, text: str) -> None:
+    # Owner-only from the first byte: cluster.json and a SASL node's server.properties hold
+    # the SCRAM password, and only this user's processes read any of these files.
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    tmp.unlink(missing_ok=True)
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
+        out.write(text)
     tmp.replace(path)
 
 
