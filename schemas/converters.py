@@ -128,10 +128,6 @@ def same(value: Any) -> Any:
     return value
 
 
-def from_json(text: Any) -> Any:
-    return orjson.loads(text)
-
-
 def pointer(path: tuple[str, ...]) -> str:
     return "".join("/" + jsonvalue.escape(part) for part in path)
 
@@ -156,8 +152,8 @@ class Field:
 # What each converter's value is written back as; any other is written back as it is.
 _RENDERERS: dict[Converter, Renderer] = {
     timestamp: render_iso,
-    object_json: from_json,
-    array_json: from_json,
+    object_json: orjson.loads,
+    array_json: orjson.loads,
 }
 # Every format requires these; the rest are optional.
 _REQUIRED = ("event_type", "call_id")
