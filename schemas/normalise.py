@@ -52,7 +52,6 @@ from schemas.turns import transcript_turns
 __all__ = [
     "CAMEL_CASE_MARKERS",
     "END_OF_CALL_REPORT_TYPE",
-    "EPOCH",
     "FIELDS",
     "MAX_CALL_ID_LENGTH",
     "MAX_EVENT_TIME_MS",
