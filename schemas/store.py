@@ -95,5 +95,4 @@ def _load(path: Path, name: str, version: int) -> SchemaVersion:
 
 @cache
 def default_store() -> SchemaStore:
-    """The repo's schemas, parsed once per process."""
     return SchemaStore()
