@@ -25,6 +25,7 @@ from schemas import jsonvalue
 from schemas.converters import (
     EPOCH,
     MISSING,
+    Converter,
     Field,
     call_id,
     epoch_ms,
@@ -163,28 +164,24 @@ def _event(
     else:
         call_id_paths, time_paths = (("message", "call", "id"),), (("message", "timestamp"),)
         convert = timestamp
-    id_path, raw_id = _first(payload, call_id_paths)
-    the_call_id = None if raw_id is MISSING else call_id(raw_id, pointer(id_path))
-    time_path, raw_time = _first(payload, time_paths)
-    event_time = None if raw_time is MISSING else convert(raw_time, pointer(time_path))
+    the_call_id = _first(payload, call_id_paths, call_id)
     record = {
         "event_type": event_name,
         "call_id": the_call_id,
-        "event_time": event_time,
+        "event_time": _first(payload, time_paths, convert),
         "body_json": orjson.dumps(payload).decode(),
         "source": provenance,
     }
     return Normalised(kind, event_name, source_format, the_call_id, FLIREO_EVENT, record)
 
 
-def _first(
-    payload: dict[str, Any], paths: tuple[tuple[str, ...], ...]
-) -> tuple[tuple[str, ...], Any]:
+def _first(payload: dict[str, Any], paths: tuple[tuple[str, ...], ...], convert: Converter) -> Any:
+    """The value at the first of `paths` that holds one, converted; None when none does."""
     for path in paths:
         value = lookup(payload, path)
         if value is not MISSING and value is not None:
-            return path, value
-    return paths[0], MISSING
+            return convert(value, pointer(path))
+    return None
 
 
 def _rebuild(record: dict[str, Any], fields: tuple[Field, ...]) -> dict[str, Any]:
