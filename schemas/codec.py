@@ -33,13 +33,11 @@ from schemas.store import (
 SINGLE_OBJECT_MAGIC = b"\xc3\x01"
 CONFLUENT_MAGIC = b"\x00"
 
-WireFormat = Literal["avro-single-object", "confluent"]
-
 
 @dataclass(frozen=True, slots=True)
 class Encoder:
     schema: SchemaVersion
-    wire_format: WireFormat
+    wire_format: Literal["avro-single-object", "confluent"]
     prefix: bytes
     # What a Kafka header names the schema by: fingerprint hex, or the registry id.
     schema_id: str
@@ -163,7 +161,7 @@ class Decoder:
             raise DecodeError("the writer schema is not a named record")
         full_name = writer["name"]
         currents = map(self._store.current, self._store.names())
-        current = next((c for c in currents if c.full_name == full_name), None)
+        current = next((c for c in currents if c.parsed["name"] == full_name), None)
         if current is None:
             raise UnknownSchemaError(f"no schema in this repo reads {full_name}")
         same = version is not None and version.fingerprint == current.fingerprint

@@ -37,10 +37,6 @@ class SchemaVersion:
     # puts it on the wire.
     fingerprint: bytes
 
-    @property
-    def full_name(self) -> str:
-        return str(self.parsed["name"])
-
 
 class SchemaStore:
     """All schema versions found in one directory, indexed by name and by fingerprint."""
