@@ -10,12 +10,9 @@ import orjson
 
 from schemas.converters import EPOCH
 from schemas.normalise import denormalise
+from schemas.turns import Turn
 
 JsonObject = dict[str, Any]
-# One spoken turn, as transcript_turns_json holds it: role, text, start_ms, end_ms,
-# seconds_from_start; JSON-ready as it is.
-Turn = dict[str, Any]
-
 
 # The report's fields the record holds as JSON text, in `<name>_json`.
 JSON_FIELDS: Final = ("structured_data", "user_metadata", "costs", "transcript_turns", "extra")
@@ -103,9 +100,7 @@ class CallReport:
         source["format"], source["request_id"]
         record_time(source["received_at"])
         for name in JSON_FIELDS:
-            text = record.get(f"{name}_json")
-            if text is not None:
-                orjson.loads(text)
+            _parse(record.get(f"{name}_json"))
 
     def to_record(self) -> dict[str, Any]:
         """The Avro-shaped record again (for re-publishing from storage)."""
