@@ -155,7 +155,6 @@ _RENDERERS: dict[Converter, Renderer] = {
     object_json: orjson.loads,
     array_json: orjson.loads,
 }
-# Every format requires these; the rest are optional.
 _REQUIRED = ("event_type", "call_id")
 
 
