@@ -33,15 +33,11 @@ from schemas.store import (
 SINGLE_OBJECT_MAGIC = b"\xc3\x01"
 CONFLUENT_MAGIC = b"\x00"
 
-WireFormat = Literal["avro-single-object", "confluent"]
-
 
 @dataclass(frozen=True, slots=True)
 class Encoder:
-    """Writes records of one schema version in one framing."""
-
     schema: SchemaVersion
-    wire_format: WireFormat
+    wire_format: Literal["avro-single-object", "confluent"]
     prefix: bytes
     # What a Kafka header names the schema by: fingerprint hex, or the registry id.
     schema_id: str
@@ -67,17 +63,7 @@ def single_object_encoder(schema: SchemaVersion) -> Encoder:
     )
 
 
-async def registry_encoder(
-    schema: SchemaVersion, registry: RegistryClient, subject: str
-) -> Encoder:
-    schema_id = await registry.register(subject, schema.text)
-    return Encoder(
-        schema, "confluent", CONFLUENT_MAGIC + schema_id.to_bytes(4, "big"), str(schema_id)
-    )
-
-
 def topics_by_schema(kafka: KafkaSettings) -> dict[str, str]:
-    """Which topic carries the records of each schema callstream writes."""
     return {
         END_OF_CALL_REPORT: kafka.topic,
         FLIREO_EVENT: kafka.events_topic,
@@ -91,14 +77,16 @@ async def encoders_for(
     """An encoder per schema: registered under `<topic>-value` when `kafka` names a registry,
     single-object encoding otherwise."""
     client = registry_client(kafka, session)
-    if client is None:
-        return {
-            name: single_object_encoder(store.current(name)) for name in topics_by_schema(kafka)
-        }
-    return {
-        name: await registry_encoder(store.current(name), client, f"{topic}-value")
-        for name, topic in topics_by_schema(kafka).items()
-    }
+    encoders = {}
+    for name, topic in topics_by_schema(kafka).items():
+        schema = store.current(name)
+        if client is None:
+            encoders[name] = single_object_encoder(schema)
+            continue
+        schema_id = await client.register(f"{topic}-value", schema.text)
+        prefix = CONFLUENT_MAGIC + schema_id.to_bytes(4, "big")
+        encoders[name] = Encoder(schema, "confluent", prefix, str(schema_id))
+    return encoders
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,9 +118,15 @@ class Decoder:
         """Decode without I/O; a registry id not seen before raises UnknownSchemaError."""
         if data[:2] == SINGLE_OBJECT_MAGIC:
             fingerprint = data[2:10]
-            resolution = self._by_fingerprint.get(fingerprint) or self._resolve_fingerprint(
-                fingerprint
-            )
+            resolution = self._by_fingerprint.get(fingerprint)
+            if resolution is None:
+                version = self._store.by_fingerprint(fingerprint)
+                if version is None:
+                    raise UnknownSchemaError(
+                        f"no schema in this repo has fingerprint {fingerprint.hex()}"
+                    )
+                resolution = self._resolution_for(version.parsed, version)
+                self._by_fingerprint[fingerprint] = resolution
             return self._read(resolution, data, 10)
         if data[:1] == CONFLUENT_MAGIC and len(data) >= 5:
             schema_id = int.from_bytes(data[1:5], "big")
@@ -148,12 +142,8 @@ class Decoder:
         except UnknownSchemaError:
             if data[:1] != CONFLUENT_MAGIC:
                 raise
-        await self.resolve_registry_id(int.from_bytes(data[1:5], "big"))
-        return self.decode_local(data)
-
-    async def resolve_registry_id(self, schema_id: int) -> None:
-        if schema_id in self._by_registry_id:
-            return
+        # Only an unresolved registry id gets here: decode_local checked its 4 bytes are there.
+        schema_id = int.from_bytes(data[1:5], "big")
         if self._registry is None:
             raise UnknownSchemaError(
                 f"record framed for a schema registry (id {schema_id}) but no registry URL is set"
@@ -164,21 +154,14 @@ class Decoder:
         except (ValueError, fastavro.schema.SchemaParseException) as exc:
             raise DecodeError(f"registry schema {schema_id} is not valid Avro: {exc}") from exc
         self._by_registry_id[schema_id] = self._resolution_for(writer, None)
-
-    def _resolve_fingerprint(self, fingerprint: bytes) -> _Resolution:
-        version = self._store.by_fingerprint(fingerprint)
-        if version is None:
-            raise UnknownSchemaError(f"no schema in this repo has fingerprint {fingerprint.hex()}")
-        resolution = self._resolution_for(version.parsed, version)
-        self._by_fingerprint[fingerprint] = resolution
-        return resolution
+        return self.decode_local(data)
 
     def _resolution_for(self, writer: Any, version: SchemaVersion | None) -> _Resolution:
         if not isinstance(writer, dict) or "name" not in writer:
             raise DecodeError("the writer schema is not a named record")
         full_name = writer["name"]
         currents = map(self._store.current, self._store.names())
-        current = next((c for c in currents if c.full_name == full_name), None)
+        current = next((c for c in currents if c.parsed["name"] == full_name), None)
         if current is None:
             raise UnknownSchemaError(f"no schema in this repo reads {full_name}")
         same = version is not None and version.fingerprint == current.fingerprint

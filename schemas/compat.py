@@ -39,9 +39,6 @@ _CONTAINERS = {"array": ("items", "[]"), "map": ("values", "{}")}
 _SNAKE_CASE = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$")
 
 
-# -- names ---------------------------------------------------------------------------------
-
-
 def _full_name(name: str, namespace: str | None) -> str:
     if "." in name or not namespace:
         return name
@@ -67,17 +64,12 @@ class _Node:
     namespace: str | None
 
 
-@dataclass(slots=True)
 class _Names:
     """Named types of one schema by full name, so that a reference can find its definition."""
 
-    table: dict[str, _Node] = field(default_factory=dict)
-
-    @classmethod
-    def of(cls, schema: Any) -> _Names:
-        names = cls()
-        names._collect(schema, None)
-        return names
+    def __init__(self, schema: Any) -> None:
+        self.table: dict[str, _Node] = {}
+        self._collect(schema, None)
 
     def _collect(self, schema: Any, namespace: str | None) -> None:
         if isinstance(schema, list):
@@ -107,9 +99,6 @@ class _Names:
         if isinstance(schema, dict) and schema["type"] in _NAMED:
             return _Node(schema, _namespace_of(schema, node.namespace))
         return node
-
-
-# -- resolution ----------------------------------------------------------------------------
 
 
 def _kind(schema: Any) -> str:
@@ -219,7 +208,7 @@ def _enum(reader: dict[str, Any], writer: dict[str, Any], path: str) -> Iterator
 def check_compatible(reader: Any, writer: Any) -> list[str]:
     """Why a reader holding schema `reader` cannot read data written with `writer` (empty: it
     can). Both are schemas in their JSON form (the parsed `.avsc`)."""
-    resolver = _Resolver(_Names.of(reader), _Names.of(writer))
+    resolver = _Resolver(_Names(reader), _Names(writer))
     path = reader["name"] if isinstance(reader, dict) and "name" in reader else "(root)"
     try:
         return list(resolver.check(_Node(reader, None), _Node(writer, None), str(path)))
@@ -233,8 +222,7 @@ def check_compatible(reader: Any, writer: Any) -> list[str]:
 
 
 def _records(schema: Any) -> dict[str, dict[str, Any]]:
-    """Every record definition in a schema, by full name."""
-    table = _Names.of(schema).table
+    table = _Names(schema).table
     return {name: node.schema for name, node in table.items() if node.schema["type"] == "record"}
 
 

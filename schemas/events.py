@@ -90,9 +90,8 @@ def status_update(event: FlireoEvent) -> StatusUpdate | None:
 
 
 def _paths(recorded: str, body: Any) -> dict[str, tuple[Path, ...]]:
-    for source_format, paths in STATUS_UPDATE_PATHS.items():
-        if source_format == recorded:
-            return paths
+    if recorded in STATUS_UPDATE_PATHS:
+        return STATUS_UPDATE_PATHS[recorded]
     # UNKNOWN: a record written before the format was recorded. The body tells.
     try:
         return STATUS_UPDATE_PATHS[detect_format(body)]

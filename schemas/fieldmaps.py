@@ -212,7 +212,7 @@ def detect_format(payload: Any) -> SourceFormat:
 
 
 def is_wrapper_shaped(analysis: Any) -> bool:
-    if not isinstance(analysis, dict) or not analysis:
+    if not isinstance(analysis, dict):
         return False
     if not ("structuredData" in analysis or "successEvaluation" in analysis):
         return False
@@ -227,8 +227,6 @@ def _spelling(message: dict[str, Any]) -> SourceFormat:
     camel = sum(marker in message for marker in CAMEL_CASE_MARKERS)
     return "NESTED_SNAKE" if snake > camel else "NESTED_CAMEL"
 
-
-# -- status-update --------------------------------------------------------------------------
 
 Path = tuple[str, ...]
 # Where a status update's facts sit, first place first (schemas.events reads them from the

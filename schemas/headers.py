@@ -13,15 +13,6 @@ from typing import Final
 
 from schemas.errors import SchemaError
 
-# Header name per field of RecordHeaders, in the order they go on the record.
-NAMES: Final = {
-    "event_type": "event-type",
-    "schema_id": "schema-id",
-    "wire_format": "wire-format",
-    "source_format": "source-format",
-    "request_id": "request-id",
-}
-
 
 @dataclass(frozen=True, slots=True)
 class RecordHeaders:
@@ -32,13 +23,12 @@ class RecordHeaders:
     request_id: str  # the ingress request that produced the record
 
     def encode(self) -> tuple[tuple[str, bytes], ...]:
-        """The headers as Kafka takes them."""
-        return tuple((NAMES[f.name], getattr(self, f.name).encode()) for f in fields(self))
+        return tuple((name, getattr(self, field).encode()) for field, name in NAMES.items())
 
     @classmethod
     def parse(cls, headers: Iterable[tuple[str, bytes | None]]) -> RecordHeaders:
         """From a record's headers (others ignored); a missing one is a SchemaError."""
-        found = {name: value for name, value in headers}
+        found = dict(headers)
         values: dict[str, str] = {}
         for field, name in NAMES.items():
             raw = found.get(name)
@@ -46,3 +36,7 @@ class RecordHeaders:
                 raise SchemaError(f"the record has no {name} header")
             values[field] = raw.decode(errors="replace")
         return cls(**values)
+
+
+# Header name per field (its name with dashes), in the order they go on the record.
+NAMES: Final = {f.name: f.name.replace("_", "-") for f in fields(RecordHeaders)}

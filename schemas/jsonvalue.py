@@ -149,11 +149,7 @@ def check_bounds(value: Any, max_depth: int) -> None:
             for key, child in entries:
                 if isinstance(child, dict | list | int) and not isinstance(child, bool):
                     stack.append((child, f"{pointer}/{escape(str(key))}", depth + 1))
-        elif (
-            isinstance(node, int)
-            and not isinstance(node, bool)
-            and not INT64_MIN <= node <= INT64_MAX
-        ):
+        elif type(node) is int and not INT64_MIN <= node <= INT64_MAX:
             # Only integers reach here below the root, but the root itself may be any scalar.
             raise InvalidReport(pointer, "integer outside the signed 64-bit range")
 

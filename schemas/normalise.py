@@ -24,10 +24,8 @@ import orjson
 from schemas import jsonvalue
 from schemas.converters import (
     EPOCH,
-    MAX_CALL_ID_LENGTH,
-    MAX_EVENT_TIME_MS,
-    MIN_EVENT_TIME_MS,
     MISSING,
+    Converter,
     Field,
     call_id,
     epoch_ms,
@@ -37,33 +35,19 @@ from schemas.converters import (
     pointer,
     timestamp,
 )
+
+# `X as X` re-exports X: the ingress's OpenAPI document and metrics import these from here.
+from schemas.converters import MAX_CALL_ID_LENGTH as MAX_CALL_ID_LENGTH
+from schemas.converters import MAX_EVENT_TIME_MS as MAX_EVENT_TIME_MS
+from schemas.converters import MIN_EVENT_TIME_MS as MIN_EVENT_TIME_MS
 from schemas.errors import InvalidReport
-from schemas.fieldmaps import (
-    CAMEL_CASE_MARKERS,
-    FIELDS,
-    REPORT_FIELD_NAMES,
-    SNAKE_CASE_MARKERS,
-    SourceFormat,
-    detect_format,
-)
+from schemas.fieldmaps import CAMEL_CASE_MARKERS as CAMEL_CASE_MARKERS
+from schemas.fieldmaps import FIELDS as FIELDS
+from schemas.fieldmaps import REPORT_FIELD_NAMES, detect_format
+from schemas.fieldmaps import SNAKE_CASE_MARKERS as SNAKE_CASE_MARKERS
+from schemas.fieldmaps import SourceFormat as SourceFormat
 from schemas.store import END_OF_CALL_REPORT, FLIREO_EVENT
 from schemas.turns import transcript_turns
-
-__all__ = [
-    "CAMEL_CASE_MARKERS",
-    "END_OF_CALL_REPORT_TYPE",
-    "EPOCH",
-    "FIELDS",
-    "MAX_CALL_ID_LENGTH",
-    "MAX_EVENT_TIME_MS",
-    "MIN_EVENT_TIME_MS",
-    "REQUEST_RESPONSE_TYPES",
-    "SNAKE_CASE_MARKERS",
-    "Normalised",
-    "SourceFormat",
-    "denormalise",
-    "normalise",
-]
 
 Kind = Literal["report", "event", "request"]
 
@@ -180,28 +164,24 @@ def _event(
     else:
         call_id_paths, time_paths = (("message", "call", "id"),), (("message", "timestamp"),)
         convert = timestamp
-    id_path, raw_id = _first(payload, call_id_paths)
-    the_call_id = None if raw_id is MISSING else call_id(raw_id, pointer(id_path))
-    time_path, raw_time = _first(payload, time_paths)
-    event_time = None if raw_time is MISSING else convert(raw_time, pointer(time_path))
+    the_call_id = _first(payload, call_id_paths, call_id)
     record = {
         "event_type": event_name,
         "call_id": the_call_id,
-        "event_time": event_time,
+        "event_time": _first(payload, time_paths, convert),
         "body_json": orjson.dumps(payload).decode(),
         "source": provenance,
     }
     return Normalised(kind, event_name, source_format, the_call_id, FLIREO_EVENT, record)
 
 
-def _first(
-    payload: dict[str, Any], paths: tuple[tuple[str, ...], ...]
-) -> tuple[tuple[str, ...], Any]:
+def _first(payload: dict[str, Any], paths: tuple[tuple[str, ...], ...], convert: Converter) -> Any:
+    """The value at the first of `paths` that holds one, converted; None when none does."""
     for path in paths:
         value = lookup(payload, path)
         if value is not MISSING and value is not None:
-            return path, value
-    return paths[0], MISSING
+            return convert(value, pointer(path))
+    return None
 
 
 def _rebuild(record: dict[str, Any], fields: tuple[Field, ...]) -> dict[str, Any]:

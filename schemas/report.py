@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 import orjson
 
-from schemas.normalise import EPOCH, denormalise
+from schemas.converters import EPOCH
+from schemas.normalise import denormalise
+from schemas.turns import Turn
 
 JsonObject = dict[str, Any]
-# One spoken turn, as transcript_turns_json holds it: role, text, start_ms, end_ms,
-# seconds_from_start; JSON-ready as it is.
-Turn = dict[str, Any]
-
 
 # The report's fields the record holds as JSON text, in `<name>_json`.
 JSON_FIELDS: Final = ("structured_data", "user_metadata", "costs", "transcript_turns", "extra")
@@ -74,38 +72,22 @@ class CallReport:
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> CallReport:
         source = record["source"]
-        return cls(
+        values: dict[str, Any] = {f.name: record.get(f.name) for f in fields(cls)}
+        values.update(
             call_id=record["call_id"],
             event_type=record["event_type"],
             event_time=record_time(record["event_time"]),
-            call_type=record.get("call_type"),
-            call_status=record.get("call_status"),
-            ended_reason=record.get("ended_reason"),
-            from_number=record.get("from_number"),
-            to_number=record.get("to_number"),
-            assistant_name=record.get("assistant_name"),
-            duration_seconds=record.get("duration_seconds"),
-            transcript=record.get("transcript"),
-            summary=record.get("summary"),
-            recording_url=record.get("recording_url"),
-            analysis_summary=record.get("analysis_summary"),
-            success_evaluation=record.get("success_evaluation"),
-            structured_data=_parse(record.get("structured_data_json")),
-            user_metadata=_parse(record.get("user_metadata_json")),
             started_at=_optional_time(record.get("started_at")),
             ended_at=_optional_time(record.get("ended_at")),
-            cost=record.get("cost"),
-            costs=_parse(record.get("costs_json")),
-            agent_id=record.get("agent_id"),
-            agent_name=record.get("agent_name"),
-            transcript_turns=_parse(record.get("transcript_turns_json")),
-            extra=_parse(record.get("extra_json")),
             source_format=source["format"],
             received_at=record_time(source["received_at"]),
             request_id=source["request_id"],
             event_time_source=source.get("event_time_source") or "sent",
             derived_fields=source.get("derived_fields"),
         )
+        for name in JSON_FIELDS:
+            values[name] = _parse(record.get(f"{name}_json"))
+        return cls(**values)
 
     @staticmethod
     def check_record(record: dict[str, Any]) -> None:
@@ -118,24 +100,22 @@ class CallReport:
         source["format"], source["request_id"]
         record_time(source["received_at"])
         for name in JSON_FIELDS:
-            text = record.get(f"{name}_json")
-            if text is not None:
-                orjson.loads(text)
+            _parse(record.get(f"{name}_json"))
 
     def to_record(self) -> dict[str, Any]:
         """The Avro-shaped record again (for re-publishing from storage)."""
-        fields = asdict(self)
+        record = asdict(self)
         for name in JSON_FIELDS:
-            value = fields.pop(name)
-            fields[f"{name}_json"] = None if value is None else orjson.dumps(value).decode()
-        fields["source"] = {
-            "format": fields.pop("source_format"),
-            "received_at": fields.pop("received_at"),
-            "request_id": fields.pop("request_id"),
-            "event_time_source": fields.pop("event_time_source"),
-            "derived_fields": fields.pop("derived_fields"),
+            value = record.pop(name)
+            record[f"{name}_json"] = None if value is None else orjson.dumps(value).decode()
+        record["source"] = {
+            "format": record.pop("source_format"),
+            "received_at": record.pop("received_at"),
+            "request_id": record.pop("request_id"),
+            "event_time_source": record.pop("event_time_source"),
+            "derived_fields": record.pop("derived_fields"),
         }
-        return fields
+        return record
 
     def source_payload(self) -> JsonObject:
         """The webhook body exactly as Flireo sent it."""

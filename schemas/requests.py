@@ -30,11 +30,8 @@ def tool_calls(payload: Any, source_format: SourceFormat) -> list[ToolCall]:
     if listed is MISSING and source_format == "VAPI":
         # Vapi requires both lists; toolWithToolCallList nests each call under `toolCall`.
         wrapped = peek(payload, ("message", "toolWithToolCallList"))
-        listed = (
-            [item.get("toolCall") for item in wrapped if isinstance(item, dict)]
-            if (isinstance(wrapped, list))
-            else MISSING
-        )
+        if isinstance(wrapped, list):
+            listed = [item.get("toolCall") for item in wrapped if isinstance(item, dict)]
     return _calls(listed, "id", "name")
 
 

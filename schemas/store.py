@@ -37,10 +37,6 @@ class SchemaVersion:
     # puts it on the wire.
     fingerprint: bytes
 
-    @property
-    def full_name(self) -> str:
-        return str(self.parsed["name"])
-
 
 class SchemaStore:
     """All schema versions found in one directory, indexed by name and by fingerprint."""
@@ -95,5 +91,4 @@ def _load(path: Path, name: str, version: int) -> SchemaVersion:
 
 @cache
 def default_store() -> SchemaStore:
-    """The repo's schemas, parsed once per process."""
     return SchemaStore()

@@ -14,6 +14,8 @@ from typing import Any
 from schemas.converters import MAX_EVENT_TIME_MS, MIN_EVENT_TIME_MS, peek
 from schemas.fieldmaps import SourceFormat
 
+# One spoken turn, as transcript_turns_json holds it: role, text, start_ms, end_ms,
+# seconds_from_start; JSON-ready as it is.
 Turn = dict[str, Any]
 
 # Speakers as the formats name them. Vapi says `bot` in its schema and `assistant` in its
