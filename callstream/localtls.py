@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
 DAYS = "825"
@@ -35,7 +35,7 @@ def ensure_tls_files(directory: Path) -> TlsFiles:
         client_cert=directory / "client.pem",
         client_key=directory / "client.key",
     )
-    if all(path.is_file() for path in (files.ca_cert, files.keystore, files.client_cert)):
+    if all(path.is_file() for path in astuple(files)):
         return files
     openssl = shutil.which("openssl")
     if openssl is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 
 from callstream.localcluster import LocalCluster
 from callstream.localkafka import atomic_write
+from callstream.localtls import ensure_tls_files
 
 
 @pytest.fixture(autouse=True)
@@ -58,3 +60,25 @@ def test_a_broker_file_written_in_place_is_private_and_replaces_the_old_one(
     assert config.read_text() == "sasl.jaas.config=... password=new\n"
     assert stat.S_IMODE(config.stat().st_mode) == 0o600
     assert [p.name for p in config.parent.iterdir()] == ["server.properties"]
+
+
+def test_a_missing_client_key_is_made_again_with_the_certificates_it_belongs_to(
+    tmp_path: Path,
+) -> None:
+    first = ensure_tls_files(tmp_path / "tls")
+    first.client_key.unlink()
+
+    again = ensure_tls_files(tmp_path / "tls")
+
+    assert again.client_key.is_file()
+    assert stat.S_IMODE(again.client_key.stat().st_mode) & 0o077 == 0
+    # The key and the certificate are one pair: openssl derives the same public key from both.
+    public = [
+        subprocess.run(
+            ["openssl", kind, "-pubout" if kind == "pkey" else "-pubkey", "-noout", "-in", path],
+            capture_output=True,
+            check=True,
+        ).stdout
+        for kind, path in (("pkey", again.client_key), ("x509", again.client_cert))
+    ]
+    assert public[0] == public[1]
