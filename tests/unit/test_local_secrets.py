@@ -74,11 +74,10 @@ def test_a_missing_client_key_is_made_again_with_the_certificates_it_belongs_to(
     assert stat.S_IMODE(again.client_key.stat().st_mode) & 0o077 == 0
     # The key and the certificate are one pair: openssl derives the same public key from both.
     public = [
-        subprocess.run(
-            ["openssl", kind, "-pubout" if kind == "pkey" else "-pubkey", "-noout", "-in", path],
-            capture_output=True,
-            check=True,
-        ).stdout
-        for kind, path in (("pkey", again.client_key), ("x509", again.client_cert))
+        subprocess.run(["openssl", *argv], capture_output=True, check=True).stdout
+        for argv in (
+            ("pkey", "-pubout", "-in", again.client_key),
+            ("x509", "-pubkey", "-noout", "-in", again.client_cert),
+        )
     ]
     assert public[0] == public[1]
