@@ -29,7 +29,7 @@ import aiohttp
 import orjson
 
 from callstream.clihelp import command
-from callstream.consumerstatus import KafkaInspector, TopicMissingError
+from callstream.consumerstatus import KafkaInspector
 from callstream.progress import track
 from callstream.replayplan import parse_time
 from core.kafkasettings import KafkaSettings
@@ -73,9 +73,8 @@ class Limits:
 async def load(kafka: KafkaSettings) -> dict[str, RejectedRequest]:
     """Every entry in the quarantine now, by request id, in the order they were kept."""
     async with KafkaInspector(kafka) as look:
-        try:
-            partitions = await look.partitions(kafka.rejected_topic)
-        except TopicMissingError:
+        partitions = await look.existing(kafka.rejected_topic)
+        if not partitions:
             return {}
         start, end = await look.log_offsets(kafka.rejected_topic, partitions)
     entries: dict[str, RejectedRequest] = {}

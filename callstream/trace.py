@@ -31,7 +31,7 @@ from aiokafka.errors import KafkaError
 from aiokafka.partitioner import DefaultPartitioner
 
 from callstream import rejected
-from callstream.consumerstatus import KafkaInspector, TopicMissingError, registered_consumers
+from callstream.consumerstatus import KafkaInspector, registered_consumers
 from callstream.dlq import DeadLetter, redrive_group
 from callstream.tracerender import render_text
 from consumers.alerting.settings import AlertingSettings
@@ -124,9 +124,8 @@ class _Kafka:
     async def window(self, topic: str, key: bytes | None, lookback: int) -> list[RawRecord]:
         """The last `lookback` records of the key's partition, only that key's; without a
         key, of every partition."""
-        try:
-            partitions = await self.look.partitions(topic)
-        except TopicMissingError:
+        partitions = await self.look.existing(topic)
+        if not partitions:
             self.missing.append(topic)
             return []
         chosen = [key_partition(key, partitions)] if key is not None else partitions
