@@ -30,7 +30,7 @@ import orjson
 from aiokafka.errors import KafkaError
 from aiokafka.partitioner import DefaultPartitioner
 
-from callstream import rejected
+from callstream import alerts, rejected
 from callstream.consumerstatus import KafkaInspector, registered_consumers
 from callstream.dlq import DeadLetter, redrive_group
 from callstream.tracerender import render_text
@@ -387,21 +387,13 @@ async def _alerts(env: Mapping[str, str], call_id: str) -> Json:
         return {"available": False, "note": str(exc)}
     finally:
         await state.close()
+    shown = ("rule", "channel", "status", "attempts", "error", "updated_at")
     return {
         "available": True,
         "alerts": [
-            {
-                "rule": r.key.rule,
-                "channel": r.key.channel,
-                "status": r.status,
-                "attempts": r.attempts,
-                "error": None
-                if r.dead_letter is None or r.status == "sent"
-                else r.dead_letter.error,
-                "updated_at": r.updated_at,
-            }
-            for r in history
-            if r.key.call_id == call_id
+            {name: full[name] for name in shown}
+            for full in map(alerts.record_json, history)
+            if full["call_id"] == call_id
         ],
     }
 
@@ -440,7 +432,6 @@ async def collect(
     request_id: str | None,
     lookback: int,
 ) -> Json:
-    """The whole trace as one JSON-ready document."""
     spool_section, spooled = _spool(env)
     async with KafkaInspector(kafka) as look, aiohttp.ClientSession() as session:
         reader = _Kafka(kafka, look, Decoder(default_store(), registry_client(kafka, session)))
