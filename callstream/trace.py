@@ -215,28 +215,26 @@ def _spool(env: Mapping[str, str]) -> tuple[Json, list[Json]]:
         }, []
     entries = []
     # With several ingress workers each spools to a directory of its own under this one.
-    pending_everywhere = [
-        p for place in (directory, *siblings(directory)) for p in read_pending(place)
-    ]
-    for pending in pending_everywhere:
-        try:
-            record = decode_record(pending.payload)
-        except ValueError:
-            continue
-        headers = dict(record.headers)
-        entries.append(
-            {
-                "call_id": None if record.key is None else record.key.decode(errors="replace"),
-                "topic": record.topic,
-                "spooled_at": _iso_ms(pending.spooled_at_ms),
-                "segment": pending.position.segment,
-                "position": pending.position.offset,
-            }
-            | {
-                field: (headers[name].decode(errors="replace") if name in headers else None)
-                for field, name in HEADER_NAMES.items()
-            }
-        )
+    for place in (directory, *siblings(directory)):
+        for pending in read_pending(place):
+            try:
+                record = decode_record(pending.payload)
+            except ValueError:
+                continue
+            headers = dict(record.headers)
+            entries.append(
+                {
+                    "call_id": None if record.key is None else record.key.decode(errors="replace"),
+                    "topic": record.topic,
+                    "spooled_at": _iso_ms(pending.spooled_at_ms),
+                    "segment": pending.position.segment,
+                    "position": pending.position.offset,
+                }
+                | {
+                    field: (headers[name].decode(errors="replace") if name in headers else None)
+                    for field, name in HEADER_NAMES.items()
+                }
+            )
     return {"available": True, "directory": str(directory)}, entries
 
 
@@ -484,18 +482,12 @@ def _looked(reader: _Kafka) -> Json:
 
 
 def _found(doc: Json) -> bool:
-    def entries(section: str, name: str) -> bool:
-        return bool(doc[section].get(name))
-
     return bool(
         doc["versions"]
-        or entries("spool", "entries")
         or doc["storage"].get("row")
-        or entries("timeline", "events")
-        or entries("alerts", "alerts")
-        or entries("dead_letters", "entries")
-        or entries("quarantine", "entries")
-        or entries("erasures", "entries")
+        or doc["timeline"].get("events")
+        or doc["alerts"].get("alerts")
+        or any(doc[s].get("entries") for s in ("spool", "dead_letters", "quarantine", "erasures"))
     )
 
 
