@@ -38,7 +38,7 @@ from core.settings import declared, field_from_env
 from core.topicreader import read_range
 from ingress.settings import IngressSettings
 from schemas import jsonvalue
-from schemas.codec import Decoder, Encoder, encoders_for, topics_by_schema
+from schemas.codec import Decoder, encoders_for, topics_by_schema
 from schemas.errors import DecodeError, InvalidReport
 from schemas.headers import RecordHeaders
 from schemas.normalise import Normalised, normalise
@@ -234,48 +234,37 @@ async def _publish(
     async with aiohttp.ClientSession() as session:
         encoders = await encoders_for(kafka, default_store(), session)
     marker = encoders[REJECTED_REQUEST]
+    topics = topics_by_schema(kafka)
     done: list[str] = []
     async with durable_producer(kafka, "callstream-rejected-reprocess", linger_ms=5) as producer:
         with track("reprocess", len(ready), unit="reports") as bar:
             for entry, event in ready:
-                await _reprocess_one(producer, kafka, marker, encoders, entry, event)
+                topic, encoder = topics[event.schema_name], encoders[event.schema_name]
+                headers = RecordHeaders(
+                    event.event_type,
+                    encoder.schema_id,
+                    encoder.wire_format,
+                    event.source_format,
+                    entry.request_id,
+                )
+                # Published first, marked after: a crash in between publishes it again, never
+                # marks a record as reprocessed that is not on the topic.
+                await producer.send_and_wait(
+                    topic,
+                    encoder.encode(event.record),
+                    key=None if event.call_id is None else event.call_id.encode(),
+                    headers=[*headers.encode(), ("reprocessed-from", b"quarantine")],
+                )
+                kept = entry.reprocessed(int(time.time() * 1000), topic, event.call_id)
+                await producer.send_and_wait(
+                    kafka.rejected_topic,
+                    marker.encode(kept.to_record()),
+                    key=entry.request_id.encode(),
+                    headers=list(kept.record_headers(marker).encode()),
+                )
                 done.append(entry.request_id)
                 bar.advance()
     return done
-
-
-async def _reprocess_one(
-    producer: Any,
-    kafka: KafkaSettings,
-    marker: Encoder,
-    encoders: Mapping[str, Encoder],
-    entry: RejectedRequest,
-    event: Normalised,
-) -> None:
-    topic = topics_by_schema(kafka)[event.schema_name]
-    encoder = encoders[event.schema_name]
-    # Published first, marked after: a crash in between publishes it again, never
-    # marks a record as reprocessed that is not on the topic.
-    await producer.send_and_wait(
-        topic,
-        encoder.encode(event.record),
-        key=None if event.call_id is None else event.call_id.encode(),
-        headers=list(_headers(event, encoder, entry.request_id)),
-    )
-    kept = entry.reprocessed(int(time.time() * 1000), topic, event.call_id)
-    await producer.send_and_wait(
-        kafka.rejected_topic,
-        marker.encode(kept.to_record()),
-        key=entry.request_id.encode(),
-        headers=list(kept.record_headers(marker).encode()),
-    )
-
-
-def _headers(event: Normalised, encoder: Encoder, request_id: str) -> tuple[tuple[str, bytes], ...]:
-    headers = RecordHeaders(
-        event.event_type, encoder.schema_id, encoder.wire_format, event.source_format, request_id
-    )
-    return (*headers.encode(), ("reprocessed-from", b"quarantine"))
 
 
 async def reprocess_command(
