@@ -23,11 +23,11 @@ import contextlib
 import logging
 import signal
 import sys
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol, TextIO
+from typing import Any, TextIO
 
 import aiohttp
 from aiokafka.errors import CommitFailedError, KafkaError
@@ -40,7 +40,7 @@ from callstream.replayplan import ReplayPlan, parse_time, plan_replay, render_pl
 from consumers.catalog import registered
 from consumers.contract import Consumer, Delivery
 from consumers.runner import Runner, RunnerSettings
-from consumers.storage import StorageSettings, open_backend
+from consumers.storage import StorageBackend, StorageSettings, open_backend
 from consumers.telemetry import RunnerMetrics
 from core.kafkasettings import KafkaSettings
 from core.offsets import commit_group_offsets
@@ -96,10 +96,8 @@ class _Window(Consumer):
         self.handled += len(inside)
 
     def _inside(self, delivery: Delivery) -> bool:
-        bounds = self._bounds.get(delivery.partition)
-        if delivery.topic != self._topic or bounds is None:
-            return False
-        return bounds[0] <= delivery.offset < bounds[1]
+        start, stop = self._bounds.get(delivery.partition, (0, 0))
+        return delivery.topic == self._topic and start <= delivery.offset < stop
 
 
 async def replay_consumer(
@@ -137,7 +135,11 @@ async def replay_consumer(
     async with KafkaInspector(kafka) as inspector:
         group = await inspector.group(group_id)
         if group.active and not dry_run:
-            err.write(_active_message(group_id, group.state, group.members, consumer))
+            err.write(
+                f"refusing to replay: group {group_id} is active ({group.state},"
+                f" {group.members} member(s)).\nStop every `callstream consumer {consumer}` first;"
+                " moving the offsets of a running group would be overwritten by its next commit.\n"
+            )
             return EXIT_REFUSED
         try:
             plan = await plan_replay(inspector, consumer, group_id, topic, since, until)
@@ -172,14 +174,6 @@ async def replay_consumer(
             stop=stop or asyncio.Event(),
             interval=progress_interval,
         )
-
-
-def _active_message(group_id: str, state: str, members: int, consumer: str) -> str:
-    return (
-        f"refusing to replay: group {group_id} is active ({state}, {members} member(s)).\n"
-        f"Stop every `callstream consumer {consumer}` first; moving the offsets of a running"
-        " group would be overwritten by its next commit.\n"
-    )
 
 
 async def _rewind(
@@ -249,7 +243,6 @@ async def _replay_window(
         task = asyncio.create_task(runner.run(runner_stop), name=f"replay-{consumer.name}")
         label = f"replay {consumer.name}"
         progress = display.track(label, plan.total, stream=err, interval=interval)
-        outcome = "stopped"
         try:
             outcome = await _watch(inspector, plan, task, stop, progress, interval)
         finally:
@@ -344,14 +337,6 @@ async def _restore(
 # -- re-publishing from the storage archive ------------------------------------------------
 
 
-class StoredRecords(Protocol):
-    """What re-publishing needs from the archive (consumers.storage.StorageBackend)."""
-
-    def iter_records(
-        self, since: datetime, until: datetime | None = None
-    ) -> AsyncIterator[tuple[str, bytes]]: ...
-
-
 def record_headers(record: bytes, decoded: dict[str, Any]) -> list[tuple[str, bytes]]:
     """The headers the ingress gives a record, from the record itself (`decoded` is its
     Avro record), plus where it came from this time."""
@@ -370,7 +355,7 @@ def record_headers(record: bytes, decoded: dict[str, Any]) -> list[tuple[str, by
 
 async def republish_from_storage(
     kafka: KafkaSettings,
-    records: StoredRecords,
+    records: StorageBackend,
     since: datetime,
     until: datetime | None,
     *,
@@ -490,9 +475,8 @@ async def replay_command(
         except KafkaError as exc:
             err.write(f"callstream replay --restore: Kafka at {kafka.bootstrap_servers}: {exc}\n")
             return EXIT_FAILED
+    assert request.since is not None  # the command line asks for --from without --restore
     try:
-        if request.since is None:
-            raise ValueError("--from is required (or --restore FILE)")
         since = parse_time(request.since)
         until = parse_time(request.until) if request.until is not None else None
     except ValueError as exc:
