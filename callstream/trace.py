@@ -164,20 +164,15 @@ class _Kafka:
                 self.phone_hashes.add(sha256_hex(record["from_number"].strip()))
         out["groups"] = {}
         for name, group in groups.items():
-            committed = (await self.look.committed(group, raw.topic, [raw.partition])).get(
-                raw.partition
-            )
-            out["groups"][name] = {
-                "group_id": group,
-                "committed": committed,
-                "state": "no commit"
-                if committed is None
-                else (
-                    "handled"
-                    if committed > raw.offset
-                    else f"behind by {raw.offset - committed + 1}"
-                ),
-            }
+            found = await self.look.committed(group, raw.topic, [raw.partition])
+            committed = found.get(raw.partition)
+            if committed is None:
+                state = "no commit"
+            elif committed > raw.offset:
+                state = "handled"
+            else:
+                state = f"behind by {raw.offset - committed + 1}"
+            out["groups"][name] = {"group_id": group, "committed": committed, "state": state}
         return out
 
     async def dead_letters(self, call_id: bytes, lookback: int) -> list[Json]:
