@@ -35,7 +35,7 @@ from prometheus_client import CollectorRegistry
 
 from callstream import progress as display
 from callstream.consumerstatus import KafkaInspector, TopicMissingError
-from callstream.replayoffsets import SavedOffsets, default_path, restore_command, save
+from callstream.replayoffsets import SavedOffsets, default_path, save
 from callstream.replayplan import ReplayPlan, parse_time, plan_replay, render_plan, time_range
 from consumers.catalog import registered
 from consumers.contract import Consumer, Delivery
@@ -332,6 +332,32 @@ async def _restore(
         f"{listing}\n"
     )
     return False
+
+
+async def restore_command(kafka: KafkaSettings, path: Path, out: TextIO, err: TextIO) -> int:
+    """Commit the saved offsets back; refuses while the group has members."""
+    saved = SavedOffsets.load(path)
+    async with KafkaInspector(kafka) as inspector:
+        group = await inspector.group(saved.group_id)
+        if group.active:
+            err.write(
+                f"refusing to restore: group {saved.group_id} is active ({group.state},"
+                f" {group.members} member(s)); stop its consumers first\n"
+            )
+            return EXIT_REFUSED
+        beginning, _ = await inspector.log_offsets(saved.topic, sorted(saved.offsets))
+    offsets = {p: beginning[p] if o is None else o for p, o in saved.offsets.items()}
+    try:
+        await commit_group_offsets(kafka, saved.group_id, saved.topic, offsets)
+    except CommitFailedError:
+        err.write(f"refusing to restore: group {saved.group_id} became active; nothing changed\n")
+        return EXIT_REFUSED
+    listing = ", ".join(f"{p}:{o}" for p, o in sorted(offsets.items()))
+    out.write(
+        f"restored group {saved.group_id} on {saved.topic} to the offsets saved at"
+        f" {saved.saved_at.isoformat()} (partition:offset {listing})\n"
+    )
+    return EXIT_OK
 
 
 # -- re-publishing from the storage archive ------------------------------------------------
