@@ -221,21 +221,19 @@ async def reprocess(
         )
         ready.append((entry, event))
     if not dry_run and ready:
-        for request_id in await _publish(kafka, ready):
-            outcomes[request_id] = replace(outcomes[request_id], verdict="published")
+        await _publish(kafka, ready)
+        for entry, _ in ready:
+            outcomes[entry.request_id] = replace(outcomes[entry.request_id], verdict="published")
     return list(outcomes.values())
 
 
-async def _publish(
-    kafka: KafkaSettings, ready: list[tuple[RejectedRequest, Normalised]]
-) -> list[str]:
-    """Each record onto its topic, then its entry marked REPROCESSED; all acknowledged.
-    Returns the request ids done."""
+async def _publish(kafka: KafkaSettings, ready: list[tuple[RejectedRequest, Normalised]]) -> None:
+    """Each record onto its topic, then its entry marked REPROCESSED; all acknowledged, or
+    the first failure raised."""
     async with aiohttp.ClientSession() as session:
         encoders = await encoders_for(kafka, default_store(), session)
     marker = encoders[REJECTED_REQUEST]
     topics = topics_by_schema(kafka)
-    done: list[str] = []
     async with durable_producer(kafka, "callstream-rejected-reprocess", linger_ms=5) as producer:
         with track("reprocess", len(ready), unit="reports") as bar:
             for entry, event in ready:
@@ -262,9 +260,7 @@ async def _publish(
                     key=entry.request_id.encode(),
                     headers=list(kept.record_headers(marker).encode()),
                 )
-                done.append(entry.request_id)
                 bar.advance()
-    return done
 
 
 async def reprocess_command(
