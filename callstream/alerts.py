@@ -58,13 +58,11 @@ def _fail(command: str, exc: Exception) -> int:
     return 2
 
 
-# -- list ---------------------------------------------------------------------------------
-
-
 def list_command(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     try:
         settings, since = _settings(args, env)
-        records = asyncio.run(_history(settings, since, failed_only=args.failed))
+        state = AlertState(settings.state_path, busy_timeout=settings.state_busy_timeout)
+        records = asyncio.run(history(state, since, failed_only=args.failed))
     except (_CommandError, StateUnavailable) as exc:
         return _fail("list", exc)
     if args.json:
@@ -79,12 +77,12 @@ def list_command(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     return 0
 
 
-async def _history(
-    settings: AlertingSettings, since: datetime | None, *, failed_only: bool
+async def history(
+    state: AlertState, since: datetime | None, *, failed_only: bool
 ) -> list[AlertRecord]:
-    state = AlertState(settings.state_path, busy_timeout=settings.state_busy_timeout)
-    await state.open()
+    """What the state file holds; closed again even when opening it failed."""
     try:
+        await state.open()
         return await state.history(since=since, failed_only=failed_only)
     finally:
         await state.close()
@@ -123,9 +121,6 @@ def _row(record: AlertRecord) -> list[str]:
         str(fields["attempts"]),
         fields["error"] or "",
     ]
-
-
-# -- retry --------------------------------------------------------------------------------
 
 
 def retry_command(args: argparse.Namespace, env: Mapping[str, str]) -> int:

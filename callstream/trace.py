@@ -374,12 +374,9 @@ async def _alerts(env: Mapping[str, str], call_id: str) -> Json:
         path, busy_timeout=field_from_env(AlertingSettings, "state_busy_timeout", env)
     )
     try:
-        await state.open()
-        history = await state.history(since=None, failed_only=False)
+        history = await alerts.history(state, since=None, failed_only=False)
     except StateUnavailable as exc:
         return {"available": False, "note": str(exc)}
-    finally:
-        await state.close()
     shown = ("rule", "channel", "status", "attempts", "error", "updated_at")
     return {
         "available": True,
