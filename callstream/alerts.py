@@ -23,33 +23,33 @@ from callstream.clihelp import table
 from callstream.replayplan import parse_time
 from consumers.alerting import AlertingSettings, load_rule_file
 from consumers.alerting.redelivery import Redelivery, RetryResult, UnknownDeadLetter, failed
-from consumers.alerting.state import AlertRecord, AlertState, DeadLetter, StateUnavailable
+from consumers.alerting.state import AlertRecord, AlertState, StateUnavailable
 
 
 class _CommandError(Exception):
     """One line for the operator; exit code 2."""
 
 
-def _since(args: argparse.Namespace) -> datetime | None:
-    """An ISO time (UTC unless a zone is given) or an age back from now: `-2h`, `-7d`."""
-    if args.since is None:
-        return None
-    try:
-        return parse_time(args.since)
-    except ValueError:
-        raise _CommandError(
-            f"--since {args.since!r}: give an ISO time (2026-12-01T09:00Z) or an age back from now"
-            " (-90m, -2h, -7d)"
-        ) from None
-
-
-def _existing_state(settings: AlertingSettings) -> None:
+def _settings(
+    args: argparse.Namespace, env: Mapping[str, str]
+) -> tuple[AlertingSettings, datetime | None]:
+    settings = AlertingSettings.from_env(env)
+    since = None
+    if args.since is not None:
+        try:
+            since = parse_time(args.since)
+        except ValueError:
+            raise _CommandError(
+                f"--since {args.since!r}: give an ISO time (2026-12-01T09:00Z) or an age back"
+                " from now (-90m, -2h, -7d)"
+            ) from None
     # Opening would create an empty file: a wrong path must say so instead of listing nothing.
     if not settings.state_path.is_file():
         raise _CommandError(
             f"no alert state file at {settings.state_path} (CALLSTREAM_ALERT_STATE_PATH):"
             " run this with the alerting consumer's settings"
         )
+    return settings, since
 
 
 def _fail(command: str, exc: Exception) -> int:
@@ -58,15 +58,11 @@ def _fail(command: str, exc: Exception) -> int:
     return 2
 
 
-# -- list ---------------------------------------------------------------------------------
-
-
 def list_command(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    settings = AlertingSettings.from_env(env)
     try:
-        since = _since(args)
-        _existing_state(settings)
-        records = asyncio.run(_history(settings, since, failed_only=args.failed))
+        settings, since = _settings(args, env)
+        state = AlertState(settings.state_path, busy_timeout=settings.state_busy_timeout)
+        records = asyncio.run(history(state, since, failed_only=args.failed))
     except (_CommandError, StateUnavailable) as exc:
         return _fail("list", exc)
     if args.json:
@@ -76,16 +72,17 @@ def list_command(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     if not records:
         print("no failed alerts" if args.failed else "no alerts")
         return 0
-    _print_table([_row(record) for record in records])
+    header = ["UPDATED", "STATUS", "DEAD", "RULE", "CHANNEL", "CALL", "ATTEMPTS", "ERROR"]
+    print("\n".join(table([header, *map(_row, records)])))
     return 0
 
 
-async def _history(
-    settings: AlertingSettings, since: datetime | None, *, failed_only: bool
+async def history(
+    state: AlertState, since: datetime | None, *, failed_only: bool
 ) -> list[AlertRecord]:
-    state = AlertState(settings.state_path, busy_timeout=settings.state_busy_timeout)
-    await state.open()
+    """What the state file holds; closed again even when opening it failed."""
     try:
+        await state.open()
         return await state.history(since=since, failed_only=failed_only)
     finally:
         await state.close()
@@ -126,20 +123,9 @@ def _row(record: AlertRecord) -> list[str]:
     ]
 
 
-def _print_table(rows: Sequence[list[str]]) -> None:
-    header = ["UPDATED", "STATUS", "DEAD", "RULE", "CHANNEL", "CALL", "ATTEMPTS", "ERROR"]
-    for line in table([header, *rows]):
-        print(line)
-
-
-# -- retry --------------------------------------------------------------------------------
-
-
 def retry_command(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    settings = AlertingSettings.from_env(env)
     try:
-        since = _since(args)
-        _existing_state(settings)
+        settings, since = _settings(args, env)
         if settings.rules_path is None:
             raise _CommandError(
                 "CALLSTREAM_ALERT_RULES is not set: a retry sends through the rule file's channels"
@@ -161,13 +147,12 @@ async def _retry(
         return await redelivery.retry(dead_letter_id=args.id, since=since, dry_run=args.dry_run)
 
 
-def _describe(dead_letter: DeadLetter) -> str:
-    key = dead_letter.key
-    return f"#{dead_letter.id} rule={key.rule} channel={key.channel} call={key.call_id}"
-
-
 def _result_line(result: RetryResult) -> str:
-    line = f"{result.outcome:<10}  {_describe(result.dead_letter)}"
+    key = result.dead_letter.key
+    line = (
+        f"{result.outcome:<10}  #{result.dead_letter.id} rule={key.rule} channel={key.channel}"
+        f" call={key.call_id}"
+    )
     if result.outcome == "sent":
         return f"{line} ({result.attempts} attempt(s))"
     return f"{line}: {result.detail}" if result.detail else line

@@ -655,9 +655,8 @@ def _cmd_purge(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         print(f"callstream purge: nothing purged: {exc}", file=sys.stderr)
         return 1
     print(
-        f"purged {outcome.rows} stored row(s), reports and status updates, older than"
-        f" {args.older_than};"
-        f" erasure #{outcome.entry}"
+        f"purged {outcome.rows} stored row(s), reports and status updates,"
+        f" older than {args.older_than}; erasure #{outcome.entry}"
     )
     _warn_about_kafka(env, outcome.compacted)
     return 0

@@ -224,11 +224,15 @@ class KafkaInspector:
 
         return await _retrying(fetch)
 
-    async def lags(self, group_id: str, topic: str) -> tuple[PartitionLag, ...]:
+    async def existing(self, topic: str) -> list[int]:
+        """The topic's partitions; none if it does not exist."""
         try:
-            partitions = await self.partitions(topic)
+            return await self.partitions(topic)
         except TopicMissingError:
-            return ()
+            return []
+
+    async def lags(self, group_id: str, topic: str) -> tuple[PartitionLag, ...]:
+        partitions = await self.existing(topic)
         beginning, end = await self.log_offsets(topic, partitions)
         committed = await self.committed(group_id, topic, partitions)
         return tuple(PartitionLag(p, beginning[p], end[p], committed.get(p)) for p in partitions)
@@ -236,16 +240,14 @@ class KafkaInspector:
 
 async def _retrying(call: Callable[[], Awaitable[_T]]) -> _T:
     delay = 0.1
-    for attempt in range(1, _ATTEMPTS + 1):
+    for _ in range(_ATTEMPTS - 1):
         try:
             return await call()
         except _TRANSIENT as exc:
-            if attempt == _ATTEMPTS:
-                raise
             log.debug("kafka not ready (%s), retrying in %.1fs", exc, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
-    raise AssertionError("unreachable")
+    return await call()  # the last attempt: its error is the caller's
 
 
 async def consumer_statuses(

@@ -30,7 +30,7 @@ import orjson
 from aiokafka.errors import KafkaError
 
 from callstream.clihelp import table
-from callstream.consumerstatus import KafkaInspector, TopicMissingError
+from callstream.consumerstatus import KafkaInspector
 from callstream.progress import track
 from callstream.replay import EXIT_FAILED, EXIT_OK, PUBLISH_WINDOW, all_acked
 from consumers.contract import REDRIVE_HEADER
@@ -115,9 +115,8 @@ class Snapshot:
 
 
 async def _snapshot(look: KafkaInspector, topic: str) -> Snapshot | None:
-    try:
-        partitions = await look.partitions(topic)
-    except TopicMissingError:
+    partitions = await look.existing(topic)
+    if not partitions:
         return None
     beginning, end = await look.log_offsets(topic, partitions)
     return Snapshot(beginning, end)
@@ -195,7 +194,7 @@ async def redrive_command(
             letter = DeadLetter.of(record, kafka.topic)
             if letter.consumer == consumer:
                 origins[letter.origin_topic] += 1
-        missing = [t for t in sorted(origins) if not await _exists(look, t)]
+        missing = [t for t in sorted(origins) if not await look.existing(t)]
     found = sum(origins.values())
     out.write(f"{found} dead letter(s) of {consumer} not yet re-driven\n")
     if missing:
@@ -223,14 +222,6 @@ async def redrive_command(
     for origin, n in sorted(sent.items()):
         out.write(f"re-drove {n} onto {origin}; `callstream consumer {consumer}` handles them\n")
     return EXIT_OK
-
-
-async def _exists(look: KafkaInspector, topic: str) -> bool:
-    try:
-        await look.partitions(topic)
-    except TopicMissingError:
-        return False
-    return True
 
 
 async def _send_back(

@@ -59,7 +59,7 @@ def _of(*classes: type) -> tuple[Setting, ...]:
 
 def sections() -> list[Section]:
     """Every variable callstream reads, grouped by who reads it."""
-    found = [
+    return [
         Section("every service", _of(KafkaSettings, LogSettings)),
         Section(
             "Kafka security (docs/kafka.md: managed services, clusters, ACLs)",
@@ -74,16 +74,15 @@ def sections() -> list[Section]:
         Section(
             "every consumer (`callstream consumer NAME`)", _of(ServiceSettings, RunnerSettings)
         ),
-    ]
-    for name, spec in CONSUMERS.items():
-        found.append(
+        *(
             Section(
                 f"{name} consumer",
                 (port_setting(name), *(_of(spec.settings) if spec.settings else ())),
                 _ALERTING_NOTE if name == "alerting" else (),
             )
-        )
-    return found
+            for name, spec in CONSUMERS.items()
+        ),
+    ]
 
 
 def all_settings() -> list[Setting]:

@@ -29,7 +29,7 @@ import aiohttp
 import orjson
 
 from callstream.clihelp import command
-from callstream.consumerstatus import KafkaInspector, TopicMissingError
+from callstream.consumerstatus import KafkaInspector
 from callstream.progress import track
 from callstream.replayplan import parse_time
 from core.kafkasettings import KafkaSettings
@@ -38,7 +38,7 @@ from core.settings import declared, field_from_env
 from core.topicreader import read_range
 from ingress.settings import IngressSettings
 from schemas import jsonvalue
-from schemas.codec import Decoder, Encoder, encoders_for, topics_by_schema
+from schemas.codec import Decoder, encoders_for, topics_by_schema
 from schemas.errors import DecodeError, InvalidReport
 from schemas.headers import RecordHeaders
 from schemas.normalise import Normalised, normalise
@@ -73,9 +73,8 @@ class Limits:
 async def load(kafka: KafkaSettings) -> dict[str, RejectedRequest]:
     """Every entry in the quarantine now, by request id, in the order they were kept."""
     async with KafkaInspector(kafka) as look:
-        try:
-            partitions = await look.partitions(kafka.rejected_topic)
-        except TopicMissingError:
+        partitions = await look.existing(kafka.rejected_topic)
+        if not partitions:
             return {}
         start, end = await look.log_offsets(kafka.rejected_topic, partitions)
     entries: dict[str, RejectedRequest] = {}
@@ -222,61 +221,46 @@ async def reprocess(
         )
         ready.append((entry, event))
     if not dry_run and ready:
-        for request_id in await _publish(kafka, ready):
-            outcomes[request_id] = replace(outcomes[request_id], verdict="published")
+        await _publish(kafka, ready)
+        for entry, _ in ready:
+            outcomes[entry.request_id] = replace(outcomes[entry.request_id], verdict="published")
     return list(outcomes.values())
 
 
-async def _publish(
-    kafka: KafkaSettings, ready: list[tuple[RejectedRequest, Normalised]]
-) -> list[str]:
-    """Each record onto its topic, then its entry marked REPROCESSED; all acknowledged.
-    Returns the request ids done."""
+async def _publish(kafka: KafkaSettings, ready: list[tuple[RejectedRequest, Normalised]]) -> None:
+    """Each record onto its topic, then its entry marked REPROCESSED; all acknowledged, or
+    the first failure raised."""
     async with aiohttp.ClientSession() as session:
         encoders = await encoders_for(kafka, default_store(), session)
     marker = encoders[REJECTED_REQUEST]
-    done: list[str] = []
+    topics = topics_by_schema(kafka)
     async with durable_producer(kafka, "callstream-rejected-reprocess", linger_ms=5) as producer:
         with track("reprocess", len(ready), unit="reports") as bar:
             for entry, event in ready:
-                await _reprocess_one(producer, kafka, marker, encoders, entry, event)
-                done.append(entry.request_id)
+                topic, encoder = topics[event.schema_name], encoders[event.schema_name]
+                headers = RecordHeaders(
+                    event.event_type,
+                    encoder.schema_id,
+                    encoder.wire_format,
+                    event.source_format,
+                    entry.request_id,
+                )
+                # Published first, marked after: a crash in between publishes it again, never
+                # marks a record as reprocessed that is not on the topic.
+                await producer.send_and_wait(
+                    topic,
+                    encoder.encode(event.record),
+                    key=None if event.call_id is None else event.call_id.encode(),
+                    headers=[*headers.encode(), ("reprocessed-from", b"quarantine")],
+                )
+                kept = entry.reprocessed(int(time.time() * 1000), topic, event.call_id)
+                await producer.send_and_wait(
+                    kafka.rejected_topic,
+                    marker.encode(kept.to_record()),
+                    key=entry.request_id.encode(),
+                    headers=list(kept.record_headers(marker).encode()),
+                )
                 bar.advance()
-    return done
-
-
-async def _reprocess_one(
-    producer: Any,
-    kafka: KafkaSettings,
-    marker: Encoder,
-    encoders: Mapping[str, Encoder],
-    entry: RejectedRequest,
-    event: Normalised,
-) -> None:
-    topic = topics_by_schema(kafka)[event.schema_name]
-    encoder = encoders[event.schema_name]
-    # Published first, marked after: a crash in between publishes it again, never
-    # marks a record as reprocessed that is not on the topic.
-    await producer.send_and_wait(
-        topic,
-        encoder.encode(event.record),
-        key=None if event.call_id is None else event.call_id.encode(),
-        headers=list(_headers(event, encoder, entry.request_id)),
-    )
-    kept = entry.reprocessed(int(time.time() * 1000), topic, event.call_id)
-    await producer.send_and_wait(
-        kafka.rejected_topic,
-        marker.encode(kept.to_record()),
-        key=entry.request_id.encode(),
-        headers=list(kept.record_headers(marker).encode()),
-    )
-
-
-def _headers(event: Normalised, encoder: Encoder, request_id: str) -> tuple[tuple[str, bytes], ...]:
-    headers = RecordHeaders(
-        event.event_type, encoder.schema_id, encoder.wire_format, event.source_format, request_id
-    )
-    return (*headers.encode(), ("reprocessed-from", b"quarantine"))
 
 
 async def reprocess_command(

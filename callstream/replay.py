@@ -23,11 +23,11 @@ import contextlib
 import logging
 import signal
 import sys
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol, TextIO
+from typing import Any, TextIO
 
 import aiohttp
 from aiokafka.errors import CommitFailedError, KafkaError
@@ -35,12 +35,12 @@ from prometheus_client import CollectorRegistry
 
 from callstream import progress as display
 from callstream.consumerstatus import KafkaInspector, TopicMissingError
-from callstream.replayoffsets import SavedOffsets, default_path, restore_command, save
+from callstream.replayoffsets import SavedOffsets, default_path, save
 from callstream.replayplan import ReplayPlan, parse_time, plan_replay, render_plan, time_range
 from consumers.catalog import registered
 from consumers.contract import Consumer, Delivery
 from consumers.runner import Runner, RunnerSettings
-from consumers.storage import StorageSettings, open_backend
+from consumers.storage import StorageBackend, StorageSettings, open_backend
 from consumers.telemetry import RunnerMetrics
 from core.kafkasettings import KafkaSettings
 from core.offsets import commit_group_offsets
@@ -96,10 +96,8 @@ class _Window(Consumer):
         self.handled += len(inside)
 
     def _inside(self, delivery: Delivery) -> bool:
-        bounds = self._bounds.get(delivery.partition)
-        if delivery.topic != self._topic or bounds is None:
-            return False
-        return bounds[0] <= delivery.offset < bounds[1]
+        start, stop = self._bounds.get(delivery.partition, (0, 0))
+        return delivery.topic == self._topic and start <= delivery.offset < stop
 
 
 async def replay_consumer(
@@ -137,7 +135,11 @@ async def replay_consumer(
     async with KafkaInspector(kafka) as inspector:
         group = await inspector.group(group_id)
         if group.active and not dry_run:
-            err.write(_active_message(group_id, group.state, group.members, consumer))
+            err.write(
+                f"refusing to replay: group {group_id} is active ({group.state},"
+                f" {group.members} member(s)).\nStop every `callstream consumer {consumer}` first;"
+                " moving the offsets of a running group would be overwritten by its next commit.\n"
+            )
             return EXIT_REFUSED
         try:
             plan = await plan_replay(inspector, consumer, group_id, topic, since, until)
@@ -172,14 +174,6 @@ async def replay_consumer(
             stop=stop or asyncio.Event(),
             interval=progress_interval,
         )
-
-
-def _active_message(group_id: str, state: str, members: int, consumer: str) -> str:
-    return (
-        f"refusing to replay: group {group_id} is active ({state}, {members} member(s)).\n"
-        f"Stop every `callstream consumer {consumer}` first; moving the offsets of a running"
-        " group would be overwritten by its next commit.\n"
-    )
 
 
 async def _rewind(
@@ -249,7 +243,6 @@ async def _replay_window(
         task = asyncio.create_task(runner.run(runner_stop), name=f"replay-{consumer.name}")
         label = f"replay {consumer.name}"
         progress = display.track(label, plan.total, stream=err, interval=interval)
-        outcome = "stopped"
         try:
             outcome = await _watch(inspector, plan, task, stop, progress, interval)
         finally:
@@ -341,15 +334,33 @@ async def _restore(
     return False
 
 
+async def restore_command(kafka: KafkaSettings, path: Path, out: TextIO, err: TextIO) -> int:
+    """Commit the saved offsets back; refuses while the group has members."""
+    saved = SavedOffsets.load(path)
+    async with KafkaInspector(kafka) as inspector:
+        group = await inspector.group(saved.group_id)
+        if group.active:
+            err.write(
+                f"refusing to restore: group {saved.group_id} is active ({group.state},"
+                f" {group.members} member(s)); stop its consumers first\n"
+            )
+            return EXIT_REFUSED
+        beginning, _ = await inspector.log_offsets(saved.topic, sorted(saved.offsets))
+    offsets = {p: beginning[p] if o is None else o for p, o in saved.offsets.items()}
+    try:
+        await commit_group_offsets(kafka, saved.group_id, saved.topic, offsets)
+    except CommitFailedError:
+        err.write(f"refusing to restore: group {saved.group_id} became active; nothing changed\n")
+        return EXIT_REFUSED
+    listing = ", ".join(f"{p}:{o}" for p, o in sorted(offsets.items()))
+    out.write(
+        f"restored group {saved.group_id} on {saved.topic} to the offsets saved at"
+        f" {saved.saved_at.isoformat()} (partition:offset {listing})\n"
+    )
+    return EXIT_OK
+
+
 # -- re-publishing from the storage archive ------------------------------------------------
-
-
-class StoredRecords(Protocol):
-    """What re-publishing needs from the archive (consumers.storage.StorageBackend)."""
-
-    def iter_records(
-        self, since: datetime, until: datetime | None = None
-    ) -> AsyncIterator[tuple[str, bytes]]: ...
 
 
 def record_headers(record: bytes, decoded: dict[str, Any]) -> list[tuple[str, bytes]]:
@@ -370,7 +381,7 @@ def record_headers(record: bytes, decoded: dict[str, Any]) -> list[tuple[str, by
 
 async def republish_from_storage(
     kafka: KafkaSettings,
-    records: StoredRecords,
+    records: StorageBackend,
     since: datetime,
     until: datetime | None,
     *,
@@ -490,9 +501,8 @@ async def replay_command(
         except KafkaError as exc:
             err.write(f"callstream replay --restore: Kafka at {kafka.bootstrap_servers}: {exc}\n")
             return EXIT_FAILED
+    assert request.since is not None  # the command line asks for --from without --restore
     try:
-        if request.since is None:
-            raise ValueError("--from is required (or --restore FILE)")
         since = parse_time(request.since)
         until = parse_time(request.until) if request.until is not None else None
     except ValueError as exc:

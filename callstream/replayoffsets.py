@@ -11,17 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TextIO
 
 import orjson
-from aiokafka.errors import CommitFailedError
-
-from callstream.consumerstatus import KafkaInspector
-from core.kafkasettings import KafkaSettings
-from core.offsets import commit_group_offsets
-
-EXIT_OK = 0
-EXIT_REFUSED = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,30 +61,3 @@ def save(path: Path, saved: SavedOffsets) -> None:
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_bytes(saved.dump())
     temporary.replace(path)
-
-
-async def restore_command(kafka: KafkaSettings, path: Path, out: TextIO, err: TextIO) -> int:
-    """Commit the saved offsets back; refuses while the group has members."""
-    saved = SavedOffsets.load(path)
-    async with KafkaInspector(kafka) as inspector:
-        group = await inspector.group(saved.group_id)
-        if group.active:
-            err.write(
-                f"refusing to restore: group {saved.group_id} is active ({group.state},"
-                f" {group.members} member(s)); stop its consumers first\n"
-            )
-            return EXIT_REFUSED
-        partitions = sorted(saved.offsets)
-        beginning, _ = await inspector.log_offsets(saved.topic, partitions)
-    offsets = {p: beginning[p] if o is None else o for p, o in saved.offsets.items()}
-    try:
-        await commit_group_offsets(kafka, saved.group_id, saved.topic, offsets)
-    except CommitFailedError:
-        err.write(f"refusing to restore: group {saved.group_id} became active; nothing changed\n")
-        return EXIT_REFUSED
-    listing = ", ".join(f"{p}:{o}" for p, o in sorted(offsets.items()))
-    out.write(
-        f"restored group {saved.group_id} on {saved.topic} to the offsets saved at"
-        f" {saved.saved_at.isoformat()} (partition:offset {listing})\n"
-    )
-    return EXIT_OK

@@ -71,11 +71,8 @@ class PartitionPlan:
         group would start at the log start; it starts at --from instead, which is how a new
         consumer gets "last week" rather than everything retained.
         """
-        if self.fresh_group:
-            return self.start
-        if self.committed is None or self.committed <= self.start:
-            return None
-        return self.start
+        moved_back = self.committed is not None and self.committed > self.start
+        return self.start if self.fresh_group or moved_back else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,21 +119,18 @@ async def plan_replay(
     stops = await inspector.offsets_for_time(topic, partitions, until) if until is not None else {}
     committed = await inspector.committed(group_id, topic, partitions)
     fresh = all(committed.get(p, beginning[p]) <= beginning[p] for p in partitions)
-    plans = []
-    for p in partitions:
-        start = starts.get(p)
-        stop = stops.get(p)
-        plans.append(
-            PartitionPlan(
-                partition=p,
-                beginning=beginning[p],
-                end=end[p],
-                start=end[p] if start is None else start,
-                stop=end[p] if stop is None else stop,
-                committed=committed.get(p),
-                fresh_group=fresh,
-            )
+    plans = (
+        PartitionPlan(
+            partition=p,
+            beginning=beginning[p],
+            end=end[p],
+            start=end[p] if (start := starts.get(p)) is None else start,
+            stop=end[p] if (stop := stops.get(p)) is None else stop,
+            committed=committed.get(p),
+            fresh_group=fresh,
         )
+        for p in partitions
+    )
     return ReplayPlan(consumer, group_id, topic, since, until, tuple(plans))
 
 

@@ -30,8 +30,8 @@ import orjson
 from aiokafka.errors import KafkaError
 from aiokafka.partitioner import DefaultPartitioner
 
-from callstream import rejected
-from callstream.consumerstatus import KafkaInspector, TopicMissingError, registered_consumers
+from callstream import alerts, rejected
+from callstream.consumerstatus import KafkaInspector, registered_consumers
 from callstream.dlq import DeadLetter, redrive_group
 from callstream.tracerender import render_text
 from consumers.alerting.settings import AlertingSettings
@@ -124,9 +124,8 @@ class _Kafka:
     async def window(self, topic: str, key: bytes | None, lookback: int) -> list[RawRecord]:
         """The last `lookback` records of the key's partition, only that key's; without a
         key, of every partition."""
-        try:
-            partitions = await self.look.partitions(topic)
-        except TopicMissingError:
+        partitions = await self.look.existing(topic)
+        if not partitions:
             self.missing.append(topic)
             return []
         chosen = [key_partition(key, partitions)] if key is not None else partitions
@@ -165,20 +164,15 @@ class _Kafka:
                 self.phone_hashes.add(sha256_hex(record["from_number"].strip()))
         out["groups"] = {}
         for name, group in groups.items():
-            committed = (await self.look.committed(group, raw.topic, [raw.partition])).get(
-                raw.partition
-            )
-            out["groups"][name] = {
-                "group_id": group,
-                "committed": committed,
-                "state": "no commit"
-                if committed is None
-                else (
-                    "handled"
-                    if committed > raw.offset
-                    else f"behind by {raw.offset - committed + 1}"
-                ),
-            }
+            found = await self.look.committed(group, raw.topic, [raw.partition])
+            committed = found.get(raw.partition)
+            if committed is None:
+                state = "no commit"
+            elif committed > raw.offset:
+                state = "handled"
+            else:
+                state = f"behind by {raw.offset - committed + 1}"
+            out["groups"][name] = {"group_id": group, "committed": committed, "state": state}
         return out
 
     async def dead_letters(self, call_id: bytes, lookback: int) -> list[Json]:
@@ -216,28 +210,26 @@ def _spool(env: Mapping[str, str]) -> tuple[Json, list[Json]]:
         }, []
     entries = []
     # With several ingress workers each spools to a directory of its own under this one.
-    pending_everywhere = [
-        p for place in (directory, *siblings(directory)) for p in read_pending(place)
-    ]
-    for pending in pending_everywhere:
-        try:
-            record = decode_record(pending.payload)
-        except ValueError:
-            continue
-        headers = dict(record.headers)
-        entries.append(
-            {
-                "call_id": None if record.key is None else record.key.decode(errors="replace"),
-                "topic": record.topic,
-                "spooled_at": _iso_ms(pending.spooled_at_ms),
-                "segment": pending.position.segment,
-                "position": pending.position.offset,
-            }
-            | {
-                field: (headers[name].decode(errors="replace") if name in headers else None)
-                for field, name in HEADER_NAMES.items()
-            }
-        )
+    for place in (directory, *siblings(directory)):
+        for pending in read_pending(place):
+            try:
+                record = decode_record(pending.payload)
+            except ValueError:
+                continue
+            headers = dict(record.headers)
+            entries.append(
+                {
+                    "call_id": None if record.key is None else record.key.decode(errors="replace"),
+                    "topic": record.topic,
+                    "spooled_at": _iso_ms(pending.spooled_at_ms),
+                    "segment": pending.position.segment,
+                    "position": pending.position.offset,
+                }
+                | {
+                    field: (headers[name].decode(errors="replace") if name in headers else None)
+                    for field, name in HEADER_NAMES.items()
+                }
+            )
     return {"available": True, "directory": str(directory)}, entries
 
 
@@ -382,27 +374,16 @@ async def _alerts(env: Mapping[str, str], call_id: str) -> Json:
         path, busy_timeout=field_from_env(AlertingSettings, "state_busy_timeout", env)
     )
     try:
-        await state.open()
-        history = await state.history(since=None, failed_only=False)
+        history = await alerts.history(state, since=None, failed_only=False)
     except StateUnavailable as exc:
         return {"available": False, "note": str(exc)}
-    finally:
-        await state.close()
+    shown = ("rule", "channel", "status", "attempts", "error", "updated_at")
     return {
         "available": True,
         "alerts": [
-            {
-                "rule": r.key.rule,
-                "channel": r.key.channel,
-                "status": r.status,
-                "attempts": r.attempts,
-                "error": None
-                if r.dead_letter is None or r.status == "sent"
-                else r.dead_letter.error,
-                "updated_at": r.updated_at,
-            }
-            for r in history
-            if r.key.call_id == call_id
+            {name: full[name] for name in shown}
+            for full in map(alerts.record_json, history)
+            if full["call_id"] == call_id
         ],
     }
 
@@ -441,7 +422,6 @@ async def collect(
     request_id: str | None,
     lookback: int,
 ) -> Json:
-    """The whole trace as one JSON-ready document."""
     spool_section, spooled = _spool(env)
     async with KafkaInspector(kafka) as look, aiohttp.ClientSession() as session:
         reader = _Kafka(kafka, look, Decoder(default_store(), registry_client(kafka, session)))
@@ -494,18 +474,12 @@ def _looked(reader: _Kafka) -> Json:
 
 
 def _found(doc: Json) -> bool:
-    def entries(section: str, name: str) -> bool:
-        return bool(doc[section].get(name))
-
     return bool(
         doc["versions"]
-        or entries("spool", "entries")
         or doc["storage"].get("row")
-        or entries("timeline", "events")
-        or entries("alerts", "alerts")
-        or entries("dead_letters", "entries")
-        or entries("quarantine", "entries")
-        or entries("erasures", "entries")
+        or doc["timeline"].get("events")
+        or doc["alerts"].get("alerts")
+        or any(doc[s].get("entries") for s in ("spool", "dead_letters", "quarantine", "erasures"))
     )
 
 

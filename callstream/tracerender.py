@@ -24,31 +24,25 @@ def _lookback(doc: Json) -> list[str]:
     return lines
 
 
-def _receptions(doc: Json) -> list[str]:
-    lines = ["received by the ingress:"]
-    for r in doc["receptions"]:
-        if r["durable"] == "spool":
-            where = f"still in the spool (since {r['spooled_at']}), not yet on Kafka"
-        else:
-            via = " through the spool" if r["through_spool"] else ""
-            after = r["published_after_seconds"]
-            where = f"durable on Kafka{via}" + ("" if after is None else f" ({after} s later)")
-        lines.append(
-            f"  request {r['request_id']}  {r['event_type']}  received {r['received_at']}"
-            f"  format {r['source_format']}  {where}"
-        )
-    return lines if doc["receptions"] else [*lines, "  none found"]
+def _reception(r: Json) -> str:
+    if r["durable"] == "spool":
+        where = f"still in the spool (since {r['spooled_at']}), not yet on Kafka"
+    else:
+        via = " through the spool" if r["through_spool"] else ""
+        after = r["published_after_seconds"]
+        where = f"durable on Kafka{via}" + ("" if after is None else f" ({after} s later)")
+    return (
+        f"  request {r['request_id']}  {r['event_type']}  received {r['received_at']}"
+        f"  format {r['source_format']}  {where}"
+    )
 
 
-def _versions(doc: Json) -> list[str]:
-    lines = ["on Kafka:"]
-    for v in doc["versions"]:
-        groups = ", ".join(f"{name} {g['state']}" for name, g in v["groups"].items())
-        lines.append(
-            f"  {v['topic']}[{v['partition']}]@{v['offset']}  {v['event_type']}"
-            f"  event time {v.get('event_time')}  request {v['request_id']}  {groups}"
-        )
-    return lines if doc["versions"] else [*lines, "  none in the window"]
+def _version(v: Json) -> str:
+    groups = ", ".join(f"{name} {g['state']}" for name, g in v["groups"].items())
+    return (
+        f"  {v['topic']}[{v['partition']}]@{v['offset']}  {v['event_type']}"
+        f"  event time {v.get('event_time')}  request {v['request_id']}  {groups}"
+    )
 
 
 def _storage(doc: Json) -> list[str]:
@@ -111,7 +105,8 @@ def render_text(doc: Json) -> str:
     lines = [head, *_lookback(doc)]
     if doc["call_id"] is None:
         return "\n".join([*lines, "nothing names this request in the window or the spool"]) + "\n"
-    lines += _receptions(doc) + _versions(doc)
+    lines += _entries("received by the ingress", doc, _reception, "receptions", "none found")
+    lines += _entries("on Kafka", doc, _version, "versions", "none in the window")
     lines += _entries(
         "spool",
         doc["spool"],
