@@ -596,10 +596,12 @@ def _cmd_soak(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 
 def _cmd_erase(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    # Stripped once here, so storage and the quarantine are searched for the same text.
+    phone, call_id = (None if value is None else value.strip() for value in (args.phone, args.call))
+    # Outside the try: a bad setting is main's configuration error, not a refused selector.
+    settings = StorageSettings.from_env(env)
     try:
-        outcome = _run_async(
-            erase(StorageSettings.from_env(env), phone=args.phone, call_id=args.call)
-        )
+        outcome = _run_async(erase(settings, phone=phone, call_id=call_id))
     except ValueError as exc:
         print(f"callstream erase: {exc}", file=sys.stderr)
         return 2
@@ -608,21 +610,21 @@ def _cmd_erase(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         return 1
     # The number is not echoed: terminals and CI logs keep scrollback.
     selectors = [
-        f"{name} sha256 {sha256_hex(value.strip())[:12]}..."
-        for name, value in (("phone", args.phone), ("call", args.call))
+        f"{name} sha256 {sha256_hex(value)[:12]}..."
+        for name, value in (("phone", phone), ("call", call_id))
         if value
     ]
     print(
         f"erased {outcome.rows} stored row(s), reports and status updates"
         f" ({', '.join(selectors)}); erasure #{outcome.entry}"
     )
-    if outcome.rows == 0 and args.phone:
+    if outcome.rows == 0 and phone:
         print("no match: numbers are matched exactly as stored, e.g. +31612345678", file=sys.stderr)
     _warn_about_kafka(env, outcome.compacted)
-    return _erase_quarantine(args, env)
+    return _erase_quarantine(env, phone, call_id)
 
 
-def _erase_quarantine(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+def _erase_quarantine(env: Mapping[str, str], phone: str | None, call_id: str | None) -> int:
     """Refused requests kept in the quarantine hold the same numbers: they go too."""
     topic = rejected_topic_of(field_from_env(KafkaSettings, "topic", env))
     if not BOOTSTRAP.is_set(env):
@@ -636,7 +638,7 @@ def _erase_quarantine(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             return 0
     kafka = kafka_settings(env, start_local=False)
     try:
-        tombstoned = _run_async(rejected.erase_matching(kafka, phone=args.phone, call_id=args.call))
+        tombstoned = _run_async(rejected.erase_matching(kafka, phone=phone, call_id=call_id))
     except KafkaError as exc:
         print(f"callstream erase: storage erased, the quarantine not: {exc}", file=sys.stderr)
         return 1

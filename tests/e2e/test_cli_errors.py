@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import orjson
+import pytest
 
 from callstream.ports import free_port
 from core.kafkasettings import KafkaSettings
@@ -52,6 +53,20 @@ def test_a_bad_setting_value_is_one_line_and_exit_2() -> None:
     line = one_line_error(done)
     assert "configuration error" in line
     assert "CALLSTREAM_INGRESS_PORT" in line
+
+
+@pytest.mark.parametrize(
+    "argv", [("erase", "--phone", "+31612345678"), ("purge", "--older-than", "30d")]
+)
+def test_a_bad_storage_setting_is_a_configuration_error_for_erase_and_purge(
+    argv: tuple[str, ...],
+) -> None:
+    done = run_cli(*argv, env=_env(CALLSTREAM_DATABASE_URL="mysql://u:secret@db/calls"))
+    line = one_line_error(done)
+    assert line == (
+        f"callstream {argv[0]}: configuration error:"
+        " CALLSTREAM_DATABASE_URL must be a postgresql:// URL"
+    )
 
 
 def test_a_bad_log_level_is_one_line_and_exit_2() -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 
 from callstream.consumerstatus import KafkaInspector, TopicMissingError
 from callstream.rejected import load, reprocess
@@ -149,8 +150,10 @@ async def test_reprocess_publishes_once_what_a_changed_normaliser_passes(
     assert states == {request_id: ("REPROCESSED", kafka.topic), broken: ("QUARANTINED", None)}
 
 
+# Typed with spaces around it, the number still matches: storage strips it, and so must this.
+@pytest.mark.parametrize("typed", [ALICE, f" {ALICE}\t"], ids=["exact", "with-spaces"])
 async def test_erase_removes_the_matching_quarantine_entries(
-    ingress: Client, kafka: KafkaSettings, tmp_path: Path
+    ingress: Client, kafka: KafkaSettings, tmp_path: Path, typed: str
 ) -> None:
     # Refused for a wrong type: the kept bodies hold the callers' numbers.
     alices = orjson.dumps(sample_report(fromCaller=ALICE, callLengthSeconds="long"))
@@ -159,7 +162,7 @@ async def test_erase_removes_the_matching_quarantine_entries(
     bob = await _refuse(ingress, bobs, 422)
 
     code, out, err = await _cli(
-        kafka, "erase", "--phone", ALICE, CALLSTREAM_SQLITE_PATH=str(tmp_path / "c.db")
+        kafka, "erase", "--phone", typed, CALLSTREAM_SQLITE_PATH=str(tmp_path / "c.db")
     )
     assert code == 0, err
     assert f"erased 1 quarantined request(s) from {kafka.rejected_topic}" in out
