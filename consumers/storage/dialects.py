@@ -21,8 +21,8 @@ from consumers.storage.rows import (
     NAMES,
     Kind,
     StoredReport,
-    from_record,
     newest_per_call,
+    record_of,
     record_row_values,
     row_values,
     version,
@@ -178,9 +178,9 @@ class Dialect(ABC):
             raise PermanentError(f"report cannot be stored: {type(exc).__name__}: {exc}") from exc
 
     def _row(self, delivery: Delivery, version: tuple[Any, Any, Any]) -> tuple[Any, ...]:
-        if from_record(delivery):
-            values = record_row_values(delivery)
-            encoders = self._record_encoders
+        record = record_of(delivery)
+        if record is not None:
+            values, encoders = record_row_values(delivery, record), self._record_encoders
         else:
             values, encoders = row_values(delivery), self._encoders
         for i, encode in encoders:
