@@ -143,8 +143,7 @@ class StorageBackend:
 
     async def timeline(self, call_id: str) -> list[StoredStatus]:
         """The status updates of `call_id`, oldest first."""
-        statement = timeline.timeline_query(self._dialect, call_id)
-        rows = (await self.connection.run(one(statement))).rows
+        rows = await self._query(timeline.QUERY, self._dialect.text(call_id))
         return [timeline.stored(self._dialect, row) for row in rows]
 
     async def fetch(self, call_id: str) -> StoredReport | None:
