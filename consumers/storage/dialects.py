@@ -282,17 +282,23 @@ _PG_ARRAY_TYPES: Final[dict[Kind, str]] = {
     "int": "int8",
     "bool": "bool",
 }
+
+
+def _pg_arrays(columns: Sequence[tuple[str, Kind]]) -> str:
+    """`unnest`'s parameters: one array per column, $1 onwards."""
+    return ", ".join(
+        f"${i}::{_PG_ARRAY_TYPES.get(kind, 'text')}[]" for i, (_, kind) in enumerate(columns, 1)
+    )
+
+
 # One statement for the whole batch: each column travels as one array parameter, so the
 # statement is prepared once per connection whatever the batch size, and one round trip
 # writes every row. stored_at, one value, is the last parameter.
 _PG_UPSERT: Final = (
     f"{_INSERT} SELECT "  # noqa: S608
     + ", ".join(f"u.{c}::jsonb" if k == "json" else f"u.{c}" for c, k in _ROW_COLUMNS)
-    + f", ${len(NAMES)} FROM unnest("
-    + ", ".join(
-        f"${i}::{_PG_ARRAY_TYPES.get(k, 'text')}[]" for i, (_, k) in enumerate(_ROW_COLUMNS, 1)
-    )
-    + f") AS u({', '.join(c for c, _ in _ROW_COLUMNS)})"
+    + f", ${len(NAMES)} FROM unnest({_pg_arrays(_ROW_COLUMNS)})"
+    + f" AS u({', '.join(c for c, _ in _ROW_COLUMNS)})"
     + _ON_CONFLICT
 )
 
@@ -350,13 +356,9 @@ class PostgresDialect(Dialect):
     ) -> Statement:
         # One array parameter per column, as the upsert above does.
         *row_columns, _ = columns
-        arrays = ", ".join(
-            f"${i}::{_PG_ARRAY_TYPES.get(kind, 'text')}[]"
-            for i, (_, kind) in enumerate(row_columns, 1)
-        )
         sql = (
             f"INSERT INTO {table} ({', '.join(name for name, _ in columns)})"  # noqa: S608
-            f" SELECT u.*, ${len(columns)} FROM unnest({arrays})"
+            f" SELECT u.*, ${len(columns)} FROM unnest({_pg_arrays(row_columns)})"
             f" AS u({', '.join(name for name, _ in row_columns)})"
             f" ON CONFLICT ({', '.join(key)}) DO NOTHING"
         )
