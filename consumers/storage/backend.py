@@ -54,16 +54,12 @@ _PURGE: Final = (
 
 @dataclass(frozen=True, slots=True)
 class Written:
-    """What one `write` did with its batch."""
-
     rows: int  # inserted or changed
     erased: int  # not stored: an erasure covers them (consumers.storage.erasures)
 
 
 @dataclass(frozen=True, slots=True)
 class EventsWritten:
-    """What one `write_events` did with its batch."""
-
     rows: int  # status updates stored
     erased: int  # status updates an erasure covers
     ignored: int  # other event types, and status updates that name no call
@@ -204,7 +200,6 @@ class StorageBackend:
         return (await self.connection.run(one(statement))).rows
 
     async def _delete(self, *statements: Statement) -> int:
-        """Run `statements` in one transaction; how many rows they deleted together."""
         return await self.connection.run(_deleting(statements), transaction=True)
 
     async def __aenter__(self) -> Self:

@@ -156,8 +156,6 @@ class SqliteConnection:
         await self._db.close()
 
     async def run(self, script: Script[_T], *, transaction: bool = False) -> _T:
-        """Drive `script` to its end, in one transaction if `transaction`."""
-
         def work(conn: sqlite3.Connection) -> _T:
             if not transaction:
                 return _drive_sqlite(conn, script)
