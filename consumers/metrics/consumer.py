@@ -214,10 +214,9 @@ class MetricsConsumer(Consumer):
         self.duplicates.inc(len(batch) - len(claimed))
 
     def _observe(self, report: CallReport) -> None:
-        settings = self.settings
         self._calls[
             self._assistant(report.to_number),
-            success_outcome(report.success_evaluation, settings.success_threshold),
+            success_outcome(report.success_evaluation, self.settings.success_threshold),
         ].inc()
         if report.success_evaluation is not None:
             self._evaluations[evaluation_result(report.success_evaluation)].inc()

@@ -98,8 +98,7 @@ def _row(delivery: Delivery, values: list[Any]) -> list[Any]:
     evaluation = values[_EVALUATION]
     if evaluation is not None:
         values[_EVALUATION] = evaluation_text(evaluation)
-    success = success_flag(evaluation)
-    return [*values, delivery.value, delivery.partition, delivery.offset, success]
+    return [*values, delivery.value, delivery.partition, delivery.offset, success_flag(evaluation)]
 
 
 # -- the same row, straight from the Avro record ---------------------------------------------
