@@ -111,23 +111,20 @@ class _Batch:
     # poison), by position in `fetched`; records missing here need the schema registry.
     decoded: dict[int, Delivery | EventDelivery | DecodeError]
 
-    def then(self, later: _Batch) -> _Batch:
-        """This batch followed by one fetched after it; a later rebalance voids this one."""
-        if later.generation != self.generation:
-            return later
-        shift = len(self.fetched)
-        return _Batch(
-            self.generation,
-            self.fetched + later.fetched,
-            self.offsets | later.offsets,
-            self.decoded | {shift + i: outcome for i, outcome in later.decoded.items()},
-        )
-
 
 def _joined(first: _Batch | None, then: _Batch | None) -> _Batch | None:
+    """`first` followed by `then`, fetched after it; a rebalance in between voids `first`."""
     if first is None or then is None:
         return then if first is None else first
-    return first.then(then)
+    if then.generation != first.generation:
+        return then
+    shift = len(first.fetched)
+    return _Batch(
+        first.generation,
+        first.fetched + then.fetched,
+        first.offsets | then.offsets,
+        first.decoded | {shift + i: outcome for i, outcome in then.decoded.items()},
+    )
 
 
 class _Abandoned(Exception):
@@ -261,7 +258,6 @@ class Runner:
     async def _fetch(
         self, kc: AIOKafkaConsumer, room: int | None = None, wait: float | None = None
     ) -> _Batch | None:
-        """The next batch, decoded as far as needs no I/O; None if there was none."""
         polled = await kc.getmany(
             timeout_ms=int((self._settings.poll_timeout_seconds if wait is None else wait) * 1000),
             max_records=self._settings.batch_size if room is None else room,

@@ -65,13 +65,12 @@ async def run_consumer(
     host = ServiceSettings.from_env(env).host
     port = port_setting(name).read(env, int)
     async with aiohttp.ClientSession() as session:
-        schemas = registry_client(kafka, session)
         runner = Runner(
             consumer,
             kafka,
             settings,
             RunnerMetrics(registry, name),
-            Decoder(default_store(), schemas),
+            Decoder(default_store(), registry_client(kafka, session)),
         )
 
         def health() -> dict[str, object]:

@@ -65,7 +65,6 @@ def ensure_layout(conn: sqlite3.Connection, version: int, ddl: str, what: str) -
 def connect_laid_out(
     path: Path, *, busy_timeout: float, version: int, ddl: str, what: str
 ) -> sqlite3.Connection:
-    """`connect`, then `ensure_layout`: the opening of a file whose layout is one DDL script."""
     conn = connect(path, busy_timeout=busy_timeout)
     try:
         ensure_layout(conn, version, ddl, what)

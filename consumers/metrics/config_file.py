@@ -58,12 +58,7 @@ def load_fields(path: Path, builtin_keys: set[str]) -> tuple[FieldMetric, ...]:
         document = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise MetricsConfigError(f"{path}: not valid YAML: {exc}") from exc
-    return parse_fields(document, builtin_keys, source=str(path))
-
-
-def parse_fields(
-    document: Any, builtin_keys: set[str], *, source: str = "metrics config"
-) -> tuple[FieldMetric, ...]:
+    source = str(path)
     if document is None:
         return ()
     if not isinstance(document, dict):

@@ -202,8 +202,6 @@ class MetricsConsumer(Consumer):
         first_seen: dict[str, CallReport] = {}
         for delivery in batch:
             first_seen.setdefault(delivery.report.call_id, delivery.report)
-        if not first_seen:
-            return
         reports = list(first_seen.values())
         claimed = await self._ledger.claim(reports)
         # Observed only after the ledger committed. A crash between the two loses these
@@ -213,15 +211,12 @@ class MetricsConsumer(Consumer):
         for report in reports:
             if report.call_id in claimed:
                 self._observe(report)
-        ignored = len(batch) - len(claimed)
-        if ignored:
-            self.duplicates.inc(ignored)
+        self.duplicates.inc(len(batch) - len(claimed))
 
     def _observe(self, report: CallReport) -> None:
-        settings = self.settings
         self._calls[
             self._assistant(report.to_number),
-            success_outcome(report.success_evaluation, settings.success_threshold),
+            success_outcome(report.success_evaluation, self.settings.success_threshold),
         ].inc()
         if report.success_evaluation is not None:
             self._evaluations[evaluation_result(report.success_evaluation)].inc()
@@ -242,9 +237,8 @@ class MetricsConsumer(Consumer):
                 metric.inc()
 
     def _assistant(self, to_number: str | None) -> str:
-        if not to_number:
-            return OTHER_ASSISTANT
-        return self._assistants.get(normalise_number(to_number), OTHER_ASSISTANT)
+        # No number at all is "", which matches no listed number.
+        return self._assistants.get(normalise_number(to_number or ""), OTHER_ASSISTANT)
 
 
 def _field_metric(field: FieldMetric, registry: CollectorRegistry) -> Histogram | Counter:

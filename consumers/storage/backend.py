@@ -54,16 +54,12 @@ _PURGE: Final = (
 
 @dataclass(frozen=True, slots=True)
 class Written:
-    """What one `write` did with its batch."""
-
     rows: int  # inserted or changed
     erased: int  # not stored: an erasure covers them (consumers.storage.erasures)
 
 
 @dataclass(frozen=True, slots=True)
 class EventsWritten:
-    """What one `write_events` did with its batch."""
-
     rows: int  # status updates stored
     erased: int  # status updates an erasure covers
     ignored: int  # other event types, and status updates that name no call
@@ -143,8 +139,7 @@ class StorageBackend:
 
     async def timeline(self, call_id: str) -> list[StoredStatus]:
         """The status updates of `call_id`, oldest first."""
-        statement = timeline.timeline_query(self._dialect, call_id)
-        rows = (await self.connection.run(one(statement))).rows
+        rows = await self._query(timeline.QUERY, self._dialect.text(call_id))
         return [timeline.stored(self._dialect, row) for row in rows]
 
     async def fetch(self, call_id: str) -> StoredReport | None:
@@ -205,7 +200,6 @@ class StorageBackend:
         return (await self.connection.run(one(statement))).rows
 
     async def _delete(self, *statements: Statement) -> int:
-        """Run `statements` in one transaction; how many rows they deleted together."""
         return await self.connection.run(_deleting(statements), transaction=True)
 
     async def __aenter__(self) -> Self:

@@ -103,7 +103,10 @@ class _Checkpointer:
 
     async def _checkpoint(self) -> None:
         try:
-            await self._db.run(_checkpoint_passive)
+            # PASSIVE never waits for the writer: it copies what is committed and not being read.
+            await self._db.run(
+                lambda conn: conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            )
         except (RetryableError, PermanentError) as exc:
             # The writer's own autocheckpoint (every 32 MB) is the backstop.
             self._failed.warning("background WAL checkpoint failed: %s", exc)
@@ -112,11 +115,6 @@ class _Checkpointer:
         if self._running is not None:
             await asyncio.wait([self._running])
         await self._db.close()
-
-
-def _checkpoint_passive(conn: sqlite3.Connection) -> None:
-    # PASSIVE never waits for the writer: it copies what is committed and not being read.
-    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
 
 class SqliteConnection:
@@ -156,13 +154,9 @@ class SqliteConnection:
         await self._db.close()
 
     async def run(self, script: Script[_T], *, transaction: bool = False) -> _T:
-        """Drive `script` to its end, in one transaction if `transaction`."""
-
         def work(conn: sqlite3.Connection) -> _T:
-            if not transaction:
-                return _drive_sqlite(conn, script)
             # BEGIN IMMEDIATE: the whole script runs under the write lock.
-            with sqlite_file.transaction(conn):
+            with sqlite_file.transaction(conn) if transaction else contextlib.nullcontext():
                 return _drive_sqlite(conn, script)
 
         try:
@@ -200,10 +194,6 @@ _PG_RETRYABLE_STATES: Final = frozenset(
         "42501",  # insufficient privilege: grants are fixed by an operator, not by us
     }
 )
-
-
-def _describe(exc: BaseException) -> str:
-    return str(classify_postgres(exc)) if isinstance(exc, _PG_ERRORS) else repr(exc)
 
 
 def classify_postgres(exc: BaseException) -> RetryableError | PermanentError:
@@ -306,7 +296,8 @@ class PostgresConnection:
                 # Whatever stops the schema from being ready (server down, a URL it
                 # refuses, a migration that fails) is the database's state, not any
                 # report's fault: the runner must hold the batch, not dead-letter it.
-                raise RetryableError(f"storage database not ready: {_describe(exc)}") from exc
+                what = str(classify_postgres(exc)) if isinstance(exc, _PG_ERRORS) else repr(exc)
+                raise RetryableError(f"storage database not ready: {what}") from exc
             return self._pool
 
     async def close(self) -> None:

@@ -86,8 +86,6 @@ class StorageConsumer(Consumer):
         await self.backend.close()
 
     async def handle(self, batch: Sequence[Delivery]) -> None:
-        if not batch:
-            return
         started = time.perf_counter()
         written = await self.backend.write(batch, stored_at=datetime.now(UTC))
         self._metrics.write_duration.observe(time.perf_counter() - started)
@@ -97,8 +95,6 @@ class StorageConsumer(Consumer):
         self._metrics.duplicates.inc(len(batch) - written.rows - written.erased)
 
     async def handle_events(self, batch: Sequence[EventDelivery]) -> None:
-        if not batch:
-            return
         written = await self.backend.write_events(batch, stored_at=datetime.now(UTC))
         self._metrics.call_events_written.inc(written.rows)
         self._metrics.events_ignored.inc(written.ignored)

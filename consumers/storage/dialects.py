@@ -1,6 +1,6 @@
-"""What SQLite and PostgreSQL spell differently: placeholders, the batch upsert, column
-types and values, advisory locks, the id of an inserted row, compaction. Everything else
-about storage is written once."""
+"""What SQLite and PostgreSQL spell differently: placeholders, batch inserts (the upsert
+among them), column types and values, advisory locks, the id of an inserted row,
+compaction. Everything else about storage is written once."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from consumers.storage.rows import (
     NAMES,
     Kind,
     StoredReport,
-    from_record,
     newest_per_call,
+    record_of,
     record_row_values,
     row_values,
     version,
@@ -94,27 +94,25 @@ class Dialect(ABC):
             "bool": bool,
         }
         self._decoders = tuple((c, decoders[k]) for c, k in COLUMNS if k in decoders)
+        self._upsert = self.insert("call_reports AS stored", COLUMNS, _ON_CONFLICT)
 
     @abstractmethod
-    def upsert(self, rows: Sequence[tuple[Any, ...]], stored_at: datetime) -> Statement: ...
+    def insert(self, table: str, columns: Sequence[tuple[str, Kind]], then: str) -> str:
+        """An INSERT of `columns` (stored_at last) into `table` from the rows `bulk` binds,
+        followed by `then`."""
+
+    @abstractmethod
+    def bulk(self, sql: str, rows: Sequence[tuple[Any, ...]], stored_at: datetime) -> Statement:
+        """`sql`, from `insert`, for `rows` (values already converted, stored_at left out)."""
+
+    def upsert(self, rows: Sequence[tuple[Any, ...]], stored_at: datetime) -> Statement:
+        return self.bulk(self._upsert, rows, stored_at)
 
     @abstractmethod
     def held(self, versions: Sequence[tuple[Any, Any, Any]]) -> Script[set[str]]:
         """Which of `versions` (call id, event time, receipt time, converted as the row's
         columns are) the table already holds at that version or a newer one: the upsert
         would leave their rows alone, so their rows need not be built nor sent."""
-
-    @abstractmethod
-    def insert_new(
-        self,
-        table: str,
-        columns: Sequence[tuple[str, Kind]],
-        key: Sequence[str],
-        rows: Sequence[tuple[Any, ...]],
-        stored_at: datetime,
-    ) -> Statement:
-        """Insert `rows` (values already converted, the last column `stored_at` left out)
-        into `table`, leaving alone those whose `key` is already there."""
 
     @abstractmethod
     def compact(self) -> Script[bool]:
@@ -178,9 +176,9 @@ class Dialect(ABC):
             raise PermanentError(f"report cannot be stored: {type(exc).__name__}: {exc}") from exc
 
     def _row(self, delivery: Delivery, version: tuple[Any, Any, Any]) -> tuple[Any, ...]:
-        if from_record(delivery):
-            values = record_row_values(delivery)
-            encoders = self._record_encoders
+        record = record_of(delivery)
+        if record is not None:
+            values, encoders = record_row_values(delivery, record), self._record_encoders
         else:
             values, encoders = row_values(delivery), self._encoders
         for i, encode in encoders:
@@ -199,7 +197,6 @@ class Dialect(ABC):
         return StoredReport(**values)
 
 
-_SQLITE_UPSERT: Final = f"{_INSERT} VALUES ({', '.join('?' * len(NAMES))}){_ON_CONFLICT}"
 # The negation of _ON_CONFLICT's WHERE: versions the upsert would not write.
 _HELD_WHERE: Final = (
     " WHERE (u.event_time, u.received_at) <= (stored.event_time, stored.received_at)"
@@ -233,9 +230,14 @@ class SqliteDialect(Dialect):
     def read_time(self, value: Any) -> datetime:
         return datetime.fromisoformat(value)
 
-    def upsert(self, rows: Sequence[tuple[Any, ...]], stored_at: datetime) -> Statement:
+    def insert(self, table: str, columns: Sequence[tuple[str, Kind]], then: str) -> str:
+        names = ", ".join(name for name, _ in columns)
+        marks = ", ".join("?" * len(columns))
+        return f"INSERT INTO {table} ({names}) VALUES ({marks}){then}"  # noqa: S608
+
+    def bulk(self, sql: str, rows: Sequence[tuple[Any, ...]], stored_at: datetime) -> Statement:
         stamp = self.time(stored_at)
-        return Statement(_SQLITE_UPSERT, tuple((*row, stamp) for row in rows), many=True)
+        return Statement(sql, tuple((*row, stamp) for row in rows), many=True)
 
     def held(self, versions: Sequence[tuple[Any, Any, Any]]) -> Script[set[str]]:
         found: set[str] = set()
@@ -245,22 +247,6 @@ class SqliteDialect(Dialect):
             statement = Statement(_sqlite_held(len(chunk)), params, returns_rows=True)
             found.update(call_id for (call_id,) in (yield statement).rows)
         return found
-
-    def insert_new(
-        self,
-        table: str,
-        columns: Sequence[tuple[str, Kind]],
-        key: Sequence[str],
-        rows: Sequence[tuple[Any, ...]],
-        stored_at: datetime,
-    ) -> Statement:
-        names = ", ".join(name for name, _ in columns)
-        sql = (
-            f"INSERT INTO {table} ({names}) VALUES ({', '.join('?' * len(columns))})"  # noqa: S608
-            f" ON CONFLICT ({', '.join(key)}) DO NOTHING"
-        )
-        stamp = self.time(stored_at)
-        return Statement(sql, tuple((*row, stamp) for row in rows), many=True)
 
     def insert_id(self, sql: str, *params: Any) -> Script[int]:
         # Not RETURNING, which would need SQLite 3.35.
@@ -282,19 +268,6 @@ _PG_ARRAY_TYPES: Final[dict[Kind, str]] = {
     "int": "int8",
     "bool": "bool",
 }
-# One statement for the whole batch: each column travels as one array parameter, so the
-# statement is prepared once per connection whatever the batch size, and one round trip
-# writes every row. stored_at, one value, is the last parameter.
-_PG_UPSERT: Final = (
-    f"{_INSERT} SELECT "  # noqa: S608
-    + ", ".join(f"u.{c}::jsonb" if k == "json" else f"u.{c}" for c, k in _ROW_COLUMNS)
-    + f", ${len(NAMES)} FROM unnest("
-    + ", ".join(
-        f"${i}::{_PG_ARRAY_TYPES.get(k, 'text')}[]" for i, (_, k) in enumerate(_ROW_COLUMNS, 1)
-    )
-    + f") AS u({', '.join(c for c, _ in _ROW_COLUMNS)})"
-    + _ON_CONFLICT
-)
 
 _PG_HELD: Final = (
     "SELECT u.call_id FROM unnest($1::text[], $2::timestamptz[], $3::timestamptz[])"  # noqa: S608
@@ -326,9 +299,24 @@ class PostgresDialect(Dialect):
         kind = "pg_advisory_xact_lock_shared" if shared else "pg_advisory_xact_lock"
         yield Statement(f"SELECT {kind}($1)", (key,))
 
-    def upsert(self, rows: Sequence[tuple[Any, ...]], stored_at: datetime) -> Statement:
+    def insert(self, table: str, columns: Sequence[tuple[str, Kind]], then: str) -> str:
+        # One statement for the whole batch: each column travels as one array parameter, so
+        # the statement is prepared once per connection whatever the batch size, and one
+        # round trip writes every row. stored_at, one value, is the last parameter.
+        *row_columns, _ = columns
+        names = [name for name, _ in columns]
+        values = ", ".join(f"u.{c}::jsonb" if k == "json" else f"u.{c}" for c, k in row_columns)
+        arrays = ", ".join(
+            f"${i}::{_PG_ARRAY_TYPES.get(k, 'text')}[]" for i, (_, k) in enumerate(row_columns, 1)
+        )
+        return (
+            f"INSERT INTO {table} ({', '.join(names)}) SELECT {values}, ${len(columns)}"  # noqa: S608
+            f" FROM unnest({arrays}) AS u({', '.join(names[:-1])}){then}"
+        )
+
+    def bulk(self, sql: str, rows: Sequence[tuple[Any, ...]], stored_at: datetime) -> Statement:
         columns = [list(column) for column in zip(*rows, strict=True)]
-        return Statement(_PG_UPSERT, (*columns, stored_at))
+        return Statement(sql, (*columns, stored_at))
 
     def upsert_from(self, table: str) -> str:
         """The same upsert from the rows of `table` (every column, stored_at included): the
@@ -339,29 +327,6 @@ class PostgresDialect(Dialect):
         columns = [list(column) for column in zip(*versions, strict=True)]
         statement = Statement(_PG_HELD, tuple(columns), returns_rows=True)
         return {call_id for (call_id,) in (yield statement).rows}
-
-    def insert_new(
-        self,
-        table: str,
-        columns: Sequence[tuple[str, Kind]],
-        key: Sequence[str],
-        rows: Sequence[tuple[Any, ...]],
-        stored_at: datetime,
-    ) -> Statement:
-        # One array parameter per column, as the upsert above does.
-        *row_columns, _ = columns
-        arrays = ", ".join(
-            f"${i}::{_PG_ARRAY_TYPES.get(kind, 'text')}[]"
-            for i, (_, kind) in enumerate(row_columns, 1)
-        )
-        sql = (
-            f"INSERT INTO {table} ({', '.join(name for name, _ in columns)})"  # noqa: S608
-            f" SELECT u.*, ${len(columns)} FROM unnest({arrays})"
-            f" AS u({', '.join(name for name, _ in row_columns)})"
-            f" ON CONFLICT ({', '.join(key)}) DO NOTHING"
-        )
-        values = [list(column) for column in zip(*rows, strict=True)]
-        return Statement(sql, (*values, stored_at))
 
     def compact(self) -> Script[bool]:
         # Plain VACUUM: the dead rows' space becomes reusable without the exclusive lock

@@ -15,7 +15,7 @@ import math
 import operator
 from collections.abc import Callable, Iterable
 from datetime import datetime
-from typing import Any, Final, Literal, TypeGuard, get_type_hints
+from typing import Any, Final, Literal, get_type_hints
 
 import orjson
 
@@ -98,8 +98,7 @@ def _row(delivery: Delivery, values: list[Any]) -> list[Any]:
     evaluation = values[_EVALUATION]
     if evaluation is not None:
         values[_EVALUATION] = evaluation_text(evaluation)
-    success = success_flag(evaluation)
-    return [*values, delivery.value, delivery.partition, delivery.offset, success]
+    return [*values, delivery.value, delivery.partition, delivery.offset, success_flag(evaluation)]
 
 
 # -- the same row, straight from the Avro record ---------------------------------------------
@@ -130,11 +129,9 @@ _TIME_POSITIONS: Final = tuple(_REPORT_FIELDS.index(n) for n in sorted(_TIMES))
 _EVENT_TIME_SOURCE: Final = _REPORT_FIELDS.index("event_time_source")
 
 
-def record_row_values(delivery: DecodedDelivery) -> list[Any]:
-    """As `row_values`, from the delivery's record: JSON columns hold the record's JSON
-    text (str), where `row_values` gives the parsed value."""
-    record = delivery.record
-    assert record is not None
+def record_row_values(delivery: Delivery, record: dict[str, Any]) -> list[Any]:
+    """As `row_values`, from the delivery's `record` (record_of): JSON columns hold the
+    record's JSON text (str), where `row_values` gives the parsed value."""
     values = [*_record_values(record), *_source_values(record["source"])]
     for i in _TIME_POSITIONS:
         if values[i] is not None:
@@ -144,17 +141,16 @@ def record_row_values(delivery: DecodedDelivery) -> list[Any]:
     return _row(delivery, values)
 
 
-def from_record(delivery: Delivery) -> TypeGuard[DecodedDelivery]:
-    """Whether storage builds `delivery`'s row from its record (see record_row_values)."""
-    return isinstance(delivery, DecodedDelivery) and delivery.record is not None
+def record_of(delivery: Delivery) -> dict[str, Any] | None:
+    """The record storage builds `delivery`'s row from, if any (see record_row_values)."""
+    return delivery.record if isinstance(delivery, DecodedDelivery) else None
 
 
 def version(delivery: Delivery) -> tuple[str, datetime, datetime]:
     """The call and its version: of two reports of one call the later event is newer, then
     the later receipt."""
-    if from_record(delivery):
-        record = delivery.record
-        assert record is not None
+    record = record_of(delivery)
+    if record is not None:
         received_at = record_time(record["source"]["received_at"])
         return record["call_id"], record_time(record["event_time"]), received_at
     report = delivery.report
@@ -163,9 +159,8 @@ def version(delivery: Delivery) -> tuple[str, datetime, datetime]:
 
 def caller(delivery: Delivery) -> tuple[str, str | None]:
     """The call id and the caller's number, from the record when there is one."""
-    if from_record(delivery):
-        record = delivery.record
-        assert record is not None
+    record = record_of(delivery)
+    if record is not None:
         return record["call_id"], record["from_number"]
     return delivery.report.call_id, delivery.report.from_number
 

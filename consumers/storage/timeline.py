@@ -45,8 +45,9 @@ _HINTS: Final = get_type_hints(StoredStatus)
 COLUMNS: Final = tuple((f.name, KINDS[_HINTS[f.name]]) for f in dataclasses.fields(StoredStatus))
 NAMES: Final = tuple(name for name, _ in COLUMNS)
 _TIMES: Final = tuple(name for name, kind in COLUMNS if kind == "time")
-KEY: Final = ("call_id", "request_id")
-_TIMELINE: Final = (
+# A status update already stored (a redelivery, a replay) changes nothing.
+_NEW_ONLY: Final = " ON CONFLICT (call_id, request_id) DO NOTHING"
+QUERY: Final = (
     f"SELECT {', '.join(NAMES)} FROM call_events WHERE call_id = ?"  # noqa: S608
     " ORDER BY event_time, received_at"
 )
@@ -96,12 +97,7 @@ def rows(
 
 
 def insert(dialect: Dialect, batch: Sequence[tuple[Any, ...]], stored_at: datetime) -> Statement:
-    """The rows of `batch` that are not stored yet (by KEY) go in; the others change nothing."""
-    return dialect.insert_new("call_events", COLUMNS, KEY, batch, stored_at)
-
-
-def timeline_query(dialect: Dialect, call_id: str) -> Statement:
-    return dialect.statement(_TIMELINE, dialect.text(call_id), returns_rows=True)
+    return dialect.bulk(dialect.insert("call_events", COLUMNS, _NEW_ONLY), batch, stored_at)
 
 
 def stored(dialect: Dialect, row: Sequence[Any]) -> StoredStatus:
