@@ -353,7 +353,7 @@ def _parser() -> argparse.ArgumentParser:
         "bench",
         "measure throughput, latency and cost on this machine (docs/performance.md)",
         "callstream bench --quick            # check the bench itself works",
-        "callstream bench --phases wrk,catchup",
+        "callstream bench --phases ingress,catch-up",
     )
     add_bench_arguments(bench)
     bench.set_defaults(func=_cmd_bench)
