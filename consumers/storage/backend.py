@@ -79,7 +79,7 @@ class StorageBackend:
         self.connection = connection
         self.name: BackendName = connection.dialect.name
         self._dialect = connection.dialect
-        self._erased = erasures.Erased()
+        self._erased = erasures.Erased(self._dialect.text)
 
     async def open(self) -> None:
         """Connect and apply pending migrations; RetryableError while that cannot happen."""

@@ -120,6 +120,9 @@ def sha256_hex(value: str) -> str:
 class Erased:
     """What the erasure log selects, loaded incrementally: erasures are only ever added."""
 
+    # The dialect's text(): an erasure names a call as the database stores it, so a call
+    # arriving later is compared in that form (PostgreSQL's U+FFFD for U+0000).
+    as_stored: Callable[[str], str]
     last_id: int = 0
     phones: set[str] = field(default_factory=set)
     calls: set[str] = field(default_factory=set)
@@ -140,16 +143,14 @@ class Erased:
         status update of its timeline (which carries the caller's number as reports do)."""
         if not (self.phones or self.calls or self.pairs):
             return False  # the usual case: nothing erased, nothing to hash
-        # As stored: PostgreSQL keeps text without NUL characters, and a selector from the
-        # command line cannot hold one.
-        call = sha256_hex(call_id.replace("\x00", ""))
+        call = sha256_hex(self.as_stored(call_id))
         if call in self.calls:
             return True
         if from_number is None:
             return False
         # Erasing by phone matches the caller's number (from_number) exactly as stored;
         # see StorageBackend.erase.
-        phone = sha256_hex(from_number.replace("\x00", "").strip())
+        phone = sha256_hex(self.as_stored(from_number).strip())
         return phone in self.phones or (phone, call) in self.pairs
 
 

@@ -50,10 +50,13 @@ DECODER = Decoder(default_store())
 _OFFSETS = itertools.count()
 
 
-def report(caller: str, *, age: timedelta = timedelta(hours=1), marker: str = "") -> Delivery:
+def report(
+    caller: str, *, age: timedelta = timedelta(hours=1), marker: str = "", call_id: str = ""
+) -> Delivery:
     payload: dict[str, Any] = copy.deepcopy(orjson.loads(SAMPLE.read_bytes()))
     event_ms = int((datetime.now(UTC) - age).timestamp() * 1000)
-    payload |= {"callId": str(uuid.uuid4()), "fromCaller": caller, "eventTimestamp": event_ms}
+    call_id = call_id or str(uuid.uuid4())
+    payload |= {"callId": call_id, "fromCaller": caller, "eventTimestamp": event_ms}
     payload["transcriptText"] += marker
     normalised = normalise(payload, received_at_ms=event_ms + 500, request_id=uuid.uuid4().hex)
     assert normalised.record is not None
@@ -253,6 +256,26 @@ async def test_an_erased_call_and_an_erased_call_of_a_caller_stay_erased(
     assert await backend.fetch(by_both.report.call_id) is None
     assert await backend.fetch(alices_other.report.call_id) is not None
     assert await backend.fetch(bobs.report.call_id) is not None
+
+
+@pytest.mark.parametrize("by", ["call", "phone"])
+async def test_a_call_with_a_nul_erased_as_it_is_stored_is_not_stored_again(
+    settings: StorageSettings, backend: StorageBackend, by: str
+) -> None:
+    """PostgreSQL cannot hold U+0000 and stores U+FFFD in its place; SQLite keeps it. An
+    erasure names the call as the database shows it, and a copy arriving later is left out."""
+    caller, call_id = "+3160000\x000303", f"{uuid.uuid4()}\x00tail"
+    odd = report(caller, call_id=call_id)
+    await store(backend, odd)
+    nul_as = "\x00" if backend.name == "sqlite" else "\ufffd"
+    shown = (call_id if by == "call" else caller).replace("\x00", nul_as)
+    selector = {"call_id": shown} if by == "call" else {"phone": shown}
+
+    assert (await erase(settings, **selector)).rows == 1
+    written = await backend.write([odd], datetime.now(UTC))
+
+    assert written.erased == 1
+    assert await backend.fetch(call_id) is None
 
 
 async def test_a_retention_purge_does_not_refuse_old_reports_that_come_back(
