@@ -282,8 +282,7 @@ class DurablePublisher:
                 batch = await self.spool.read(DRAIN_MAX_RECORDS, DRAIN_MAX_BYTES)
                 acked, delivered, error = await deliver(self.kafka, batch)
                 if acked:
-                    if self._crash_at == "drain-after-publish-before-delete":
-                        crash("drain-after-publish-before-delete")
+                    crash("drain-after-publish-before-delete", self._crash_at)
                     await self.spool.commit(batch[acked - 1])
                     self._delivered(delivered)
             except Exception as exc:

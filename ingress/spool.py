@@ -460,8 +460,7 @@ class Spool:
             finally:
                 self._writing, self._writing_bytes = 0, 0
                 self._writing_from = None
-            if self._crash_at == "spool-after-fsync-before-response":
-                crash("spool-after-fsync-before-response")
+            crash("spool-after-fsync-before-response", self._crash_at)
             self._last_failure = None
             self._failing = False
             for pending, position in zip(batch, positions, strict=True):
@@ -527,8 +526,7 @@ class Spool:
         data = b"".join(chunk)
         written.append((self._active_id, self._active_size - len(data)))
         write_all(self._active_fd, data)
-        if self._crash_at == "spool-after-write-before-fsync":
-            crash("spool-after-write-before-fsync")
+        crash("spool-after-write-before-fsync", self._crash_at)
         started = time.perf_counter()
         self._sync(self._active_fd)
         if self._metrics is not None:
@@ -664,7 +662,9 @@ async def finish_or_cancel(task: asyncio.Task[None], grace: float) -> None:
             await task
 
 
-def crash(point: str) -> None:
+def crash(point: CrashPoint, armed: CrashPoint | None) -> None:
+    if point != armed:
+        return
     log.critical("CALLSTREAM_TEST_CRASH_AT=%s: exiting now, as asked", point)
     logging.shutdown()
     os._exit(CRASH_EXIT_CODE)
