@@ -140,7 +140,6 @@ class Allowance:
         self.taken = 0
 
     def take(self, size: int) -> None:
-        """Count `size` more bytes of this body; 503 if the budget cannot hold them."""
         budget = self._budget
         if budget.held + size > budget.limit:
             raise Problem(

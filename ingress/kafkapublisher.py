@@ -342,7 +342,6 @@ class KafkaPublisher:
 
 
 def _failure(future: asyncio.Future[object]) -> BaseException | None:
-    """Why `future`'s record is not acknowledged; None when it is."""
     if not future.done():
         return TimeoutError("Kafka did not acknowledge in time")
     if future.cancelled():

@@ -483,7 +483,6 @@ def _json_response(description: str, schema: dict[str, Any]) -> dict[str, Any]:
 
 
 def document(settings: IngressSettings) -> dict[str, Any]:
-    """The OpenAPI 3.1 description of an ingress running with `settings`."""
     return {
         "openapi": "3.1.0",
         "info": {

@@ -32,9 +32,6 @@ log = logging.getLogger(__name__)
 
 Durable = Literal["kafka", "spool"]
 
-
-# -- Kafka, or the spool when Kafka does not answer in time ---------------------------------
-
 # One drained batch: big enough to keep Kafka busy, small enough that a crash between
 # publish and commit re-sends little.
 DRAIN_MAX_RECORDS = 500
@@ -151,7 +148,6 @@ class DurablePublisher:
         )
 
     async def start(self) -> None:
-        """Open the spool (recovering a previous run's records) and start draining it."""
         await self.spool.open()
         try:
             keys = await self.spool.scan_pending(_spooled_order_key)

@@ -79,7 +79,6 @@ class RateLimiter:
 
 
 def source_of(request: web.Request, *, trust_forwarded_for: bool) -> str:
-    """The bucket key of the request's sender."""
     address = request.remote
     if trust_forwarded_for:
         address = _nearest_forwarded(request.headers.getall(FORWARDED_FOR, [])) or address

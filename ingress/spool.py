@@ -175,7 +175,6 @@ class Spool:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def open(self) -> None:
-        """Take the directory's lock, recover what a previous run left, start the writer."""
         await asyncio.to_thread(self._open_sync)
         self._closed = False
         if self._pending:
@@ -183,7 +182,6 @@ class Spool:
         self._writer = asyncio.create_task(self._write_loop(), name="spool-writer")
 
     async def close(self) -> None:
-        """Finish what is queued, then release files and the lock."""
         self._closed = True
         if self._writer is not None:
             self._wake.set()
@@ -652,7 +650,6 @@ class Spool:
 
 
 async def finish_or_cancel(task: asyncio.Task[None], grace: float) -> None:
-    """Lets `task` finish within `grace` seconds, then cancels it."""
     try:
         async with asyncio.timeout(grace):
             await asyncio.shield(task)
