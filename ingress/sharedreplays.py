@@ -141,12 +141,8 @@ class ReplayTable:
     def _at(self, slot: int) -> int:
         return _HEADER_BYTES + slot * SLOT_BYTES
 
-    def _read(self, slot: int) -> tuple[int, int, float, int, int, int, bytes]:
-        """state, pid, expires, status, content type length, body length, digest"""
-        state, pid, expires, status, body_len, found, ctype_len = _SLOT.unpack_from(
-            self._map, self._at(slot)
-        )
-        return state, pid, expires, status, ctype_len, body_len, found
+    def _read(self, slot: int) -> tuple[int, int, float, int, int, bytes, int]:
+        return _SLOT.unpack_from(self._map, self._at(slot))
 
     def claim(self, key: bytes, now: float) -> Answer | Claimed | InFlight:
         """The stored answer, or the pid handling the delivery now, or a claim for this
@@ -156,7 +152,7 @@ class ReplayTable:
             free: int | None = None
             oldest, oldest_expires = first, float("inf")
             for slot in range(first, first + WAYS):
-                state, pid, expires, status, ctype_len, body_len, found = self._read(slot)
+                state, pid, expires, status, body_len, found, ctype_len = self._read(slot)
                 if state == _FREE or expires <= now:
                     free = slot if free is None else free
                     continue
@@ -183,7 +179,7 @@ class ReplayTable:
         return Answer(status, body, content_type.decode("ascii"))
 
     def _mine(self, slot: int, key: bytes) -> bool:
-        state, pid, _, _, _, _, found = self._read(slot)
+        state, pid, _, _, _, found, _ = self._read(slot)
         return state == _IN_FLIGHT and pid == self._pid and found == key
 
     def complete(self, claimed: Claimed, key: bytes, answer: Answer) -> bool:

@@ -294,10 +294,7 @@ class Spool:
                 # Every later open stops reading at the same place, so nothing is lost by
                 # leaving the torn tail where it is for now.
                 log.warning("spool: could not set aside the torn tail of %s (%s)", path.name, exc)
-        return [
-            Entry(Position(segment, e.position.offset, e.position.size), e.spooled_at_ms)
-            for e in entries
-        ]
+        return [e._replace(position=e.position._replace(segment=segment)) for e in entries]
 
     def _set_aside(self, path: Path, offset: int, data: bytes) -> None:
         if not data.strip(b"\0"):
@@ -631,8 +628,7 @@ class Spool:
 
     async def _collect(self) -> None:
         async with self._collect_lock:
-            first_needed = self._pending[0].position.segment if self._pending else self._active_id
-            floor = min(first_needed, self._active_id)
+            floor = self._pending[0].position.segment if self._pending else self._active_id
             if self._writing_from is not None:
                 floor = min(floor, self._writing_from)
             segments = await asyncio.to_thread(segment_ids, self.directory)

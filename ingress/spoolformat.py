@@ -71,8 +71,7 @@ def parse_cursor(raw: bytes) -> tuple[int, int] | None:
     (crc,) = CURSOR_CRC.unpack_from(raw, CURSOR.size)
     if zlib.crc32(raw[: CURSOR.size]) != crc:
         return None
-    segment, offset = CURSOR.unpack_from(raw)
-    return segment, offset
+    return CURSOR.unpack_from(raw)
 
 
 def read_pending(directory: Path) -> list[Pending]:
