@@ -29,6 +29,7 @@ from core.producer import durable_producer
 from core.topicadmin import describe, ensure_topics
 from ingress.outgoing import OutgoingRecord
 from ingress.settings import Compression
+from ingress.spool import finish_or_cancel
 
 log = logging.getLogger(__name__)
 
@@ -310,17 +311,13 @@ class KafkaPublisher:
         return self._last_ack is not None and self._last_ack > failed
 
     async def stop(self) -> None:
-        """Flush whatever is in flight, then disconnect."""
         self._closing = True
         self._closed.set()
         task = self._connect_task
         if task is not None and not task.done():
             # Let a connection attempt under way finish: aiokafka leaks the socket of a
             # connection cancelled half-way. Cancel only if the broker hangs the attempt.
-            await asyncio.wait({task}, timeout=CONNECT_GRACE_SECONDS)
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await finish_or_cancel(task, CONNECT_GRACE_SECONDS)
         if self._retiring:
             await asyncio.wait(set(self._retiring))
         producer, self._producer = self._producer, None
