@@ -181,7 +181,8 @@ async def problem_middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
     """Every refusal is problem+json; nothing escapes as a bare 500."""
-    request_id = _request_id(request)
+    supplied = request.headers.get("X-Request-Id", "")
+    request_id = supplied if _REQUEST_ID.match(supplied) else uuid.uuid4().hex
     request[REQUEST_ID] = request_id
     started = time.perf_counter()
     metrics = request.app[METRICS]
@@ -211,11 +212,6 @@ async def problem_middleware(
         metrics.request_duration.observe(time.perf_counter() - started)
     response.headers["X-Request-Id"] = request_id
     return response
-
-
-def _request_id(request: web.Request) -> str:
-    supplied = request.headers.get("X-Request-Id", "")
-    return supplied if _REQUEST_ID.match(supplied) else uuid.uuid4().hex
 
 
 async def receive_webhook(request: web.Request) -> web.Response:
