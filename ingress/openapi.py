@@ -47,8 +47,8 @@ _SCHEMAS: Final = "#/components/schemas/"
 _RESPONSES: Final = "#/components/responses/"
 
 
-def _ref(name: str) -> dict[str, str]:
-    return {"$ref": _SCHEMAS + name}
+def _ref(name: str, components: str = _SCHEMAS) -> dict[str, str]:
+    return {"$ref": components + name}
 
 
 def _nullable(json_type: str) -> dict[str, Any]:
@@ -359,9 +359,6 @@ def _responses(settings: IngressSettings) -> dict[str, Any]:
 
 
 def _webhook(settings: IngressSettings) -> dict[str, Any]:
-    def problem(name: str) -> dict[str, str]:
-        return {"$ref": _RESPONSES + name}
-
     return {
         "post": {
             "operationId": "receiveFlireoWebhook",
@@ -414,15 +411,15 @@ def _webhook(settings: IngressSettings) -> dict[str, Any]:
                     "headers": {"X-Request-Id": {"$ref": "#/components/headers/X-Request-Id"}},
                     "content": {JSON: {"schema": _ref("Accepted")}},
                 },
-                "400": problem("BadRequest"),
-                "401": problem("Unauthorized"),
-                "408": problem("RequestTimeout"),
-                "413": problem("PayloadTooLarge"),
-                "415": problem("UnsupportedMediaType"),
-                "422": problem("UnprocessableContent"),
-                "429": problem("TooManyRequests"),
-                "500": problem("InternalError"),
-                "503": problem("ServiceUnavailable"),
+                "400": _ref("BadRequest", _RESPONSES),
+                "401": _ref("Unauthorized", _RESPONSES),
+                "408": _ref("RequestTimeout", _RESPONSES),
+                "413": _ref("PayloadTooLarge", _RESPONSES),
+                "415": _ref("UnsupportedMediaType", _RESPONSES),
+                "422": _ref("UnprocessableContent", _RESPONSES),
+                "429": _ref("TooManyRequests", _RESPONSES),
+                "500": _ref("InternalError", _RESPONSES),
+                "503": _ref("ServiceUnavailable", _RESPONSES),
             },
         }
     }
