@@ -118,13 +118,9 @@ class ReplayTable:
         except BaseException:
             os.close(self._fd)
             raise
-        self._capacity: int = capacity
+        self.capacity: int = capacity
         self._buckets = capacity // WAYS
         self._pid = os.getpid()
-
-    @property
-    def capacity(self) -> int:
-        return self._capacity
 
     def close(self) -> None:
         self._map.close()
@@ -225,9 +221,9 @@ class ReplayTable:
         """Frees expired slots and those claimed by processes that are gone, a chunk of slots
         per lock, so no request waits long behind it; returns how many are in use."""
         used = 0
-        for start in range(0, self._capacity, chunk):
+        for start in range(0, self.capacity, chunk):
             with self._locked():
-                for slot in range(start, min(start + chunk, self._capacity)):
+                for slot in range(start, min(start + chunk, self.capacity)):
                     at = self._at(slot)
                     if self._map[at] == _FREE:
                         continue

@@ -190,8 +190,7 @@ class Spool:
             await finish_or_cancel(self._writer, 30)
             self._writer = None
         for pending in self._queue:
-            if not pending.done.done():
-                pending.done.set_exception(SpoolWriteFailed("the spool is closed"))
+            pending.done.set_exception(SpoolWriteFailed("the spool is closed"))
         self._queue.clear()
         for fd in (self._active_fd, self._cursor_fd, self._lock_fd):
             if fd is not None:
@@ -449,8 +448,7 @@ class Spool:
                     "spool: write failed (%s); %d report(s) refused", exc, len(batch)
                 )
                 for pending in batch:
-                    if not pending.done.done():
-                        pending.done.set_exception(SpoolWriteFailed(f"spool write failed: {exc}"))
+                    pending.done.set_exception(SpoolWriteFailed(f"spool write failed: {exc}"))
                 continue
             finally:
                 self._writing, self._writing_bytes = 0, 0
@@ -461,8 +459,7 @@ class Spool:
             for pending, position in zip(batch, positions, strict=True):
                 self._pending.append(Entry(position, pending.spooled_at_ms))
                 self._pending_bytes += position.size
-                if not pending.done.done():
-                    pending.done.set_result(position)
+                pending.done.set_result(position)
             self._has_pending.set()
             if self._metrics is not None:
                 self._metrics.writes.inc(len(batch))
