@@ -102,10 +102,10 @@ def create_app(
     sampled.bind(app[METRICS].ready, lambda: 1.0 if durable.readiness().ready else 0.0)
     sampled.bind(app[METRICS].inflight_body_bytes, lambda: budget.held)
     app[REPLIES] = Replies(settings)
-    app[QUARANTINE] = Quarantine(durable, settings.kafka.rejected_topic, app[METRICS])
     app[AUTH] = Authenticator(
         settings.webhook_secrets, settings.shared_tokens, settings.signature_tolerance_seconds
     )
+    app[QUARANTINE] = Quarantine(durable, settings, app[AUTH], app[METRICS])
     # A timestamp is accepted this far on either side of the server's clock.
     window = 2.0 * settings.signature_tolerance_seconds
     app[RECENT] = (
@@ -228,14 +228,7 @@ async def receive_webhook(request: web.Request) -> web.Response:
             request[hygiene.BODY_ALLOWANCE],
         )
     except BodyTooLarge as too_large:
-        await request.app[QUARANTINE].keep_oversized(
-            request,
-            request[REQUEST_ID],
-            too_large,
-            auth,
-            limit=settings.max_body_bytes,
-            timeout=settings.body_timeout_seconds,
-        )
+        await request.app[QUARANTINE].keep_oversized(request, request[REQUEST_ID], too_large)
         raise
     metrics.received_bytes.inc(len(wire))
     how = request[AUTHENTICATED] = auth.check(request.headers, wire)
