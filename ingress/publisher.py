@@ -193,11 +193,22 @@ class DurablePublisher:
         if key is not None:
             self._spooled[key] += 1
         try:
-            await self._append(record, deadline)
-        except PublishUnavailable as exc:
-            if not isinstance(exc.__cause__, TimeoutError):
-                self._forget(key)  # refused before it was queued: nothing of it is spooled
-            raise
+            async with asyncio.timeout_at(deadline):
+                await self.spool.append(encode_record(record))
+        except SpoolFull as exc:
+            self._forget(key)  # refused before it was queued: nothing of it is spooled
+            raise PublishUnavailable(
+                f"Kafka is unavailable and the local spool is full ({exc})",
+                retry_after=SPOOL_FULL_RETRY_AFTER,
+            ) from exc
+        except SpoolError as exc:
+            self._forget(key)  # refused, or its write failed and was taken back out
+            raise PublishUnavailable(f"Kafka is unavailable and {exc}") from exc
+        except TimeoutError as exc:
+            raise PublishUnavailable(
+                f"neither Kafka nor the local spool made the report durable within "
+                f"{self._publish_timeout:g} s"
+            ) from exc
         # A timeout or a cancel comes after the append was queued, and the spool's writer
         # still writes it (its wait is shielded): the call stays counted until the drainer
         # delivers it. Should that write fail after all, the count is one too many, which
@@ -224,23 +235,6 @@ class DurablePublisher:
     def _observe_ack(self, seconds: float) -> None:
         if self._metrics is not None:
             self._metrics.kafka_ack_duration.observe(seconds)
-
-    async def _append(self, record: OutgoingRecord, deadline: float) -> None:
-        try:
-            async with asyncio.timeout_at(deadline):
-                await self.spool.append(encode_record(record))
-        except SpoolFull as exc:
-            raise PublishUnavailable(
-                f"Kafka is unavailable and the local spool is full ({exc})",
-                retry_after=SPOOL_FULL_RETRY_AFTER,
-            ) from exc
-        except SpoolError as exc:
-            raise PublishUnavailable(f"Kafka is unavailable and {exc}") from exc
-        except TimeoutError as exc:
-            raise PublishUnavailable(
-                f"neither Kafka nor the local spool made the report durable within "
-                f"{self._publish_timeout:g} s"
-            ) from exc
 
     def _forget(self, key: OrderKey | None) -> None:
         if key is not None:
