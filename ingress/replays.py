@@ -84,14 +84,26 @@ def delivery_key(headers: Mapping[str, str]) -> str | None:
     return f"{timestamp.strip()}:{signature.strip().lower().removeprefix(SIGNATURE_PREFIX)}"
 
 
-def to_remember(response: web.Response) -> Answer | None:
-    """The answer to give a replay of this delivery: only a 2xx is remembered."""
+async def first_delivery(
+    handle: Callable[[], Awaitable[web.Response]],
+    keep: Callable[[Answer], object],
+    drop: Callable[[], object],
+) -> tuple[web.Response, bool]:
+    """`handle`'s response, not a replay. Its answer is kept for replays if it is a 2xx, else
+    dropped: a refused or failed request may be tried again as it was."""
+    try:
+        response = await handle()
+    except BaseException:
+        drop()
+        raise
     body = response.body
-    if not (200 <= response.status < 300 and isinstance(body, bytes)):
-        return None
-    # A copy of exactly its length: the body orjson wrote sits in a buffer of 4 kB, and tens
-    # of thousands of answers are kept for the whole tolerance.
-    return Answer(response.status, bytes(memoryview(body)), response.content_type)
+    if 200 <= response.status < 300 and isinstance(body, bytes):
+        # A copy of exactly its length: the body orjson wrote sits in a buffer of 4 kB, and
+        # tens of thousands of answers are kept for the whole tolerance.
+        keep(Answer(response.status, bytes(memoryview(body)), response.content_type))
+    else:
+        drop()
+    return response, False
 
 
 class RecentDeliveries:
@@ -119,8 +131,7 @@ class RecentDeliveries:
     ) -> tuple[web.Response, bool]:
         """The response for this delivery, and whether it is a replay of an earlier one.
 
-        A replay that arrives while the first is still being handled waits for it. Only a
-        2xx is remembered: a refused or failed request may be tried again as it was."""
+        A replay that arrives while the first is still being handled waits for it."""
         now = time.monotonic()
         self._forget_expired(now)
         seen = self._seen.get(key)
@@ -134,17 +145,7 @@ class RecentDeliveries:
         self._seen[key] = _Seen(now + self._window, answer)
         while len(self._seen) > self._max:
             self._seen.popitem(last=False)
-        try:
-            response = await handle()
-        except BaseException:
-            self._drop(key, answer)
-            raise
-        kept = to_remember(response)
-        if kept is None:
-            self._drop(key, answer)
-        else:
-            answer.set_result(kept)
-        return response, False
+        return await first_delivery(handle, answer.set_result, lambda: self._drop(key, answer))
 
     def _drop(self, key: str, answer: asyncio.Future[Answer]) -> None:
         answer.cancel()

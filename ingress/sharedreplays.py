@@ -35,7 +35,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from ingress.replays import MAX_REMEMBERED, SWEEP_INTERVAL_SECONDS, Answer, sweeping, to_remember
+from ingress.replays import MAX_REMEMBERED, SWEEP_INTERVAL_SECONDS, Answer, first_delivery, sweeping
 
 # The path of the table, in the workers' environment only (as PROMETHEUS_MULTIPROC_DIR).
 TABLE_ENV = "CALLSTREAM_INGRESS_REPLAY_TABLE"
@@ -281,14 +281,8 @@ class SharedDeliveries:
                 # worst a duplicate (which consumers absorb), never a loss.
                 return await handle(), False
             await asyncio.sleep(POLL_SECONDS)
-        try:
-            response = await handle()
-        except BaseException:
-            self._table.drop(found, hashed)
-            raise
-        kept = to_remember(response)
-        if kept is None:
-            self._table.drop(found, hashed)
-        else:
-            self._table.complete(found, hashed, kept)
-        return response, False
+        return await first_delivery(
+            handle,
+            lambda kept: self._table.complete(found, hashed, kept),
+            lambda: self._table.drop(found, hashed),
+        )
