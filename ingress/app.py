@@ -30,7 +30,7 @@ from ingress.auth import Authenticator
 from ingress.body import BodyTooLarge, decode_content, read_wire_body
 from ingress.errors import Problem, invalid, log_refusal
 from ingress.kafkapublisher import PublishUnavailable, RecordTooLarge
-from ingress.publisher import Durable, DurablePublisher, OutgoingRecord, spool_at
+from ingress.publisher import Durable, DurablePublisher, OutgoingRecord
 from ingress.quarantine import Quarantine
 from ingress.replays import Deliveries, RecentDeliveries, delivery_key
 from ingress.replies import Replies
@@ -163,9 +163,7 @@ def _resources(store: SchemaStore) -> Callable[[web.Application], AsyncIterator[
             takeover = None
             if settings.spool_dir is not None:
                 metrics = app[METRICS].spool
-                opener = functools.partial(spool_at, settings, metrics=metrics)
-                takeover = Takeover(settings.spool_dir, publisher.kafka, opener, metrics)
-                takeover.start()
+                takeover = Takeover(settings.spool_dir, settings, publisher.kafka, metrics)
             try:
                 yield
             finally:
