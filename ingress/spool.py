@@ -150,7 +150,6 @@ class Spool:
 
         self._queue: list[_Pending] = []
         self._queued_bytes = 0
-        self._writing = 0
         self._writing_bytes = 0
         self._pending: deque[Entry] = deque()
         self._pending_bytes = 0
@@ -371,7 +370,7 @@ class Spool:
     def empty(self) -> bool:
         """Nothing pending, queued or being written: a new payload may bypass the spool
         without overtaking one that is in it."""
-        return not self._pending and not self._queue and not self._writing
+        return not self._pending and not self._queue and not self._writing_bytes
 
     def has_room(self) -> bool:
         return (
@@ -434,7 +433,7 @@ class Spool:
                     await self._roll_idle()
                 continue
             batch, size = self._take_batch()
-            self._writing, self._writing_bytes = len(batch), size
+            self._writing_bytes = size
             # The worker thread may roll to new segments mid-batch; everything from here on
             # holds frames about to be acknowledged and must outlive any collection.
             self._writing_from = self._active_id
@@ -451,7 +450,7 @@ class Spool:
                     pending.done.set_exception(SpoolWriteFailed(f"spool write failed: {exc}"))
                 continue
             finally:
-                self._writing, self._writing_bytes = 0, 0
+                self._writing_bytes = 0
                 self._writing_from = None
             crash("spool-after-fsync-before-response", self._crash_at)
             self._last_failure = None
