@@ -25,7 +25,7 @@ import logging
 import os
 from collections.abc import AsyncIterator, Callable, Collection, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
@@ -197,8 +197,7 @@ def _malloc_trim() -> Callable[[int], int] | None:
     name = ctypes.util.find_library("c")
     if name is None or not os.path.exists("/proc/self/statm"):
         return None
-    trim: Callable[[int], int] | None = getattr(ctypes.CDLL(name), "malloc_trim", None)
-    return trim
+    return cast("Callable[[int], int] | None", getattr(ctypes.CDLL(name), "malloc_trim", None))
 
 
 def resident_bytes() -> int:
