@@ -30,7 +30,6 @@ import os
 import struct
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
@@ -64,20 +63,6 @@ _DIGEST_BYTES = 16
 _FREE = 0
 _IN_FLIGHT = 1
 _ANSWERED = 2
-
-
-@dataclass(frozen=True, slots=True)
-class Claimed:
-    """This process handles the delivery; `slot` holds its claim."""
-
-    slot: int
-
-
-@dataclass(frozen=True, slots=True)
-class InFlight:
-    """Another request (of this process or another live one) handles the delivery now."""
-
-    pid: int
 
 
 def digest(key: str) -> bytes:
@@ -140,9 +125,10 @@ class ReplayTable:
     def _read(self, slot: int) -> tuple[int, int, float, int, int, bytes, int]:
         return _SLOT.unpack_from(self._map, self._at(slot))
 
-    def claim(self, key: bytes, now: float) -> Answer | Claimed | InFlight:
-        """The stored answer, or the pid handling the delivery now, or a claim for this
-        process (a claim of a process that is gone is taken over)."""
+    def claim(self, key: bytes, now: float) -> Answer | int | None:
+        """The stored answer; or the slot this process now holds the delivery's claim in (a
+        claim of a process that is gone is taken over); or None while another request (of
+        this process or another live one) handles it."""
         first = (int.from_bytes(key[:8], "little") % self._buckets) * WAYS
         with self._locked():
             free: int | None = None
@@ -156,7 +142,7 @@ class ReplayTable:
                     if state == _ANSWERED:
                         return self._answer(slot, status, ctype_len, body_len)
                     if alive(pid):
-                        return InFlight(pid)
+                        return None
                     # Its process is gone: the claim is void, and this slot is the new one.
                     free = slot
                     break
@@ -166,7 +152,7 @@ class ReplayTable:
             _SLOT.pack_into(
                 self._map, self._at(victim), _IN_FLIGHT, self._pid, now + self._window, 0, 0, key, 0
             )
-            return Claimed(victim)
+            return victim
 
     def _answer(self, slot: int, status: int, ctype_len: int, body_len: int) -> Answer:
         at = self._at(slot)
@@ -178,18 +164,18 @@ class ReplayTable:
         state, pid, _, _, _, found, _ = self._read(slot)
         return state == _IN_FLIGHT and pid == self._pid and found == key
 
-    def complete(self, claimed: Claimed, key: bytes, answer: Answer) -> bool:
+    def complete(self, slot: int, key: bytes, answer: Answer) -> bool:
         """Keeps the answer of a delivery this process claimed; False when it cannot be
         kept (too long, or its slot was given to another delivery meanwhile)."""
         content_type = answer.content_type.encode("ascii", "replace")
         if len(answer.body) > MAX_BODY_BYTES or len(content_type) > MAX_CONTENT_TYPE_BYTES:
-            self.drop(claimed, key)
+            self.drop(slot, key)
             return False
-        at = self._at(claimed.slot)
+        at = self._at(slot)
         with self._locked():
-            if not self._mine(claimed.slot, key):
+            if not self._mine(slot, key):
                 return False
-            _, _, expires, _, _, _, _ = self._read(claimed.slot)
+            _, _, expires, _, _, _, _ = self._read(slot)
             self._map[at + _CONTENT_TYPE_AT : at + _CONTENT_TYPE_AT + len(content_type)] = (
                 content_type
             )
@@ -211,11 +197,11 @@ class ReplayTable:
             self._map[at] = _ANSWERED
             return True
 
-    def drop(self, claimed: Claimed, key: bytes) -> None:
+    def drop(self, slot: int, key: bytes) -> None:
         """Forgets a claim of this process: the delivery was not accepted."""
         with self._locked():
-            if self._mine(claimed.slot, key):
-                self._map[self._at(claimed.slot)] = _FREE
+            if self._mine(slot, key):
+                self._map[self._at(slot)] = _FREE
 
     def sweep(self, now: float, chunk: int = 4096) -> int:
         """Frees expired slots and those claimed by processes that are gone, a chunk of slots
@@ -274,7 +260,7 @@ class SharedDeliveries:
             found = self._table.claim(hashed, now)
             if isinstance(found, Answer):
                 return found.response(), True
-            if isinstance(found, Claimed):
+            if isinstance(found, int):
                 break
             if now >= deadline:
                 # The first is taking longer than any request may: handled on its own, at
