@@ -57,11 +57,7 @@ def segment_name(segment: int) -> str:
 
 
 def segment_ids(directory: Path) -> list[int]:
-    return sorted(
-        int(path.name.removesuffix(".seg"))
-        for path in directory.glob("*.seg")
-        if path.name.removesuffix(".seg").isdigit()
-    )
+    return sorted(int(path.stem) for path in directory.glob("*.seg") if path.stem.isdigit())
 
 
 def parse_cursor(raw: bytes) -> tuple[int, int] | None:
