@@ -116,7 +116,7 @@ def create_app(
     )
     app.cleanup_ctx.append(app[RECENT].sweeper)
     app.cleanup_ctx.append(_resources(store or default_store()))
-    app.cleanup_ctx.append(hygiene.memory_trimmer())
+    app.cleanup_ctx.append(hygiene.memory_trimmer)
     app.router.add_post(WEBHOOK_PATH, receive_webhook)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

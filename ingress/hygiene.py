@@ -205,30 +205,24 @@ def resident_bytes() -> int:
         return int(statm.read().split()[1]) * _PAGE
 
 
-def memory_trimmer(
-    interval: float = TRIM_INTERVAL_SECONDS,
-) -> Callable[[web.Application], AsyncIterator[None]]:
+async def memory_trimmer(app: web.Application) -> AsyncIterator[None]:
     """A cleanup context that gives freed heap back to the system after a burst of bodies."""
-
-    async def trimmer(app: web.Application) -> AsyncIterator[None]:
-        trim = _malloc_trim()
-        task = asyncio.create_task(_trim_when_grown(trim, interval)) if trim else None
-        try:
-            yield
-        finally:
-            if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-
-    return trimmer
+    trim = _malloc_trim()
+    task = asyncio.create_task(_trim_when_grown(trim)) if trim else None
+    try:
+        yield
+    finally:
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
 
-async def _trim_when_grown(trim: Callable[[int], int], interval: float) -> None:
+async def _trim_when_grown(trim: Callable[[int], int]) -> None:
     # The least the process has needed after a trim: while it sits well above that (during a
     # burst and once after it), freed pages are handed back every interval.
     floor = resident_bytes()
     while True:
-        await asyncio.sleep(interval)
+        await asyncio.sleep(TRIM_INTERVAL_SECONDS)
         if resident_bytes() - floor > TRIM_GROWTH_BYTES:
             trim(0)
             resident = resident_bytes()
