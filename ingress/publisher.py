@@ -279,7 +279,6 @@ class DurablePublisher:
                 # The drainer must outlive any one failure (a read error, a bug): a dead
                 # drainer would leave acknowledged reports on disk while /readyz said ready.
                 log.error("spool drain failed; retrying in %.1f s", delay, exc_info=exc)
-                acked, batch = 0, []
             else:
                 if acked == len(batch):
                     # A whole batch acknowledged: Kafka takes records again.
