@@ -26,7 +26,7 @@ from ingress.auth import TOKEN_HEADER, Authenticator
 from ingress.body import CUT_OFF, BodyTooLarge
 from ingress.errors import Problem
 from ingress.kafkapublisher import PublishUnavailable
-from ingress.publisher import Durable, DurablePublisher, OutgoingRecord
+from ingress.publisher import DurablePublisher, OutgoingRecord
 from ingress.settings import IngressSettings
 from ingress.telemetry import IngressMetrics
 from schemas.codec import Encoder
@@ -118,7 +118,7 @@ class Quarantine:
         body_size: int,
         authenticated_by: str,
         received_at_ms: int,
-    ) -> Durable:
+    ) -> None:
         """Make the refused request durable and mark `problem`'s answer as kept; raises a 503
         Problem (the 4xx then never reaches the sender) when it cannot be kept."""
         assert self._encoder is not None, "Quarantine.bind() runs at start-up"
@@ -157,7 +157,6 @@ class Quarantine:
             ) from exc
         self._metrics.kept(problem.slug)
         problem.headers[QUARANTINE_HEADER] = durable
-        return durable
 
     async def keep_oversized(
         self, request: web.Request, request_id: str, problem: BodyTooLarge

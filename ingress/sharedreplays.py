@@ -164,17 +164,17 @@ class ReplayTable:
         state, pid, _, _, _, found, _ = self._read(slot)
         return state == _IN_FLIGHT and pid == self._pid and found == key
 
-    def complete(self, slot: int, key: bytes, answer: Answer) -> bool:
-        """Keeps the answer of a delivery this process claimed; False when it cannot be
-        kept (too long, or its slot was given to another delivery meanwhile)."""
+    def complete(self, slot: int, key: bytes, answer: Answer) -> None:
+        """Keeps the answer of a delivery this process claimed, unless it is too long or its
+        slot was given to another delivery meanwhile."""
         content_type = answer.content_type.encode("ascii", "replace")
         if len(answer.body) > MAX_BODY_BYTES or len(content_type) > MAX_CONTENT_TYPE_BYTES:
             self.drop(slot, key)
-            return False
+            return
         at = self._at(slot)
         with self._locked():
             if not self._mine(slot, key):
-                return False
+                return
             _, _, expires, _, _, _, _ = self._read(slot)
             self._map[at + _CONTENT_TYPE_AT : at + _CONTENT_TYPE_AT + len(content_type)] = (
                 content_type
@@ -195,7 +195,6 @@ class ReplayTable:
                 len(content_type),
             )
             self._map[at] = _ANSWERED
-            return True
 
     def drop(self, slot: int, key: bytes) -> None:
         """Forgets a claim of this process: the delivery was not accepted."""
