@@ -104,7 +104,6 @@ class KafkaPublisher:
         self._producer: AIOKafkaProducer | None = None
         self._connect_task: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
-        self._closing = False
         self._closed = asyncio.Event()
         self._last_failure: float | None = None
         self._last_ack: float | None = None
@@ -136,7 +135,7 @@ class KafkaPublisher:
 
     async def _connect_forever(self) -> None:
         delay = 0.2
-        while not self._closing:
+        while not self._closed.is_set():
             producer = self._new_producer()
             try:
                 await producer.start()
@@ -275,7 +274,7 @@ class KafkaPublisher:
         """Replace a producer whose id Kafka will not take records from any more. Callers
         wait for the new one as for a first connection; what the old one had not delivered
         is still theirs to spool or re-send."""
-        if self._closing:
+        if self._closed.is_set():
             return
         log.warning(
             "kafka refuses this producer's records for good (%s); starting a new producer",
@@ -311,7 +310,6 @@ class KafkaPublisher:
         return self._last_ack is not None and self._last_ack > failed
 
     async def stop(self) -> None:
-        self._closing = True
         self._closed.set()
         task = self._connect_task
         if task is not None and not task.done():
