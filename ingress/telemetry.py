@@ -107,7 +107,7 @@ class SpoolMetrics:
         gauge = functools.partial(Gauge, registry=registry)
         counter = functools.partial(Counter, registry=registry)
         histogram = functools.partial(Histogram, registry=registry)
-        self._spools: list[SpoolGauges] = []
+        self._spools: set[SpoolGauges] = set()
         self.records = gauge(
             "callstream_ingress_spool_records",
             "Reports spooled on local disk and not yet on Kafka.",
@@ -157,12 +157,10 @@ class SpoolMetrics:
         )
 
     def watch(self, spool: SpoolGauges) -> None:
-        if spool not in self._spools:
-            self._spools.append(spool)
+        self._spools.add(spool)
 
     def forget(self, spool: SpoolGauges) -> None:
-        if spool in self._spools:
-            self._spools.remove(spool)
+        self._spools.discard(spool)
 
 
 class IngressMetrics:
