@@ -32,7 +32,7 @@ from ingress.errors import Problem, invalid, log_refusal
 from ingress.kafkapublisher import PublishUnavailable, RecordTooLarge
 from ingress.publisher import Durable, DurablePublisher, OutgoingRecord
 from ingress.quarantine import Quarantine
-from ingress.replays import Deliveries, RecentDeliveries, delivery_key
+from ingress.replays import RecentDeliveries, delivery_key
 from ingress.replies import Replies
 from ingress.settings import IngressSettings
 from ingress.sharedreplays import SharedDeliveries
@@ -53,7 +53,8 @@ METRICS = web.AppKey("metrics", IngressMetrics)
 AUTH = web.AppKey("auth", Authenticator)
 ENCODERS = web.AppKey("encoders", dict[str, Encoder])
 REPLIES = web.AppKey("replies", Replies)
-RECENT: web.AppKey[Deliveries] = web.AppKey("recent")
+# Replay detection: this process's memory, or the one all workers of one ingress share.
+RECENT: web.AppKey[RecentDeliveries | SharedDeliveries] = web.AppKey("recent")
 QUARANTINE = web.AppKey("quarantine", Quarantine)
 REQUEST_ID = web.RequestKey("request_id", str)
 # How a webhook authenticated ("signature", "token", or "none" with no auth configured); set

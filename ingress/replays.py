@@ -15,7 +15,6 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
 
 from aiohttp import web
 
@@ -42,17 +41,6 @@ class Answer:
 class _Seen:
     expires: float
     answer: asyncio.Future[Answer]
-
-
-class Deliveries(Protocol):
-    """What the webhook handler needs of replay detection: this module's memory for one
-    process, or ingress/sharedreplays.py's for all workers of one ingress."""
-
-    def sweeper(self, app: web.Application) -> AsyncGenerator[None, None]: ...
-
-    async def answer(
-        self, key: str, handle: Callable[[], Awaitable[web.Response]]
-    ) -> tuple[web.Response, bool]: ...
 
 
 @contextlib.asynccontextmanager
