@@ -50,7 +50,7 @@ class Replies:
             "assistant-request": self._assistant_request,
             "tool-calls": self._tool_calls,
             "transfer-destination-request": self._transfer_destination,
-            "knowledge-base-request": self._knowledge_base,
+            "knowledge-base-request": lambda event, payload: self._knowledge,
         }
 
     def answer(self, event: Normalised, payload: Any) -> web.Response:
@@ -86,9 +86,6 @@ class Replies:
         if self._transfer is None:
             raise _no_answer(event, "a destination (set CALLSTREAM_TRANSFER_DESTINATION_REPLY)")
         return self._transfer
-
-    def _knowledge_base(self, event: Normalised, payload: Any) -> JsonObject:
-        return self._knowledge
 
 
 def _no_answer(event: Normalised, needs: str) -> Problem:
