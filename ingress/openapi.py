@@ -63,85 +63,79 @@ _SCALAR: Final = {"type": ["string", "number", "boolean", "null"]}
 
 
 def _schemas() -> dict[str, Any]:
-    event_type = {
-        "type": "string",
-        "pattern": "^[a-z0-9][a-z0-9._-]{0,63}$",
-        "description": (
-            "Request-response events (" + ", ".join(sorted(REQUEST_RESPONSE_TYPES)) + ") are "
-            "kept on the events topic and then answered (200) with what the sender documents "
-            "as neutral, or 422 where it documents none and none is configured."
-        ),
-        "examples": [END_OF_CALL_REPORT_TYPE, "status-update"],
-    }
-    call_id = {
-        "type": "string",
-        "minLength": 1,
-        "maxLength": MAX_CALL_ID_LENGTH,
-        "pattern": r"\S",
-        "description": "Opaque; becomes the Kafka key and the storage primary key.",
-    }
-    epoch_ms = {
-        "type": "integer",
-        "minimum": MIN_EVENT_TIME_MS,
-        "exclusiveMaximum": MAX_EVENT_TIME_MS,
-        "description": "Epoch milliseconds, 2000-01-01 .. 2100-01-01.",
-    }
-    timestamp = {
-        "oneOf": [
-            {
-                "type": "string",
-                "format": "date-time",
-                "description": "ISO-8601 with a zone (`Z` or `+hh:mm`), 2000 .. 2100.",
-            },
-            _ref("EpochMillis"),
-        ]
-    }
-    is_report = {
-        "properties": {"eventType": {"const": END_OF_CALL_REPORT_TYPE}},
-        "required": ["eventType"],
-    }
-    flat = {
-        "title": "Flat",
-        "description": (
-            "The older documented shape. An end-of-call-report needs `callId`; without "
-            "`eventTimestamp` it takes the receive time. Other notifications (status-update) "
-            "need only `eventType` and may name the call `callSession`; tool-calls times itself "
-            "with `eventTime`."
-        ),
-        "type": "object",
-        "required": ["eventType"],
-        "not": {"required": ["message"]},
-        "properties": {
-            "eventType": _ref("EventType"),
-            "callId": _ref("CallId"),
-            "callSession": _ref("CallId"),
-            "eventTimestamp": _ref("EpochMillis"),
-            "eventTime": _ref("EpochMillis"),
-            "fromCaller": _STRING | {"description": "The caller's number: personal data."},
-            "toAssistant": _STRING,
-            "transcriptText": _STRING,
-            "summaryText": _STRING,
-            "recordings": _OBJECT | {"properties": {"linkStereo": _STRING}},
-            "callLengthSeconds": _DURATION,
-            "userMetadata": _OBJECT,
-            "analysis": _OBJECT
-            | {
-                "properties": {
-                    "summary": _STRING,
-                    "structuredData": _OBJECT,
-                    "successEvaluation": _SCALAR,
-                }
-            },
-        },
-        "if": is_report,
-        "then": {"required": ["callId"]},
-    }
     return {
-        "EventType": event_type,
-        "CallId": call_id,
-        "EpochMillis": epoch_ms,
-        "Timestamp": timestamp,
-        "FlatPayload": flat,
+        "EventType": {
+            "type": "string",
+            "pattern": "^[a-z0-9][a-z0-9._-]{0,63}$",
+            "description": (
+                "Request-response events (" + ", ".join(sorted(REQUEST_RESPONSE_TYPES)) + ") are "
+                "kept on the events topic and then answered (200) with what the sender documents "
+                "as neutral, or 422 where it documents none and none is configured."
+            ),
+            "examples": [END_OF_CALL_REPORT_TYPE, "status-update"],
+        },
+        "CallId": {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": MAX_CALL_ID_LENGTH,
+            "pattern": r"\S",
+            "description": "Opaque; becomes the Kafka key and the storage primary key.",
+        },
+        "EpochMillis": {
+            "type": "integer",
+            "minimum": MIN_EVENT_TIME_MS,
+            "exclusiveMaximum": MAX_EVENT_TIME_MS,
+            "description": "Epoch milliseconds, 2000-01-01 .. 2100-01-01.",
+        },
+        "Timestamp": {
+            "oneOf": [
+                {
+                    "type": "string",
+                    "format": "date-time",
+                    "description": "ISO-8601 with a zone (`Z` or `+hh:mm`), 2000 .. 2100.",
+                },
+                _ref("EpochMillis"),
+            ]
+        },
+        "FlatPayload": {
+            "title": "Flat",
+            "description": (
+                "The older documented shape. An end-of-call-report needs `callId`; without "
+                "`eventTimestamp` it takes the receive time. Other notifications "
+                "(status-update) need only `eventType` and may name the call `callSession`; "
+                "tool-calls times itself with `eventTime`."
+            ),
+            "type": "object",
+            "required": ["eventType"],
+            "not": {"required": ["message"]},
+            "properties": {
+                "eventType": _ref("EventType"),
+                "callId": _ref("CallId"),
+                "callSession": _ref("CallId"),
+                "eventTimestamp": _ref("EpochMillis"),
+                "eventTime": _ref("EpochMillis"),
+                "fromCaller": _STRING | {"description": "The caller's number: personal data."},
+                "toAssistant": _STRING,
+                "transcriptText": _STRING,
+                "summaryText": _STRING,
+                "recordings": _OBJECT | {"properties": {"linkStereo": _STRING}},
+                "callLengthSeconds": _DURATION,
+                "userMetadata": _OBJECT,
+                "analysis": _OBJECT
+                | {
+                    "properties": {
+                        "summary": _STRING,
+                        "structuredData": _OBJECT,
+                        "successEvaluation": _SCALAR,
+                    }
+                },
+            },
+            "if": {
+                "properties": {"eventType": {"const": END_OF_CALL_REPORT_TYPE}},
+                "required": ["eventType"],
+            },
+            "then": {"required": ["callId"]},
+        },
         "NestedCamelPayload": _nested(snake=False),
         "NestedSnakePayload": _nested(snake=True),
         "Payload": {
