@@ -57,9 +57,6 @@ REPLIES = web.AppKey("replies", Replies)
 RECENT: web.AppKey[RecentDeliveries | SharedDeliveries] = web.AppKey("recent")
 QUARANTINE = web.AppKey("quarantine", Quarantine)
 REQUEST_ID = web.RequestKey("request_id", str)
-# How a webhook authenticated ("signature", "token", or "none" with no auth configured); set
-# once its body has been checked, absent on a request refused before that.
-AUTHENTICATED = web.RequestKey("authenticated", str)
 
 # aiohttp would otherwise inflate gzip bodies itself, before the signature (which covers
 # the bytes as sent) can be checked and without our decompressed-size limit.
@@ -230,7 +227,7 @@ async def receive_webhook(request: web.Request) -> web.Response:
         await request.app[QUARANTINE].keep_oversized(request, request[REQUEST_ID], too_large)
         raise
     metrics.received_bytes.inc(len(wire))
-    how = request[AUTHENTICATED] = auth.check(request.headers, wire)
+    how = auth.check(request.headers, wire)
     # Authenticated from here on: a refusal is kept before it is answered (ingress/quarantine).
     accept = functools.partial(
         request.app[QUARANTINE].keep_refused,
