@@ -65,10 +65,6 @@ _IN_FLIGHT = 1
 _ANSWERED = 2
 
 
-def digest(key: str) -> bytes:
-    return hashlib.blake2b(key.encode(), digest_size=_DIGEST_BYTES).digest()
-
-
 def create_table(path: Path, capacity: int = MAX_REMEMBERED) -> None:
     """An empty table at `path` (the parent makes it before any worker starts). The file is
     sparse: the disk and page cache hold only the slots ever used."""
@@ -252,7 +248,7 @@ class SharedDeliveries:
         self, key: str, handle: Callable[[], Awaitable[web.Response]]
     ) -> tuple[web.Response, bool]:
         """The response for this delivery, and whether it is a replay of an earlier one."""
-        hashed = digest(key)
+        hashed = hashlib.blake2b(key.encode(), digest_size=_DIGEST_BYTES).digest()
         deadline = time.monotonic() + self._wait
         while True:
             now = time.monotonic()
