@@ -51,13 +51,9 @@ def _ref(name: str, components: str = _SCHEMAS) -> dict[str, str]:
     return {"$ref": components + name}
 
 
-def _nullable(json_type: str) -> dict[str, Any]:
-    # The normaliser treats an explicit null like an absent optional field.
-    return {"type": [json_type, "null"]}
-
-
-_STRING: Final = _nullable("string")
-_OBJECT: Final = _nullable("object")
+# Nullable: the normaliser treats an explicit null like an absent optional field.
+_STRING: Final = {"type": ["string", "null"]}
+_OBJECT: Final = {"type": ["object", "null"]}
 _DURATION: Final = {"type": ["number", "null"], "minimum": 0}
 _SCALAR: Final = {"type": ["string", "number", "boolean", "null"]}
 
