@@ -247,7 +247,7 @@ class Spool:
             entry
             for segment in segments
             for entry in self._recover_segment(segment)
-            if (segment, entry.position.offset) >= (cursor.segment, cursor.offset)
+            if (segment, entry.position.offset) >= cursor
         ]
         keep = {entry.position.segment for entry in pending}
         # Fully drained, or holding nothing readable: nothing in it is owed to anyone.
@@ -315,16 +315,14 @@ class Spool:
             aside.name,
         )
 
-    def _read_cursor(self) -> Position:
+    def _read_cursor(self) -> tuple[int, int]:
         assert self._cursor_fd is not None
         raw = os.pread(self._cursor_fd, CURSOR.size + 4, 0)
         found = parse_cursor(raw)
-        if found is not None:
-            return Position(*found, 0)
-        if raw.strip(b"\0"):
+        if found is None and raw.strip(b"\0"):
             log.warning("spool: cursor unreadable; draining from the oldest segment (duplicates)")
         # Without a cursor everything on disk is pending: at worst duplicates, never a loss.
-        return Position(0, 0, 0)
+        return found or (0, 0)
 
     def _write_cursor(self, cursor: Position) -> None:
         assert self._cursor_fd is not None
