@@ -30,9 +30,9 @@ from ingress.auth import Authenticator
 from ingress.body import BodyTooLarge, decode_content, read_wire_body
 from ingress.errors import Problem, invalid, log_refusal
 from ingress.kafkapublisher import PublishUnavailable, RecordTooLarge
-from ingress.publisher import Durable, DurablePublisher, OutgoingRecord, spool_at
+from ingress.publisher import Durable, DurablePublisher, OutgoingRecord
 from ingress.quarantine import Quarantine
-from ingress.replays import Deliveries, RecentDeliveries, delivery_key
+from ingress.replays import RecentDeliveries, delivery_key
 from ingress.replies import Replies
 from ingress.settings import IngressSettings
 from ingress.sharedreplays import SharedDeliveries
@@ -53,12 +53,10 @@ METRICS = web.AppKey("metrics", IngressMetrics)
 AUTH = web.AppKey("auth", Authenticator)
 ENCODERS = web.AppKey("encoders", dict[str, Encoder])
 REPLIES = web.AppKey("replies", Replies)
-RECENT: web.AppKey[Deliveries] = web.AppKey("recent")
+# Replay detection: this process's memory, or the one all workers of one ingress share.
+RECENT: web.AppKey[RecentDeliveries | SharedDeliveries] = web.AppKey("recent")
 QUARANTINE = web.AppKey("quarantine", Quarantine)
 REQUEST_ID = web.RequestKey("request_id", str)
-# How a webhook authenticated ("signature", "token", or "none" with no auth configured); set
-# once its body has been checked, absent on a request refused before that.
-AUTHENTICATED = web.RequestKey("authenticated", str)
 
 # aiohttp would otherwise inflate gzip bodies itself, before the signature (which covers
 # the bytes as sent) can be checked and without our decompressed-size limit.
@@ -102,10 +100,10 @@ def create_app(
     sampled.bind(app[METRICS].ready, lambda: 1.0 if durable.readiness().ready else 0.0)
     sampled.bind(app[METRICS].inflight_body_bytes, lambda: budget.held)
     app[REPLIES] = Replies(settings)
-    app[QUARANTINE] = Quarantine(durable, settings.kafka.rejected_topic, app[METRICS])
     app[AUTH] = Authenticator(
         settings.webhook_secrets, settings.shared_tokens, settings.signature_tolerance_seconds
     )
+    app[QUARANTINE] = Quarantine(durable, settings, app[AUTH], app[METRICS])
     # A timestamp is accepted this far on either side of the server's clock.
     window = 2.0 * settings.signature_tolerance_seconds
     app[RECENT] = (
@@ -116,7 +114,7 @@ def create_app(
     )
     app.cleanup_ctx.append(app[RECENT].sweeper)
     app.cleanup_ctx.append(_resources(store or default_store()))
-    app.cleanup_ctx.append(hygiene.memory_trimmer())
+    app.cleanup_ctx.append(hygiene.memory_trimmer)
     app.router.add_post(WEBHOOK_PATH, receive_webhook)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -163,9 +161,7 @@ def _resources(store: SchemaStore) -> Callable[[web.Application], AsyncIterator[
             takeover = None
             if settings.spool_dir is not None:
                 metrics = app[METRICS].spool
-                opener = functools.partial(spool_at, settings, metrics=metrics)
-                takeover = Takeover(settings.spool_dir, publisher.kafka, opener, metrics)
-                takeover.start()
+                takeover = Takeover(settings.spool_dir, settings, publisher.kafka, metrics)
             try:
                 yield
             finally:
@@ -181,7 +177,8 @@ async def problem_middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
     """Every refusal is problem+json; nothing escapes as a bare 500."""
-    request_id = _request_id(request)
+    supplied = request.headers.get("X-Request-Id", "")
+    request_id = supplied if _REQUEST_ID.match(supplied) else uuid.uuid4().hex
     request[REQUEST_ID] = request_id
     started = time.perf_counter()
     metrics = request.app[METRICS]
@@ -213,11 +210,6 @@ async def problem_middleware(
     return response
 
 
-def _request_id(request: web.Request) -> str:
-    supplied = request.headers.get("X-Request-Id", "")
-    return supplied if _REQUEST_ID.match(supplied) else uuid.uuid4().hex
-
-
 async def receive_webhook(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     metrics = request.app[METRICS]
@@ -232,17 +224,10 @@ async def receive_webhook(request: web.Request) -> web.Response:
             request[hygiene.BODY_ALLOWANCE],
         )
     except BodyTooLarge as too_large:
-        await request.app[QUARANTINE].keep_oversized(
-            request,
-            request[REQUEST_ID],
-            too_large,
-            auth,
-            limit=settings.max_body_bytes,
-            timeout=settings.body_timeout_seconds,
-        )
+        await request.app[QUARANTINE].keep_oversized(request, request[REQUEST_ID], too_large)
         raise
     metrics.received_bytes.inc(len(wire))
-    how = request[AUTHENTICATED] = auth.check(request.headers, wire)
+    how = auth.check(request.headers, wire)
     # Authenticated from here on: a refusal is kept before it is answered (ingress/quarantine).
     accept = functools.partial(
         request.app[QUARANTINE].keep_refused,

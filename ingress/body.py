@@ -96,11 +96,9 @@ def decode_content(body: bytes, encoding: str | None, limit: int) -> bytes:
             out += inflater.decompress(rest, limit + 1 - len(out))
         except zlib.error as exc:
             raise _bad_gzip(f"gzip body is corrupt: {exc}") from exc
-        if len(out) > limit:
+        if len(out) > limit or (not inflater.eof and inflater.unconsumed_tail):
             raise BodyTooLarge(limit, "decompressed body")
         if not inflater.eof:
-            if inflater.unconsumed_tail:
-                raise BodyTooLarge(limit, "decompressed body")
             raise _bad_gzip("gzip body is truncated")
         rest = inflater.unused_data
         if rest and not rest.startswith(GZIP_MAGIC):

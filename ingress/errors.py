@@ -65,13 +65,10 @@ class Problem(Exception):
 def log_refusal(request_id: str, problem: Problem) -> None:
     """The one WARNING line every refusal gets: request id, status, slug, pointer, detail."""
     pointer = None if problem.pointer is None else _scrub(problem.pointer)
+    detail = _scrub(problem.detail)
     if problem.slug in _FLOOD_SLUGS:
         _flood.warning(
-            "refused request %s: %d %s: %s",
-            request_id,
-            problem.status,
-            problem.slug,
-            _scrub(problem.detail),
+            "refused request %s: %d %s: %s", request_id, problem.status, problem.slug, detail
         )
         return
     log.warning(
@@ -80,7 +77,7 @@ def log_refusal(request_id: str, problem: Problem) -> None:
         problem.status,
         problem.slug,
         "-" if pointer is None else pointer or "/",
-        _scrub(problem.detail),
+        detail,
         extra={
             "request_id": request_id,
             "status": problem.status,

@@ -25,7 +25,7 @@ import logging
 import os
 from collections.abc import AsyncIterator, Callable, Collection, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
@@ -140,7 +140,6 @@ class Allowance:
         self.taken = 0
 
     def take(self, size: int) -> None:
-        """Count `size` more bytes of this body; 503 if the budget cannot hold them."""
         budget = self._budget
         if budget.held + size > budget.limit:
             raise Problem(
@@ -198,8 +197,7 @@ def _malloc_trim() -> Callable[[int], int] | None:
     name = ctypes.util.find_library("c")
     if name is None or not os.path.exists("/proc/self/statm"):
         return None
-    trim: Callable[[int], int] | None = getattr(ctypes.CDLL(name), "malloc_trim", None)
-    return trim
+    return cast("Callable[[int], int] | None", getattr(ctypes.CDLL(name), "malloc_trim", None))
 
 
 def resident_bytes() -> int:
@@ -207,30 +205,24 @@ def resident_bytes() -> int:
         return int(statm.read().split()[1]) * _PAGE
 
 
-def memory_trimmer(
-    interval: float = TRIM_INTERVAL_SECONDS,
-) -> Callable[[web.Application], AsyncIterator[None]]:
+async def memory_trimmer(app: web.Application) -> AsyncIterator[None]:
     """A cleanup context that gives freed heap back to the system after a burst of bodies."""
-
-    async def trimmer(app: web.Application) -> AsyncIterator[None]:
-        trim = _malloc_trim()
-        task = asyncio.create_task(_trim_when_grown(trim, interval)) if trim else None
-        try:
-            yield
-        finally:
-            if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-
-    return trimmer
+    trim = _malloc_trim()
+    task = asyncio.create_task(_trim_when_grown(trim)) if trim else None
+    try:
+        yield
+    finally:
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
 
-async def _trim_when_grown(trim: Callable[[int], int], interval: float) -> None:
+async def _trim_when_grown(trim: Callable[[int], int]) -> None:
     # The least the process has needed after a trim: while it sits well above that (during a
     # burst and once after it), freed pages are handed back every interval.
     floor = resident_bytes()
     while True:
-        await asyncio.sleep(interval)
+        await asyncio.sleep(TRIM_INTERVAL_SECONDS)
         if resident_bytes() - floor > TRIM_GROWTH_BYTES:
             trim(0)
             resident = resident_bytes()

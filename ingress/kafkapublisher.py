@@ -29,6 +29,7 @@ from core.producer import durable_producer
 from core.topicadmin import describe, ensure_topics
 from ingress.outgoing import OutgoingRecord
 from ingress.settings import Compression
+from ingress.spool import finish_or_cancel
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,6 @@ class KafkaPublisher:
         self._producer: AIOKafkaProducer | None = None
         self._connect_task: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
-        self._closing = False
         self._closed = asyncio.Event()
         self._last_failure: float | None = None
         self._last_ack: float | None = None
@@ -135,7 +135,7 @@ class KafkaPublisher:
 
     async def _connect_forever(self) -> None:
         delay = 0.2
-        while not self._closing:
+        while not self._closed.is_set():
             producer = self._new_producer()
             try:
                 await producer.start()
@@ -274,7 +274,7 @@ class KafkaPublisher:
         """Replace a producer whose id Kafka will not take records from any more. Callers
         wait for the new one as for a first connection; what the old one had not delivered
         is still theirs to spool or re-send."""
-        if self._closing:
+        if self._closed.is_set():
             return
         log.warning(
             "kafka refuses this producer's records for good (%s); starting a new producer",
@@ -310,17 +310,12 @@ class KafkaPublisher:
         return self._last_ack is not None and self._last_ack > failed
 
     async def stop(self) -> None:
-        """Flush whatever is in flight, then disconnect."""
-        self._closing = True
         self._closed.set()
         task = self._connect_task
         if task is not None and not task.done():
             # Let a connection attempt under way finish: aiokafka leaks the socket of a
             # connection cancelled half-way. Cancel only if the broker hangs the attempt.
-            await asyncio.wait({task}, timeout=CONNECT_GRACE_SECONDS)
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await finish_or_cancel(task, CONNECT_GRACE_SECONDS)
         if self._retiring:
             await asyncio.wait(set(self._retiring))
         producer, self._producer = self._producer, None
@@ -342,7 +337,6 @@ class KafkaPublisher:
 
 
 def _failure(future: asyncio.Future[object]) -> BaseException | None:
-    """Why `future`'s record is not acknowledged; None when it is."""
     if not future.done():
         return TimeoutError("Kafka did not acknowledge in time")
     if future.cancelled():

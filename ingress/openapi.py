@@ -47,101 +47,91 @@ _SCHEMAS: Final = "#/components/schemas/"
 _RESPONSES: Final = "#/components/responses/"
 
 
-def _ref(name: str) -> dict[str, str]:
-    return {"$ref": _SCHEMAS + name}
+def _ref(name: str, components: str = _SCHEMAS) -> dict[str, str]:
+    return {"$ref": components + name}
 
 
-def _nullable(json_type: str) -> dict[str, Any]:
-    # The normaliser treats an explicit null like an absent optional field.
-    return {"type": [json_type, "null"]}
-
-
-_STRING: Final = _nullable("string")
-_OBJECT: Final = _nullable("object")
+# Nullable: the normaliser treats an explicit null like an absent optional field.
+_STRING: Final = {"type": ["string", "null"]}
+_OBJECT: Final = {"type": ["object", "null"]}
 _DURATION: Final = {"type": ["number", "null"], "minimum": 0}
 _SCALAR: Final = {"type": ["string", "number", "boolean", "null"]}
 
 
 def _schemas() -> dict[str, Any]:
-    event_type = {
-        "type": "string",
-        "pattern": "^[a-z0-9][a-z0-9._-]{0,63}$",
-        "description": (
-            "Request-response events (" + ", ".join(sorted(REQUEST_RESPONSE_TYPES)) + ") are "
-            "kept on the events topic and then answered (200) with what the sender documents "
-            "as neutral, or 422 where it documents none and none is configured."
-        ),
-        "examples": [END_OF_CALL_REPORT_TYPE, "status-update"],
-    }
-    call_id = {
-        "type": "string",
-        "minLength": 1,
-        "maxLength": MAX_CALL_ID_LENGTH,
-        "pattern": r"\S",
-        "description": "Opaque; becomes the Kafka key and the storage primary key.",
-    }
-    epoch_ms = {
-        "type": "integer",
-        "minimum": MIN_EVENT_TIME_MS,
-        "exclusiveMaximum": MAX_EVENT_TIME_MS,
-        "description": "Epoch milliseconds, 2000-01-01 .. 2100-01-01.",
-    }
-    timestamp = {
-        "oneOf": [
-            {
-                "type": "string",
-                "format": "date-time",
-                "description": "ISO-8601 with a zone (`Z` or `+hh:mm`), 2000 .. 2100.",
-            },
-            _ref("EpochMillis"),
-        ]
-    }
-    is_report = {
-        "properties": {"eventType": {"const": END_OF_CALL_REPORT_TYPE}},
-        "required": ["eventType"],
-    }
-    flat = {
-        "title": "Flat",
-        "description": (
-            "The older documented shape. An end-of-call-report needs `callId`; without "
-            "`eventTimestamp` it takes the receive time. Other notifications (status-update) "
-            "need only `eventType` and may name the call `callSession`; tool-calls times itself "
-            "with `eventTime`."
-        ),
-        "type": "object",
-        "required": ["eventType"],
-        "not": {"required": ["message"]},
-        "properties": {
-            "eventType": _ref("EventType"),
-            "callId": _ref("CallId"),
-            "callSession": _ref("CallId"),
-            "eventTimestamp": _ref("EpochMillis"),
-            "eventTime": _ref("EpochMillis"),
-            "fromCaller": _STRING | {"description": "The caller's number: personal data."},
-            "toAssistant": _STRING,
-            "transcriptText": _STRING,
-            "summaryText": _STRING,
-            "recordings": _OBJECT | {"properties": {"linkStereo": _STRING}},
-            "callLengthSeconds": _DURATION,
-            "userMetadata": _OBJECT,
-            "analysis": _OBJECT
-            | {
-                "properties": {
-                    "summary": _STRING,
-                    "structuredData": _OBJECT,
-                    "successEvaluation": _SCALAR,
-                }
-            },
-        },
-        "if": is_report,
-        "then": {"required": ["callId"]},
-    }
     return {
-        "EventType": event_type,
-        "CallId": call_id,
-        "EpochMillis": epoch_ms,
-        "Timestamp": timestamp,
-        "FlatPayload": flat,
+        "EventType": {
+            "type": "string",
+            "pattern": "^[a-z0-9][a-z0-9._-]{0,63}$",
+            "description": (
+                "Request-response events (" + ", ".join(sorted(REQUEST_RESPONSE_TYPES)) + ") are "
+                "kept on the events topic and then answered (200) with what the sender documents "
+                "as neutral, or 422 where it documents none and none is configured."
+            ),
+            "examples": [END_OF_CALL_REPORT_TYPE, "status-update"],
+        },
+        "CallId": {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": MAX_CALL_ID_LENGTH,
+            "pattern": r"\S",
+            "description": "Opaque; becomes the Kafka key and the storage primary key.",
+        },
+        "EpochMillis": {
+            "type": "integer",
+            "minimum": MIN_EVENT_TIME_MS,
+            "exclusiveMaximum": MAX_EVENT_TIME_MS,
+            "description": "Epoch milliseconds, 2000-01-01 .. 2100-01-01.",
+        },
+        "Timestamp": {
+            "oneOf": [
+                {
+                    "type": "string",
+                    "format": "date-time",
+                    "description": "ISO-8601 with a zone (`Z` or `+hh:mm`), 2000 .. 2100.",
+                },
+                _ref("EpochMillis"),
+            ]
+        },
+        "FlatPayload": {
+            "title": "Flat",
+            "description": (
+                "The older documented shape. An end-of-call-report needs `callId`; without "
+                "`eventTimestamp` it takes the receive time. Other notifications "
+                "(status-update) need only `eventType` and may name the call `callSession`; "
+                "tool-calls times itself with `eventTime`."
+            ),
+            "type": "object",
+            "required": ["eventType"],
+            "not": {"required": ["message"]},
+            "properties": {
+                "eventType": _ref("EventType"),
+                "callId": _ref("CallId"),
+                "callSession": _ref("CallId"),
+                "eventTimestamp": _ref("EpochMillis"),
+                "eventTime": _ref("EpochMillis"),
+                "fromCaller": _STRING | {"description": "The caller's number: personal data."},
+                "toAssistant": _STRING,
+                "transcriptText": _STRING,
+                "summaryText": _STRING,
+                "recordings": _OBJECT | {"properties": {"linkStereo": _STRING}},
+                "callLengthSeconds": _DURATION,
+                "userMetadata": _OBJECT,
+                "analysis": _OBJECT
+                | {
+                    "properties": {
+                        "summary": _STRING,
+                        "structuredData": _OBJECT,
+                        "successEvaluation": _SCALAR,
+                    }
+                },
+            },
+            "if": {
+                "properties": {"eventType": {"const": END_OF_CALL_REPORT_TYPE}},
+                "required": ["eventType"],
+            },
+            "then": {"required": ["callId"]},
+        },
         "NestedCamelPayload": _nested(snake=False),
         "NestedSnakePayload": _nested(snake=True),
         "Payload": {
@@ -359,9 +349,6 @@ def _responses(settings: IngressSettings) -> dict[str, Any]:
 
 
 def _webhook(settings: IngressSettings) -> dict[str, Any]:
-    def problem(name: str) -> dict[str, str]:
-        return {"$ref": _RESPONSES + name}
-
     return {
         "post": {
             "operationId": "receiveFlireoWebhook",
@@ -414,15 +401,15 @@ def _webhook(settings: IngressSettings) -> dict[str, Any]:
                     "headers": {"X-Request-Id": {"$ref": "#/components/headers/X-Request-Id"}},
                     "content": {JSON: {"schema": _ref("Accepted")}},
                 },
-                "400": problem("BadRequest"),
-                "401": problem("Unauthorized"),
-                "408": problem("RequestTimeout"),
-                "413": problem("PayloadTooLarge"),
-                "415": problem("UnsupportedMediaType"),
-                "422": problem("UnprocessableContent"),
-                "429": problem("TooManyRequests"),
-                "500": problem("InternalError"),
-                "503": problem("ServiceUnavailable"),
+                "400": _ref("BadRequest", _RESPONSES),
+                "401": _ref("Unauthorized", _RESPONSES),
+                "408": _ref("RequestTimeout", _RESPONSES),
+                "413": _ref("PayloadTooLarge", _RESPONSES),
+                "415": _ref("UnsupportedMediaType", _RESPONSES),
+                "422": _ref("UnprocessableContent", _RESPONSES),
+                "429": _ref("TooManyRequests", _RESPONSES),
+                "500": _ref("InternalError", _RESPONSES),
+                "503": _ref("ServiceUnavailable", _RESPONSES),
             },
         }
     }
@@ -483,7 +470,6 @@ def _json_response(description: str, schema: dict[str, Any]) -> dict[str, Any]:
 
 
 def document(settings: IngressSettings) -> dict[str, Any]:
-    """The OpenAPI 3.1 description of an ingress running with `settings`."""
     return {
         "openapi": "3.1.0",
         "info": {

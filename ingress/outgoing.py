@@ -51,8 +51,7 @@ def decode_record(data: bytes) -> OutgoingRecord:
         return chunk
 
     def unpack(fmt: struct.Struct) -> int:
-        value: int = fmt.unpack(take(fmt.size))[0]
-        return value
+        return int(fmt.unpack(take(fmt.size))[0])
 
     version = unpack(_U8)
     if version != _RECORD_VERSION:

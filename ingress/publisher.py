@@ -32,9 +32,6 @@ log = logging.getLogger(__name__)
 
 Durable = Literal["kafka", "spool"]
 
-
-# -- Kafka, or the spool when Kafka does not answer in time ---------------------------------
-
 # One drained batch: big enough to keep Kafka busy, small enough that a crash between
 # publish and commit re-sends little.
 DRAIN_MAX_RECORDS = 500
@@ -151,7 +148,6 @@ class DurablePublisher:
         )
 
     async def start(self) -> None:
-        """Open the spool (recovering a previous run's records) and start draining it."""
         await self.spool.open()
         try:
             keys = await self.spool.scan_pending(_spooled_order_key)
@@ -197,11 +193,22 @@ class DurablePublisher:
         if key is not None:
             self._spooled[key] += 1
         try:
-            await self._append(record, deadline)
-        except PublishUnavailable as exc:
-            if not isinstance(exc.__cause__, TimeoutError):
-                self._forget(key)  # refused before it was queued: nothing of it is spooled
-            raise
+            async with asyncio.timeout_at(deadline):
+                await self.spool.append(encode_record(record))
+        except SpoolFull as exc:
+            self._forget(key)  # refused before it was queued: nothing of it is spooled
+            raise PublishUnavailable(
+                f"Kafka is unavailable and the local spool is full ({exc})",
+                retry_after=SPOOL_FULL_RETRY_AFTER,
+            ) from exc
+        except SpoolError as exc:
+            self._forget(key)  # refused, or its write failed and was taken back out
+            raise PublishUnavailable(f"Kafka is unavailable and {exc}") from exc
+        except TimeoutError as exc:
+            raise PublishUnavailable(
+                f"neither Kafka nor the local spool made the report durable within "
+                f"{self._publish_timeout:g} s"
+            ) from exc
         # A timeout or a cancel comes after the append was queued, and the spool's writer
         # still writes it (its wait is shielded): the call stays counted until the drainer
         # delivers it. Should that write fail after all, the count is one too many, which
@@ -228,23 +235,6 @@ class DurablePublisher:
     def _observe_ack(self, seconds: float) -> None:
         if self._metrics is not None:
             self._metrics.kafka_ack_duration.observe(seconds)
-
-    async def _append(self, record: OutgoingRecord, deadline: float) -> None:
-        try:
-            async with asyncio.timeout_at(deadline):
-                await self.spool.append(encode_record(record))
-        except SpoolFull as exc:
-            raise PublishUnavailable(
-                f"Kafka is unavailable and the local spool is full ({exc})",
-                retry_after=SPOOL_FULL_RETRY_AFTER,
-            ) from exc
-        except SpoolError as exc:
-            raise PublishUnavailable(f"Kafka is unavailable and {exc}") from exc
-        except TimeoutError as exc:
-            raise PublishUnavailable(
-                f"neither Kafka nor the local spool made the report durable within "
-                f"{self._publish_timeout:g} s"
-            ) from exc
 
     def _forget(self, key: OrderKey | None) -> None:
         if key is not None:
@@ -282,15 +272,13 @@ class DurablePublisher:
                 batch = await self.spool.read(DRAIN_MAX_RECORDS, DRAIN_MAX_BYTES)
                 acked, delivered, error = await deliver(self.kafka, batch)
                 if acked:
-                    if self._crash_at == "drain-after-publish-before-delete":
-                        crash("drain-after-publish-before-delete")
+                    crash("drain-after-publish-before-delete", self._crash_at)
                     await self.spool.commit(batch[acked - 1])
                     self._delivered(delivered)
             except Exception as exc:
                 # The drainer must outlive any one failure (a read error, a bug): a dead
                 # drainer would leave acknowledged reports on disk while /readyz said ready.
                 log.error("spool drain failed; retrying in %.1f s", delay, exc_info=exc)
-                acked, batch = 0, []
             else:
                 if acked == len(batch):
                     # A whole batch acknowledged: Kafka takes records again.

@@ -26,7 +26,8 @@ from ingress.auth import TOKEN_HEADER, Authenticator
 from ingress.body import CUT_OFF, BodyTooLarge
 from ingress.errors import Problem
 from ingress.kafkapublisher import PublishUnavailable
-from ingress.publisher import Durable, DurablePublisher, OutgoingRecord
+from ingress.publisher import DurablePublisher, OutgoingRecord
+from ingress.settings import IngressSettings
 from ingress.telemetry import IngressMetrics
 from schemas.codec import Encoder
 from schemas.rejected import RejectedRequest
@@ -65,9 +66,16 @@ def redact(headers: Mapping[str, str]) -> dict[str, str]:
 
 
 class Quarantine:
-    def __init__(self, publisher: DurablePublisher, topic: str, metrics: IngressMetrics) -> None:
+    def __init__(
+        self,
+        publisher: DurablePublisher,
+        settings: IngressSettings,
+        auth: Authenticator,
+        metrics: IngressMetrics,
+    ) -> None:
         self._publisher = publisher
-        self._topic = topic
+        self._settings = settings
+        self._auth = auth
         self._metrics = metrics
         self._encoder: Encoder | None = None
 
@@ -110,7 +118,7 @@ class Quarantine:
         body_size: int,
         authenticated_by: str,
         received_at_ms: int,
-    ) -> Durable:
+    ) -> None:
         """Make the refused request durable and mark `problem`'s answer as kept; raises a 503
         Problem (the 4xx then never reaches the sender) when it cannot be kept."""
         assert self._encoder is not None, "Quarantine.bind() runs at start-up"
@@ -129,7 +137,7 @@ class Quarantine:
             authenticated_by=authenticated_by,
         )
         record = OutgoingRecord(
-            topic=self._topic,
+            topic=self._settings.kafka.rejected_topic,
             key=request_id.encode(),
             value=self._encoder.encode(entry.to_record()),
             headers=entry.record_headers(self._encoder).encode(),
@@ -149,32 +157,25 @@ class Quarantine:
             ) from exc
         self._metrics.kept(problem.slug)
         problem.headers[QUARANTINE_HEADER] = durable
-        return durable
 
     async def keep_oversized(
-        self,
-        request: web.Request,
-        request_id: str,
-        problem: BodyTooLarge,
-        auth: Authenticator,
-        *,
-        limit: int,
-        timeout: float,
+        self, request: web.Request, request_id: str, problem: BodyTooLarge
     ) -> None:
         """Keep the first bytes and the size of a body over the limit, once the rest was
         read (not held) and the whole body authenticated; the signature covers all of it."""
         received_at_ms = int(time.time() * 1000)
+        limit = self._settings.max_body_bytes
         declared = request.content_length
         if declared is not None and declared > DRAIN_FACTOR * limit:
             return
-        verifier = auth.stream_verifier(request.headers)
+        verifier = self._auth.stream_verifier(request.headers)
         verifier.update(problem.head)
         # The first bytes up to the body limit: what the ingress would have read of it.
         keep = min(limit, MAX_KEPT_BYTES)
         head = bytearray(problem.head[:keep])
         size = len(problem.head)
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(self._settings.body_timeout_seconds):
                 async for chunk in request.content.iter_any():
                     size += len(chunk)
                     if size > DRAIN_FACTOR * limit:
@@ -185,7 +186,7 @@ class Quarantine:
             # Never whole: nothing can say who sent it.
             return
         try:
-            how = auth.check(request.headers, verifier)
+            how = self._auth.check(request.headers, verifier)
         except Problem:
             return
         await self.keep(

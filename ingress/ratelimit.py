@@ -79,19 +79,15 @@ class RateLimiter:
 
 
 def source_of(request: web.Request, *, trust_forwarded_for: bool) -> str:
-    """The bucket key of the request's sender."""
     address = request.remote
     if trust_forwarded_for:
-        address = _nearest_forwarded(request.headers.getall(FORWARDED_FOR, [])) or address
+        # The rightmost entry is the one our own proxy appended (the address it saw); anything
+        # to its left came from the client and costs nothing to forge. Behind two proxies this
+        # is the outer proxy's address, which only makes the limit coarser.
+        values = request.headers.getall(FORWARDED_FOR, [])
+        hops = [hop.strip() for value in values for hop in value.split(",") if hop.strip()]
+        address = hops[-1] if hops else address
     return bucket_key(address)
-
-
-def _nearest_forwarded(values: list[str]) -> str | None:
-    # The rightmost entry is the one our own proxy appended (the address it saw); anything to
-    # its left came from the client and costs nothing to forge. Behind two proxies this is
-    # the outer proxy's address, which only makes the limit coarser.
-    hops = [hop.strip() for value in values for hop in value.split(",") if hop.strip()]
-    return hops[-1] if hops else None
 
 
 def bucket_key(address: str | None) -> str:

@@ -15,7 +15,6 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
 
 from aiohttp import web
 
@@ -42,17 +41,6 @@ class Answer:
 class _Seen:
     expires: float
     answer: asyncio.Future[Answer]
-
-
-class Deliveries(Protocol):
-    """What the webhook handler needs of replay detection: this module's memory for one
-    process, or ingress/sharedreplays.py's for all workers of one ingress."""
-
-    def sweeper(self, app: web.Application) -> AsyncGenerator[None, None]: ...
-
-    async def answer(
-        self, key: str, handle: Callable[[], Awaitable[web.Response]]
-    ) -> tuple[web.Response, bool]: ...
 
 
 @contextlib.asynccontextmanager
@@ -84,14 +72,26 @@ def delivery_key(headers: Mapping[str, str]) -> str | None:
     return f"{timestamp.strip()}:{signature.strip().lower().removeprefix(SIGNATURE_PREFIX)}"
 
 
-def to_remember(response: web.Response) -> Answer | None:
-    """The answer to give a replay of this delivery: only a 2xx is remembered."""
+async def first_delivery(
+    handle: Callable[[], Awaitable[web.Response]],
+    keep: Callable[[Answer], object],
+    drop: Callable[[], object],
+) -> tuple[web.Response, bool]:
+    """`handle`'s response, not a replay. Its answer is kept for replays if it is a 2xx, else
+    dropped: a refused or failed request may be tried again as it was."""
+    try:
+        response = await handle()
+    except BaseException:
+        drop()
+        raise
     body = response.body
-    if not (200 <= response.status < 300 and isinstance(body, bytes)):
-        return None
-    # A copy of exactly its length: the body orjson wrote sits in a buffer of 4 kB, and tens
-    # of thousands of answers are kept for the whole tolerance.
-    return Answer(response.status, bytes(memoryview(body)), response.content_type)
+    if 200 <= response.status < 300 and isinstance(body, bytes):
+        # A copy of exactly its length: the body orjson wrote sits in a buffer of 4 kB, and
+        # tens of thousands of answers are kept for the whole tolerance.
+        keep(Answer(response.status, bytes(memoryview(body)), response.content_type))
+    else:
+        drop()
+    return response, False
 
 
 class RecentDeliveries:
@@ -119,8 +119,7 @@ class RecentDeliveries:
     ) -> tuple[web.Response, bool]:
         """The response for this delivery, and whether it is a replay of an earlier one.
 
-        A replay that arrives while the first is still being handled waits for it. Only a
-        2xx is remembered: a refused or failed request may be tried again as it was."""
+        A replay that arrives while the first is still being handled waits for it."""
         now = time.monotonic()
         self._forget_expired(now)
         seen = self._seen.get(key)
@@ -134,17 +133,7 @@ class RecentDeliveries:
         self._seen[key] = _Seen(now + self._window, answer)
         while len(self._seen) > self._max:
             self._seen.popitem(last=False)
-        try:
-            response = await handle()
-        except BaseException:
-            self._drop(key, answer)
-            raise
-        kept = to_remember(response)
-        if kept is None:
-            self._drop(key, answer)
-        else:
-            answer.set_result(kept)
-        return response, False
+        return await first_delivery(handle, answer.set_result, lambda: self._drop(key, answer))
 
     def _drop(self, key: str, answer: asyncio.Future[Answer]) -> None:
         answer.cancel()

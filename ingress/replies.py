@@ -41,7 +41,7 @@ class Replies:
                 "CALLSTREAM_VAPI_ASSISTANT_REQUEST_REPLY",
             ),
         }
-        self._nested_assistant = parsed(settings.assistant_request_reply)
+        self._nested_assistant: JsonObject = dict(orjson.loads(settings.assistant_request_reply))
         self._transfer = parsed(settings.transfer_destination_reply)
         knowledge = parsed(settings.knowledge_base_reply)
         self._knowledge = {"documents": []} if knowledge is None else knowledge
@@ -50,7 +50,7 @@ class Replies:
             "assistant-request": self._assistant_request,
             "tool-calls": self._tool_calls,
             "transfer-destination-request": self._transfer_destination,
-            "knowledge-base-request": self._knowledge_base,
+            "knowledge-base-request": lambda event, payload: self._knowledge,
         }
 
     def answer(self, event: Normalised, payload: Any) -> web.Response:
@@ -60,7 +60,6 @@ class Replies:
 
     def _assistant_request(self, event: Normalised, payload: Any) -> JsonObject:
         if event.source_format not in self._assistant:
-            assert self._nested_assistant is not None  # the setting has a default
             return self._nested_assistant
         reply, variable = self._assistant[event.source_format]
         if reply is None:
@@ -87,9 +86,6 @@ class Replies:
         if self._transfer is None:
             raise _no_answer(event, "a destination (set CALLSTREAM_TRANSFER_DESTINATION_REPLY)")
         return self._transfer
-
-    def _knowledge_base(self, event: Normalised, payload: Any) -> JsonObject:
-        return self._knowledge
 
 
 def _no_answer(event: Normalised, needs: str) -> Problem:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import orjson
 
@@ -261,16 +262,11 @@ class IngressSettings(EnvSettings):
         declarations = declared(type(self))
         for name in JSON_REPLIES:
             text = getattr(self, name)
-            if text is not None and not isinstance(_json_object(text), dict):
-                raise SettingsError(f"{declarations[name].env} must be a JSON object, e.g. {{}}")
+            with contextlib.suppress(orjson.JSONDecodeError):
+                if text is None or isinstance(orjson.loads(text), dict):
+                    continue
+            raise SettingsError(f"{declarations[name].env} must be a JSON object, e.g. {{}}")
 
     @property
     def worker_count(self) -> int:
         return self.workers or os.cpu_count() or 1
-
-
-def _json_object(text: str) -> Any:
-    try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return None

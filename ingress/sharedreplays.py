@@ -30,12 +30,11 @@ import os
 import struct
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
 
-from ingress.replays import MAX_REMEMBERED, SWEEP_INTERVAL_SECONDS, Answer, sweeping, to_remember
+from ingress.replays import MAX_REMEMBERED, SWEEP_INTERVAL_SECONDS, Answer, first_delivery, sweeping
 
 # The path of the table, in the workers' environment only (as PROMETHEUS_MULTIPROC_DIR).
 TABLE_ENV = "CALLSTREAM_INGRESS_REPLAY_TABLE"
@@ -64,24 +63,6 @@ _DIGEST_BYTES = 16
 _FREE = 0
 _IN_FLIGHT = 1
 _ANSWERED = 2
-
-
-@dataclass(frozen=True, slots=True)
-class Claimed:
-    """This process handles the delivery; `slot` holds its claim."""
-
-    slot: int
-
-
-@dataclass(frozen=True, slots=True)
-class InFlight:
-    """Another request (of this process or another live one) handles the delivery now."""
-
-    pid: int
-
-
-def digest(key: str) -> bytes:
-    return hashlib.blake2b(key.encode(), digest_size=_DIGEST_BYTES).digest()
 
 
 def create_table(path: Path, capacity: int = MAX_REMEMBERED) -> None:
@@ -118,13 +99,9 @@ class ReplayTable:
         except BaseException:
             os.close(self._fd)
             raise
-        self._capacity: int = capacity
+        self.capacity: int = capacity
         self._buckets = capacity // WAYS
         self._pid = os.getpid()
-
-    @property
-    def capacity(self) -> int:
-        return self._capacity
 
     def close(self) -> None:
         self._map.close()
@@ -141,22 +118,19 @@ class ReplayTable:
     def _at(self, slot: int) -> int:
         return _HEADER_BYTES + slot * SLOT_BYTES
 
-    def _read(self, slot: int) -> tuple[int, int, float, int, int, int, bytes]:
-        """state, pid, expires, status, content type length, body length, digest"""
-        state, pid, expires, status, body_len, found, ctype_len = _SLOT.unpack_from(
-            self._map, self._at(slot)
-        )
-        return state, pid, expires, status, ctype_len, body_len, found
+    def _read(self, slot: int) -> tuple[int, int, float, int, int, bytes, int]:
+        return _SLOT.unpack_from(self._map, self._at(slot))
 
-    def claim(self, key: bytes, now: float) -> Answer | Claimed | InFlight:
-        """The stored answer, or the pid handling the delivery now, or a claim for this
-        process (a claim of a process that is gone is taken over)."""
+    def claim(self, key: bytes, now: float) -> Answer | int | None:
+        """The stored answer; or the slot this process now holds the delivery's claim in (a
+        claim of a process that is gone is taken over); or None while another request (of
+        this process or another live one) handles it."""
         first = (int.from_bytes(key[:8], "little") % self._buckets) * WAYS
         with self._locked():
             free: int | None = None
             oldest, oldest_expires = first, float("inf")
             for slot in range(first, first + WAYS):
-                state, pid, expires, status, ctype_len, body_len, found = self._read(slot)
+                state, pid, expires, status, body_len, found, ctype_len = self._read(slot)
                 if state == _FREE or expires <= now:
                     free = slot if free is None else free
                     continue
@@ -164,7 +138,7 @@ class ReplayTable:
                     if state == _ANSWERED:
                         return self._answer(slot, status, ctype_len, body_len)
                     if alive(pid):
-                        return InFlight(pid)
+                        return None
                     # Its process is gone: the claim is void, and this slot is the new one.
                     free = slot
                     break
@@ -174,7 +148,7 @@ class ReplayTable:
             _SLOT.pack_into(
                 self._map, self._at(victim), _IN_FLIGHT, self._pid, now + self._window, 0, 0, key, 0
             )
-            return Claimed(victim)
+            return victim
 
     def _answer(self, slot: int, status: int, ctype_len: int, body_len: int) -> Answer:
         at = self._at(slot)
@@ -183,21 +157,21 @@ class ReplayTable:
         return Answer(status, body, content_type.decode("ascii"))
 
     def _mine(self, slot: int, key: bytes) -> bool:
-        state, pid, _, _, _, _, found = self._read(slot)
+        state, pid, _, _, _, found, _ = self._read(slot)
         return state == _IN_FLIGHT and pid == self._pid and found == key
 
-    def complete(self, claimed: Claimed, key: bytes, answer: Answer) -> bool:
-        """Keeps the answer of a delivery this process claimed; False when it cannot be
-        kept (too long, or its slot was given to another delivery meanwhile)."""
+    def complete(self, slot: int, key: bytes, answer: Answer) -> None:
+        """Keeps the answer of a delivery this process claimed, unless it is too long or its
+        slot was given to another delivery meanwhile."""
         content_type = answer.content_type.encode("ascii", "replace")
         if len(answer.body) > MAX_BODY_BYTES or len(content_type) > MAX_CONTENT_TYPE_BYTES:
-            self.drop(claimed, key)
-            return False
-        at = self._at(claimed.slot)
+            self.drop(slot, key)
+            return
+        at = self._at(slot)
         with self._locked():
-            if not self._mine(claimed.slot, key):
-                return False
-            _, _, expires, _, _, _, _ = self._read(claimed.slot)
+            if not self._mine(slot, key):
+                return
+            _, _, expires, _, _, _, _ = self._read(slot)
             self._map[at + _CONTENT_TYPE_AT : at + _CONTENT_TYPE_AT + len(content_type)] = (
                 content_type
             )
@@ -217,21 +191,20 @@ class ReplayTable:
                 len(content_type),
             )
             self._map[at] = _ANSWERED
-            return True
 
-    def drop(self, claimed: Claimed, key: bytes) -> None:
+    def drop(self, slot: int, key: bytes) -> None:
         """Forgets a claim of this process: the delivery was not accepted."""
         with self._locked():
-            if self._mine(claimed.slot, key):
-                self._map[self._at(claimed.slot)] = _FREE
+            if self._mine(slot, key):
+                self._map[self._at(slot)] = _FREE
 
     def sweep(self, now: float, chunk: int = 4096) -> int:
         """Frees expired slots and those claimed by processes that are gone, a chunk of slots
         per lock, so no request waits long behind it; returns how many are in use."""
         used = 0
-        for start in range(0, self._capacity, chunk):
+        for start in range(0, self.capacity, chunk):
             with self._locked():
-                for slot in range(start, min(start + chunk, self._capacity)):
+                for slot in range(start, min(start + chunk, self.capacity)):
                     at = self._at(slot)
                     if self._map[at] == _FREE:
                         continue
@@ -275,28 +248,22 @@ class SharedDeliveries:
         self, key: str, handle: Callable[[], Awaitable[web.Response]]
     ) -> tuple[web.Response, bool]:
         """The response for this delivery, and whether it is a replay of an earlier one."""
-        hashed = digest(key)
+        hashed = hashlib.blake2b(key.encode(), digest_size=_DIGEST_BYTES).digest()
         deadline = time.monotonic() + self._wait
         while True:
             now = time.monotonic()
             found = self._table.claim(hashed, now)
             if isinstance(found, Answer):
                 return found.response(), True
-            if isinstance(found, Claimed):
+            if isinstance(found, int):
                 break
             if now >= deadline:
                 # The first is taking longer than any request may: handled on its own, at
                 # worst a duplicate (which consumers absorb), never a loss.
                 return await handle(), False
             await asyncio.sleep(POLL_SECONDS)
-        try:
-            response = await handle()
-        except BaseException:
-            self._table.drop(found, hashed)
-            raise
-        kept = to_remember(response)
-        if kept is None:
-            self._table.drop(found, hashed)
-        else:
-            self._table.complete(found, hashed, kept)
-        return response, False
+        return await first_delivery(
+            handle,
+            lambda kept: self._table.complete(found, hashed, kept),
+            lambda: self._table.drop(found, hashed),
+        )

@@ -150,7 +150,6 @@ class Spool:
 
         self._queue: list[_Pending] = []
         self._queued_bytes = 0
-        self._writing = 0
         self._writing_bytes = 0
         self._pending: deque[Entry] = deque()
         self._pending_bytes = 0
@@ -175,7 +174,6 @@ class Spool:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def open(self) -> None:
-        """Take the directory's lock, recover what a previous run left, start the writer."""
         await asyncio.to_thread(self._open_sync)
         self._closed = False
         if self._pending:
@@ -183,7 +181,6 @@ class Spool:
         self._writer = asyncio.create_task(self._write_loop(), name="spool-writer")
 
     async def close(self) -> None:
-        """Finish what is queued, then release files and the lock."""
         self._closed = True
         if self._writer is not None:
             self._wake.set()
@@ -192,8 +189,7 @@ class Spool:
             await finish_or_cancel(self._writer, 30)
             self._writer = None
         for pending in self._queue:
-            if not pending.done.done():
-                pending.done.set_exception(SpoolWriteFailed("the spool is closed"))
+            pending.done.set_exception(SpoolWriteFailed("the spool is closed"))
         self._queue.clear()
         for fd in (self._active_fd, self._cursor_fd, self._lock_fd):
             if fd is not None:
@@ -251,7 +247,7 @@ class Spool:
             entry
             for segment in segments
             for entry in self._recover_segment(segment)
-            if (segment, entry.position.offset) >= (cursor.segment, cursor.offset)
+            if (segment, entry.position.offset) >= cursor
         ]
         keep = {entry.position.segment for entry in pending}
         # Fully drained, or holding nothing readable: nothing in it is owed to anyone.
@@ -296,10 +292,7 @@ class Spool:
                 # Every later open stops reading at the same place, so nothing is lost by
                 # leaving the torn tail where it is for now.
                 log.warning("spool: could not set aside the torn tail of %s (%s)", path.name, exc)
-        return [
-            Entry(Position(segment, e.position.offset, e.position.size), e.spooled_at_ms)
-            for e in entries
-        ]
+        return [e._replace(position=e.position._replace(segment=segment)) for e in entries]
 
     def _set_aside(self, path: Path, offset: int, data: bytes) -> None:
         if not data.strip(b"\0"):
@@ -322,16 +315,14 @@ class Spool:
             aside.name,
         )
 
-    def _read_cursor(self) -> Position:
+    def _read_cursor(self) -> tuple[int, int]:
         assert self._cursor_fd is not None
         raw = os.pread(self._cursor_fd, CURSOR.size + 4, 0)
         found = parse_cursor(raw)
-        if found is not None:
-            return Position(*found, 0)
-        if raw.strip(b"\0"):
+        if found is None and raw.strip(b"\0"):
             log.warning("spool: cursor unreadable; draining from the oldest segment (duplicates)")
         # Without a cursor everything on disk is pending: at worst duplicates, never a loss.
-        return Position(0, 0, 0)
+        return found or (0, 0)
 
     def _write_cursor(self, cursor: Position) -> None:
         assert self._cursor_fd is not None
@@ -377,7 +368,7 @@ class Spool:
     def empty(self) -> bool:
         """Nothing pending, queued or being written: a new payload may bypass the spool
         without overtaking one that is in it."""
-        return not self._pending and not self._queue and not self._writing
+        return not self._pending and not self._queue and not self._writing_bytes
 
     def has_room(self) -> bool:
         return (
@@ -440,7 +431,7 @@ class Spool:
                     await self._roll_idle()
                 continue
             batch, size = self._take_batch()
-            self._writing, self._writing_bytes = len(batch), size
+            self._writing_bytes = size
             # The worker thread may roll to new segments mid-batch; everything from here on
             # holds frames about to be acknowledged and must outlive any collection.
             self._writing_from = self._active_id
@@ -454,21 +445,18 @@ class Spool:
                     "spool: write failed (%s); %d report(s) refused", exc, len(batch)
                 )
                 for pending in batch:
-                    if not pending.done.done():
-                        pending.done.set_exception(SpoolWriteFailed(f"spool write failed: {exc}"))
+                    pending.done.set_exception(SpoolWriteFailed(f"spool write failed: {exc}"))
                 continue
             finally:
-                self._writing, self._writing_bytes = 0, 0
+                self._writing_bytes = 0
                 self._writing_from = None
-            if self._crash_at == "spool-after-fsync-before-response":
-                crash("spool-after-fsync-before-response")
+            crash("spool-after-fsync-before-response", self._crash_at)
             self._last_failure = None
             self._failing = False
             for pending, position in zip(batch, positions, strict=True):
                 self._pending.append(Entry(position, pending.spooled_at_ms))
                 self._pending_bytes += position.size
-                if not pending.done.done():
-                    pending.done.set_result(position)
+                pending.done.set_result(position)
             self._has_pending.set()
             if self._metrics is not None:
                 self._metrics.writes.inc(len(batch))
@@ -527,8 +515,7 @@ class Spool:
         data = b"".join(chunk)
         written.append((self._active_id, self._active_size - len(data)))
         write_all(self._active_fd, data)
-        if self._crash_at == "spool-after-write-before-fsync":
-            crash("spool-after-write-before-fsync")
+        crash("spool-after-write-before-fsync", self._crash_at)
         started = time.perf_counter()
         self._sync(self._active_fd)
         if self._metrics is not None:
@@ -635,8 +622,7 @@ class Spool:
 
     async def _collect(self) -> None:
         async with self._collect_lock:
-            first_needed = self._pending[0].position.segment if self._pending else self._active_id
-            floor = min(first_needed, self._active_id)
+            floor = self._pending[0].position.segment if self._pending else self._active_id
             if self._writing_from is not None:
                 floor = min(floor, self._writing_from)
             segments = await asyncio.to_thread(segment_ids, self.directory)
@@ -654,7 +640,6 @@ class Spool:
 
 
 async def finish_or_cancel(task: asyncio.Task[None], grace: float) -> None:
-    """Lets `task` finish within `grace` seconds, then cancels it."""
     try:
         async with asyncio.timeout(grace):
             await asyncio.shield(task)
@@ -664,7 +649,9 @@ async def finish_or_cancel(task: asyncio.Task[None], grace: float) -> None:
             await task
 
 
-def crash(point: str) -> None:
+def crash(point: CrashPoint, armed: CrashPoint | None) -> None:
+    if point != armed:
+        return
     log.critical("CALLSTREAM_TEST_CRASH_AT=%s: exiting now, as asked", point)
     logging.shutdown()
     os._exit(CRASH_EXIT_CODE)

@@ -57,11 +57,7 @@ def segment_name(segment: int) -> str:
 
 
 def segment_ids(directory: Path) -> list[int]:
-    return sorted(
-        int(path.name.removesuffix(".seg"))
-        for path in directory.glob("*.seg")
-        if path.name.removesuffix(".seg").isdigit()
-    )
+    return sorted(int(path.stem) for path in directory.glob("*.seg") if path.stem.isdigit())
 
 
 def parse_cursor(raw: bytes) -> tuple[int, int] | None:
@@ -71,8 +67,7 @@ def parse_cursor(raw: bytes) -> tuple[int, int] | None:
     (crc,) = CURSOR_CRC.unpack_from(raw, CURSOR.size)
     if zlib.crc32(raw[: CURSOR.size]) != crc:
         return None
-    segment, offset = CURSOR.unpack_from(raw)
-    return segment, offset
+    return CURSOR.unpack_from(raw)
 
 
 def read_pending(directory: Path) -> list[Pending]:

@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import Callable
 from pathlib import Path
 
 from ingress.kafkapublisher import KafkaPublisher
@@ -28,8 +27,10 @@ from ingress.publisher import (
     DRAIN_STOP_GRACE_SECONDS,
     deliver,
     failure_text,
+    spool_at,
 )
-from ingress.spool import Spool, SpoolError, SpoolLocked, finish_or_cancel
+from ingress.settings import IngressSettings
+from ingress.spool import SpoolError, SpoolLocked, finish_or_cancel
 from ingress.spoolformat import HEADER_BYTES, segment_ids, segment_name
 from ingress.telemetry import SpoolMetrics
 
@@ -73,39 +74,29 @@ def holds_records(directory: Path) -> bool:
 
 
 class Takeover:
-    """Looks beside `own` every few seconds while Kafka takes records; drains what it finds."""
+    """Looks beside `own` every few seconds while Kafka takes records, from when it is made
+    until `stop`; drains what it finds."""
 
     def __init__(
-        self,
-        own: Path,
-        kafka: KafkaPublisher,
-        open_spool: Callable[[Path], Spool],
-        metrics: SpoolMetrics | None = None,
+        self, own: Path, settings: IngressSettings, kafka: KafkaPublisher, metrics: SpoolMetrics
     ) -> None:
         self._own = own
+        self._settings = settings
         self._kafka = kafka
-        self._open_spool = open_spool
         self._metrics = metrics
         self._stopping = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._stopping.clear()
         self._task = asyncio.create_task(self._run(), name="spool-takeover")
 
     async def stop(self) -> None:
-        if self._task is None:
-            return
         self._stopping.set()
         # Cancelled mid-batch: published but not committed is sent again by the next process
         # to take the directory (a duplicate, never a loss).
         await finish_or_cancel(self._task, DRAIN_STOP_GRACE_SECONDS)
-        self._task = None
 
     async def _run(self) -> None:
         while not self._stopping.is_set():
             try:
-                await self.sweep()
+                await self._sweep()
             except Exception as exc:
                 # Like the drainer, this must outlive any one failure.
                 log.error("spool takeover failed; looking again later", exc_info=exc)
@@ -113,30 +104,26 @@ class Takeover:
                 async with asyncio.timeout(SCAN_INTERVAL_SECONDS):
                     await self._stopping.wait()
 
-    async def sweep(self) -> int:
-        """Drain every free sibling directory that holds records; how many records went."""
-        drained = 0
+    async def _sweep(self) -> None:
+        """Drain every free sibling directory that holds records."""
         for directory in await asyncio.to_thread(self._candidates):
             if self._stopping.is_set() or not self._kafka.ready():
                 break
-            drained += await self._drain(directory)
-        return drained
+            await self._drain(directory)
 
     def _candidates(self) -> list[Path]:
         return [path for path in siblings(self._own) if holds_records(path)]
 
-    async def _drain(self, directory: Path) -> int:
-        spool = self._open_spool(directory)
+    async def _drain(self, directory: Path) -> None:
+        spool = spool_at(self._settings, directory, self._metrics)
         try:
             await spool.open()
         except (SpoolError, OSError) as exc:
-            if self._metrics is not None:
-                self._metrics.forget(spool)
+            self._metrics.forget(spool)
             # SpoolLocked: its owner is alive, or another sibling is on it.
             if not isinstance(exc, SpoolLocked):
                 log.error("spool: cannot open %s to drain it (%s)", directory, exc)
-            return 0
-        drained = 0
+            return
         try:
             if spool.depth():
                 log.warning(
@@ -150,7 +137,7 @@ class Takeover:
                 batch = await spool.read(DRAIN_MAX_RECORDS, DRAIN_MAX_BYTES)
                 acked, _, error = await deliver(self._kafka, batch)
                 if acked:
-                    drained += await spool.commit(batch[acked - 1])
+                    await spool.commit(batch[acked - 1])
                 if acked < len(batch):
                     log.warning(
                         "spool: Kafka took %d of %d record(s) from %s (%s); letting it go for now",
@@ -161,7 +148,5 @@ class Takeover:
                     )
                     break
         finally:
-            if self._metrics is not None:
-                self._metrics.forget(spool)
+            self._metrics.forget(spool)
             await spool.close()
-        return drained

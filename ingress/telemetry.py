@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable
 from typing import Protocol
 
@@ -103,23 +104,23 @@ class SpoolMetrics:
     oldest of any live worker's."""
 
     def __init__(self, registry: CollectorRegistry, sampled: Sampled | None = None) -> None:
-        self._spools: list[SpoolGauges] = []
-        self.records = Gauge(
+        gauge = functools.partial(Gauge, registry=registry)
+        counter = functools.partial(Counter, registry=registry)
+        histogram = functools.partial(Histogram, registry=registry)
+        self._spools: set[SpoolGauges] = set()
+        self.records = gauge(
             "callstream_ingress_spool_records",
             "Reports spooled on local disk and not yet on Kafka.",
-            registry=registry,
             multiprocess_mode="livesum",
         )
-        self.bytes = Gauge(
+        self.bytes = gauge(
             "callstream_ingress_spool_bytes",
             "Bytes of spooled reports not yet on Kafka.",
-            registry=registry,
             multiprocess_mode="livesum",
         )
-        self.oldest_age = Gauge(
+        self.oldest_age = gauge(
             "callstream_ingress_spool_oldest_age_seconds",
             "Age of the oldest spooled report not yet on Kafka (0 when the spool is empty).",
-            registry=registry,
             multiprocess_mode="livemax",
         )
         sampled = sampled or Sampled()
@@ -128,111 +129,96 @@ class SpoolMetrics:
         sampled.bind(
             self.oldest_age, lambda: max((s.oldest_age_seconds() for s in self._spools), default=0)
         )
-        self.writes = Counter(
+        self.writes = counter(
             "callstream_ingress_spool_writes_total",
             "Reports written to the spool and fsync'd (each was answered 2xx).",
-            registry=registry,
         )
-        self.drained = Counter(
+        self.drained = counter(
             "callstream_ingress_spool_drained_total",
             "Spooled reports acknowledged by Kafka and removed from the spool.",
-            registry=registry,
         )
-        self.kafka_ack_missed = Counter(
+        self.kafka_ack_missed = counter(
             "callstream_ingress_kafka_ack_missed_total",
             "Reports that waited out the acknowledgement deadline on Kafka (then spooled or"
             " refused); after one, reports skip Kafka until it acknowledges a drained batch.",
-            registry=registry,
         )
         # The deadline decides between Kafka and the spool, so its buckets straddle the
         # default 2 s deadline: a tail creeping towards it is the warning.
-        self.kafka_ack_duration = Histogram(
+        self.kafka_ack_duration = histogram(
             "callstream_ingress_kafka_ack_duration_seconds",
             "Time from handing a report to the producer until Kafka acknowledged it (acks=all);"
             " a report that waited out the deadline is observed at the deadline.",
             buckets=ACK_BUCKETS,
-            registry=registry,
         )
-        self.fsync_duration = Histogram(
+        self.fsync_duration = histogram(
             "callstream_ingress_spool_fsync_duration_seconds",
             "Duration of one group-commit fsync of the spool.",
             buckets=FSYNC_BUCKETS,
-            registry=registry,
         )
 
     def watch(self, spool: SpoolGauges) -> None:
-        if spool not in self._spools:
-            self._spools.append(spool)
+        self._spools.add(spool)
 
     def forget(self, spool: SpoolGauges) -> None:
-        if spool in self._spools:
-            self._spools.remove(spool)
+        self._spools.discard(spool)
 
 
 class IngressMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
+        gauge = functools.partial(Gauge, registry=registry)
+        counter = functools.partial(Counter, registry=registry)
+        histogram = functools.partial(Histogram, registry=registry)
         self.sampled = Sampled()
-        self.requests = Counter(
-            "callstream_ingress_requests_total",
-            "Webhook requests by outcome.",
-            ["outcome"],
-            registry=registry,
+        self.requests = counter(
+            "callstream_ingress_requests_total", "Webhook requests by outcome.", ["outcome"]
         )
         self.by_outcome = {outcome: self.requests.labels(outcome) for outcome in OUTCOMES}
-        self.events = Counter(
+        self.events = counter(
             "callstream_ingress_events_total",
             "Accepted events by event type and source format.",
             ["event_type", "source_format"],
-            registry=registry,
         )
         self.by_event = {
             (event_type, source_format): self.events.labels(event_type, source_format)
             for event_type in KNOWN_EVENT_TYPES
             for source_format in SOURCE_FORMATS
         }
-        self.request_duration = Histogram(
+        self.request_duration = histogram(
             "callstream_ingress_request_duration_seconds",
             "Time from request start to response, all outcomes.",
             buckets=LATENCY_BUCKETS,
-            registry=registry,
         )
-        self.publish_duration = Histogram(
+        self.publish_duration = histogram(
             "callstream_ingress_publish_duration_seconds",
             "Time until a report was durable: acknowledged by Kafka (acks=all) "
             "or fsync'd in the local spool.",
             buckets=LATENCY_BUCKETS,
-            registry=registry,
         )
-        self.received_bytes = Counter(
+        self.received_bytes = counter(
             "callstream_ingress_received_bytes_total",
             "Request body bytes received, as sent on the wire.",
-            registry=registry,
         )
-        self.ready = Gauge(
+        self.ready = gauge(
             "callstream_ingress_ready",
             "1 when the ingress can make a report durable, else 0 (with several workers: 1 only"
             " when every live worker can, as any of them may get the next report).",
-            registry=registry,
             multiprocess_mode="livemin",
         )
-        self.quarantined = Counter(
+        self.quarantined = counter(
             "callstream_ingress_quarantined_total",
             "Authenticated requests refused with a 4xx and kept on the quarantine topic "
             "(<topic>.rejected), by problem slug.",
             ["reason"],
-            registry=registry,
         )
         self.by_reason = {reason: self.quarantined.labels(reason) for reason in QUARANTINE_REASONS}
-        self.quarantine_failed = Counter(
+        self.quarantine_failed = counter(
             "callstream_ingress_quarantine_failures_total",
             "Refused requests that could not be kept (answered 503 so the sender retries).",
-            registry=registry,
         )
-        self.inflight_body_bytes = Gauge(
+        self.inflight_body_bytes = gauge(
             "callstream_ingress_inflight_body_bytes",
             "Bytes of request bodies held now, against CALLSTREAM_MAX_INFLIGHT_BODY_BYTES"
             " (a limit per worker; summed over workers).",
-            registry=registry,
             multiprocess_mode="livesum",
         )
         self.spool = SpoolMetrics(registry, self.sampled)
