@@ -271,7 +271,7 @@ async def test_the_ingress_warns_once_when_its_topic_can_lose_acknowledged_write
     kafka = replace(
         cluster_topics(cluster, "weak"), replication_factor=replicas, min_insync_replicas=min_isr
     )
-    with caplog.at_level(logging.WARNING, logger="ingress.publisher"):
+    with caplog.at_level(logging.WARNING, logger="ingress.kafkapublisher"):
         client = await start_ingress(settings_for(kafka, tmp_path / "spool"))
         try:
             # Connected: the topics were created and looked at before that (creating one
