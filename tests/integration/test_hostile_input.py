@@ -29,7 +29,10 @@ from ingress.settings import IngressSettings
 from tests.conftest import TEST_SECRET, Client, start_ingress
 from tests.signing import signed
 from tests.support.samples import SAMPLE
+from tests.support.threadedhypothesis import RANDOM_USED_BY_ANOTHER_THREAD
 from tests.support.topics import read_all
+
+pytestmark = RANDOM_USED_BY_ANOTHER_THREAD
 
 BODY_TIMEOUT = 1.5
 LIMIT = 1_000_000

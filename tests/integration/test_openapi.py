@@ -31,6 +31,9 @@ from ingress.app import create_app
 from ingress.auth import TOKEN_HEADER
 from ingress.server import IngressRunner
 from ingress.settings import IngressSettings
+from tests.support.threadedhypothesis import RANDOM_USED_BY_ANOTHER_THREAD
+
+pytestmark = RANDOM_USED_BY_ANOTHER_THREAD
 
 TOKEN = "openapi-test-token-7d1e"
 # Per operation and generation mode; the webhook's two runs dominate, well under a minute.
