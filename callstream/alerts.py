@@ -33,6 +33,8 @@ class _CommandError(Exception):
 def _settings(
     args: argparse.Namespace, env: Mapping[str, str]
 ) -> tuple[AlertingSettings, datetime | None]:
+    """The settings and --since, once the state file they name is known to exist; a bad
+    --since or a missing file is a _CommandError."""
     settings = AlertingSettings.from_env(env)
     since = None
     if args.since is not None:
