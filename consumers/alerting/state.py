@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, Literal, NamedTuple, TypeAlias
@@ -141,16 +141,20 @@ class AlertRecord:
     dead_letter: DeadLetter | None
 
 
-# DeadLetter's fields in order, the key's three spelled out.
-_DEAD_LETTER_COLUMNS: Final = (
-    "d.id, d.rule, d.call_id, d.channel, d.channel_type, d.reason, d.detail, d.attempts,"
-    " d.created_at, d.context, d.retry_started_at, d.retries, d.retried_at, d.retry_error,"
-    " d.resolved_at"
-)
-# Built from the constant column list above, never from input: S608 does not apply.
+def _columns(alias: str, record: type[Any], but: str = "") -> str:
+    """The record's fields in order as columns, the key's three spelled out: rows are read
+    back into the record by position, so the SELECT must follow its fields."""
+    key = ("rule", "call_id", "channel")
+    names = [
+        n for f in fields(record) if f.name != but for n in (key if f.name == "key" else (f.name,))
+    ]
+    return ", ".join(f"{alias}.{name}" for name in names)
+
+
+_DEAD_LETTER_COLUMNS: Final = _columns("d", DeadLetter)
+# Built from the dataclasses' field names, never from input: S608 does not apply.
 _HISTORY: Final = (
-    "SELECT n.rule, n.call_id, n.channel, n.status, n.attempts, n.claims,"  # noqa: S608
-    f" n.created_at, n.updated_at, {_DEAD_LETTER_COLUMNS}"
+    f"SELECT {_columns('n', AlertRecord, but='dead_letter')}, {_DEAD_LETTER_COLUMNS}"  # noqa: S608
     " FROM alert_notifications n LEFT JOIN alert_dead_letters d ON d.id = ("
     "   SELECT max(x.id) FROM alert_dead_letters x"
     "   WHERE x.call_id = n.call_id AND x.rule = n.rule AND x.channel = n.channel)"
@@ -170,6 +174,8 @@ _UNRESOLVED: Final = (
 def _dead_letter(row: Sequence[Any]) -> DeadLetter:
     # The context is kept as the JSON of its fields.
     context = None if row[9] is None else AlertContext(**orjson.loads(row[9]))
+    # One list: mypy cannot count arguments after a starred slice. The SELECT follows the
+    # fields (_columns).
     return DeadLetter(*[row[0], AlertKey(*row[1:4]), *row[4:9], context, *row[10:]])
 
 
@@ -301,7 +307,7 @@ class AlertState:
             records: list[AlertRecord] = []
             for row in conn.execute(_HISTORY, (_since(since), int(failed_only))):
                 dead_letter = None if row[8] is None else _dead_letter(row[8:])
-                # The notification's columns are AlertRecord's fields in order.
+                # The notification's columns are AlertRecord's fields in order (_columns).
                 records.append(AlertRecord(*[AlertKey(*row[:3]), *row[3:8], dead_letter]))
             return records
 
