@@ -53,7 +53,7 @@ def broker_ready(port: int, cluster_id: str, node_id: int, timeout: float) -> bo
         return len(resp) == size and _metadata_lists_broker(
             resp, correlation_id, cluster_id, node_id, port
         )
-    # ValueError: a negative size, or a name that is not UTF-8.
+    # ValueError: a name that is not UTF-8.
     except (OSError, struct.error, IndexError, ValueError):
         return False
 

@@ -119,13 +119,14 @@ async def plan_replay(
     stops = await inspector.offsets_for_time(topic, partitions, until) if until is not None else {}
     committed = await inspector.committed(group_id, topic, partitions)
     fresh = all(committed.get(p, beginning[p]) <= beginning[p] for p in partitions)
+    # No offset for a time: nothing in that partition is that recent, so the log end.
     plans = (
         PartitionPlan(
             partition=p,
             beginning=beginning[p],
             end=end[p],
-            start=end[p] if (start := starts.get(p)) is None else start,
-            stop=end[p] if (stop := stops.get(p)) is None else stop,
+            start=_or_end(starts.get(p), end[p]),
+            stop=_or_end(stops.get(p), end[p]),
             committed=committed.get(p),
             fresh_group=fresh,
         )
@@ -184,3 +185,7 @@ def _note(p: PartitionPlan, *, bounded: bool) -> str:
         elif p.committed < p.start:
             notes.append("group has not reached --from yet: left where it is")
     return "; ".join(notes)
+
+
+def _or_end(offset: int | None, end: int) -> int:
+    return end if offset is None else offset

@@ -265,6 +265,7 @@ class IngressSettings(EnvSettings):
             with contextlib.suppress(orjson.JSONDecodeError):
                 if text is None or isinstance(orjson.loads(text), dict):
                     continue
+            # Not JSON, or JSON but not an object.
             raise SettingsError(f"{declarations[name].env} must be a JSON object, e.g. {{}}")
 
     @property
