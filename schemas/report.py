@@ -72,7 +72,7 @@ class CallReport:
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> CallReport:
         source = record["source"]
-        values: dict[str, Any] = {f.name: record.get(f.name) for f in fields(cls)}
+        values: dict[str, Any] = {name: record.get(name) for name in _NAMES}
         values.update(
             call_id=record["call_id"],
             event_type=record["event_type"],
@@ -128,3 +128,7 @@ class CallReport:
             moment = getattr(self, name)
             out[name] = None if moment is None else moment.isoformat().replace("+00:00", "Z")
         return out
+
+
+# Read once: from_record runs for every report a consumer reads.
+_NAMES: Final = tuple(f.name for f in fields(CallReport))
