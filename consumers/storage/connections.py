@@ -95,21 +95,27 @@ class _Checkpointer:
             classify_sqlite,
         )
         self._running: asyncio.Task[None] | None = None
+        # A write landed since the running checkpoint began: it may have missed that write.
+        self._again = False
         self._failed = Throttled(log, interval=60.0)
 
     def after_write(self) -> None:
+        self._again = True
         if self._running is None or self._running.done():
             self._running = asyncio.create_task(self._checkpoint())
 
     async def _checkpoint(self) -> None:
-        try:
-            # PASSIVE never waits for the writer: it copies what is committed and not being read.
-            await self._db.run(
-                lambda conn: conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-            )
-        except (RetryableError, PermanentError) as exc:
-            # The writer's own autocheckpoint (every 32 MB) is the backstop.
-            self._failed.warning("background WAL checkpoint failed: %s", exc)
+        while self._again:
+            self._again = False
+            try:
+                # PASSIVE never waits for the writer: it copies what is committed and not
+                # being read.
+                await self._db.run(
+                    lambda conn: conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                )
+            except (RetryableError, PermanentError) as exc:
+                # The writer's own autocheckpoint (every 32 MB) is the backstop.
+                self._failed.warning("background WAL checkpoint failed: %s", exc)
 
     async def close(self) -> None:
         if self._running is not None:

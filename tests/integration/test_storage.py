@@ -39,6 +39,7 @@ from consumers.storage import (
     classify_postgres,
     open_backend,
 )
+from consumers.storage.connections import SqliteConnection
 from core.settings import SettingsError
 from schemas.codec import Decoder, single_object_encoder
 from schemas.normalise import normalise
@@ -270,6 +271,37 @@ async def test_sqlite_copies_a_batch_into_the_database_file_beside_the_writer(
         await eventually(lambda: path.stat().st_size > before + 200 * 2_000, timeout=10)
     with closing(sqlite3.connect(path)) as conn:
         assert conn.execute("SELECT count(*) FROM call_reports").fetchone()[0] == 201
+
+
+async def test_a_batch_committed_while_a_checkpoint_runs_is_copied_by_another_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The background checkpoint is still finishing when the next batch commits: that batch
+    must not wait in the WAL for a write that may never come."""
+    path = tmp_path / "checkpointed.db"
+    async with running({"CALLSTREAM_SQLITE_PATH": str(path)}) as consumer:
+        connection = consumer.backend.connection
+        assert isinstance(connection, SqliteConnection)
+        background = connection._checkpointer._db
+        checkpointed, finish = asyncio.Event(), asyncio.Event()
+        real_run = background.run
+
+        async def run_then_linger(work: Any) -> Any:
+            # The first checkpoint copies the WAL, then lingers as a slow one would.
+            result = await real_run(work)
+            if not checkpointed.is_set():
+                checkpointed.set()
+                await finish.wait()
+            return result
+
+        monkeypatch.setattr(background, "run", run_then_linger)
+        await consumer.handle([deliver(flat())])
+        await checkpointed.wait()
+        before = path.stat().st_size
+        await consumer.handle([deliver(flat()) for _ in range(200)])
+        finish.set()
+
+        await eventually(lambda: path.stat().st_size > before + 200 * 2_000, timeout=10)
 
 
 async def test_postgres_stores_nul_with_sanitised_columns_and_the_exact_record(
