@@ -380,7 +380,11 @@ async def soak(opts: Options) -> int:
         flush=True,
     )
     with spool_disk(home / "spool-disk") as disk:
-        return await _soak(opts, home, logs, topic, secret, db, disk)
+        code = await _soak(opts, home, logs, topic, secret, db, disk)
+    # Only once the tmpfs is unmounted: removed under it, the mount point would stay.
+    if not opts.keep:
+        shutil.rmtree(home, ignore_errors=True)
+    return code
 
 
 async def _soak(
@@ -595,8 +599,6 @@ def _account(
     (home / "soak-summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if opts.keep:
         print(f"\nkept: {home} (logs/, storage.db, soak-summary.json)")
-    else:
-        shutil.rmtree(home, ignore_errors=True)
     if lost:
         print(
             f"\nFAILED: {len(lost)} acknowledged report(s) were not stored, e.g. {sorted(lost)[:5]}"
