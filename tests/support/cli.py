@@ -15,6 +15,17 @@ from core.settings import to_env
 REPO = Path(__file__).resolve().parents[2]
 
 
+def without_settings(prefixes: tuple[str, ...] = ("CALLSTREAM_", "KAFKA_")) -> dict[str, str]:
+    """This process's environment without callstream's settings: a command then runs on its
+    defaults, whatever the shell running the tests has set."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
+
+
+def cli_env() -> dict[str, str]:
+    # The start-up log line is not what these tests are about.
+    return without_settings(("CALLSTREAM_",)) | {"CALLSTREAM_LOG_LEVEL": "WARNING"}
+
+
 async def callstream(
     kafka: KafkaSettings,
     *args: str,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import struct
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from callstream.bench.report import (
     write_json,
 )
 from callstream.bench.resultsfile import read_results
-from tests.support.cli import run_cli
+from tests.support.cli import cli_env, run_cli
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -119,12 +118,6 @@ def png_size(path: Path) -> tuple[int, int]:
     assert data[12:16] == b"IHDR"
     width, height = struct.unpack(">II", data[16:24])
     return width, height
-
-
-def cli_env() -> dict[str, str]:
-    # The start-up log line is not what these tests are about.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CALLSTREAM_")}
-    return env | {"CALLSTREAM_LOG_LEVEL": "WARNING"}
 
 
 def test_a_results_file_reads_back_as_the_results_it_was_written_from(tmp_path: Path) -> None:

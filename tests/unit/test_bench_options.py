@@ -7,8 +7,7 @@ import argparse
 import pytest
 
 from callstream.bench.options import PHASES, BenchOptions, add_arguments
-from tests.support.cli import run_cli
-from tests.unit.test_bench_chart import cli_env
+from tests.support.cli import cli_env, run_cli
 
 
 def _options(*argv: str) -> BenchOptions:
